@@ -1,0 +1,1 @@
+"""Numeric kernels the converters call: ggml quantization through ctypes, safetensors reads."""

@@ -1,0 +1,228 @@
+"""Quantize float32 rows into GGUF tensor types with ggml's own C routines.
+
+gguf-py's numpy quantizers (``gguf.quants``) are exact but slow and cover only
+the simple block types; llama.cpp's k-quants and i-quants exist only in C.
+llama-cpp-python ships ggml as a shared library (``llama_cpp/lib/libggml-base.so``),
+so we call ``ggml_quantize_chunk`` on it through ctypes: the bytes are the ones
+llama.cpp itself writes, at C speed.
+
+The library is located with ``importlib.util.find_spec`` and loaded on first
+use, so importing this module costs nothing and does not import llama_cpp.
+
+ctypes releases the GIL around foreign calls, so ``quantize_rows(n_threads=N)``
+runs N slices of rows truly in parallel, each writing its own byte range.
+
+ggml aborts the whole process (``GGML_ASSERT``) on bad input: a type it cannot
+quantize, a missing importance matrix, a row length that is not a multiple of
+the block size. Every such case is checked here first and raised as
+``ValueError`` instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import threading
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from packager.errors import missing_backend
+
+__all__ = [
+    "QUANTIZABLE",
+    "block_size",
+    "quantize_rows",
+    "requires_imatrix",
+    "row_size",
+    "validate_rows",
+]
+
+# The types ggml_quantize_chunk has a case for (ggml.c); any other type hits
+# `assert(false)` and then a GGML_ASSERT abort, so it must never reach the C side.
+QUANTIZABLE: frozenset[QT] = frozenset({
+    QT.F32, QT.F16, QT.BF16,
+    QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q1_0,
+    QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K,
+    QT.IQ1_S, QT.IQ1_M, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ3_XXS, QT.IQ3_S,
+    QT.IQ4_NL, QT.IQ4_XS,
+    QT.TQ1_0, QT.TQ2_0, QT.MXFP4, QT.NVFP4,
+})
+
+_ggml_initialized: set[QT] = set()
+_init_lock = threading.Lock()
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    """libggml-base from the installed llama-cpp-python, with the signatures we use."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise missing_backend("llama-cpp-python", "gguf")
+    libdir = Path(list(spec.submodule_search_locations)[0]) / "lib"
+    candidates = sorted(libdir.glob("libggml-base.*")) if libdir.is_dir() else []
+    # Prefer the platform's plain name (libggml-base.so / .dylib / .dll) over versioned links.
+    candidates.sort(key=lambda p: (p.suffix not in (".so", ".dylib", ".dll"), len(p.name)))
+    if not candidates:
+        raise missing_backend("llama-cpp-python", "gguf")
+    lib = ctypes.CDLL(str(candidates[0]))
+
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+    ]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_blck_size.restype = ctypes.c_int64
+    lib.ggml_blck_size.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_init.restype = None
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    lib.ggml_validate_row_data.restype = ctypes.c_bool
+    lib.ggml_validate_row_data.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+    return lib
+
+
+def _check_type(qtype: QT) -> QT:
+    qtype = QT(qtype)
+    if qtype not in QUANTIZABLE:
+        known = ", ".join(sorted(t.name for t in QUANTIZABLE))
+        raise ValueError(f"ggml cannot quantize to {qtype.name}; use one of: {known}")
+    return qtype
+
+
+def block_size(qtype: QT) -> int:
+    """Number of weights in one block of ``qtype`` (1 for F32/F16/BF16, 32 or 256 for quants)."""
+    return int(_lib().ggml_blck_size(int(QT(qtype))))
+
+
+def row_size(qtype: QT, n_per_row: int) -> int:
+    """Bytes one row of ``n_per_row`` weights takes in ``qtype`` (n_per_row must fill whole blocks)."""
+    _check_row(QT(qtype), n_per_row)
+    return int(_lib().ggml_row_size(int(QT(qtype)), int(n_per_row)))
+
+
+def requires_imatrix(qtype: QT) -> bool:
+    """True for the types ggml refuses to quantize without an importance matrix (IQ2_XXS, IQ2_XS, IQ1_S)."""
+    return bool(_lib().ggml_quantize_requires_imatrix(int(QT(qtype))))
+
+
+def _check_row(qtype: QT, n_per_row: int) -> None:
+    blck = block_size(qtype)
+    if n_per_row <= 0 or n_per_row % blck != 0:
+        raise ValueError(
+            f"{qtype.name} packs {blck} weights per block, but a row has {n_per_row}: "
+            f"pick a type whose block size divides the row length (or keep this tensor as F16)"
+        )
+
+
+def _init_type(qtype: QT) -> None:
+    # ggml_quantize_init builds the IQ grids lazily; do it once, before any worker
+    # thread starts, so the threads never race into ggml's critical section.
+    with _init_lock:
+        if qtype not in _ggml_initialized:
+            _lib().ggml_quantize_init(int(qtype))
+            _ggml_initialized.add(qtype)
+
+
+def quantize_rows(
+    qtype: QT,
+    rows: np.ndarray,
+    *,
+    imatrix: np.ndarray | None = None,
+    n_threads: int = 1,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Quantize a 2-D float32 array row by row into ``qtype``'s GGUF bytes.
+
+    ``rows`` is (nrows, n_per_row) in numpy order, i.e. a GGUF tensor's ``ne``
+    reversed; it is converted to C-contiguous float32 if it is not already.
+    ``imatrix`` holds one importance weight per column (n_per_row,), as
+    llama.cpp's imatrix files store them; the types that use it weigh the
+    rounding error by it, the others ignore it. ``out``, if given, is a
+    C-contiguous uint8 buffer of exactly ``nrows * row_size`` bytes that is
+    filled and returned (so a caller can quantize into a memory map).
+
+    Returns a 1-D uint8 array of ``nrows * row_size(qtype, n_per_row)`` bytes,
+    byte-identical to what llama.cpp's quantizer writes for that tensor.
+    """
+    qtype = _check_type(qtype)
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if rows.ndim != 2:
+        raise ValueError(f"quantize_rows wants a 2-D (rows, columns) array, got shape {rows.shape}")
+    nrows, n_per_row = rows.shape
+    _check_row(qtype, n_per_row)
+    rsize = row_size(qtype, n_per_row)
+    nbytes = nrows * rsize
+
+    if out is None:
+        out = np.empty(nbytes, dtype=np.uint8)
+    elif out.dtype != np.uint8 or not out.flags.c_contiguous or out.nbytes != nbytes:
+        raise ValueError(
+            f"out must be a C-contiguous uint8 array of {nbytes} bytes "
+            f"({nrows} rows x {rsize} bytes of {qtype.name}); got {out.dtype} {out.shape}"
+        )
+    out = out.reshape(-1)
+
+    imatrix_ptr = None
+    if imatrix is not None:
+        imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if imatrix.shape != (n_per_row,):
+            raise ValueError(f"imatrix must have one weight per column, shape ({n_per_row},); got {imatrix.shape}")
+        if not np.all(np.isfinite(imatrix)):
+            raise ValueError("imatrix holds NaN or infinite values; recompute it")
+        imatrix_ptr = imatrix.ctypes.data
+    elif requires_imatrix(qtype):
+        raise ValueError(f"{qtype.name} cannot be quantized without an importance matrix; pass imatrix=")
+    if nrows == 0:
+        return out
+
+    _init_type(qtype)
+    lib = _lib()
+    src, dst = rows.ctypes.data, out.ctypes.data
+
+    def work(first: int, count: int) -> None:
+        # `start` is an element offset into src; ggml derives the dst offset
+        # (first * row_size) from it, so every slice lands in its own bytes.
+        done = lib.ggml_quantize_chunk(int(qtype), src, dst, first * n_per_row, count, n_per_row, imatrix_ptr)
+        if done != count * rsize:
+            raise RuntimeError(f"ggml_quantize_chunk wrote {done} bytes, expected {count * rsize}")
+
+    n_threads = max(1, min(int(n_threads), nrows))
+    if n_threads == 1:
+        work(0, nrows)
+        return out
+
+    # Contiguous, near-equal slices of rows: one per thread.
+    bounds = [nrows * i // n_threads for i in range(n_threads + 1)]
+    errors: list[BaseException] = []
+
+    def run(first: int, count: int) -> None:
+        try:
+            work(first, count)
+        except BaseException as e:  # re-raised in the caller's thread below
+            errors.append(e)
+
+    threads = [
+        threading.Thread(target=run, args=(a, b - a), name=f"ggml-quantize-{i}")
+        for i, (a, b) in enumerate(zip(bounds, bounds[1:]))
+        if b > a
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
+def validate_rows(qtype: QT, data: np.ndarray) -> bool:
+    """ggml's own check of quantized bytes (finite scales, sane values), as llama.cpp runs on load."""
+    qtype = QT(qtype)
+    data = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+    return bool(_lib().ggml_validate_row_data(int(qtype), data.ctypes.data, data.nbytes))

@@ -1,0 +1,273 @@
+"""Bundles: written atomically, verified by hash.
+
+A bundle is a directory with ``manifest.json`` listing every file with its size
+and sha256. The writer fills a hidden temporary sibling directory, hashes what
+it wrote, writes the manifest last, fsyncs, and renames the directory into
+place: Ctrl-C, a full disk or an exception leave nothing that looks like a
+bundle. A lock file keeps two runs from writing the same output at once.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from packager.errors import BundleError, BundleExistsError, VerificationError
+from packager.progress import progress_bar
+from packager.source import sha256_file
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+PARTIAL = ".partial-"  # marks a temporary directory; never a bundle
+# Files at most this big are always re-hashed on load; weights only when asked.
+SMALL_FILE = 16 << 20
+
+
+class _State(enum.Enum):
+    OPEN = "open"
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+
+
+class BundleWriter:
+    """Write a bundle into a temporary directory, then move it into place.
+
+    Use as a context manager: leaving the block by an exception (KeyboardInterrupt
+    included) removes everything written; ``commit`` must be called to keep it.
+    """
+
+    def __init__(self, final: Path, *, force: bool = False) -> None:
+        self.final = Path(final).absolute()
+        self.force = force
+        parent = self.final.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BundleError(f"cannot create output directory {parent}: {exc.strerror}; choose another with -o") from None
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise BundleError(f"output directory {parent} is not writable; choose another with -o")
+        self._lock_fd = self._lock(parent / f".{self.final.name}.lock")
+        if self.final.exists() and not force:
+            self._unlock()
+            raise BundleExistsError(f"{self.final} already exists; pass --force to replace it")
+        _remove_stale_partials(parent, self.final.name)
+        self.tmp = parent / f".{self.final.name}{PARTIAL}{os.getpid()}-{secrets.token_hex(4)}"
+        self.tmp.mkdir()
+        self.state = _State.OPEN
+
+    def _lock(self, path: Path) -> int:
+        import fcntl
+
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise BundleError(f"another edgepack run is writing {self.final}; wait for it or choose another -o") from None
+        return fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # closing releases the flock; the lock file may stay
+            self._lock_fd = -1
+
+    def path(self, rel: str) -> Path:
+        """Where to write ``rel`` (a POSIX relative path) inside the bundle being built."""
+        self._check_open()
+        target = self.tmp / _safe_rel(rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def add_file(self, rel: str, src: Path) -> Path:
+        """Copy an existing file into the bundle."""
+        dst = self.path(rel)
+        shutil.copyfile(src, dst)
+        return dst
+
+    def add_text(self, rel: str, text: str) -> Path:
+        dst = self.path(rel)
+        dst.write_text(text, encoding="utf-8")
+        return dst
+
+    def commit(self, manifest: dict[str, Any], *, quiet: bool = False) -> Path:
+        """Hash every file, write manifest.json last, fsync, and rename into place."""
+        self._check_open()
+        files = sorted(p for p in self.tmp.rglob("*") if p.is_file())
+        total = sum(p.stat().st_size for p in files)
+        entries = []
+        with progress_bar(total=total, desc="hashing bundle", unit="B", quiet=quiet) as bar:
+            for p in files:
+                entries.append({"path": p.relative_to(self.tmp).as_posix(), "bytes": p.stat().st_size,
+                                "sha256": sha256_file(p, bar.update)})
+                _fsync_file(p)
+        manifest = {"schema_version": SCHEMA_VERSION, **manifest, "files": entries}
+        man = self.tmp / MANIFEST
+        man.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _fsync_file(man)
+        for d in {p.parent for p in files} | {self.tmp}:
+            _fsync_dir(d)
+        trash = None
+        if self.final.exists():
+            if not self.force:
+                raise BundleExistsError(f"{self.final} appeared while packing; pass --force to replace it")
+            trash = self.final.parent / f".{self.final.name}{PARTIAL}old-{secrets.token_hex(4)}"
+            os.rename(self.final, trash)
+        os.rename(self.tmp, self.final)
+        _fsync_dir(self.final.parent)
+        self.state = _State.COMMITTED
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        self._unlock()
+        return self.final
+
+    def abort(self) -> None:
+        if self.state is _State.OPEN:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.state = _State.ABORTED
+        self._unlock()
+
+    def _check_open(self) -> None:
+        if self.state is not _State.OPEN:
+            raise BundleError(f"bundle writer for {self.final} is {self.state.value}")
+
+    def __enter__(self) -> "BundleWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()  # no-op after a commit
+
+
+def _remove_stale_partials(parent: Path, name: str) -> None:
+    # A run killed with SIGKILL cannot clean up: its partial directory carries its pid.
+    for p in parent.glob(f".{name}{PARTIAL}*"):
+        pid = p.name.rsplit(PARTIAL, 1)[1].split("-")[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync_file(path)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+
+
+def _safe_rel(rel: str) -> Path:
+    """A manifest path as a relative path that stays inside the bundle, or an error."""
+    p = PurePosixPath(rel)
+    if not rel or p.is_absolute() or "\\" in rel or any(part in ("..", "") for part in p.parts) or rel.startswith("/"):
+        raise VerificationError(f"unsafe path {rel!r} in bundle: paths must be relative and stay inside the bundle")
+    return Path(*p.parts)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle on disk and its parsed manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def files(self) -> list[dict[str, Any]]:
+        return self.manifest["files"]
+
+    def file(self, rel: str) -> Path:
+        return self.path / _safe_rel(rel)
+
+    @property
+    def model_file(self) -> Path:
+        return self.file(self.manifest["model_file"])
+
+
+def read_bundle(path: str | os.PathLike[str]) -> Bundle:
+    """Parse and sanity-check a bundle's manifest (no hashing)."""
+    root = Path(path)
+    man = root / MANIFEST
+    if not root.is_dir():
+        raise VerificationError(f"{root} is not a bundle directory; pass the directory that `pack model` wrote")
+    if not man.is_file():
+        raise VerificationError(f"{root} has no {MANIFEST}: not a complete bundle; pack it again")
+    try:
+        manifest = json.loads(man.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VerificationError(f"{man} is not valid JSON ({exc}); pack the bundle again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+        raise VerificationError(f"{man} has no file list; pack the bundle again")
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise VerificationError(
+            f"{man} has schema_version {version!r}; this edgepack reads up to {SCHEMA_VERSION}: upgrade edgepack"
+        )
+    for entry in manifest["files"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise VerificationError(f"{man}: malformed file entry {entry!r}; pack the bundle again")
+        _safe_rel(entry["path"])
+    if not isinstance(manifest.get("model_file"), str):
+        raise VerificationError(f"{man} names no model_file; pack the bundle again")
+    _safe_rel(manifest["model_file"])
+    return Bundle(root, manifest)
+
+
+def verify(path: str | os.PathLike[str], *, weights: bool = True, quiet: bool = True) -> list[str]:
+    """Every difference between a bundle and its manifest, one line each (empty: verified).
+
+    ``weights=False`` hashes only files up to SMALL_FILE bytes (sizes are always checked).
+    """
+    bundle = read_bundle(path)
+    root = bundle.path.resolve()
+    problems = []
+    listed = set()
+    todo = []
+    for entry in bundle.files:
+        rel = entry["path"]
+        listed.add(rel)
+        p = bundle.file(rel)
+        if p.is_symlink() or (p.exists() and root not in p.resolve().parents):
+            problems.append(f"{rel}: is a link (refused: bundle files must be regular files inside the bundle)")
+        elif not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif p.stat().st_size != entry.get("bytes"):
+            problems.append(f"{rel}: changed (size {p.stat().st_size}, manifest says {entry.get('bytes')})")
+        elif weights or entry.get("bytes", 0) <= SMALL_FILE:
+            todo.append((rel, p, entry))
+    with progress_bar(total=sum(e.get("bytes", 0) for _, _, e in todo), desc="verifying", unit="B", quiet=quiet) as bar:
+        for rel, p, entry in todo:
+            if sha256_file(p, bar.update) != entry.get("sha256"):
+                problems.append(f"{rel}: changed (sha256 differs from the manifest)")
+    for p in sorted(bundle.path.rglob("*")):
+        rel = p.relative_to(bundle.path).as_posix()
+        if p.is_file() and rel != MANIFEST and rel not in listed:
+            problems.append(f"{rel}: added (not in the manifest)")
+    return problems
+
+
+def verified(path: str | os.PathLike[str], *, weights: bool = True) -> Bundle:
+    """The bundle, or a VerificationError naming each problem."""
+    problems = verify(path, weights=weights)
+    if problems:
+        raise VerificationError(f"{path} failed verification: " + "; ".join(problems), problems)
+    return read_bundle(path)

@@ -1,0 +1,209 @@
+"""`pack`: the command line. Thin: parsing, one exit path, data on stdout, people on stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from packager import __version__
+from packager.errors import EdgepackError
+from packager.quants import QUANTS
+
+DEBUG_ENV = "EDGEPACK_DEBUG"
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    from packager.profiles import parse_size
+
+    try:
+        return parse_size(value, where=f"--{param.name}")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).split(": ", 1)[-1]) from None
+
+
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages on stderr.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="edgepack")
+def cli() -> None:
+    """edgepack: pack small language models into verified bundles that fit a device.
+
+    \b
+    Examples:
+      pack model                                    # the embedded SmolLM2-135M, for a laptop
+      pack model Qwen/Qwen2.5-0.5B-Instruct --target android
+      pack model ./my-checkpoint --quant Q5_K_M -o out/
+      pack verify dist/SmolLM2-135M-Instruct-laptop
+      pack run dist/SmolLM2-135M-Instruct-laptop "What is the capital of France?"
+
+    Set EDGEPACK_DEBUG=1 for tracebacks, EDGEPACK_NO_PROGRESS=1 to hide progress bars.
+    """
+
+
+@cli.command("model")
+@click.argument("source", required=False)
+@click.option("-t", "--target", default="laptop", show_default=True,
+              help="Device class: a name from `pack targets`, an alias (android), or a path to a .toml profile.")
+@click.option("--quant", type=click.Choice(sorted(QUANTS), case_sensitive=False),
+              help="Quant type. Default: the best one on the target's ladder that fits.")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]), help="Bundle format. Default: the target's first.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=Path("dist"),
+              show_default=True, help="Directory the bundle directory is written into.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle of the same name.")
+@click.option("--revision", help="Hub branch, tag or commit to pack (hub ids only). Recorded in the manifest.")
+@click.option("--ctx", "n_ctx", type=int, help="Context length. Default: the target's maximum that fits.")
+@click.option("--ram", callback=_size, help="Override the target's RAM, e.g. 6GB.")
+@click.option("--vram", callback=_size, help="Override the target's VRAM, e.g. 4GB.")
+@click.option("--threads", "n_threads", type=int, help="Threads for conversion. Default: this machine's physical cores.")
+@click.option("--allow-pickle", is_flag=True, help="Accept *.bin/*.pt weights (pickle can run code: only for sources you trust).")
+@click.option("--allow-requantize", is_flag=True, help="Accept re-quantizing an already low-bit GGUF (loses quality).")
+@click.option("--skip-tokenizer-check", is_flag=True,
+              help="Bundle even if the GGUF tokenizer disagrees with the source's (recorded in the manifest).")
+@click.option("--json", "as_json", is_flag=True, help="Print the bundle's manifest as JSON on stdout.")
+@quiet_option
+def model_cmd(source: str | None, target: str, quant: str | None, fmt: str | None, output: Path, force: bool,
+              revision: str | None, n_ctx: int | None, ram: int | None, vram: int | None, n_threads: int | None,
+              allow_pickle: bool, allow_requantize: bool, skip_tokenizer_check: bool, as_json: bool,
+              quiet: bool) -> None:
+    """Pack SOURCE into a verified bundle for a target.
+
+    SOURCE is a local Hugging Face checkpoint directory, a hub id (downloaded through
+    your HF cache; HF_TOKEN and HF_HUB_OFFLINE apply) or a .gguf file. Without SOURCE,
+    the embedded SmolLM2-135M-Instruct is packed (no network needed).
+
+    \b
+    Examples:
+      pack model
+      pack model Qwen/Qwen2.5-3B-Instruct --target android
+      pack model ./Llama-3.2-1B-Instruct --quant Q4_K_M --ctx 4096
+      pack model model-f16.gguf --quant Q4_0 -o out/
+    """
+    from packager.pack import PackOptions, pack_model
+
+    opts = PackOptions(
+        target=target, quant=quant.upper() if quant else None, format=fmt, output=output, force=force,
+        revision=revision, allow_pickle=allow_pickle, allow_requantize=allow_requantize,
+        skip_tokenizer_check=skip_tokenizer_check, n_ctx=n_ctx, ram_bytes=ram, vram_bytes=vram,
+        n_threads=n_threads, quiet=quiet,
+    )
+    result = pack_model(source, opts)
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if as_json:
+        click.echo(json.dumps({"path": str(result.path), **result.manifest}, indent=2))
+    elif not quiet:
+        m = result.manifest
+        size = sum(f["bytes"] for f in m["files"])
+        click.echo(f"wrote {result.path} ({m['quant']}, {size / 1e6:.1f} MB, "
+                   f"predicted {m['predicted']['memory_bytes'] / 1e9:.2f} GB in memory)", err=True)
+
+
+@cli.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--fast", is_flag=True, help="Hash only small files; check the weights' sizes only.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def verify_cmd(bundle: Path, fast: bool, as_json: bool) -> None:
+    """Re-hash every file of BUNDLE and say what differs from its manifest.
+
+    Exit code 0 when verified, 1 when anything was changed, added or removed.
+
+    \b
+    Example:
+      pack verify dist/SmolLM2-135M-Instruct-laptop
+    """
+    from packager.bundle import verify
+
+    problems = verify(bundle, weights=not fast, quiet=False)
+    if as_json:
+        click.echo(json.dumps({"bundle": str(bundle), "ok": not problems, "problems": problems}, indent=2))
+    for p in problems:
+        click.echo(f"{bundle}: {p}", err=True)
+    if problems:
+        sys.exit(1)
+    if not as_json:
+        click.echo(f"{bundle}: verified", err=True)
+
+
+@cli.command("targets")
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON on stdout.")
+def targets_cmd(as_json: bool) -> None:
+    """List the device classes edgepack can pack for."""
+    from packager.profiles import list_targets
+
+    targets = list_targets()
+    if as_json:
+        click.echo(json.dumps([t.as_dict() for t in targets], indent=2))
+        return
+    rows = [(t.name, ",".join(t.aliases) or "-", f"{t.ram_bytes / 2**30:.0f} GiB", f"{t.usable_ram_fraction:.0%}",
+             ",".join(t.formats), t.quant_ladder[0], t.description) for t in targets]
+    header = ("name", "aliases", "ram", "usable", "formats", "first quant", "description")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for r in [header] + rows:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@cli.command("run")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--chat/--raw", default=True, show_default=True, help="Wrap PROMPT in the chat template, or complete it raw.")
+@click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate at most.")
+@click.option("--temperature", type=float, help="Sampling temperature (0: greedy). Default: the bundle's.")
+@click.option("--seed", type=int, help="Sampling seed, for reproducible output.")
+@click.option("--threads", "n_threads", type=int, help="Threads. Default: this machine's physical cores.")
+def run_cmd(bundle: Path, prompt: str, chat: bool, max_tokens: int, temperature: float | None, seed: int | None,
+            n_threads: int | None) -> None:
+    """Answer PROMPT with BUNDLE, streaming the text to stdout.
+
+    \b
+    Example:
+      pack run dist/SmolLM2-135M-Instruct-laptop "Name three colours."
+    """
+    from packager.runtime import load
+
+    opts: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    with load(bundle, n_threads=n_threads) as m:
+        pieces = m.chat([{"role": "user", "content": prompt}], stream=True, **opts) if chat else m.stream(prompt, **opts)
+        for piece in pieces:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+    click.echo()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one exit path; our errors are one line, bugs get a traceback with EDGEPACK_DEBUG=1."""
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        cli.main(args=argv, prog_name="pack", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except EdgepackError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was left half-written", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: say so, and how to report it
+        if debug:
+            traceback.print_exc()
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for a traceback)", err=True)
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

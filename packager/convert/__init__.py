@@ -1,0 +1,1 @@
+"""Converters from a resolved source to a bundle format."""

@@ -1,0 +1,221 @@
+"""Hugging Face checkpoint -> GGUF in one streaming pass.
+
+Tensors are read one at a time from memory-mapped safetensors, widened to f32 a
+block of rows at a time, quantized by ggml's own routines (kernels/ggml.py) into
+the type llama.cpp's quantizer would choose for that tensor (packager.quants),
+and written straight to the output: no F16 intermediate file, and memory that
+does not grow with the model. Metadata is written with gguf-py's GGUFWriter.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import gguf
+import numpy as np
+
+from packager import quants
+from packager.convert import archs
+from packager.convert.safetensors import Checkpoint, to_f32
+from packager.errors import ConversionError, SourceError
+from packager.progress import progress_bar
+from packager.source import Source
+from packager.spec import read_config, spec_from_config
+
+CHUNK_ELEMENTS = 8 << 20  # rows are quantized in blocks of about 32 MB of f32
+# HF buffers that are not weights and that llama.cpp recomputes itself.
+SKIP_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: where it comes from, its shape (numpy order) and type."""
+
+    name: str
+    src: str | None  # checkpoint tensor name; None for generated tensors
+    shape: tuple[int, ...]
+    qtype: gguf.GGMLQuantizationType
+    transform: str = ""  # "permute_q", "permute_k", "norm_offset" or ""
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    path: Path
+    n_tensors: int
+    n_bytes: int
+    tensor_types: dict[str, int]  # ggml type name -> count
+
+
+def default_threads() -> int:
+    """Physical cores this process may use: more threads than cores only adds contention."""
+    import psutil
+
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        allowed = os.cpu_count() or 1
+    return max(1, min(allowed, psutil.cpu_count(logical=False) or allowed))
+
+
+def plan_tensors(ckpt: Checkpoint, cfg: dict, arch: archs.Arch, quant: quants.QuantType,
+                 has_imatrix: bool = False) -> tuple[list[TensorJob], dict[str, np.ndarray]]:
+    """Map checkpoint tensors to GGUF names and types; the generated tensors come back as data."""
+    spec = spec_from_config(cfg)
+    tmap = gguf.get_tensor_name_map(arch.gguf_arch, spec.n_layers)
+    generated = dict(arch.extra_tensors(cfg))
+    entries: list[tuple[str, str | None, tuple[int, ...], str]] = [
+        (name, None, data.shape, "") for name, data in generated.items()
+    ]
+    for src, ref in ckpt.refs.items():
+        if src.endswith(SKIP_SUFFIXES):
+            continue
+        if src == "lm_head.weight" and spec.tied_embeddings:
+            continue  # tied: llama.cpp reuses token_embd
+        name = tmap.get_name(src, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise SourceError(
+                f"tensor {src!r} in {ref.file.name} has no GGUF name for {arch.name}; "
+                "the checkpoint does not match its config's architecture"
+            )
+        transform = ""
+        if arch.permute_qk and name.endswith("attn_q.weight"):
+            transform = "permute_q"
+        elif arch.permute_qk and name.endswith("attn_k.weight"):
+            transform = "permute_k"
+        elif arch.norm_offset and name.endswith("norm.weight"):
+            transform = "norm_offset"
+        entries.append((name, src, ref.shape, transform))
+    types = quants.tensor_types(
+        quant, [(e[0], e[2]) for e in entries], n_head=spec.n_heads, n_head_kv=spec.n_kv_heads,
+        has_imatrix=has_imatrix, tied_embeddings=spec.tied_embeddings,
+    )
+    jobs = [TensorJob(name, src, tuple(shape), types[name], transform) for name, src, shape, transform in entries]
+    return jobs, generated
+
+
+def _permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
+    # HF interleaves each head's rotary halves; llama.cpp expects them contiguous.
+    shape = rows.shape
+    return rows.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _row_blocks(job: TensorJob) -> list[slice]:
+    rows = job.shape[0] if len(job.shape) > 1 else 1
+    cols = int(np.prod(job.shape[1:])) if len(job.shape) > 1 else job.shape[0]
+    if job.transform:  # permutations move rows across the whole tensor: take it whole
+        return [slice(0, rows)]
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def _load_block(ckpt: Checkpoint, job: TensorJob, block: slice, cfg: dict, generated: dict) -> np.ndarray:
+    if job.src is None:
+        data = generated[job.name].astype(np.float32)
+    else:
+        ref = ckpt.refs[job.src]
+        raw = ckpt.raw(job.src)
+        data = to_f32(raw[block] if raw.ndim > 1 else raw, ref.dtype)
+    if job.transform == "permute_q":
+        data = _permute_rows(data, int(cfg["num_attention_heads"]))
+    elif job.transform == "permute_k":
+        data = _permute_rows(data, int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]))
+    elif job.transform == "norm_offset":
+        data = data + np.float32(1.0)
+    return np.ascontiguousarray(data.reshape(data.shape[0], -1) if data.ndim > 1 else data.reshape(1, -1))
+
+
+def _blocks(ckpt, jobs, cfg, generated) -> Iterator[tuple[TensorJob, np.ndarray]]:
+    """Each tensor's row blocks in order, the next one read while the current is quantized."""
+    work = [(job, block) for job in jobs for block in _row_blocks(job)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgepack-read") as pool:
+        pending = pool.submit(_load_block, ckpt, *work[0], cfg, generated) if work else None
+        for i, (job, _block) in enumerate(work):
+            data = pending.result()
+            if i + 1 < len(work):
+                pending = pool.submit(_load_block, ckpt, *work[i + 1], cfg, generated)
+            yield job, data
+
+
+def write_general_metadata(w: gguf.GGUFWriter, source: Source, n_params: int) -> None:
+    """general.*: name, size label, license and where the weights came from."""
+    meta = gguf.Metadata.load(None, source.path, source.name, n_params)
+    from_name = gguf.Metadata.load(None, None, source.name, n_params)  # the dir may be a hub snapshot hash
+    for field in ("name", "basename", "finetune", "version", "size_label"):
+        setattr(meta, field, getattr(from_name, field))
+    meta.size_label = meta.size_label or gguf.size_label(n_params, 0, 0, 0)
+    if source.repo:
+        meta.source_url = f"https://huggingface.co/{source.repo}"
+        meta.source_repo_url = meta.source_url
+    meta.set_gguf_meta_model(w)
+    if source.revision:
+        w.add_string("general.source.revision", source.revision)
+
+
+def convert(
+    source: Source,
+    quant: quants.QuantType,
+    out_path: Path,
+    *,
+    imatrix: dict[str, np.ndarray] | None = None,
+    n_threads: int | None = None,
+    quiet: bool = False,
+) -> ConvertResult:
+    """Convert an HF checkpoint directory to one GGUF file at ``out_path``."""
+    from packager.convert.vocab import load_vocab
+    from packager.kernels import ggml
+
+    cfg = read_config(source.path)
+    spec = spec_from_config(cfg)
+    arch = archs.arch_for(spec.architecture)
+    vocab = load_vocab(source.path)  # before any writing: a bad tokenizer fails fast
+    ckpt = Checkpoint.open(source.path)
+    jobs, generated = plan_tensors(ckpt, cfg, arch, quant, has_imatrix=imatrix is not None)
+    n_threads = n_threads or default_threads()
+
+    w = gguf.GGUFWriter(out_path, arch.name)
+    write_general_metadata(w, source, spec.n_params)
+    archs.write_hparams(arch, cfg, w)
+    w.add_file_type(int(quant.ftype))
+    vocab.write(w)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    sizes = {job.name: quants.tensor_bytes(job.qtype, job.shape) for job in jobs}
+    for job in jobs:
+        w.add_tensor_info(job.name, job.shape, np.dtype(np.float32), sizes[job.name], raw_dtype=job.qtype)
+    total = sum(sizes.values())
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        fout = w.fout[0]
+        written: dict[str, int] = {}
+        with progress_bar(total=total, desc=f"converting to {quant.name}", unit="B", quiet=quiet) as bar:
+            for job, rows in _blocks(ckpt, jobs, cfg, generated):
+                if job.name not in written:
+                    w.write_padding(fout, fout.tell())
+                    written[job.name] = 0
+                im = imatrix.get(job.name) if imatrix else None
+                data = ggml.quantize_rows(job.qtype, rows, imatrix=im, n_threads=n_threads)
+                data.tofile(fout)
+                written[job.name] += data.nbytes
+                if written[job.name] == sizes[job.name]:
+                    w.write_padding(fout, sizes[job.name])
+                bar.update(data.nbytes)
+        for job in jobs:
+            if written.get(job.name) != sizes[job.name]:
+                raise ConversionError(
+                    f"{job.name}: wrote {written.get(job.name)} bytes, expected {sizes[job.name]}; this is a bug, please report it"
+                )
+        fout.flush()
+        os.fsync(fout.fileno())
+    finally:
+        w.close()
+        ckpt.close()
+    counts: dict[str, int] = {}
+    for job in jobs:
+        counts[job.qtype.name] = counts.get(job.qtype.name, 0) + 1
+    return ConvertResult(out_path, len(jobs), total, counts)

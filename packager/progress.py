@@ -1,0 +1,35 @@
+"""Progress bars on stderr (tqdm), silenced by --quiet or EDGEPACK_NO_PROGRESS=1."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+from tqdm import tqdm
+
+QUIET_ENV = "EDGEPACK_NO_PROGRESS"
+
+
+def _disabled(quiet: bool) -> bool:
+    return quiet or os.environ.get(QUIET_ENV, "") not in ("", "0")
+
+
+@contextmanager
+def progress_bar(*, total: int, desc: str, unit: str = "it", quiet: bool = False) -> Iterator[tqdm]:
+    """A tqdm bar on stderr; bytes are shown in KB/MB/GB."""
+    bar = tqdm(
+        total=total or None, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024,
+        disable=_disabled(quiet) or total == 0, file=sys.stderr, leave=False, dynamic_ncols=True,
+    )
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def say(message: str, *, quiet: bool = False) -> None:
+    """A line for people, on stderr."""
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)

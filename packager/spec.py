@@ -1,0 +1,104 @@
+"""ModelSpec: what planning needs to know about a model, from its config alone.
+
+No weights are read: a hub model's spec needs only config.json (and, for exact
+tensor sizes, the safetensors headers or index).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from packager.errors import SourceError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture and shape of a decoder-only transformer."""
+
+    architecture: str  # HF class name, e.g. "Qwen2ForCausalLM"
+    model_type: str  # HF model_type, e.g. "qwen2"
+    n_layers: int
+    hidden_size: int
+    intermediate_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+    tied_embeddings: bool
+    n_params: int
+    attention_bias: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "hidden_size", "intermediate_size", "n_heads", "n_kv_heads", "head_dim", "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise SourceError(f"config.json: {name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise SourceError(
+                f"config.json: num_attention_heads ({self.n_heads}) is not a multiple of num_key_value_heads ({self.n_kv_heads})"
+            )
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+
+def _get(config: dict[str, Any], keys: list[str], where: str, default: Any = None) -> Any:
+    for key in keys:
+        if config.get(key) is not None:
+            return config[key]
+    if default is not None:
+        return default
+    raise SourceError(f"{where}: missing {keys[0]!r}; this checkpoint's config is incomplete or not a causal LM")
+
+
+def spec_from_config(config: dict[str, Any], where: str = "config.json") -> ModelSpec:
+    """Build a :class:`ModelSpec` from a parsed config.json (text_config is used for multimodal wrappers)."""
+    if not isinstance(config, dict):
+        raise SourceError(f"{where}: expected a JSON object")
+    if isinstance(config.get("text_config"), dict):
+        config = {**config, **config["text_config"]}
+    archs = config.get("architectures") or []
+    if not archs or not isinstance(archs, list) or not isinstance(archs[0], str):
+        raise SourceError(f"{where}: missing 'architectures'; cannot tell which converter applies")
+    try:
+        hidden = int(_get(config, ["hidden_size", "n_embd", "d_model"], where))
+        n_heads = int(_get(config, ["num_attention_heads", "n_head"], where))
+        n_kv = int(_get(config, ["num_key_value_heads", "n_kv_heads"], where, default=n_heads))
+        head_dim = int(config.get("head_dim") or (hidden // n_heads if n_heads else 0))
+        n_layers = int(_get(config, ["num_hidden_layers", "n_layer"], where))
+        inter = int(_get(config, ["intermediate_size", "n_inner", "ffn_dim"], where))
+        vocab = int(_get(config, ["vocab_size"], where))
+        ctx = int(_get(config, ["max_position_embeddings", "n_positions", "seq_length"], where, default=2048))
+    except (TypeError, ValueError) as exc:
+        raise SourceError(f"{where}: a size field is not an integer ({exc})") from None
+    tied = bool(config.get("tie_word_embeddings", config.get("model_type") in ("gemma", "gemma2", "gemma3_text")))
+    bias = bool(config.get("attention_bias", config.get("model_type") == "qwen2"))
+    q, kv = n_heads * head_dim, n_kv * head_dim
+    per_layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter + 2 * hidden
+    if bias:
+        per_layer += q + 2 * kv
+    params = vocab * hidden * (1 if tied else 2) + n_layers * per_layer + hidden
+    return ModelSpec(
+        architecture=archs[0], model_type=str(config.get("model_type", "")), n_layers=n_layers,
+        hidden_size=hidden, intermediate_size=inter, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
+        vocab_size=vocab, context_length=ctx, tied_embeddings=tied, n_params=params, attention_bias=bias,
+    )
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SourceError(f"{path} not found; pass the directory of a Hugging Face checkpoint") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path} is not valid JSON ({exc}); re-download the checkpoint") from None
+
+
+def load_spec(model_dir: Path) -> ModelSpec:
+    """The spec of a local checkpoint directory."""
+    return spec_from_config(read_config(model_dir), where=str(Path(model_dir) / "config.json"))

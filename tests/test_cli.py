@@ -1,0 +1,139 @@
+"""`pack` end to end, as a user runs it: real conversion, real llama.cpp, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from packager.bundle import verify
+
+ENV = dict(os.environ, EDGEPACK_NO_PROGRESS="1")
+
+
+def pack(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "packager.cli", *map(str, args)], capture_output=True,
+                          text=True, env=ENV, cwd=cwd, timeout=600)
+
+
+def _bundles(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if (p / "manifest.json").exists()] if out.exists() else []
+
+
+@pytest.fixture(scope="module")
+def qwen_bundle(tiny_qwen2, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    r = pack("model", tiny_qwen2, "--target", "laptop", "--quant", "Q4_K_M", "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    return Path(info["path"])
+
+
+def test_pack_model_writes_a_verified_bundle(qwen_bundle, tiny_qwen2):
+    man = json.loads((qwen_bundle / "manifest.json").read_text())
+    assert qwen_bundle.name == f"{tiny_qwen2.name}-laptop"
+    assert man["quant"] == "Q4_K_M" and man["format"] == "gguf"
+    assert man["model_file"] == f"model/{tiny_qwen2.name}-Q4_K_M.gguf"
+    assert man["tokenizer_check"]["status"] == "passed"
+    assert (qwen_bundle / "LICENSE").exists() and (qwen_bundle / "README.md").exists()
+    src_files = {f["path"]: f for f in man["source"]["files"]}
+    assert len(src_files["model.safetensors"]["sha256"]) == 64
+    assert man["runtime"]["n_ctx"] >= 512
+    assert verify(qwen_bundle) == []
+    r = pack("verify", qwen_bundle)
+    assert r.returncode == 0 and "verified" in r.stderr
+
+
+def test_pack_verify_reports_tampering(qwen_bundle, tmp_path):
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(qwen_bundle, b)
+    (b / "README.md").write_text("changed")
+    r = pack("verify", b)
+    assert r.returncode == 1 and "README.md: changed" in r.stderr
+
+
+def test_pack_run_streams_text(qwen_bundle):
+    r = pack("run", qwen_bundle, "Hello", "-n", "8", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+def test_existing_output_refused_without_force(qwen_bundle, tiny_qwen2):
+    r = pack("model", tiny_qwen2, "--quant", "Q4_K_M", "-o", qwen_bundle.parent, "-q")
+    assert r.returncode == 1 and "--force" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def _bad_source(tmp_path: Path, tiny_qwen2: Path, how: str) -> Path:
+    import shutil
+
+    d = tmp_path / "src"
+    shutil.copytree(tiny_qwen2, d)
+    if how == "no-config":
+        (d / "config.json").unlink()
+    elif how == "corrupt-header":
+        with open(d / "model.safetensors", "r+b") as f:
+            f.write(b"\xff" * 8)
+    elif how == "truncated":
+        p = d / "model.safetensors"
+        os.truncate(p, p.stat().st_size - 1000)
+    elif how == "unknown-arch":
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["architectures"] = ["MambaForCausalLM"]
+        (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("how,needle", [
+    ("no-config", "config.json"),
+    ("corrupt-header", "header claims"),
+    ("truncated", "truncated"),
+    ("unknown-arch", "not supported"),
+])
+def test_bad_source_one_line_error_no_bundle(how, needle, tmp_path, tiny_qwen2):
+    src = _bad_source(tmp_path, tiny_qwen2, how)
+    out = tmp_path / "dist"
+    r = pack("model", src, "-o", out, "-q")
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
+    assert _bundles(out) == []
+    assert not out.exists() or [p for p in out.iterdir() if ".partial-" in p.name] == []
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--quant", "Q9_X"], "Q9_X"),
+    (["--target", "toaster"], "unknown target"),
+])
+def test_usage_errors_exit_2(args, needle, tmp_path, tiny_qwen2):
+    r = pack("model", tiny_qwen2, "-o", tmp_path / "dist", *args)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+    assert _bundles(tmp_path / "dist") == []
+
+
+def test_unwritable_output(tmp_path, tiny_qwen2):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = pack("model", tiny_qwen2, "-o", blocker / "dist", "-q")
+    assert r.returncode == 1 and "cannot create output directory" in r.stderr
+
+
+def test_help_teaches_with_examples():
+    for args in (["--help"], ["model", "--help"], ["verify", "--help"], ["run", "--help"]):
+        r = pack(*args)
+        assert r.returncode == 0 and "Example" in r.stdout, args
+
+
+def test_default_source_is_the_embedded_smollm2(tmp_path):
+    r = pack("model", "-o", tmp_path / "dist", "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert Path(info["path"]).name == "SmolLM2-135M-Instruct-laptop"
+    assert info["quant"] == "Q4_1"  # fits the laptop as it is: bundled unchanged
+    assert info["source"]["kind"] == "gguf"

@@ -1,0 +1,120 @@
+"""The GGUF converter against llama.cpp's own converter and quantizer (oracles), and on bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+import oracle
+from packager.convert.gguf import convert
+from packager.errors import CorruptFileError, SourceError, UnsupportedArchitectureError
+from packager.quants import get_quant
+from packager.source import resolve
+
+HPARAM_SKIP = ("general.", "GGUF.")
+
+
+def _fields(path: Path) -> dict[str, object]:
+    r = gguf.GGUFReader(path)
+    out = {}
+    for k, f in r.fields.items():
+        if k.startswith(HPARAM_SKIP):
+            continue
+        v = f.contents()
+        out[k] = v
+    return out
+
+
+def _tensors(path: Path) -> dict[str, gguf.ReaderTensor]:
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+def _convert(model_dir: Path, quant: str, out: Path) -> Path:
+    convert(resolve(model_dir, hash_files=False, quiet=True), get_quant(quant), out, quiet=True)
+    return out
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])
+def test_f16_is_byte_identical_to_convert_hf_to_gguf(fixture, request, tmp_path):
+    model_dir = request.getfixturevalue(fixture)
+    ours = _convert(model_dir, "F16", tmp_path / "ours.gguf")
+    ref = oracle.reference_gguf(model_dir, "f16")
+    ot, rt = _tensors(ours), _tensors(ref)
+    assert sorted(ot) == sorted(rt)
+    for name, t in rt.items():
+        assert ot[name].tensor_type == t.tensor_type, name
+        assert list(ot[name].shape) == list(t.shape), name
+        assert bytes(ot[name].data.tobytes()) == bytes(t.data.tobytes()), f"{name} differs"
+    of, rf = _fields(ours), _fields(ref)
+    assert of == rf  # every hyper-parameter and tokenizer key, same values
+
+
+def test_q4_k_m_tensor_types_match_llama_quantize(tiny_qwen2, tmp_path):
+    ours = _convert(tiny_qwen2, "Q4_K_M", tmp_path / "ours.gguf")
+    ref = oracle.reference_quantize(oracle.reference_gguf(tiny_qwen2, "f16"), "Q4_K_M")
+    ot, rt = _tensors(ours), _tensors(ref)
+    assert {n: t.tensor_type for n, t in ot.items()} == {n: t.tensor_type for n, t in rt.items()}
+    # Quantizing bf16 directly vs via an F16 copy: values are the same for these weights.
+    same = sum(bytes(ot[n].data.tobytes()) == bytes(rt[n].data.tobytes()) for n in rt)
+    assert same == len(rt)
+
+
+def test_q4_k_m_runs_in_llama_cpp_and_agrees_with_f16(tiny_llama, tmp_path):
+    import llama_cpp
+
+    f16 = _convert(tiny_llama, "F16", tmp_path / "f16.gguf")
+    q4 = _convert(tiny_llama, "Q4_K_M", tmp_path / "q4.gguf")
+    logits = []
+    for path in (f16, q4):
+        llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+        toks = llm.tokenize(b"The quick brown fox jumps over the lazy dog")
+        llm.eval(toks)
+        logits.append(np.array(llm.scores[llm.n_tokens - 1]))
+        llm.close()
+    a, b = logits
+    assert np.isfinite(b).all()
+    cos = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    assert cos > 0.9, cos
+
+
+def _copy(model_dir: Path, dst: Path) -> Path:
+    shutil.copytree(model_dir, dst, ignore=shutil.ignore_patterns(".complete"))
+    return dst
+
+
+def test_unknown_architecture_lists_supported(tiny_qwen2, tmp_path):
+    d = _copy(tiny_qwen2, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["FalconForCausalLM"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedArchitectureError, match="Qwen2ForCausalLM"):
+        _convert(d, "F16", tmp_path / "out.gguf")
+
+
+def test_corrupt_safetensors_header(tiny_qwen2, tmp_path):
+    d = _copy(tiny_qwen2, tmp_path / "m")
+    with open(d / "model.safetensors", "r+b") as f:
+        f.write((10**12).to_bytes(8, "little"))
+    with pytest.raises(CorruptFileError, match="header claims"):
+        _convert(d, "F16", tmp_path / "out.gguf")
+
+
+def test_truncated_shard(tiny_qwen2, tmp_path):
+    d = _copy(tiny_qwen2, tmp_path / "m")
+    p = d / "model.safetensors"
+    with open(p, "r+b") as f:
+        f.truncate(p.stat().st_size // 2)
+    with pytest.raises(CorruptFileError, match="truncated"):
+        _convert(d, "F16", tmp_path / "out.gguf")
+
+
+def test_missing_config(tiny_qwen2, tmp_path):
+    d = _copy(tiny_qwen2, tmp_path / "m")
+    (d / "config.json").unlink()
+    with pytest.raises(SourceError, match="config.json"):
+        _convert(d, "F16", tmp_path / "out.gguf")

@@ -1,0 +1,326 @@
+"""packager.convert.vocab against llama.cpp: its converter's metadata and its tokenizer test vectors.
+
+- The tokenizer.* metadata we write equals what convert_hf_to_gguf.py writes, key by
+  key, for the three fixtures and for a tiny Llama with a freshly trained
+  SentencePiece model.
+- llama.cpp's test vectors (models/ggml-vocab-*.gguf.inp/.out, produced by the HF
+  tokenizers themselves) come out identical through our vocab-only GGUFs.
+- Every entry of the pre-tokenizer table is checked against those vectors twice: the
+  tokenizer.json structure reproduces them in HF ``tokenizers``, and the llama.cpp
+  name we map it to reproduces them in llama.cpp.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gguf
+import pytest
+
+import models
+import oracle
+from packager.convert.vocab import PRE_TOKENIZERS, detect_pre_tokenizer, load_vocab
+from packager.errors import SourceError
+from packager.tokcheck import _llama_vocab
+
+Json = dict[str, Any]
+VOCABS = models.vocab_dir()
+
+
+# -- helpers shared with test_tokcheck.py ------------------------------------------------
+
+_OUT = Path(tempfile.mkdtemp(prefix="edgepack-test-vocab-"))
+atexit.register(shutil.rmtree, _OUT, True)
+
+
+def write_vocab_gguf(model_dir: Path, out: Path, vocab: Any = None) -> Path:
+    """A vocab-only GGUF: general.architecture is all llama.cpp needs besides tokenizer.*."""
+    vocab = vocab if vocab is not None else load_vocab(model_dir)
+    w = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    vocab.write(w)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def vocab_gguf(model_dir: Path) -> Path:
+    """Our vocab-only GGUF of a checkpoint, written once per test session."""
+    return write_vocab_gguf(model_dir, _OUT / f"{model_dir.name}.gguf")
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer_fields(path: Path) -> dict[str, Any]:
+    """Every tokenizer.* key of a GGUF, read by gguf-py (slow on big vocabularies: cached)."""
+    reader = gguf.GGUFReader(path)
+    return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+
+
+def vectors(name: str) -> list[tuple[str, list[int]]]:
+    """llama.cpp's tokenizer test vectors for ggml-vocab-<name>.gguf."""
+    texts = (VOCABS / f"ggml-vocab-{name}.gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+    lines = (VOCABS / f"ggml-vocab-{name}.gguf.out").read_text(encoding="utf-8").split("\n")
+    return [(text, [int(i) for i in line.split()]) for text, line in zip(texts, lines)]
+
+
+def llama_cpp_ids(gguf_path: Path, texts: list[str]) -> list[list[int]]:
+    """llama.cpp's ids, without added specials and without parsing specials (as the vectors were made)."""
+    with _llama_vocab(gguf_path) as lv:
+        out = []
+        for text in texts:
+            data = text.encode("utf-8")
+            buf = (lv._lib.llama_token * (len(data) + 8))()
+            n = lv._lib.llama_tokenize(lv._vocab, data, len(data), buf, len(data) + 8, False, False)
+            out.append(list(buf[:n]))
+        return out
+
+
+# -- a tiny Llama with a real (freshly trained) SentencePiece model ------------------------
+
+SPM_RECIPE = "1"  # bump when the recipe below changes: the fixture and its reference are cached by name
+CHATML = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _corpus(n: int = 4000) -> str:
+    rng = random.Random(0)
+    words = ("the quick brown fox jumps over a lazy dog while small language models run on phones laptops "
+             "and browsers tokenizer sentence piece hello world I've you're it's don't").split()
+    lines = []
+    for i in range(n):
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 14)))
+        if i % 5 == 0:
+            line = line.capitalize() + f" {rng.randint(0, 10**6)}, {rng.random():.3f}."
+        if i % 9 == 0:
+            line += " 你好，世界！ Привет, мир. ¿Qué tal? 😀"
+        if i % 13 == 0:
+            line = "    " + line.replace(" ", "\t", 2)
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def tiny_spm_llama() -> Path:
+    """A random 1-layer Llama whose tokenizer is a real Llama-2-style SentencePiece BPE model."""
+
+    def build(tmp: Path) -> None:
+        import sentencepiece as spm
+        from transformers import LlamaConfig, LlamaTokenizerFast
+
+        corpus = tmp / "corpus.txt"
+        corpus.write_text(_corpus(), encoding="utf-8")
+        spm.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(tmp / "sp"), vocab_size=1000, model_type="bpe",
+            byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+            split_digits=True, allow_whitespace_only_pieces=True, hard_vocab_limit=False, num_threads=1,
+            minloglevel=2,
+        )
+        # Llama 2's layout: tokenizer.model + a legacy tokenizer.json (prepend ▁, spaces to ▁).
+        tok = LlamaTokenizerFast(vocab_file=str(tmp / "sp.model"), legacy=True, add_prefix_space=True)
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tok.add_tokens(["<tool>", "\u2581hello\u2581world"])  # user-defined, one with SentencePiece spaces
+        tok.chat_template = CHATML
+        tok.save_pretrained(tmp)
+        cfg_path = tmp / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg.pop("add_prefix_space", None)  # the hub's Llama 2 files do not carry it
+        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+        for f in ("corpus.txt", "sp.model", "sp.vocab"):
+            (tmp / f).unlink()
+        config = LlamaConfig(
+            vocab_size=len(tok) + 5,  # padded embedding rows, as many checkpoints have
+            hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=True,
+            bos_token_id=1, eos_token_id=2,
+        )
+        config.architectures = ["LlamaForCausalLM"]
+        models._save_random(config, tmp, seed=2)
+        im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, im_end]}))
+
+    return models._atomic_build(models.CACHE / f"tiny-spm-llama-v{models.FIXTURE_VERSION}.{SPM_RECIPE}", build)
+
+
+@pytest.fixture(scope="session")
+def spm_llama() -> Path:
+    return tiny_spm_llama()
+
+
+# -- (a) metadata equal to llama.cpp's converter --------------------------------------------
+
+def _assert_same_tokenizer_keys(ours: Path, reference: Path) -> None:
+    a, b = tokenizer_fields(ours), tokenizer_fields(reference)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        if a[key] != b[key]:
+            if isinstance(a[key], list) and isinstance(b[key], list) and len(a[key]) == len(b[key]):
+                first = next(i for i, (x, y) in enumerate(zip(a[key], b[key])) if x != y)
+                pytest.fail(f"{key}[{first}]: ours {a[key][first]!r}, llama.cpp's {b[key][first]!r}")
+            pytest.fail(f"{key}: ours {str(a[key])[:200]}, llama.cpp's {str(b[key])[:200]}")
+
+
+@pytest.mark.slow  # reading two 130k-150k-token GGUFs with gguf-py takes ~7 s each
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama", "smollm2_hf"])
+def test_metadata_equals_reference_converter(fixture: str, request: pytest.FixtureRequest) -> None:
+    model_dir: Path = request.getfixturevalue(fixture)
+    _assert_same_tokenizer_keys(vocab_gguf(model_dir), oracle.reference_gguf(model_dir, "f16"))
+
+
+def test_sentencepiece_metadata_equals_reference_converter(spm_llama: Path) -> None:
+    vocab = load_vocab(spm_llama)
+    assert (vocab.model, vocab.pre, vocab.add_space_prefix) == ("llama", "default", None)
+    assert vocab.tokens[-1] == f"[PAD{vocab.n_vocab - 1}]" and vocab.scores is not None
+    assert vocab.token_types[vocab.tokens.index("<|im_start|>")] == gguf.TokenType.CONTROL
+    assert vocab.token_types[vocab.tokens.index(" hello world")] == gguf.TokenType.USER_DEFINED
+    _assert_same_tokenizer_keys(vocab_gguf(spm_llama), oracle.reference_gguf(spm_llama, "f16"))
+
+
+def test_bpe_vocabulary_shape(tiny_qwen2: Path) -> None:
+    vocab = load_vocab(tiny_qwen2)
+    assert (vocab.model, vocab.pre, vocab.scores) == ("gpt2", "qwen2", None)
+    assert vocab.n_vocab == 151936 and vocab.token_types[151644] == gguf.TokenType.CONTROL
+    assert vocab.special_ids["eos"] == 151645 and vocab.add_special == {"bos": False, "eos": False}
+    assert "<|im_start|>" in (vocab.chat_template or "")
+
+
+# -- (b) llama.cpp's own test vectors through our GGUFs ---------------------------------------
+
+@pytest.mark.parametrize(("name", "fixture"), [("qwen2", "tiny_qwen2"), ("llama-bpe", "tiny_llama")])
+def test_llama_cpp_vectors_through_our_gguf(name: str, fixture: str, request: pytest.FixtureRequest) -> None:
+    model_dir: Path = request.getfixturevalue(fixture)
+    cases = vectors(name)
+    got = llama_cpp_ids(vocab_gguf(model_dir), [text for text, _ in cases])
+    bad = [text for (text, want), ids in zip(cases, got) if ids != want]
+    assert not bad, f"{len(bad)}/{len(cases)} vectors differ, first {bad[0]!r}"
+
+
+# -- the pre-tokenizer table against the vectors ---------------------------------------------
+
+BYTES = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+GPT2 = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+
+
+def _split(regex: str) -> Json:
+    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+
+
+# Structures as the hub's tokenizer.json files spell them (written here, not taken from packager).
+HUB_PRE: dict[str, Json] = {
+    "gpt-2": GPT2,
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, GPT2]},
+    "qwen35": {"type": "Sequence", "pretokenizers": [_split(
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"), BYTES]},
+}
+
+
+def _tokenizer_json_from_vocab_gguf(name: str) -> Json:
+    """A byte-level BPE tokenizer.json with the vocabulary of llama.cpp's ggml-vocab-<name>.gguf."""
+    fields = tokenizer_fields(VOCABS / f"ggml-vocab-{name}.gguf")
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    vocab = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k == gguf.TokenType.NORMAL}
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": True} for i, (t, k) in enumerate(zip(tokens, types)) if k == gguf.TokenType.CONTROL]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": None, "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": [m.split(" ") for m in fields["tokenizer.ggml.merges"]]},
+    }
+
+
+@pytest.mark.parametrize(("name", "vocab_file"), [("gpt-2", "gpt-2"), ("smollm", "starcoder"), ("qwen35", "qwen35")])
+def test_table_entry_against_vectors(name: str, vocab_file: str, tiny_qwen2: Path, tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    if vocab_file == "qwen35":  # its test vocabulary is Qwen2's; reading that JSON is 10x faster than the GGUF
+        tj = json.loads((tiny_qwen2 / "tokenizer.json").read_text(encoding="utf-8"))
+    else:
+        tj = _tokenizer_json_from_vocab_gguf(vocab_file)
+    tj["pre_tokenizer"] = HUB_PRE[name]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    cases = vectors(vocab_file)
+    hf = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    hf_bad = [t for t, want in cases if hf.encode(t, add_special_tokens=False).ids != want]
+    assert not hf_bad, f"the test's tokenizer.json is not {vocab_file}'s: {hf_bad[0]!r} differs"
+
+    assert detect_pre_tokenizer(tj, tmp_path) == name
+    got = llama_cpp_ids(write_vocab_gguf(tmp_path, tmp_path / "v.gguf"), [t for t, _ in cases])
+    bad = [t for (t, want), ids in zip(cases, got) if ids != want]
+    assert not bad, f"llama.cpp's {name!r} differs on {len(bad)}/{len(cases)} vectors, first {bad[0]!r}"
+
+
+# -- detection details and errors ------------------------------------------------------------
+
+def test_every_table_entry_is_detected_from_its_own_structure() -> None:
+    for entry in PRE_TOKENIZERS:
+        steps = []
+        for step in entry.steps:
+            if step[0] == "Split":
+                steps.append(_split(step[1]))
+            elif step[0] == "ByteLevel":
+                steps.append({"type": "ByteLevel", "add_prefix_space": step[1], "trim_offsets": True, "use_regex": step[2]})
+            else:
+                steps.append({"type": "Digits", "individual_digits": step[1]})
+        pre = steps[0] if len(steps) == 1 else {"type": "Sequence", "pretokenizers": steps}
+        assert detect_pre_tokenizer({"pre_tokenizer": pre}, Path("t")) == entry.name
+    assert len({p.name for p in PRE_TOKENIZERS}) == len({p.steps for p in PRE_TOKENIZERS}) == len(PRE_TOKENIZERS)
+
+
+def test_llama_cpp_spelling_of_contractions_is_the_same_regex() -> None:
+    llama3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tj = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [_split(llama3), BYTES]}}
+    assert detect_pre_tokenizer(tj, Path("t")) == "llama-bpe"
+
+
+@pytest.mark.parametrize("pre", [
+    {"type": "Sequence", "pretokenizers": [_split(r"\p{L}+|\p{N}+"), BYTES]},  # a regex nobody ships
+    {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},  # prefix space
+    {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": False}, GPT2]},
+    {"type": "Sequence", "pretokenizers": [{"type": "Punctuation", "behavior": "Isolated"}, GPT2]},
+])
+def test_unknown_pre_tokenizer_is_an_error(pre: Json) -> None:
+    with pytest.raises(SourceError, match="not recognised.*--skip-tokenizer-check would not make it right"):
+        detect_pre_tokenizer({"pre_tokenizer": pre}, Path("tokenizer.json"))
+
+
+def test_normalizer_llama_cpp_does_not_apply_is_an_error() -> None:
+    tj = {"normalizer": {"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]},
+          "pre_tokenizer": GPT2}
+    with pytest.raises(SourceError, match="normalizer Lowercase"):
+        detect_pre_tokenizer(tj, Path("tokenizer.json"))
+    assert detect_pre_tokenizer({"normalizer": {"type": "NFC"}, "pre_tokenizer": GPT2}, Path("t")) == "gpt-2"
+
+
+def test_unsupported_tokenizer_files(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="no tokenizer.json or tokenizer.model"):
+        load_vocab(tmp_path)
+    wordpiece = {"model": {"type": "WordPiece", "vocab": {"a": 0}}, "pre_tokenizer": {"type": "BertPreTokenizer"}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(wordpiece))
+    with pytest.raises(SourceError, match="WordPiece tokenizer .* not supported"):
+        load_vocab(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(SourceError, match="not valid JSON"):
+        load_vocab(tmp_path)
+
+
+def test_vocab_size_smaller_than_tokenizer_is_an_error(tmp_path: Path) -> None:
+    tj = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]},
+          "pre_tokenizer": GPT2, "added_tokens": []}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 2}))
+    with pytest.raises(SourceError, match="token id 2 does not fit config.json's vocab_size 2"):
+        load_vocab(tmp_path)
