@@ -23,13 +23,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+import os
 import threading
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from packager.errors import missing_backend
+from packager.errors import BackendMissingError, missing_backend
 
 __all__ = [
     "QUANTIZABLE",
@@ -62,12 +63,17 @@ def _lib() -> ctypes.CDLL:
     if spec is None or not spec.submodule_search_locations:
         raise missing_backend("llama-cpp-python", "gguf")
     libdir = Path(list(spec.submodule_search_locations)[0]) / "lib"
-    candidates = sorted(libdir.glob("libggml-base.*")) if libdir.is_dir() else []
-    # Prefer the platform's plain name (libggml-base.so / .dylib / .dll) over versioned links.
-    candidates.sort(key=lambda p: (p.suffix not in (".so", ".dylib", ".dll"), len(p.name)))
-    if not candidates:
-        raise missing_backend("llama-cpp-python", "gguf")
-    lib = ctypes.CDLL(str(candidates[0]))
+    # libggml-base.so / .dylib on Unix, ggml-base.dll on Windows; versioned .so.N links last.
+    found = sorted(libdir.glob("*ggml-base*")) if libdir.is_dir() else []
+    found.sort(key=lambda p: (p.suffix not in (".so", ".dylib", ".dll"), len(p.name)))
+    if not found:
+        raise BackendMissingError(
+            f"llama-cpp-python has no ggml-base library in {libdir}; "
+            "reinstall it with: pip install --force-reinstall 'edgepack[gguf]'"
+        )
+    if hasattr(os, "add_dll_directory"):  # Windows resolves the DLL's own dependencies here
+        os.add_dll_directory(str(libdir))
+    lib = ctypes.CDLL(str(found[0]))
 
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [

@@ -138,8 +138,14 @@ def _hf_tokenizer(model_dir: Path) -> Any:
 
 
 def _added_tokens(hf: Any) -> list[str]:
-    """Every added token's text (specials and user-defined), in id order."""
-    return [t.content for _, t in sorted(hf.added_tokens_decoder.items())]
+    """Every added token as a user would type it (specials and user-defined), in id order.
+
+    A "normalized" added token is matched by HF after normalization, so SentencePiece
+    tokenizers store its spaces as ▁ (Gemma's whitespace tokens); users type spaces,
+    and llama.cpp stores that form (llama.cpp's converter and ours write ▁ as space).
+    """
+    return [t.content.replace("\u2581", " ") if t.normalized else t.content
+            for _, t in sorted(hf.added_tokens_decoder.items())]
 
 
 def _render_chat(hf: Any) -> str | None:

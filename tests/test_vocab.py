@@ -247,6 +247,7 @@ def test_table_entry_against_vectors(name: str, vocab_file: str, tiny_qwen2: Pat
 
     if vocab_file == "qwen35":  # its test vocabulary is Qwen2's; reading that JSON is 10x faster than the GGUF
         tj = json.loads((tiny_qwen2 / "tokenizer.json").read_text(encoding="utf-8"))
+        tj["normalizer"] = None  # Qwen3.5 dropped NFC: its vectors keep decomposed accents apart
     else:
         tj = _tokenizer_json_from_vocab_gguf(vocab_file)
     tj["pre_tokenizer"] = HUB_PRE[name]
@@ -271,7 +272,8 @@ def test_every_table_entry_is_detected_from_its_own_structure() -> None:
             if step[0] == "Split":
                 steps.append(_split(step[1]))
             elif step[0] == "ByteLevel":
-                steps.append({"type": "ByteLevel", "add_prefix_space": step[1], "trim_offsets": True, "use_regex": step[2]})
+                steps.append({"type": "ByteLevel", "add_prefix_space": step[1], "trim_offsets": True,
+                              "use_regex": step[2]})
             else:
                 steps.append({"type": "Digits", "individual_digits": step[1]})
         pre = steps[0] if len(steps) == 1 else {"type": "Sequence", "pretokenizers": steps}

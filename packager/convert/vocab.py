@@ -222,11 +222,13 @@ def load_vocab(model_dir: Path) -> GGUFVocab:
     if spm_file.is_file():
         return _load_spm(model_dir, spm_file, tok_json, tok_config, config, n_vocab)
     if tok_json is None:
-        raise SourceError(f"{model_dir}: no tokenizer.json or tokenizer.model; copy the tokenizer files of the model into it")
+        raise SourceError(
+            f"{model_dir}: no tokenizer.json or tokenizer.model; copy the tokenizer files of the model into it"
+        )
     kind = (tok_json.get("model") or {}).get("type")
     raise SourceError(
-        f"{model_dir / 'tokenizer.json'}: a {kind} tokenizer without byte-level BPE or a tokenizer.model is not supported; "
-        "add the model's tokenizer.model (SentencePiece) if it has one"
+        f"{model_dir / 'tokenizer.json'}: a {kind} tokenizer without byte-level BPE or a tokenizer.model "
+        "is not supported; add the model's tokenizer.model (SentencePiece) if it has one"
     )
 
 
@@ -293,7 +295,9 @@ def _load_bpe(model_dir: Path, tok_json: Json, tok_config: Json, n_vocab: Any) -
         tokens[int(a["id"])], types[int(a["id"])] = text, int(kind)
     special = gguf.SpecialVocab(model_dir, load_merges=True)
     if not special.merges:
-        raise SourceError(f"{model_dir / 'tokenizer.json'}: a BPE tokenizer without merges; re-download the tokenizer files")
+        raise SourceError(
+            f"{model_dir / 'tokenizer.json'}: a BPE tokenizer without merges; re-download the tokenizer files"
+        )
     return GGUFVocab(
         model="gpt2", pre=pre, tokens=tokens, token_types=types, merges=list(special.merges),
         special_ids=_special_ids(special), add_special=_add_flags(special, tok_json, tok_config),
@@ -314,21 +318,24 @@ _CONFIG_DECIDES_BOS = {"LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokeniz
 def _add_flags(special: gguf.SpecialVocab, tok_json: Json | None, tok_config: Json) -> dict[str, bool]:
     """Whether BOS/EOS/SEP are added to every encoded text, as transformers does it.
 
-    SpecialVocab (gguf 0.19) lets tokenizer_config.json override the post-processor;
-    transformers does that only for Llama/Gemma tokenizer classes, and otherwise runs
-    tokenizer.json's post-processor as is. A byte-level post-processor adds nothing,
-    which is written explicitly (llama.cpp's default for Llama 3's pre-tokenizer is
-    to add BOS).
+    SpecialVocab (gguf 0.19) lets tokenizer_config.json's add_bos_token override the
+    post-processor. transformers does that only for Llama/Gemma tokenizer classes;
+    any other fast tokenizer runs tokenizer.json's post-processor as is, so there the
+    post-processor alone decides, and add_bos is written even when it adds nothing
+    (llama.cpp's default for Llama 3's pre-tokenizer is to add BOS).
     """
     flags = dict(special.add_special_token)
     post = _post_processor_flags((tok_json or {}).get("post_processor"))
-    config_decides = tok_config.get("tokenizer_class") in _CONFIG_DECIDES_BOS
-    for kind, value in post.items():
-        if config_decides:
+    cls = tok_config.get("tokenizer_class")
+    if tok_json is not None and cls and cls not in _CONFIG_DECIDES_BOS:
+        flags.update(post)
+        flags["bos"] = post.get("bos", False)
+        if "eos" in flags:
+            flags["eos"] = post.get("eos", False)
+    else:
+        for kind, value in post.items():
             flags.setdefault(kind, value)
-        else:
-            flags[kind] = value
-    return flags
+    return {kind: value for kind, value in flags.items() if kind in _FLAG_WRITERS}
 
 
 def _post_processor_flags(post: Json | None) -> dict[str, bool]:
@@ -366,11 +373,11 @@ def _load_spm(model_dir: Path, spm_file: Path, tok_json: Json | None, tok_config
         sp.LoadFromFile(str(spm_file))
     except (OSError, RuntimeError) as exc:
         raise SourceError(f"{spm_file}: not a SentencePiece model ({exc}); re-download tokenizer.model") from None
-    size = int(n_vocab) if n_vocab is not None else sp.vocab_size()
+    size = _size(n_vocab, sp.vocab_size() - 1, model_dir)
     tokens = [f"[PAD{i}]" for i in range(size)]
     scores = [-10000.0] * size
     types = [int(gguf.TokenType.UNUSED)] * size
-    for i in range(min(size, sp.vocab_size())):
+    for i in range(sp.vocab_size()):
         tokens[i], scores[i], types[i] = sp.IdToPiece(i), float(sp.GetScore(i)), int(_spm_type(sp, i))
 
     # Added tokens override the SentencePiece pieces: added_tokens.json (old), then
