@@ -8,19 +8,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from packager import __version__
 from packager.bundle import BundleWriter
-from packager.errors import TokenizerMismatchError, UsageError
+from packager.errors import DoesNotFit, TokenizerMismatchError, UsageError
 from packager.plan import Overrides, Plan, plan
 from packager.profiles import Target, load_target
 from packager.progress import say
-from packager.quants import get_quant
+from packager.quants import QuantType, get_quant
 from packager.source import Source, resolve
-from packager.spec import ModelSpec, load_spec
+from packager.spec import load_spec
 
 LICENSE_NAMES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "NOTICE", "USE_POLICY.md")
 # Memory the streaming converter itself needs beyond the mapped weights (row blocks in flight).
@@ -128,8 +128,8 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
         # Bundle the file as it is when it fits; otherwise walk the target's ladder.
         try:
             p = plan(spec, tgt, overrides)
-        except Exception:
-            p = plan(spec, tgt, Overrides(**{**overrides.__dict__, "quant": None}))
+        except DoesNotFit:
+            p = plan(spec, tgt, replace(overrides, quant=None))
     else:
         p = plan(spec, tgt, overrides)
     if p.format != "gguf":
@@ -158,9 +158,9 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
         else:
             from packager.convert.gguf import convert
 
+            tok_check = _tokenizer_gate(src, quant, opts.skip_tokenizer_check, warnings)
             say(f"converting {src.name} to {quant.name} for {tgt.name}", quiet=opts.quiet)
             convert(src, quant, gguf_path, n_threads=threads, quiet=opts.quiet)
-            tok_check = _tokenizer_gate(gguf_path, src.path, opts.skip_tokenizer_check, warnings)
         for name in LICENSE_NAMES:
             if src.kind == "hf" and (src.path / name).is_file():
                 bw.add_file(name, src.path / name)
@@ -187,11 +187,16 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
     return PackResult(path, manifest, warnings)
 
 
-def _tokenizer_gate(gguf_path: Path, model_dir: Path, skip: bool, warnings: list[str]) -> dict[str, Any]:
+def _tokenizer_gate(src: Source, quant: QuantType, skip: bool, warnings: list[str]) -> dict[str, Any]:
+    """Check the GGUF's tokenizer against the source's before converting (it takes seconds)."""
+    import tempfile
+
+    from packager.convert.gguf import write_vocab_gguf
     from packager.tokcheck import check_tokenizer
 
     try:
-        report = check_tokenizer(gguf_path, model_dir)
+        with tempfile.TemporaryDirectory(prefix="edgepack-vocab-") as tmp:
+            report = check_tokenizer(write_vocab_gguf(src, quant, Path(tmp) / "vocab.gguf"), src.path)
     except TokenizerMismatchError as exc:
         if not skip:
             raise
@@ -199,10 +204,3 @@ def _tokenizer_gate(gguf_path: Path, model_dir: Path, skip: bool, warnings: list
         return {"status": "skipped", "error": str(exc)}
     return {"status": "passed", **{k: v for k, v in report.__dict__.items() if isinstance(v, (int, str, list))}}
 
-
-def spec_for(source: Source) -> ModelSpec:
-    if source.kind == "gguf":
-        from packager.gguf_source import spec_from_gguf
-
-        return spec_from_gguf(source.path)[0]
-    return load_spec(source.path)

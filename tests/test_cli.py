@@ -137,3 +137,21 @@ def test_default_source_is_the_embedded_smollm2(tmp_path):
     assert Path(info["path"]).name == "SmolLM2-135M-Instruct-laptop"
     assert info["quant"] == "Q4_1"  # fits the laptop as it is: bundled unchanged
     assert info["source"]["kind"] == "gguf"
+
+
+def test_tokenizer_gate_refuses_then_skip_is_recorded(tmp_path, tiny_qwen2):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_qwen2, src)
+    # <|im_start|> (151644) is not an end-of-generation token for llama.cpp: the chat would never stop.
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151644]}))
+    out = tmp_path / "dist"
+    r = pack("model", src, "--quant", "Q8_0", "-o", out, "-q")
+    assert r.returncode == 1 and "151644" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert _bundles(out) == []
+    r = pack("model", src, "--quant", "Q8_0", "-o", out, "--skip-tokenizer-check", "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    man = json.loads(r.stdout)
+    assert man["tokenizer_check"]["status"] == "skipped" and "151644" in man["tokenizer_check"]["error"]
+    assert "skipped" in r.stderr

@@ -155,6 +155,36 @@ def write_general_metadata(w: gguf.GGUFWriter, source: Source, n_params: int) ->
         w.add_string("general.source.revision", source.revision)
 
 
+def _metadata_writer(path: Path, source: Source, cfg: dict, quant: quants.QuantType, vocab) -> gguf.GGUFWriter:
+    """A GGUFWriter holding every key the model file will have, no tensors yet."""
+    spec = spec_from_config(cfg)
+    arch = archs.arch_for(spec.architecture)
+    w = gguf.GGUFWriter(path, arch.name)
+    write_general_metadata(w, source, spec.n_params)
+    archs.write_hparams(arch, cfg, w)
+    w.add_file_type(int(quant.ftype))
+    vocab.write(w)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    return w
+
+
+def write_vocab_gguf(source: Source, quant: quants.QuantType, path: Path) -> Path:
+    """The model file's metadata without its tensors: enough for llama.cpp to load its tokenizer.
+
+    The tokenizer gate runs on this before the (long) conversion, so a tokenizer
+    llama.cpp would get wrong is refused in seconds, not after minutes.
+    """
+    from packager.convert.vocab import load_vocab
+
+    w = _metadata_writer(path, source, read_config(source.path), quant, load_vocab(source.path))
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+    finally:
+        w.close()
+    return path
+
+
 def convert(
     source: Source,
     quant: quants.QuantType,
@@ -176,12 +206,7 @@ def convert(
     jobs, generated = plan_tensors(ckpt, cfg, arch, quant, has_imatrix=imatrix is not None)
     n_threads = n_threads or default_threads()
 
-    w = gguf.GGUFWriter(out_path, arch.name)
-    write_general_metadata(w, source, spec.n_params)
-    archs.write_hparams(arch, cfg, w)
-    w.add_file_type(int(quant.ftype))
-    vocab.write(w)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w = _metadata_writer(out_path, source, cfg, quant, vocab)
 
     sizes = {job.name: quants.tensor_bytes(job.qtype, job.shape) for job in jobs}
     for job in jobs:
