@@ -181,6 +181,10 @@ def run_cmd(bundle: Path, prompt: str, chat: bool, max_tokens: int, temperature:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one exit path; our errors are one line, bugs get a traceback with EDGEPACK_DEBUG=1."""
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    # The tokenizer gate uses transformers' tokenizers only; without this, importing
+    # transformers imports torch too (~2 s) when it happens to be installed.
+    os.environ.setdefault("USE_TORCH", "0")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its warnings are not for our users
     try:
         cli.main(args=argv, prog_name="pack", standalone_mode=False)
     except click.exceptions.Abort:

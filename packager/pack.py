@@ -110,8 +110,9 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
     tgt = load_target(opts.target)
     if opts.quant:
         get_quant(opts.quant)  # a typo fails before any download
+    # Safetensors are hashed by the converter as it reads them: one pass over the weights.
     src = resolve(source if source is not None else default_source(), revision=opts.revision,
-                  allow_pickle=opts.allow_pickle, quiet=opts.quiet)
+                  allow_pickle=opts.allow_pickle, hash_weights=False, quiet=opts.quiet)
     warnings: list[str] = []
     src_quant = None
     if src.kind == "gguf":
@@ -119,8 +120,10 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
     else:
         spec = load_spec(src.path)
         from packager.convert.archs import arch_for
+        from packager.convert.safetensors import Checkpoint
 
         arch_for(spec.architecture)  # an unsupported architecture fails before any work
+        Checkpoint.open(src.path).close()  # so does a corrupt or truncated shard (headers only)
     overrides = Overrides(quant=opts.quant or (src_quant if src.kind == "gguf" else None), format=opts.format,
                           n_ctx=opts.n_ctx, ram_bytes=opts.ram_bytes, vram_bytes=opts.vram_bytes,
                           n_threads=opts.n_threads)
@@ -160,7 +163,8 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
 
             tok_check = _tokenizer_gate(src, quant, opts.skip_tokenizer_check, warnings)
             say(f"converting {src.name} to {quant.name} for {tgt.name}", quiet=opts.quiet)
-            convert(src, quant, gguf_path, n_threads=threads, quiet=opts.quiet)
+            result = convert(src, quant, gguf_path, n_threads=threads, quiet=opts.quiet)
+            src = src.with_hashes(result.source_sha256)
         for name in LICENSE_NAMES:
             if src.kind == "hf" and (src.path / name).is_file():
                 bw.add_file(name, src.path / name)

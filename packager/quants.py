@@ -54,6 +54,12 @@ class QuantType:
     description: str
     needs_imatrix: bool = False  # llama_model_quantize refuses it without an importance matrix
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.ftype, LlamaFileType) or not isinstance(self.base, GGMLQuantizationType):
+            raise TypeError(f"QuantType wants a LlamaFileType and a GGMLQuantizationType, got {self.ftype!r}, {self.base!r}")
+        if self.base not in GGML_QUANT_SIZES:
+            raise ValueError(f"{self.base.name} has no block size in gguf.GGML_QUANT_SIZES")
+
     @property
     def name(self) -> str:
         """The name llama-quantize and the CLI use: LlamaFileType's name without its prefix."""
@@ -369,7 +375,9 @@ def tensor_types(
     for name, shape in ordered:
         ne = _ne(shape)
         if not _allows_quantization(name, ne):
-            keep_f32 = len(ne) < 2 or not name.endswith(".weight") or name.endswith("_norm.weight")
+            # Kept as the converter wrote it: F32 for what convert_hf_to_gguf.py always keeps
+            # in F32 (its rule counts numpy dims), else the file's float type (F16 for quants).
+            keep_f32 = len(shape) < 2 or not name.endswith(".weight") or name.endswith("_norm.weight")
             out[name] = QT.F32 if keep_f32 or quant.base == QT.F32 else (quant.base if quant.is_float else QT.F16)
             continue
         if quant.is_float:

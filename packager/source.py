@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -63,6 +63,11 @@ class Source:
             return [self.path]
         return sorted(self.path.glob("*.safetensors"))
 
+    def with_hashes(self, sha256s: dict[str, str]) -> "Source":
+        """This source with the sha256 of the named files (relative paths) filled in."""
+        files = tuple(SourceFile(f.path, f.bytes, sha256s.get(f.path) or f.sha256) for f in self.files)
+        return replace(self, files=files)
+
     def manifest(self) -> dict:
         return {
             "kind": self.kind,
@@ -81,6 +86,7 @@ def resolve(
     token: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     hash_files: bool = True,
+    hash_weights: bool = True,
     quiet: bool = False,
 ) -> Source:
     """Turn what the user typed into a local :class:`Source`.
@@ -88,7 +94,10 @@ def resolve(
     A path that exists is used as it is (a directory with config.json, or a .gguf
     file). Otherwise a ``owner/name`` string is a hub id resolved through
     huggingface_hub, which honours HF_TOKEN, HF_HOME and HF_HUB_OFFLINE.
+    ``hash_weights=False`` leaves the safetensors' sha256 empty for the converter to
+    fill in while it reads them (:meth:`Source.with_hashes`): one read instead of two.
     """
+    hashing = "all" if hash_files and hash_weights else "small" if hash_files else "none"
     text = os.fspath(source)
     path = Path(text).expanduser()
     if path.exists():
@@ -97,14 +106,14 @@ def resolve(
                 raise SourceError(
                     f"{path} is a file but not a .gguf; pass a checkpoint directory (with config.json) or a .gguf file"
                 )
-            return Source("gguf", path.resolve(), _gguf_name(path), files=_describe([path], path.parent, hash_files, quiet))
-        return _local_dir(path.resolve(), allow_pickle, hash_files, quiet)
+            return Source("gguf", path.resolve(), _gguf_name(path), files=_describe([path], path.parent, hashing, quiet))
+        return _local_dir(path.resolve(), allow_pickle, hashing, quiet)
     if not HUB_ID.match(text) or text.startswith((".", "/", "~")):
         raise SourceNotFoundError(
             f"{text}: no such file or directory; pass a local checkpoint directory, a .gguf file, or a hub id like Qwen/Qwen2.5-0.5B-Instruct"
         )
     snapshot = _download(text, revision, allow_pickle, token, cache_dir, quiet)
-    local = _local_dir(snapshot, allow_pickle, hash_files, quiet)
+    local = _local_dir(snapshot, allow_pickle, hashing, quiet)
     return Source("hf", snapshot, text.split("/")[-1], repo=text, revision=snapshot.name, files=local.files)
 
 
@@ -114,7 +123,7 @@ def _gguf_name(path: Path) -> str:
     return re.sub(r"[.-](F16|BF16|F32|Q\d\w*|IQ\d\w*)$", "", stem, flags=re.IGNORECASE)
 
 
-def _local_dir(path: Path, allow_pickle: bool, hash_files: bool, quiet: bool) -> Source:
+def _local_dir(path: Path, allow_pickle: bool, hashing: str, quiet: bool) -> Source:
     config = path / "config.json"
     if not config.is_file():
         raise SourceError(f"{path} has no config.json; pass the directory of a Hugging Face checkpoint")
@@ -135,16 +144,21 @@ def _local_dir(path: Path, allow_pickle: bool, hash_files: bool, quiet: bool) ->
     files = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
     if safetensors:  # pickle copies beside safetensors are ignored, so neither hashed nor recorded
         files = [p for p in files if p.suffix not in PICKLE_SUFFIXES]
-    return Source("hf", path, path.name, files=_describe(files, path, hash_files, quiet))
+    return Source("hf", path, path.name, files=_describe(files, path, hashing, quiet))
 
 
-def _describe(files: list[Path], root: Path, hash_files: bool, quiet: bool) -> tuple[SourceFile, ...]:
-    total = sum(p.stat().st_size for p in files)
+def _describe(files: list[Path], root: Path, hashing: str, quiet: bool) -> tuple[SourceFile, ...]:
+    """Sizes and sha256s; ``hashing`` is "all", "small" (not *.safetensors) or "none"."""
+
+    def wanted(p: Path) -> bool:
+        return hashing == "all" or (hashing == "small" and p.suffix != ".safetensors")
+
+    total = sum(p.stat().st_size for p in files if wanted(p))
     out = []
-    with progress_bar(total=total if hash_files else 0, desc="hashing source", unit="B", quiet=quiet) as bar:
+    with progress_bar(total=total, desc="hashing source", unit="B", quiet=quiet) as bar:
         for p in files:
             size = p.stat().st_size
-            digest = _cached_sha256(p) or (sha256_file(p, bar.update) if hash_files else "")
+            digest = _cached_sha256(p) or (sha256_file(p, bar.update) if wanted(p) else "")
             out.append(SourceFile(str(p.relative_to(root)), size, digest))
     return tuple(out)
 

@@ -41,7 +41,11 @@ def test_pack_model_writes_a_verified_bundle(qwen_bundle, tiny_qwen2):
     assert man["tokenizer_check"]["status"] == "passed"
     assert (qwen_bundle / "LICENSE").exists() and (qwen_bundle / "README.md").exists()
     src_files = {f["path"]: f for f in man["source"]["files"]}
-    assert len(src_files["model.safetensors"]["sha256"]) == 64
+    import hashlib
+
+    # hashed while converting, in one read: must equal a plain hash of the file
+    assert src_files["model.safetensors"]["sha256"] == hashlib.sha256((tiny_qwen2 / "model.safetensors").read_bytes()).hexdigest()
+    assert src_files["config.json"]["sha256"] == hashlib.sha256((tiny_qwen2 / "config.json").read_bytes()).hexdigest()
     assert man["runtime"]["n_ctx"] >= 512
     assert verify(qwen_bundle) == []
     r = pack("verify", qwen_bundle)

@@ -5,23 +5,20 @@ llama.cpp's own quantizer writes into a GGUF.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+import gguf
+import gguf.quants
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
 
-pytest.importorskip("llama_cpp")
+from packager.errors import BackendMissingError
+from packager.kernels import ggml
 
-import gguf  # noqa: E402
-import gguf.quants  # noqa: E402
-from gguf import GGML_QUANT_SIZES  # noqa: E402
-from gguf import GGMLQuantizationType as QT  # noqa: E402
-
-from packager.errors import BackendMissingError  # noqa: E402
-from packager.kernels import ggml  # noqa: E402
+pytest.importorskip("llama_cpp")  # ggml comes with it
 
 # Every type gguf-py 0.19 can quantize in numpy (the others raise NotImplementedError).
 NUMPY_QUANTIZABLE = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1,

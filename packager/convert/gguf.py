@@ -20,7 +20,7 @@ import numpy as np
 
 from packager import quants
 from packager.convert import archs
-from packager.convert.safetensors import Checkpoint, to_f32
+from packager.convert.safetensors import Checkpoint, FileHasher, to_f32
 from packager.errors import ConversionError, SourceError
 from packager.progress import progress_bar
 from packager.source import Source
@@ -48,6 +48,7 @@ class ConvertResult:
     n_tensors: int
     n_bytes: int
     tensor_types: dict[str, int]  # ggml type name -> count
+    source_sha256: dict[str, str]  # checkpoint file (relative path) -> sha256, hashed while read
 
 
 def default_threads() -> int:
@@ -70,7 +71,8 @@ def plan_tensors(ckpt: Checkpoint, cfg: dict, arch: archs.Arch, quant: quants.Qu
     entries: list[tuple[str, str | None, tuple[int, ...], str]] = [
         (name, None, data.shape, "") for name, data in generated.items()
     ]
-    for src, ref in ckpt.refs.items():
+    # In file order: each shard is then read (and hashed) front to back, once.
+    for src, ref in sorted(ckpt.refs.items(), key=lambda kv: (str(kv[1].file), kv[1].start)):
         if src.endswith(SKIP_SUFFIXES):
             continue
         if src == "lm_head.weight" and spec.tied_embeddings:
@@ -112,13 +114,18 @@ def _row_blocks(job: TensorJob) -> list[slice]:
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 
-def _load_block(ckpt: Checkpoint, job: TensorJob, block: slice, cfg: dict, generated: dict) -> np.ndarray:
+def _load_block(ckpt: Checkpoint, job: TensorJob, block: slice, cfg: dict, generated: dict,
+                hasher: FileHasher) -> np.ndarray:
     if job.src is None:
         data = generated[job.name].astype(np.float32)
     else:
         ref = ckpt.refs[job.src]
         raw = ckpt.raw(job.src)
-        data = to_f32(raw[block] if raw.ndim > 1 else raw, ref.dtype)
+        first = block.start * (ref.nbytes // ref.shape[0]) if raw.ndim > 1 else 0
+        raw = raw[block] if raw.ndim > 1 else raw
+        data = to_f32(raw, ref.dtype)
+        # Hash the bytes just read, then let the kernel drop them from this process.
+        hasher.read(ref.file, ref.start + first, ref.start + first + raw.nbytes)
     if job.transform == "permute_q":
         data = _permute_rows(data, int(cfg["num_attention_heads"]))
     elif job.transform == "permute_k":
@@ -128,15 +135,15 @@ def _load_block(ckpt: Checkpoint, job: TensorJob, block: slice, cfg: dict, gener
     return np.ascontiguousarray(data.reshape(data.shape[0], -1) if data.ndim > 1 else data.reshape(1, -1))
 
 
-def _blocks(ckpt, jobs, cfg, generated) -> Iterator[tuple[TensorJob, np.ndarray]]:
-    """Each tensor's row blocks in order, the next one read while the current is quantized."""
+def _blocks(ckpt, jobs, cfg, generated, hasher) -> Iterator[tuple[TensorJob, np.ndarray]]:
+    """Each tensor's row blocks in order, the next one read (and hashed) while the current is quantized."""
     work = [(job, block) for job in jobs for block in _row_blocks(job)]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgepack-read") as pool:
-        pending = pool.submit(_load_block, ckpt, *work[0], cfg, generated) if work else None
+        pending = pool.submit(_load_block, ckpt, *work[0], cfg, generated, hasher) if work else None
         for i, (job, _block) in enumerate(work):
             data = pending.result()
             if i + 1 < len(work):
-                pending = pool.submit(_load_block, ckpt, *work[i + 1], cfg, generated)
+                pending = pool.submit(_load_block, ckpt, *work[i + 1], cfg, generated, hasher)
             yield job, data
 
 
@@ -212,6 +219,7 @@ def convert(
     for job in jobs:
         w.add_tensor_info(job.name, job.shape, np.dtype(np.float32), sizes[job.name], raw_dtype=job.qtype)
     total = sum(sizes.values())
+    hasher = FileHasher(ckpt)
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -219,7 +227,7 @@ def convert(
         fout = w.fout[0]
         written: dict[str, int] = {}
         with progress_bar(total=total, desc=f"converting to {quant.name}", unit="B", quiet=quiet) as bar:
-            for job, rows in _blocks(ckpt, jobs, cfg, generated):
+            for job, rows in _blocks(ckpt, jobs, cfg, generated, hasher):
                 if job.name not in written:
                     w.write_padding(fout, fout.tell())
                     written[job.name] = 0
@@ -237,10 +245,11 @@ def convert(
                 )
         fout.flush()
         os.fsync(fout.fileno())
+        sha256s = {str(path.relative_to(source.path)): digest for path, digest in hasher.digests().items()}
     finally:
         w.close()
         ckpt.close()
     counts: dict[str, int] = {}
     for job in jobs:
         counts[job.qtype.name] = counts.get(job.qtype.name, 0) + 1
-    return ConvertResult(out_path, len(jobs), total, counts)
+    return ConvertResult(out_path, len(jobs), total, counts, sha256s)
