@@ -60,6 +60,7 @@ class BundleWriter:
         _remove_stale_partials(parent, self.final.name)
         self.tmp = parent / f".{self.final.name}{PARTIAL}{os.getpid()}-{secrets.token_hex(4)}"
         self.tmp.mkdir()
+        self._known: dict[str, str] = {}
         self.state = _State.OPEN
 
     def _lock(self, path: Path) -> int:
@@ -91,6 +92,10 @@ class BundleWriter:
         shutil.copyfile(src, dst)
         return dst
 
+    def record_hash(self, rel: str, sha256: str) -> None:
+        """The sha256 of a file the caller hashed as it wrote it: commit will not read it again."""
+        self._known[_safe_rel(rel).as_posix()] = sha256
+
     def add_text(self, rel: str, text: str) -> Path:
         dst = self.path(rel)
         dst.write_text(text, encoding="utf-8")
@@ -100,12 +105,13 @@ class BundleWriter:
         """Hash every file, write manifest.json last, fsync, and rename into place."""
         self._check_open()
         files = sorted(p for p in self.tmp.rglob("*") if p.is_file())
-        total = sum(p.stat().st_size for p in files)
+        rels = {p: p.relative_to(self.tmp).as_posix() for p in files}
+        total = sum(p.stat().st_size for p in files if rels[p] not in self._known)
         entries = []
         with progress_bar(total=total, desc="hashing bundle", unit="B", quiet=quiet) as bar:
             for p in files:
-                entries.append({"path": p.relative_to(self.tmp).as_posix(), "bytes": p.stat().st_size,
-                                "sha256": sha256_file(p, bar.update)})
+                digest = self._known.get(rels[p]) or sha256_file(p, bar.update)
+                entries.append({"path": rels[p], "bytes": p.stat().st_size, "sha256": digest})
                 _fsync_file(p)
         manifest = {"schema_version": SCHEMA_VERSION, **manifest, "files": entries}
         man = self.tmp / MANIFEST

@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from packager import __version__
 from packager.bundle import BundleWriter
@@ -123,7 +124,8 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
         from packager.convert.safetensors import Checkpoint
 
         arch_for(spec.architecture)  # an unsupported architecture fails before any work
-        Checkpoint.open(src.path).close()  # so does a corrupt or truncated shard (headers only)
+        if src.weight_files:
+            Checkpoint.open(src.path).close()  # so does a corrupt or truncated shard (headers only)
     overrides = Overrides(quant=opts.quant or (src_quant if src.kind == "gguf" else None), format=opts.format,
                           n_ctx=opts.n_ctx, ram_bytes=opts.ram_bytes, vram_bytes=opts.vram_bytes,
                           n_threads=opts.n_threads)
@@ -163,8 +165,11 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
 
             tok_check = _tokenizer_gate(src, quant, opts.skip_tokenizer_check, warnings)
             say(f"converting {src.name} to {quant.name} for {tgt.name}", quiet=opts.quiet)
-            result = convert(src, quant, gguf_path, n_threads=threads, quiet=opts.quiet)
-            src = src.with_hashes(result.source_sha256)
+            with _safetensors_view(src, opts.quiet) as work:
+                result = convert(work, quant, gguf_path, n_threads=threads, quiet=opts.quiet)
+            bw.record_hash(model_rel, result.sha256)
+            if work is src:
+                src = src.with_hashes(result.source_sha256)
         for name in LICENSE_NAMES:
             if src.kind == "hf" and (src.path / name).is_file():
                 bw.add_file(name, src.path / name)
@@ -189,6 +194,21 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
         }
         path = bw.commit(manifest, quiet=opts.quiet)
     return PackResult(path, manifest, warnings)
+
+
+@contextmanager
+def _safetensors_view(src: Source, quiet: bool) -> Iterator[Source]:
+    """The source itself, or (pickle weights, allowed by the user) a temporary safetensors copy."""
+    if src.weight_files:
+        yield src
+        return
+    import tempfile
+
+    from packager.convert.pickle import to_safetensors
+
+    say("rewriting pickle weights as safetensors (--allow-pickle)", quiet=quiet)
+    with tempfile.TemporaryDirectory(prefix="edgepack-pickle-") as tmp:
+        yield replace(src, path=to_safetensors(src.path, Path(tmp)))
 
 
 def _tokenizer_gate(src: Source, quant: QuantType, skip: bool, warnings: list[str]) -> dict[str, Any]:

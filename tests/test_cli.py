@@ -159,3 +159,51 @@ def test_tokenizer_gate_refuses_then_skip_is_recorded(tmp_path, tiny_qwen2):
     man = json.loads(r.stdout)
     assert man["tokenizer_check"]["status"] == "skipped" and "151644" in man["tokenizer_check"]["error"]
     assert "skipped" in r.stderr
+
+
+def test_gguf_source_requantized_from_f16(tmp_path, tiny_qwen2):
+    import oracle
+
+    f16 = oracle.reference_gguf(tiny_qwen2, "f16")
+    r = pack("model", f16, "--quant", "Q4_K_M", "-o", tmp_path / "dist", "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    man = json.loads(r.stdout)
+    assert man["quant"] == "Q4_K_M" and man["source"]["kind"] == "gguf"
+    assert verify(Path(man["path"])) == []
+
+
+def test_low_bit_gguf_not_requantized_without_consent(tmp_path, smollm2_gguf):
+    out = tmp_path / "dist"
+    r = pack("model", smollm2_gguf, "--quant", "Q4_K_M", "-o", out, "-q")
+    assert r.returncode == 2 and "--allow-requantize" in r.stderr and _bundles(out) == []
+    r = pack("model", smollm2_gguf, "--quant", "Q4_K_M", "-o", out, "--allow-requantize", "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "quality" in r.stderr  # the warning says what it costs
+    assert json.loads(r.stdout)["quant"] == "Q4_K_M"
+
+
+def test_preflight_refuses_when_the_disk_is_too_small(tmp_path):
+    from packager.errors import PreflightError
+    from packager.preflight import check_disk
+
+    with pytest.raises(PreflightError, match="not enough disk"):
+        check_disk(tmp_path / "new" / "dir", 1 << 60)
+
+
+def test_pickle_checkpoint_converts_only_with_allow_pickle(tmp_path, tiny_qwen2):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_qwen2, src, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(tiny_qwen2 / "model.safetensors"), src / "pytorch_model.bin")
+    out = tmp_path / "dist"
+    r = pack("model", src, "--quant", "Q8_0", "-o", out, "-q")
+    assert r.returncode == 1 and "--allow-pickle" in r.stderr and _bundles(out) == []
+    r = pack("model", src, "--quant", "Q8_0", "-o", out, "--allow-pickle", "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    man = json.loads(r.stdout)
+    assert [f["path"] for f in man["source"]["files"] if f["path"].endswith(".bin")] == ["pytorch_model.bin"]
+    assert verify(Path(man["path"])) == []

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import gguf
 import numpy as np
 
-from packager.errors import UnsupportedArchitectureError
+from packager.errors import SourceError, UnsupportedArchitectureError
 
 Config = dict[str, Any]
 
@@ -157,18 +157,125 @@ register(Arch(
 register(Arch(gguf.MODEL_ARCH.QWEN2, ("Qwen2ForCausalLM",)))
 
 
+def _softcap(cfg: Config, key: str, default: float) -> float:
+    # Absent: Gemma2Config's default. Explicitly null means "no capping" to transformers, but
+    # llama.cpp's gemma2 always caps: refuse rather than write a model that computes otherwise.
+    if key not in cfg:
+        return default
+    if cfg[key] is None:
+        raise UnsupportedArchitectureError(
+            f"config.json: {key} is null (no softcapping), but llama.cpp's gemma2 always caps, so the GGUF "
+            "would compute a different model; pack it with --format onnx instead"
+        )
+    return float(cfg[key])
+
+
 def _gemma2_hparams(cfg: Config, w: gguf.GGUFWriter) -> None:
     # Gemma-2 caps attention and final logits and alternates sliding-window layers.
-    w.add_key_length(head_dim(cfg))
-    w.add_value_length(head_dim(cfg))
-    w.add_attn_logit_softcapping(float(cfg.get("attn_logit_softcapping") or 50.0))
-    w.add_final_logit_softcapping(float(cfg.get("final_logit_softcapping") or 30.0))
+    dim = int(cfg.get("head_dim") or 256)  # Gemma2Config's default, not hidden/heads
+    w.add_key_length(dim)
+    w.add_value_length(dim)
+    w.add_attn_logit_softcapping(_softcap(cfg, "attn_logit_softcapping", 50.0))
+    w.add_final_logit_softcapping(_softcap(cfg, "final_logit_softcapping", 30.0))
     w.add_sliding_window(int(cfg.get("sliding_window") or 4096))
+    # llama.cpp's default base (10000) is Gemma-2's; another one must be written (its converter would not).
+    theta = rope_parameters(cfg).get("rope_theta")
+    if theta is not None and float(theta) != 10000.0:
+        w.add_rope_freq_base(float(theta))
+    # llama.cpp does not read query_pre_attn_scalar: it scales queries by 1/sqrt(head_dim), or by
+    # 1/sqrt(hidden/heads) for the 46-layer (27B) model. A checkpoint that wants anything else
+    # would convert into a model that computes something different: refuse it.
+    n_layers, n_heads = int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"])
+    llama_cpp_scalar = int(cfg["hidden_size"]) // n_heads if n_layers == 46 else dim
+    wanted = cfg.get("query_pre_attn_scalar", 256)
+    if wanted is not None and float(wanted) != float(llama_cpp_scalar):
+        raise UnsupportedArchitectureError(
+            f"config.json: query_pre_attn_scalar is {wanted}, but llama.cpp's gemma2 scales queries by "
+            f"1/sqrt({llama_cpp_scalar}) for this shape, so the GGUF would compute a different model; "
+            "pack it with --format onnx instead"
+        )
 
 
 register(Arch(
-    # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by w. The offset is added in f32,
-    # not in the checkpoint's bf16 as llama.cpp's converter does, so no precision is lost.
+    # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by w. The offset is added in f32 to the
+    # widened bf16 weight, as llama.cpp's converter does since it widens first (older versions
+    # added it in bf16 and rounded), and the norm is stored in f32: nothing is rounded.
     gguf.MODEL_ARCH.GEMMA2, ("Gemma2ForCausalLM",), norm_offset=1.0, extra_hparams=_gemma2_hparams,
     common_hparams=False,
+))
+
+
+# -- Phi-3, Phi-3.5, Phi-4-mini: fused qkv_proj and gate_up_proj (gguf-py maps them to attn_qkv
+# and ffn_up, which llama.cpp's phi3 splits itself), RoPE over part of the head for Phi-4-mini,
+# and Phi-3.5's "longrope" scaling: per-frequency factors in two tensors, one for contexts up
+# to the original training length and one beyond, plus an attention factor.
+
+def _phi3_rope(cfg: Config) -> tuple[dict[str, Any], int, int]:
+    """The rope parameters, the rotary dimensions and the original context length."""
+    rope = rope_parameters(cfg)
+    n_embd, n_head = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    fraction = float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor")) or 1.0)
+    n_rot = int(fraction * n_embd) // n_head
+    # llama.cpp's converter requires original_max_position_embeddings; without it there is no
+    # scaling, and the training context is the original one.
+    orig = rope.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+    orig = int(orig if orig is not None else cfg["max_position_embeddings"])
+    return rope, n_rot, orig
+
+
+def _phi3_long_scaling(cfg: Config) -> tuple[str, list[float], list[float]] | None:
+    rope, n_rot, _ = _phi3_rope(cfg)
+    long, short = rope.get("long_factor"), rope.get("short_factor")
+    if not long:
+        return None
+    kind = str(rope.get("rope_type") or rope.get("type") or "").lower()
+    if kind not in ("longrope", "su"):  # "su": the early Phi-3-128k configs' name for it
+        raise UnsupportedArchitectureError(
+            f"config.json: rope_scaling type {kind or '(missing)'!r} with long/short factors is not supported "
+            "for Phi-3 (expected 'longrope'); pack it with --format onnx instead"
+        )
+    if not short or len(long) != len(short) or len(long) * 2 != n_rot:
+        raise SourceError(
+            f"config.json: rope_scaling long_factor ({len(long)}) and short_factor ({len(short or [])}) must "
+            f"both have {n_rot // 2} entries (half the rotary dimensions); the config is malformed, re-download it"
+        )
+    return kind, [float(x) for x in long], [float(x) for x in short]
+
+
+def _phi3_hparams(cfg: Config, w: gguf.GGUFWriter) -> None:
+    rope, n_rot, orig = _phi3_rope(cfg)
+    w.add_rope_scaling_orig_ctx_len(orig)
+    w.add_rope_dimension_count(n_rot)
+    w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    # llama.cpp reads the window but runs Phi-3 without one (its phi3 disables SWA); a zero
+    # tells Phi-4 (no window) apart, as llama.cpp's converter writes it.
+    w.add_sliding_window(int(cfg.get("sliding_window") or 0))
+    scaling = _phi3_long_scaling(cfg)
+    if scaling is None:
+        return
+    scale = int(cfg["max_position_embeddings"]) / orig
+    if rope.get("attention_factor") is not None:  # transformers' rope code honours an explicit one
+        attn_factor = float(rope["attention_factor"])
+    elif scale <= 1.0:
+        attn_factor = 1.0
+    else:
+        attn_factor = math.sqrt(1 + math.log(scale) / math.log(orig))
+    w.add_rope_scaling_attn_factors(attn_factor)
+
+
+def phi3_rope_factors(cfg: Config) -> list[tuple[str, np.ndarray]]:
+    """longrope's per-frequency factors; llama.cpp picks long or short by the context it runs with."""
+    scaling = _phi3_long_scaling(cfg)
+    if scaling is None:
+        return []
+    _, long, short = scaling
+    return [
+        (gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight", np.array(long, dtype=np.float32)),
+        (gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight", np.array(short, dtype=np.float32)),
+    ]
+
+
+register(Arch(
+    gguf.MODEL_ARCH.PHI3, ("Phi3ForCausalLM",), extra_hparams=_phi3_hparams, common_hparams=False,
+    extra_tensors=phi3_rope_factors,
 ))

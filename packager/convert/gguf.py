@@ -9,6 +9,7 @@ does not grow with the model. Metadata is written with gguf-py's GGUFWriter.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ class ConvertResult:
     n_tensors: int
     n_bytes: int
     tensor_types: dict[str, int]  # ggml type name -> count
+    sha256: str  # of the GGUF written
     source_sha256: dict[str, str]  # checkpoint file (relative path) -> sha256, hashed while read
 
 
@@ -225,18 +227,27 @@ def convert(
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         fout = w.fout[0]
+        fout.flush()
+        # The output's sha256, computed as it is written: the bundle need not read it back.
+        out_hash = hashlib.sha256(Path(out_path).read_bytes()[: fout.tell()])
+        align = w.data_alignment
+
+        def emit(data: bytes | np.ndarray) -> None:
+            out_hash.update(data)
+            fout.write(data)
+
         written: dict[str, int] = {}
         with progress_bar(total=total, desc=f"converting to {quant.name}", unit="B", quiet=quiet) as bar:
             for job, rows in _blocks(ckpt, jobs, cfg, generated, hasher):
                 if job.name not in written:
-                    w.write_padding(fout, fout.tell())
+                    emit(bytes(-fout.tell() % align))
                     written[job.name] = 0
                 im = imatrix.get(job.name) if imatrix else None
                 data = ggml.quantize_rows(job.qtype, rows, imatrix=im, n_threads=n_threads)
-                data.tofile(fout)
+                emit(data)
                 written[job.name] += data.nbytes
                 if written[job.name] == sizes[job.name]:
-                    w.write_padding(fout, sizes[job.name])
+                    emit(bytes(-sizes[job.name] % align))
                 bar.update(data.nbytes)
         for job in jobs:
             if written.get(job.name) != sizes[job.name]:
@@ -252,4 +263,4 @@ def convert(
     counts: dict[str, int] = {}
     for job in jobs:
         counts[job.qtype.name] = counts.get(job.qtype.name, 0) + 1
-    return ConvertResult(out_path, len(jobs), total, counts, sha256s)
+    return ConvertResult(out_path, len(jobs), total, counts, out_hash.hexdigest(), sha256s)
