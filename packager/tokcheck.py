@@ -114,7 +114,7 @@ def check_tokenizer(gguf_path: Path, model_dir: Path, *, texts: Sequence[str] | 
         if rendered is not None:
             n_tokens += _compare(rendered, hf.encode(rendered, add_special_tokens=False),
                                  lv.tokenize(rendered, False), hf, lv)
-        eog = _check_eog(model_dir, lv)
+        eog = _check_eog(model_dir, lv, _generation_header(hf))
         return TokenizerReport(
             n_texts=len(plain), n_special=len(specials), n_tokens=n_tokens, chat_checked=rendered is not None,
             pre=lv.meta(gguf.Keys.Tokenizer.PRE), add_bos=lv.add_bos, eos_id=lv.eos, eog_ids=eog,
@@ -146,6 +146,31 @@ def _added_tokens(hf: Any) -> list[str]:
     """
     return [t.content.replace("\u2581", " ") if t.normalized else t.content
             for _, t in sorted(hf.added_tokens_decoder.items())]
+
+
+def _generation_header(hf: Any) -> set[int]:
+    """Token ids the chat template adds to open the assistant's turn (e.g. Phi-3's <|assistant|>).
+
+    Some checkpoints list such a role marker among their eos ids; llama.cpp never
+    ends generation on it, and need not: a reply ends with the end-of-turn token
+    first, and the marker only ever opens the next turn.
+    """
+    if not getattr(hf, "chat_template", None):
+        return set()
+    for messages in (list(CHAT), list(CHAT[1:])):
+        try:
+            with_prompt = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+            without = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        except Exception:  # jinja2 TemplateError or the template's own raise_exception
+            continue
+        prefix = hf.encode(without, add_special_tokens=False)
+        # Longest common prefix: some templates close a conversation without a prompt
+        # differently (Phi-3 appends <|endoftext|>), so plain prefix matching would fail.
+        n = 0
+        while n < min(len(prefix), len(with_prompt)) and prefix[n] == with_prompt[n]:
+            n += 1
+        return set(with_prompt[n:])
+    return set()
 
 
 def _render_chat(hf: Any) -> str | None:
@@ -269,12 +294,13 @@ def _short(message: str, limit: int = 160) -> str:
     return line if len(line) <= limit else line[:limit] + "..."
 
 
-def _check_eog(model_dir: Path, lv: _LlamaVocab) -> list[int]:
-    """generation_config's eos ids must all stop llama.cpp, and the GGUF's eos must be one of them."""
+def _check_eog(model_dir: Path, lv: _LlamaVocab, role_markers: set[int]) -> list[int]:
+    """generation_config's eos ids must all stop llama.cpp (role markers that open a turn
+    excepted), and the GGUF's eos must be one of them."""
     source, ids = _generation_eos(model_dir)
     if not ids:
         return []
-    not_eog = [i for i in ids if not lv.is_eog(i)]
+    not_eog = [i for i in ids if not lv.is_eog(i) and i not in role_markers]
     if not_eog:
         named = ", ".join(f"{i} ({lv.text(i)!r})" for i in not_eog)
         raise TokenizerMismatchError(

@@ -350,3 +350,209 @@ def random_qwen2(name: str, config: dict, max_shard_bytes: int = 4 << 30) -> Pat
                 shutil.copyfile(tok / f, tmp / f)
 
     return _atomic_build(CACHE / f"random-{name}-v{FIXTURE_VERSION}", build)
+
+
+# -- Gemma-2 and Phi-3 fixtures for tests/test_archs.py ---------------------------------------
+
+ARCH_RECIPE = "1"  # bump when a recipe below changes: fixtures and their references are cached by name
+
+# gemma-2-2b-it's chat template.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+# Phi-3-mini-4k-instruct's chat template.
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def _arch_corpus(n: int = 3000) -> str:
+    """Mixed text (chat turns, numbers, code, non-Latin scripts) to train a small SentencePiece model on."""
+    import random
+
+    rng = random.Random(0)
+    words = ("the quick brown fox jumps over a lazy dog while small language models run on phones laptops and "
+             "browsers gemma model user turn hello world I've you're it's don't def return print").split()
+    lines = []
+    for i in range(n):
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 14)))
+        if i % 4 == 0:
+            line = line.capitalize() + f" {rng.randint(0, 10**6)}, {rng.random():.3f}."
+        if i % 7 == 0:
+            line += " 你好，世界！ Привет, мир. ¿Qué tal? 😀"
+        if i % 11 == 0:
+            line = "    " + line.replace(" ", "\t", 2)
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _save_random_with_norms(config, out: Path, seed: int, norm_std: float) -> None:
+    """Random bf16 weights, the 1-D ones (norms) perturbed too: their conversion is then tested, not assumed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.05)
+            else:
+                p.add_(torch.randn_like(p) * norm_std)
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+
+
+def _gemma_tokenizer(out: Path) -> int:
+    """A real SentencePiece tokenizer laid out as Gemma's: <pad>/<eos>/<bos>/<unk> = 0..3, turn markers, no dummy prefix."""
+    import sentencepiece as spm
+    from transformers import GemmaTokenizerFast
+
+    corpus = out / "corpus.txt"
+    corpus.write_text(_arch_corpus(), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(out / "sp"), vocab_size=1000, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        user_defined_symbols=["<mask>", "[@BOS@]", "<start_of_turn>", "<end_of_turn>"],
+        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        split_digits=True, allow_whitespace_only_pieces=True, hard_vocab_limit=False, num_threads=1, minloglevel=2,
+    )
+    (out / "sp.model").rename(out / "tokenizer.model")
+    for f in ("corpus.txt", "sp.vocab"):
+        (out / f).unlink()
+    tok = GemmaTokenizerFast(vocab_file=str(out / "tokenizer.model"))
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.chat_template = GEMMA_CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    return len(tok)
+
+
+def tiny_gemma2() -> Path:
+    """A random 2-layer Gemma-2 (tied, head_dim != hidden/heads is allowed) with a real Gemma-style SentencePiece tokenizer.
+
+    Softcapping values and the sliding window are smaller than the real model's so that
+    they act on a tiny random model's activations and short test prompts.
+    """
+
+    def build(tmp: Path) -> None:
+        from transformers import Gemma2Config
+
+        n_vocab = _gemma_tokenizer(tmp)
+        end_of_turn = json.loads((tmp / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+        end_of_turn = next(int(i) for i, a in end_of_turn.items() if a["content"] == "<end_of_turn>")
+        config = Gemma2Config(
+            vocab_size=n_vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64,
+            max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10000.0, sliding_window=16,
+            attn_logit_softcapping=2.0, final_logit_softcapping=5.0, tie_word_embeddings=True,
+            pad_token_id=0, eos_token_id=1, bos_token_id=2, hidden_activation="gelu_pytorch_tanh",
+        )
+        config.architectures = ["Gemma2ForCausalLM"]
+        _save_random_with_norms(config, tmp, seed=3, norm_std=0.3)
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": 2, "eos_token_id": [1, end_of_turn], "pad_token_id": 0, "cache_implementation": "hybrid"}))
+        (tmp / "LICENSE").write_text("Gemma Terms of Use (test fixture)\n")
+
+    return _atomic_build(CACHE / f"tiny-gemma2-v{FIXTURE_VERSION}.{ARCH_RECIPE}", build)
+
+
+def _phi3_tokenizer(out: Path) -> None:
+    """Phi-3's real tokenizer: its SentencePiece model rebuilt from llama.cpp's ggml-vocab-phi-3.gguf
+    (pieces, scores, types; Llama 2's normalizer), with Phi-3-mini-4k-instruct's added tokens and config."""
+    import gguf
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from tokenizers import AddedToken
+    from transformers import LlamaTokenizerFast
+
+    reader = gguf.GGUFReader(vocab_dir() / "ggml-vocab-phi-3.gguf")
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    scores = reader.fields["tokenizer.ggml.scores"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    proto = pb.ModelProto()
+    kind = pb.ModelProto.SentencePiece
+    for i in range(32000):
+        piece = proto.pieces.add()
+        piece.piece, piece.score = tokens[i], scores[i]
+        piece.type = (kind.UNKNOWN if i == 0 else kind.CONTROL if i in (1, 2)
+                      else kind.BYTE if types[i] == gguf.TokenType.BYTE else kind.NORMAL)
+    spec = proto.trainer_spec
+    spec.model_type, spec.vocab_size, spec.byte_fallback = pb.TrainerSpec.BPE, 32000, True
+    spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = 0, 1, 2, -1
+    norm = proto.normalizer_spec
+    norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces, norm.escape_whitespaces = "identity", True, False, True
+    (out / "tokenizer.model").write_bytes(proto.SerializeToString())
+
+    # legacy=True: the tokenizer.json normalizer prepends "\u2581" as the hub's Phi-3 file does.
+    tok = LlamaTokenizerFast(vocab_file=str(out / "tokenizer.model"), legacy=True, add_prefix_space=True,
+                             add_bos_token=False,
+                             eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    added = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+             "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
+    tok.add_tokens([AddedToken(t, rstrip=t != "<|endoftext|>", lstrip=False, normalized=False, special=True)
+                    for t in added], special_tokens=True)
+    assert tok.convert_tokens_to_ids("<|user|>") == 32010
+    tok.chat_template = PHI3_CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    # As the hub's files have it: </s> is not flagged special (llama.cpp then makes it user-defined).
+    cfg = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    cfg["added_tokens_decoder"]["2"].update(special=False, rstrip=True)
+    cfg.pop("add_prefix_space", None)
+    cfg.update(tokenizer_class="LlamaTokenizer", legacy=False, model_max_length=4096, padding_side="left",
+               clean_up_tokenization_spaces=False)
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+    tj = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    for a in tj["added_tokens"]:
+        if a["id"] == 2:
+            a.update(special=False, rstrip=True)
+    (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+
+
+def _tiny_phi3(name: str, seed: int, **overrides) -> Path:
+    def build(tmp: Path) -> None:
+        from transformers import Phi3Config
+
+        _phi3_tokenizer(tmp)
+        params = dict(
+            vocab_size=32064, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+            original_max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+            sliding_window=2047, tie_word_embeddings=False, bos_token_id=1, eos_token_id=32000,
+            pad_token_id=32000, hidden_act="silu",
+        )
+        params.update(overrides)
+        config = Phi3Config(**params)
+        config.architectures = ["Phi3ForCausalLM"]
+        _save_random_with_norms(config, tmp, seed=seed, norm_std=0.1)
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": 1, "eos_token_id": [32000, 32001, 32007], "pad_token_id": 32000}))
+        (tmp / "LICENSE").write_text("MIT License (test fixture)\n")
+
+    return _atomic_build(CACHE / f"{name}-v{FIXTURE_VERSION}.{ARCH_RECIPE}", build)
+
+
+def tiny_phi3() -> Path:
+    """A random 2-layer Phi-3-mini-4k-style model (fused qkv and gate/up, no rope scaling) with Phi-3's tokenizer."""
+    return _tiny_phi3("tiny-phi3", seed=4)
+
+
+def tiny_phi35() -> Path:
+    """A random 2-layer Phi-3.5-mini-style model: longrope scaling with long/short factors.
+
+    The context is 8192 over an original 256 (Phi-3.5's ratio, 32x, at a size where a test can
+    run past the original context and so exercise the long factors too).
+    """
+    half = 64 // 2  # head_dim / 2 factors
+    short = [round(1.0 + 0.06 * i, 4) for i in range(half)]
+    long = [round(1.0 + 1.5 * i, 4) for i in range(half)]
+    return _tiny_phi3(
+        "tiny-phi35", seed=5, max_position_embeddings=8192, original_max_position_embeddings=256,
+        rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long}, sliding_window=262144,
+    )

@@ -148,16 +148,17 @@ def test_tokenizer_gate_refuses_then_skip_is_recorded(tmp_path, tiny_qwen2):
 
     src = tmp_path / "src"
     shutil.copytree(tiny_qwen2, src)
-    # <|im_start|> (151644) is not an end-of-generation token for llama.cpp: the chat would never stop.
-    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151644]}))
+    # <|object_ref_start|> (151646) is no end-of-generation token for llama.cpp: a reply ending
+    # with it would never stop.
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151646]}))
     out = tmp_path / "dist"
     r = pack("model", src, "--quant", "Q8_0", "-o", out, "-q")
-    assert r.returncode == 1 and "151644" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.returncode == 1 and "151646" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert _bundles(out) == []
     r = pack("model", src, "--quant", "Q8_0", "-o", out, "--skip-tokenizer-check", "--json", "-q")
     assert r.returncode == 0, r.stderr
     man = json.loads(r.stdout)
-    assert man["tokenizer_check"]["status"] == "skipped" and "151644" in man["tokenizer_check"]["error"]
+    assert man["tokenizer_check"]["status"] == "skipped" and "151646" in man["tokenizer_check"]["error"]
     assert "skipped" in r.stderr
 
 
