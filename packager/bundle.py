@@ -102,7 +102,10 @@ class BundleWriter:
         return dst
 
     def commit(self, manifest: dict[str, Any], *, quiet: bool = False) -> Path:
-        """Hash every file, write manifest.json last, fsync, and rename into place."""
+        """Hash every file, write manifest.json last, fsync, and rename into place.
+
+        The complete manifest (schema version and file list added) is then ``self.manifest``.
+        """
         self._check_open()
         files = sorted(p for p in self.tmp.rglob("*") if p.is_file())
         rels = {p: p.relative_to(self.tmp).as_posix() for p in files}
@@ -114,6 +117,7 @@ class BundleWriter:
                 entries.append({"path": rels[p], "bytes": p.stat().st_size, "sha256": digest})
                 _fsync_file(p)
         manifest = {"schema_version": SCHEMA_VERSION, **manifest, "files": entries}
+        self.manifest = manifest
         man = self.tmp / MANIFEST
         man.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         _fsync_file(man)

@@ -68,12 +68,17 @@ def cli() -> None:
 @click.option("--allow-requantize", is_flag=True, help="Accept re-quantizing an already low-bit GGUF (loses quality).")
 @click.option("--skip-tokenizer-check", is_flag=True,
               help="Bundle even if the GGUF tokenizer disagrees with the source's (recorded in the manifest).")
+@click.option("--imatrix", "imatrix", type=click.Path(dir_okay=False, path_type=Path),
+              help="Quantize with this importance matrix (a llama-imatrix .gguf or .dat file).")
+@click.option("--imatrix-text", type=click.Path(dir_okay=False, path_type=Path),
+              help="Compute an importance matrix from this calibration text first (used by default, with "
+                   "edgepack's own text, for IQ1-IQ3 and Q2_K_S).")
 @click.option("--json", "as_json", is_flag=True, help="Print the bundle's manifest as JSON on stdout.")
 @quiet_option
 def model_cmd(source: str | None, target: str, quant: str | None, fmt: str | None, output: Path, force: bool,
               revision: str | None, n_ctx: int | None, ram: int | None, vram: int | None, n_threads: int | None,
-              allow_pickle: bool, allow_requantize: bool, skip_tokenizer_check: bool, as_json: bool,
-              quiet: bool) -> None:
+              allow_pickle: bool, allow_requantize: bool, skip_tokenizer_check: bool, imatrix: Path | None,
+              imatrix_text: Path | None, as_json: bool, quiet: bool) -> None:
     """Pack SOURCE into a verified bundle for a target.
 
     SOURCE is a local Hugging Face checkpoint directory, a hub id (downloaded through
@@ -86,6 +91,7 @@ def model_cmd(source: str | None, target: str, quant: str | None, fmt: str | Non
       pack model Qwen/Qwen2.5-3B-Instruct --target android
       pack model ./Llama-3.2-1B-Instruct --quant Q4_K_M --ctx 4096
       pack model model-f16.gguf --quant Q4_0 -o out/
+      pack model ./Qwen2.5-0.5B-Instruct --quant IQ4_NL --imatrix-text my-domain.txt
     """
     from packager.pack import PackOptions, pack_model
 
@@ -93,7 +99,7 @@ def model_cmd(source: str | None, target: str, quant: str | None, fmt: str | Non
         target=target, quant=quant.upper() if quant else None, format=fmt, output=output, force=force,
         revision=revision, allow_pickle=allow_pickle, allow_requantize=allow_requantize,
         skip_tokenizer_check=skip_tokenizer_check, n_ctx=n_ctx, ram_bytes=ram, vram_bytes=vram,
-        n_threads=n_threads, quiet=quiet,
+        n_threads=n_threads, imatrix=imatrix, imatrix_text=imatrix_text, quiet=quiet,
     )
     result = pack_model(source, opts)
     for w in result.warnings:

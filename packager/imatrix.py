@@ -233,7 +233,7 @@ class _Collector:
         src1 = GGMLTensor.from_address(t.src[1])
         name = _base_name(src0.name)
         if src1.type != GGML_TYPE_F32:
-            return  # MUL_MAT_ID over quantized activations: llama.cpp reads them as f32 regardless; we skip them
+            return  # only a MUL_MAT_ID gets here unasked about its type; activations are f32 in practice
         x = self.reader.array(src1, t.src[1], np.dtype(np.float32))
         if t.op == self.op_mul_mat_id:
             ids_t = GGMLTensor.from_address(t.src[2])
@@ -440,9 +440,13 @@ def read_imatrix(path: Path, *, legacy_chunk_size: int = 512) -> ImatrixStats:
         with open(path, "rb") as f:
             magic = f.read(4)
     except FileNotFoundError:
-        raise UsageError(f"{path}: no such imatrix file; give the path of one llama-imatrix or edgepack wrote") from None
+        raise UsageError(
+            f"{path}: no such imatrix file; give the path of one that llama-imatrix or edgepack wrote"
+        ) from None
     except OSError as e:
-        raise UsageError(f"{path}: cannot read the imatrix file ({e.strerror}); check the path and permissions") from None
+        raise UsageError(
+            f"{path}: cannot read the imatrix file ({e.strerror}); check the path and permissions"
+        ) from None
     try:
         stats = _read_gguf(path) if magic == GGUF_MAGIC else _read_legacy(path, legacy_chunk_size)
     except (ValueError, struct.error, IndexError, UnicodeDecodeError) as e:
@@ -481,7 +485,8 @@ def _read_gguf(path: Path) -> ImatrixStats:
                 into[t.name[: -len(suffix)]] = np.array(t.data, dtype=np.float32).reshape(-1)
     if sums.keys() != counts.keys():
         odd = sorted(sums.keys() ^ counts.keys())[0]
-        raise ValueError(f"{odd} has {'sums' if odd in sums else 'counts'} but no {'counts' if odd in sums else 'sums'}")
+        has, lacks = (IN_SUM2, COUNTS) if odd in sums else (COUNTS, IN_SUM2)
+        raise ValueError(f"{odd} has {odd}{has} but no {odd}{lacks}")
     for name in sums:
         n = counts[name].size
         if n == 0 or sums[name].size % n:

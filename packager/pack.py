@@ -39,6 +39,8 @@ class PackOptions:
     allow_pickle: bool = False
     allow_requantize: bool = False
     skip_tokenizer_check: bool = False
+    imatrix: Path | None = None  # a llama.cpp imatrix file
+    imatrix_text: Path | None = None  # calibration text to compute one from
     n_ctx: int | None = None
     ram_bytes: int | None = None
     vram_bytes: int | None = None
@@ -166,7 +168,8 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
             tok_check = _tokenizer_gate(src, quant, opts.skip_tokenizer_check, warnings)
             say(f"converting {src.name} to {quant.name} for {tgt.name}", quiet=opts.quiet)
             with _safetensors_view(src, opts.quiet) as work:
-                result = convert(work, quant, gguf_path, n_threads=threads, quiet=opts.quiet)
+                imatrix, imatrix_info = _importance(work, quant, opts, threads)
+                result = convert(work, quant, gguf_path, imatrix=imatrix, n_threads=threads, quiet=opts.quiet)
             bw.record_hash(model_rel, result.sha256)
             if work is src:
                 src = src.with_hashes(result.source_sha256)
@@ -190,10 +193,47 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
             "predicted": {"memory_bytes": p.memory.total, "decode_tokens_per_s": p.predicted_decode_tps,
                           "prefill_tokens_per_s": p.predicted_prefill_tps},
             "tokenizer_check": tok_check,
+            "imatrix": imatrix_info if src.kind == "hf" else None,
             "warnings": warnings,
         }
         path = bw.commit(manifest, quiet=opts.quiet)
-    return PackResult(path, manifest, warnings)
+    return PackResult(path, bw.manifest, warnings)
+
+
+def _importance(src: Source, quant: QuantType, opts: PackOptions, threads: int) -> tuple[dict | None, dict | None]:
+    """The importance matrix to quantize with, and what the manifest says about it.
+
+    A user's llama.cpp imatrix file, or one computed by running a Q8_0 copy of the
+    model over a calibration text: the user's, or the one edgepack ships, which is
+    used by default for the types llama.cpp calls unusable without one.
+    """
+    import hashlib
+    import tempfile
+
+    from packager.imatrix import compute_imatrix, default_calibration_text, load_imatrix
+    from packager.quants import get_quant
+
+    if opts.imatrix is not None:
+        path = Path(opts.imatrix)
+        if not path.is_file():
+            raise UsageError(f"--imatrix {path}: no such file; pass a file made by llama-imatrix or edgepack")
+        return load_imatrix(path), {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if opts.imatrix_text is None and not quant.needs_imatrix:
+        return None, None
+    if opts.imatrix_text is not None:
+        try:
+            text, origin = Path(opts.imatrix_text).read_text(encoding="utf-8"), Path(opts.imatrix_text).name
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--imatrix-text {opts.imatrix_text}: cannot read it as UTF-8 text ({exc})") from None
+    else:
+        text, origin = default_calibration_text(), "edgepack calibration.txt"
+    from packager.convert.gguf import convert
+
+    say(f"computing an importance matrix from {origin}", quiet=opts.quiet)
+    with tempfile.TemporaryDirectory(prefix="edgepack-imatrix-", dir=opts.output if Path(opts.output).is_dir() else None) as tmp:
+        model = convert(src, get_quant("Q8_0"), Path(tmp) / "imatrix-model.gguf", n_threads=threads, quiet=opts.quiet).path
+        imatrix = compute_imatrix(model, text, n_threads=threads, quiet=opts.quiet)
+    return imatrix, {"text": origin, "sha256": hashlib.sha256(text.encode()).hexdigest(), "model": "Q8_0"}
 
 
 @contextmanager

@@ -135,6 +135,9 @@ def test_help_teaches_with_examples():
 
 
 def test_default_source_is_the_embedded_smollm2(tmp_path):
+    r = pack("model", "-o", tmp_path / "plain")  # the README's first command, as a person sees it
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "" and "wrote" in r.stderr and "SmolLM2-135M-Instruct-laptop" in r.stderr
     r = pack("model", "-o", tmp_path / "dist", "--json", "-q")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
@@ -208,3 +211,42 @@ def test_pickle_checkpoint_converts_only_with_allow_pickle(tmp_path, tiny_qwen2)
     man = json.loads(r.stdout)
     assert [f["path"] for f in man["source"]["files"] if f["path"].endswith(".bin")] == ["pytorch_model.bin"]
     assert verify(Path(man["path"])) == []
+
+
+def test_imatrix_from_calibration_text_changes_the_quantization(tmp_path, tiny_qwen2, qwen_bundle):
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200 + "def f(x):\n    return x * 2\n" * 50)
+    r = pack("model", tiny_qwen2, "--quant", "Q4_K_M", "--imatrix-text", text, "-o", tmp_path / "dist", "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    man = json.loads(r.stdout)
+    assert man["imatrix"]["text"] == "calib.txt"
+    ours = next(f["sha256"] for f in man["files"] if f["path"] == man["model_file"])
+    plain = json.loads((qwen_bundle / "manifest.json").read_text())
+    assert ours != next(f["sha256"] for f in plain["files"] if f["path"] == plain["model_file"])
+
+
+def test_low_bit_quant_gets_the_shipped_calibration_by_default(tmp_path, tiny_qwen2):
+    r = pack("model", tiny_qwen2, "--quant", "IQ2_XS", "-o", tmp_path / "dist", "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    man = json.loads(r.stdout)
+    assert man["quant"] == "IQ2_XS" and man["imatrix"]["text"] == "edgepack calibration.txt"
+
+
+def test_imatrix_file_of_another_model_is_refused(tmp_path, tiny_qwen2):
+    import gguf
+
+    bogus = tmp_path / "other.imatrix.gguf"
+    w = gguf.GGUFWriter(bogus, "llama")
+    w.add_type("imatrix")
+    import numpy as np
+
+    w.add_tensor("blk.0.attn_q.weight.in_sum2", np.ones((1, 7), dtype=np.float32))
+    w.add_tensor("blk.0.attn_q.weight.counts", np.ones((1, 1), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = tmp_path / "dist"
+    r = pack("model", tiny_qwen2, "--quant", "Q4_K_M", "--imatrix", bogus, "-o", out, "-q")
+    assert r.returncode == 2 and "another model" in r.stderr, r.stderr
+    assert _bundles(out) == []

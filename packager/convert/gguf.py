@@ -214,6 +214,10 @@ def convert(
     ckpt = Checkpoint.open(source.path)
     jobs, generated = plan_tensors(ckpt, cfg, arch, quant, has_imatrix=imatrix is not None)
     n_threads = n_threads or default_threads()
+    if imatrix is not None:
+        from packager.imatrix import check_imatrix
+
+        check_imatrix(imatrix, {job.name: job.shape for job in jobs}, "imatrix")
 
     w = _metadata_writer(out_path, source, cfg, quant, vocab)
 
