@@ -43,7 +43,7 @@ def cli() -> None:
       pack model Qwen/Qwen2.5-0.5B-Instruct --target android
       pack model ./my-checkpoint --quant Q5_K_M -o out/
       pack verify dist/SmolLM2-135M-Instruct-laptop
-      pack run dist/SmolLM2-135M-Instruct-laptop "What is the capital of France?"
+      pack run dist/SmolLM2-135M-Instruct-laptop "Give me three tips for staying healthy."
 
     Set EDGEPACK_DEBUG=1 for tracebacks, EDGEPACK_NO_PROGRESS=1 to hide progress bars.
     """
