@@ -48,10 +48,6 @@ class Entry:
     def zeros(cls, width: int, n_counts: int = 1) -> Entry:
         return cls(np.zeros((n_counts, width)), np.zeros(n_counts, dtype=np.int64))
 
-    @property
-    def n_values(self) -> int:
-        return int(self.sums.size)
-
     def add(self, other: Entry) -> None:
         """Add another collection of the same weight (another chunk, another file)."""
         if other.sums.size != self.sums.size:
