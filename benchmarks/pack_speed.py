@@ -97,7 +97,7 @@ def main() -> int:
     record["checks"] = checks
     with open(HERE / "results" / "pack_speed.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    print(f"| step | wall s | peak RSS GB | peak RssAnon GB |\n|---|---|---|---|")
+    print("| step | wall s | peak RSS GB | peak RssAnon GB |\n|---|---|---|---|")
     for name, s in (("convert_hf_to_gguf (f16)", conv), ("llama_model_quantize", quant), ("edgepack pack model", ours)):
         print(f"| {name} | {s.wall_s:.1f} | {s.peak_rss_bytes / 1e9:.2f} | {s.peak_rss_anon_bytes / 1e9:.2f} |")
     print(f"\nwall ratio {record['wall_ratio']:.2f}x, RSS ratio {record['rss_ratio']:.2f}x")

@@ -33,18 +33,16 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.resources
-import logging
 import struct
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import gguf
 import numpy as np
 
 from packager.errors import ConversionError, UsageError, missing_backend
 from packager.kernels.imatrix import Entry, ImatrixStats
-from packager.progress import progress_bar
+from packager.progress import progress_bar, quiet_llama_log
 
 __all__ = [
     "DEFAULT_CALIBRATION",
@@ -245,16 +243,6 @@ class _Collector:
             self.stats.add_dense(name, x, n_mat=(int(src0.ne[2]), int(src0.ne[3])))
 
 
-@contextmanager
-def _quiet_llama() -> Iterator[None]:
-    """llama.cpp's log (a screenful per load) kept off stderr; see tokcheck._quiet_llama."""
-    logger = logging.getLogger("llama-cpp-python")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _tokenize(llama_cpp: Any, vocab: Any, text: str) -> list[int]:
@@ -307,7 +295,7 @@ def collect_imatrix(
 
     mparams = llama_cpp.llama_model_default_params()
     mparams.n_gpu_layers = 0  # host memory: the callback reads activations in place
-    with _quiet_llama():
+    with quiet_llama_log():
         model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), mparams)
     if not model:
         raise ConversionError(f"{gguf_path}: llama.cpp cannot load this GGUF; re-run the conversion")
@@ -337,7 +325,7 @@ def collect_imatrix(
         cparams.abort_callback = collector.cb_abort
         cparams.abort_callback_data = None
         cparams.no_perf = True
-        with _quiet_llama():
+        with quiet_llama_log():
             ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
             raise ConversionError(
@@ -371,7 +359,7 @@ def collect_imatrix(
                 stats.chunk_count += 1
                 bar.update(1)
     finally:
-        with _quiet_llama():
+        with quiet_llama_log():
             if batch is not None:
                 llama_cpp.llama_batch_free(batch)
             if ctx:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -33,3 +34,20 @@ def say(message: str, *, quiet: bool = False) -> None:
     """A line for people, on stderr."""
     if not quiet:
         print(message, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def quiet_llama_log() -> Iterator[None]:
+    """Keep llama.cpp's log (a screenful per load, warnings per prompt) off stderr.
+
+    llama-cpp-python prints llama.cpp's log through the "llama-cpp-python" logger's
+    level; its level table predates ggml's current numbering (warnings arrive as
+    ERROR), so only CRITICAL silences them. Our own errors say what went wrong.
+    """
+    logger = logging.getLogger("llama-cpp-python")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -23,7 +23,6 @@ How the two sides are lined up (where llama.cpp and HF differ on purpose):
 from __future__ import annotations
 
 import json
-import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any, Iterator, Sequence
 
 import gguf
 
+from packager.progress import quiet_llama_log
 from packager.errors import TokenizerMismatchError, missing_backend
 
 SKIP_HINT = "pass --skip-tokenizer-check to pack it anyway"
@@ -235,7 +235,7 @@ def _llama_vocab(gguf_path: Path) -> Iterator[_LlamaVocab]:
         raise missing_backend("llama-cpp-python", "gguf") from None
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
-    with _quiet_llama():
+    with quiet_llama_log():
         model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), params)
         if not model:
             raise TokenizerMismatchError(
@@ -248,21 +248,6 @@ def _llama_vocab(gguf_path: Path) -> Iterator[_LlamaVocab]:
             llama_cpp.llama_model_free(model)
 
 
-@contextmanager
-def _quiet_llama() -> Iterator[None]:
-    """Keep llama.cpp's log (a screenful per load, warnings per prompt) off stderr.
-
-    llama-cpp-python prints llama.cpp's log through the "llama-cpp-python" logger's
-    level; its level table predates ggml's current numbering (warnings arrive as
-    ERROR), so only CRITICAL silences them. Our own errors say what went wrong.
-    """
-    logger = logging.getLogger("llama-cpp-python")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 # -- comparing -----------------------------------------------------------------------

@@ -110,7 +110,9 @@ def _drop_bogus_spm(out: Path) -> None:
     (out / "tokenizer.model").unlink(missing_ok=True)
 
 
-def _save_random(config, out: Path, seed: int) -> None:
+def _save_random(config, out: Path, seed: int, norm_std: float = 0.0) -> None:
+    """Random bf16 weights; with ``norm_std`` the 1-D ones (norms) are perturbed too, so that
+    their conversion is tested, not assumed."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -121,6 +123,8 @@ def _save_random(config, out: Path, seed: int) -> None:
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.05)
+            elif norm_std:
+                p.add_(torch.randn_like(p) * norm_std)
     model = model.to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
 
@@ -374,7 +378,7 @@ PHI3_CHAT_TEMPLATE = (
 )
 
 
-def _arch_corpus(n: int = 3000) -> str:
+def spm_corpus(n: int = 3000) -> str:
     """Mixed text (chat turns, numbers, code, non-Latin scripts) to train a small SentencePiece model on."""
     import random
 
@@ -394,29 +398,13 @@ def _arch_corpus(n: int = 3000) -> str:
     return "\n".join(lines)
 
 
-def _save_random_with_norms(config, out: Path, seed: int, norm_std: float) -> None:
-    """Random bf16 weights, the 1-D ones (norms) perturbed too: their conversion is then tested, not assumed."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.05)
-            else:
-                p.add_(torch.randn_like(p) * norm_std)
-    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
-
-
 def _gemma_tokenizer(out: Path) -> int:
     """A real SentencePiece tokenizer laid out as Gemma's: <pad>/<eos>/<bos>/<unk> = 0..3, turn markers, no dummy prefix."""
     import sentencepiece as spm
     from transformers import GemmaTokenizerFast
 
     corpus = out / "corpus.txt"
-    corpus.write_text(_arch_corpus(), encoding="utf-8")
+    corpus.write_text(spm_corpus(), encoding="utf-8")
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(out / "sp"), vocab_size=1000, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
@@ -456,7 +444,7 @@ def tiny_gemma2() -> Path:
             pad_token_id=0, eos_token_id=1, bos_token_id=2, hidden_activation="gelu_pytorch_tanh",
         )
         config.architectures = ["Gemma2ForCausalLM"]
-        _save_random_with_norms(config, tmp, seed=3, norm_std=0.3)
+        _save_random(config, tmp, seed=3, norm_std=0.3)
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": 2, "eos_token_id": [1, end_of_turn], "pad_token_id": 0, "cache_implementation": "hybrid"}))
         (tmp / "LICENSE").write_text("Gemma Terms of Use (test fixture)\n")
@@ -530,7 +518,7 @@ def _tiny_phi3(name: str, seed: int, **overrides) -> Path:
         params.update(overrides)
         config = Phi3Config(**params)
         config.architectures = ["Phi3ForCausalLM"]
-        _save_random_with_norms(config, tmp, seed=seed, norm_std=0.1)
+        _save_random(config, tmp, seed=seed, norm_std=0.1)
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": 1, "eos_token_id": [32000, 32001, 32007], "pad_token_id": 32000}))
         (tmp / "LICENSE").write_text("MIT License (test fixture)\n")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import functools
 import json
-import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -85,28 +84,11 @@ def llama_cpp_ids(gguf_path: Path, texts: list[str]) -> list[list[int]]:
 
 # -- a tiny Llama with a real (freshly trained) SentencePiece model ------------------------
 
-SPM_RECIPE = "1"  # bump when the recipe below changes: the fixture and its reference are cached by name
+SPM_RECIPE = "2"  # bump when the recipe below changes: the fixture and its reference are cached by name
 CHATML = (
     "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def _corpus(n: int = 4000) -> str:
-    rng = random.Random(0)
-    words = ("the quick brown fox jumps over a lazy dog while small language models run on phones laptops "
-             "and browsers tokenizer sentence piece hello world I've you're it's don't").split()
-    lines = []
-    for i in range(n):
-        line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 14)))
-        if i % 5 == 0:
-            line = line.capitalize() + f" {rng.randint(0, 10**6)}, {rng.random():.3f}."
-        if i % 9 == 0:
-            line += " 你好，世界！ Привет, мир. ¿Qué tal? 😀"
-        if i % 13 == 0:
-            line = "    " + line.replace(" ", "\t", 2)
-        lines.append(line)
-    return "\n".join(lines)
 
 
 def tiny_spm_llama() -> Path:
@@ -117,7 +99,7 @@ def tiny_spm_llama() -> Path:
         from transformers import LlamaConfig, LlamaTokenizerFast
 
         corpus = tmp / "corpus.txt"
-        corpus.write_text(_corpus(), encoding="utf-8")
+        corpus.write_text(models.spm_corpus(4000), encoding="utf-8")
         spm.SentencePieceTrainer.train(
             input=str(corpus), model_prefix=str(tmp / "sp"), vocab_size=1000, model_type="bpe",
             byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
