@@ -149,6 +149,7 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
     model_rel = f"model/{src.name}-{quant.name}.gguf"
     threads = opts.n_threads or default_threads()
     tok_check: dict[str, Any]
+    imatrix_info: dict[str, Any] | None = None
     with BundleWriter(final, force=opts.force) as bw:
         gguf_path = bw.path(model_rel)
         if src.kind == "gguf":
@@ -193,7 +194,7 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
             "predicted": {"memory_bytes": p.memory.total, "decode_tokens_per_s": p.predicted_decode_tps,
                           "prefill_tokens_per_s": p.predicted_prefill_tps},
             "tokenizer_check": tok_check,
-            "imatrix": imatrix_info if src.kind == "hf" else None,
+            "imatrix": imatrix_info,
             "warnings": warnings,
         }
         path = bw.commit(manifest, quiet=opts.quiet)
