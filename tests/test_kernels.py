@@ -219,3 +219,13 @@ def test_identical_to_llama_quantize(qwen2_f16: tuple[Path, dict], quant: str) -
         np.testing.assert_array_equal(ours, np.asarray(t.data).reshape(-1).view(np.uint8), err_msg=t.name)
         checked += 1
     assert checked >= 10
+
+
+def test_bf16_widening_is_exact():
+    from packager.kernels.ggml import bf16_to_f32
+
+    bits = np.arange(0, 1 << 16, dtype=np.uint16).reshape(256, 256)
+    want = (bits.astype(np.uint32) << 16).view(np.float32)
+    got = bf16_to_f32(bits)
+    assert got.dtype == np.float32 and got.shape == bits.shape
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))  # NaN payloads included

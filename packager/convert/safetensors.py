@@ -186,7 +186,12 @@ class FileHasher:
 def to_f32(data: np.ndarray, dtype: str) -> np.ndarray:
     """Widen stored data to a new C-contiguous float32 array (bf16 by shifting into the high half)."""
     if dtype == "BF16":
-        out = np.empty(data.shape, dtype=np.uint32)
-        np.left_shift(data, 16, out=out, dtype=np.uint32)
-        return out.view(np.float32)
+        try:
+            from packager.kernels.ggml import bf16_to_f32
+
+            return bf16_to_f32(data)
+        except ImportError:  # no llama-cpp-python: numpy's shift, exact too
+            out = np.empty(data.shape, dtype=np.uint32)
+            np.left_shift(data, 16, out=out, dtype=np.uint32)
+            return out.view(np.float32)
     return np.ascontiguousarray(data, dtype=np.float32)
