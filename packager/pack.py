@@ -20,7 +20,7 @@ from packager.plan import Overrides, Plan, plan
 from packager.profiles import Target, load_target
 from packager.progress import say
 from packager.quants import QuantType, get_quant
-from packager.source import Source, resolve
+from packager.source import Source, resolve, sha256_file
 from packager.spec import load_spec
 
 LICENSE_NAMES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "NOTICE", "USE_POLICY.md")
@@ -218,7 +218,7 @@ def _importance(src: Source, quant: QuantType, opts: PackOptions, threads: int) 
         path = Path(opts.imatrix)
         if not path.is_file():
             raise UsageError(f"--imatrix {path}: no such file; pass a file made by llama-imatrix or edgepack")
-        return load_imatrix(path), {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        return load_imatrix(path), {"file": path.name, "sha256": sha256_file(path)}
     if opts.imatrix_text is None and not quant.needs_imatrix:
         return None, None
     if opts.imatrix_text is not None:
