@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -28,6 +29,8 @@ MANIFEST = "manifest.json"
 PARTIAL = ".partial-"  # marks a temporary directory; never a bundle
 # Files at most this big are always re-hashed on load; weights only when asked.
 SMALL_FILE = 16 << 20
+# A manifest lists a few files; one this large is not ours, and is not read into memory.
+MAX_MANIFEST = 16 << 20
 
 
 class _State(enum.Enum):
@@ -119,20 +122,30 @@ class BundleWriter:
         manifest = {"schema_version": SCHEMA_VERSION, **manifest, "files": entries}
         self.manifest = manifest
         man = self.tmp / MANIFEST
-        man.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _fsync_file(man)
+        # Written aside and renamed: even the temporary directory never holds half a manifest.
+        half = self.tmp / f".{MANIFEST}.writing"
+        half.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _fsync_file(half)
+        os.rename(half, man)
         for d in {p.parent for p in files} | {self.tmp}:
             _fsync_dir(d)
         trash = None
         if self.final.exists():
             if not self.force:
                 raise BundleExistsError(f"{self.final} appeared while packing; pass --force to replace it")
-            trash = self.final.parent / f".{self.final.name}{PARTIAL}old-{secrets.token_hex(4)}"
-            os.rename(self.final, trash)
-        os.rename(self.tmp, self.final)
+            if _exchange(self.tmp, self.final):
+                trash = self.tmp  # the old bundle now sits here; abort() would remove it too
+            else:  # two renames: for an instant there is no bundle at self.final
+                trash = self.final.parent / f".{self.final.name}{PARTIAL}old-{secrets.token_hex(4)}"
+                os.rename(self.final, trash)
+                os.rename(self.tmp, self.final)
+        else:
+            os.rename(self.tmp, self.final)
         _fsync_dir(self.final.parent)
         self.state = _State.COMMITTED
         if trash is not None:
+            # The old bundle's manifest goes first: killed mid-removal, what is left never looks complete.
+            (trash / MANIFEST).unlink(missing_ok=True)
             shutil.rmtree(trash, ignore_errors=True)
         self._unlock()
         return self.final
@@ -150,8 +163,12 @@ class BundleWriter:
     def __enter__(self) -> "BundleWriter":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         self.abort()  # no-op after a commit
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            # A full disk (or a file-size limit) mid-write: the partial bundle is gone already.
+            raise BundleError(f"ran out of space writing {self.final} ({exc.strerror}); nothing was left behind: "
+                              "free some disk space or choose another output directory with -o") from None
 
 
 def _remove_stale_partials(parent: Path, name: str) -> None:
@@ -161,6 +178,31 @@ def _remove_stale_partials(parent: Path, name: str) -> None:
         if pid.isdigit() and _alive(int(pid)):
             continue
         shutil.rmtree(p, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported.
+
+    Replacing a bundle with two renames leaves an instant with no bundle at all: a
+    SIGKILL there lost the old one and the new one (the next run removes both as
+    stale partials), and a reader saw no manifest (tests/test_interrupted.py).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc before 2.28, musl
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _alive(pid: int) -> bool:
@@ -189,8 +231,11 @@ def _fsync_dir(path: Path) -> None:
 def _safe_rel(rel: str) -> Path:
     """A manifest path as a relative path that stays inside the bundle, or an error."""
     p = PurePosixPath(rel)
-    if not rel or p.is_absolute() or "\\" in rel or any(part in ("..", "") for part in p.parts) or rel.startswith("/"):
-        raise VerificationError(f"unsafe path {rel!r} in bundle: paths must be relative and stay inside the bundle")
+    if (not rel or p.is_absolute() or "\\" in rel or "\0" in rel or not p.parts
+            or any(part in ("..", "") for part in p.parts) or rel.startswith("/")):
+        raise VerificationError(f"unsafe path {rel[:80]!r} in bundle: paths must be relative and stay inside the bundle")
+    if len(rel.encode("utf-8", "surrogatepass")) > 1024 or any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in p.parts):
+        raise VerificationError(f"path {rel[:80]!r}... in bundle is too long to be a file; pack the bundle again")
     return Path(*p.parts)
 
 
@@ -219,12 +264,16 @@ def read_bundle(path: str | os.PathLike[str]) -> Bundle:
     man = root / MANIFEST
     if not root.is_dir():
         raise VerificationError(f"{root} is not a bundle directory; pass the directory that `pack model` wrote")
+    if man.is_symlink():  # its target lies outside what the bundle vouches for: never read it
+        raise VerificationError(f"{man} is a link (refused: bundle files must be regular files inside the bundle); pack it again")
     if not man.is_file():
         raise VerificationError(f"{root} has no {MANIFEST}: not a complete bundle; pack it again")
+    if man.stat().st_size > MAX_MANIFEST:
+        raise VerificationError(f"{man} is {man.stat().st_size} bytes, too large to be a manifest; pack the bundle again")
     try:
         manifest = json.loads(man.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VerificationError(f"{man} is not valid JSON ({exc}); pack the bundle again") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: [[[[...
+        raise VerificationError(f"{man} is not valid JSON ({str(exc) or type(exc).__name__}); pack the bundle again") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
         raise VerificationError(f"{man} has no file list; pack the bundle again")
     version = manifest.get("schema_version")
@@ -239,6 +288,9 @@ def read_bundle(path: str | os.PathLike[str]) -> Bundle:
     if not isinstance(manifest.get("model_file"), str):
         raise VerificationError(f"{man} names no model_file; pack the bundle again")
     _safe_rel(manifest["model_file"])
+    # The model file is what a runtime loads: it must be one of the files the manifest vouches for.
+    if manifest["model_file"] not in {e["path"] for e in manifest["files"]}:
+        raise VerificationError(f"{man}: model_file {manifest['model_file'][:80]!r} is not in the file list; pack the bundle again")
     return Bundle(root, manifest)
 
 
@@ -256,6 +308,13 @@ def verify(path: str | os.PathLike[str], *, weights: bool = True, quiet: bool = 
         rel = entry["path"]
         listed.add(rel)
         p = bundle.file(rel)
+        try:
+            p.lstat()
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:  # a name the filesystem refuses (too long, bad encoding, ...)
+            problems.append(f"{rel[:80]}: unreadable ({exc.strerror if isinstance(exc, OSError) else exc})")
+            continue
         if p.is_symlink() or (p.exists() and root not in p.resolve().parents):
             problems.append(f"{rel}: is a link (refused: bundle files must be regular files inside the bundle)")
         elif not p.is_file():
@@ -270,8 +329,9 @@ def verify(path: str | os.PathLike[str], *, weights: bool = True, quiet: bool = 
                 problems.append(f"{rel}: changed (sha256 differs from the manifest)")
     for p in sorted(bundle.path.rglob("*")):
         rel = p.relative_to(bundle.path).as_posix()
-        if p.is_file() and rel != MANIFEST and rel not in listed:
-            problems.append(f"{rel}: added (not in the manifest)")
+        # Anything but a real directory counts: a link (to a file or a directory outside), a fifo, ...
+        if rel != MANIFEST and rel not in listed and (p.is_symlink() or not p.is_dir()):
+            problems.append(f"{rel}: added (not in the manifest{', a link' if p.is_symlink() else ''})")
     return problems
 
 
@@ -281,3 +341,33 @@ def verified(path: str | os.PathLike[str], *, weights: bool = True) -> Bundle:
     if problems:
         raise VerificationError(f"{path} failed verification: " + "; ".join(problems), problems)
     return read_bundle(path)
+
+
+def update_bundle(path: str | os.PathLike[str], changes: dict[str, Any], texts: dict[str, str] | None = None,
+                  *, quiet: bool = True) -> Bundle:
+    """Replace manifest keys and small text files of a verified bundle, atomically.
+
+    The new bundle is built as a BundleWriter does (under the same lock): the
+    unchanged files are hard-linked (copied where links are refused) into the
+    temporary directory with their known hashes, ``texts`` are written, the
+    manifest gets ``changes``, and the directory is renamed into place. A crash
+    leaves the old bundle or the new one, never a mix.
+    """
+    old = verified(path)
+    texts = dict(texts or {})
+    with BundleWriter(old.path, force=True) as bw:
+        for entry in old.files:
+            rel = entry["path"]
+            if rel in texts:
+                continue
+            dst = bw.path(rel)
+            try:
+                os.link(old.file(rel), dst)
+            except OSError:
+                shutil.copyfile(old.file(rel), dst)
+            bw.record_hash(rel, entry["sha256"])
+        for rel, text in texts.items():
+            bw.add_text(rel, text)
+        manifest = {k: v for k, v in old.manifest.items() if k not in ("schema_version", "files")}
+        bw.commit({**manifest, **changes}, quiet=quiet)
+    return read_bundle(old.path)

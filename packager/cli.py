@@ -12,24 +12,11 @@ from typing import Any
 import click
 
 from packager import __version__
+from packager.cli_options import quiet_option, size_callback as _size
 from packager.errors import EdgepackError
 from packager.quants import QUANTS
 
 DEBUG_ENV = "EDGEPACK_DEBUG"
-
-
-def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    from packager.profiles import parse_size
-
-    try:
-        return parse_size(value, where=f"--{param.name}")
-    except ValueError as exc:
-        raise click.BadParameter(str(exc).split(": ", 1)[-1]) from None
-
-
-quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages on stderr.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -44,6 +31,7 @@ def cli() -> None:
       pack model ./my-checkpoint --quant Q5_K_M -o out/
       pack verify dist/SmolLM2-135M-Instruct-laptop
       pack run dist/SmolLM2-135M-Instruct-laptop "Give me three tips for staying healthy."
+      pack chat dist/SmolLM2-135M-Instruct-laptop
 
     Set EDGEPACK_DEBUG=1 for tracebacks, EDGEPACK_NO_PROGRESS=1 to hide progress bars.
     """
@@ -53,9 +41,18 @@ def cli() -> None:
 @click.argument("source", required=False)
 @click.option("-t", "--target", default="laptop", show_default=True,
               help="Device class: a name from `pack targets`, an alias (android), or a path to a .toml profile.")
-@click.option("--quant", type=click.Choice(sorted(QUANTS), case_sensitive=False),
-              help="Quant type. Default: the best one on the target's ladder that fits.")
+@click.option("--quant", type=click.Choice(sorted(QUANTS) + ["auto"], case_sensitive=False),
+              help="Quant type. Default: the best one on the target's ladder that fits. auto: the smallest "
+                   "one on the ladder that fits and whose measured mean KL divergence is under --max-kld.")
+@click.option("--max-kld", type=float,
+              help="With --quant auto: the quality bar, mean KL divergence from F16 in nats (default 0.05).")
 @click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]), help="Bundle format. Default: the target's first.")
+@click.option("--block-size", "onnx_block_size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
+              help="With --format onnx: weights per int4 block (smaller: more accurate, a little larger).")
+@click.option("--asymmetric", "onnx_asymmetric", is_flag=True,
+              help="With --format onnx: int4 blocks with a zero point (default: symmetric, faster).")
+@click.option("--accuracy-level", "onnx_accuracy_level", type=click.IntRange(0, 4), default=4, show_default=True,
+              help="With --format onnx: MatMulNBits compute precision (4: int8 dot products, fastest on CPU; 0: f32).")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=Path("dist"),
               show_default=True, help="Directory the bundle directory is written into.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle of the same name.")
@@ -78,7 +75,8 @@ def cli() -> None:
 def model_cmd(source: str | None, target: str, quant: str | None, fmt: str | None, output: Path, force: bool,
               revision: str | None, n_ctx: int | None, ram: int | None, vram: int | None, n_threads: int | None,
               allow_pickle: bool, allow_requantize: bool, skip_tokenizer_check: bool, imatrix: Path | None,
-              imatrix_text: Path | None, as_json: bool, quiet: bool) -> None:
+              imatrix_text: Path | None, as_json: bool, quiet: bool, max_kld: float | None = None,
+              onnx_block_size: str = "32", onnx_asymmetric: bool = False, onnx_accuracy_level: int = 4) -> None:
     """Pack SOURCE into a verified bundle for a target.
 
     SOURCE is a local Hugging Face checkpoint directory, a hub id (downloaded through
@@ -92,16 +90,28 @@ def model_cmd(source: str | None, target: str, quant: str | None, fmt: str | Non
       pack model ./Llama-3.2-1B-Instruct --quant Q4_K_M --ctx 4096
       pack model model-f16.gguf --quant Q4_0 -o out/
       pack model ./Qwen2.5-0.5B-Instruct --quant IQ4_NL --imatrix-text my-domain.txt
+      pack model ./Qwen2.5-3B-Instruct --target android --quant auto --max-kld 0.05
+      pack model ./Qwen2.5-3B-Instruct --format onnx --block-size 32     # int4 for onnxruntime-genai
     """
     from packager.pack import PackOptions, pack_model
 
+    auto = quant is not None and quant.lower() == "auto"
+    if max_kld is not None and not auto:
+        raise click.UsageError("--max-kld applies to --quant auto only")
+
     opts = PackOptions(
-        target=target, quant=quant.upper() if quant else None, format=fmt, output=output, force=force,
+        target=target, quant=quant.upper() if quant and not auto else None, format=fmt, output=output, force=force,
         revision=revision, allow_pickle=allow_pickle, allow_requantize=allow_requantize,
         skip_tokenizer_check=skip_tokenizer_check, n_ctx=n_ctx, ram_bytes=ram, vram_bytes=vram,
         n_threads=n_threads, imatrix=imatrix, imatrix_text=imatrix_text, quiet=quiet,
+        onnx_block_size=int(onnx_block_size), onnx_asymmetric=onnx_asymmetric, onnx_accuracy_level=onnx_accuracy_level,
     )
-    result = pack_model(source, opts)
+    if auto:
+        from packager.autoquant import DEFAULT_MAX_KLD, pack_auto
+
+        result = pack_auto(source, opts, max_kld=DEFAULT_MAX_KLD if max_kld is None else max_kld)
+    else:
+        result = pack_model(source, opts)
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
     if as_json:
@@ -157,6 +167,47 @@ def targets_cmd(as_json: bool) -> None:
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+@cli.command("plan")
+@click.argument("model")
+@click.option("-t", "--target", default="laptop", show_default=True,
+              help="Device class: a name from `pack targets`, an alias, a .toml profile, or 'host' (this machine, probed).")
+@click.option("--quant", type=click.Choice(sorted(QUANTS), case_sensitive=False),
+              help="Plan at this quant only. Default: the best one on the target's ladder that fits.")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]), help="Bundle format. Default: the target's first.")
+@click.option("--ctx", "n_ctx", type=int, help="Context length (not shrunk). Default: the target's maximum that fits.")
+@click.option("--ram", callback=_size, help="Override the target's RAM, e.g. 6GB.")
+@click.option("--vram", callback=_size, help="Override the target's VRAM, e.g. 4GB.")
+@click.option("--threads", "n_threads", type=int, help="Override the target's thread count.")
+@click.option("--revision", help="Hub branch, tag or commit (hub ids only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
+@click.option("--explain", is_flag=True, help="Also print the arithmetic behind every number.")
+def plan_cmd(model: str, target: str, quant: str | None, fmt: str | None, n_ctx: int | None, ram: int | None,
+             vram: int | None, n_threads: int | None, revision: str | None, as_json: bool, explain: bool) -> None:
+    """Will MODEL fit TARGET? Plan quant, context and GPU layers before converting anything.
+
+    MODEL is a local checkpoint directory, a .gguf file, or a hub id: for a hub id only
+    config.json (and model.safetensors.index.json) are fetched, never the weights.
+    Exit code 1 with the numbers when nothing fits, 2 for bad input.
+
+    \b
+    Examples:
+      pack plan Qwen/Qwen2.5-3B-Instruct --target android
+      pack plan ./Llama-3.2-1B-Instruct --target gpu-4gb --explain
+      pack plan model.gguf --target ios --ctx 8192 --json
+      pack plan Qwen/Qwen2.5-1.5B-Instruct --target ./my-phone.toml --ram 6GB
+    """
+    from packager.plan import Overrides
+    from packager.plan_report import as_json as plan_json, plan_model, render
+
+    overrides = Overrides(quant=quant.upper() if quant else None, format=fmt, n_ctx=n_ctx, ram_bytes=ram,
+                          vram_bytes=vram, n_threads=n_threads)
+    inp, tgt, p = plan_model(model, target, overrides, revision=revision)
+    if as_json:
+        click.echo(json.dumps(plan_json(inp, tgt, p), indent=2))
+    else:
+        click.echo(render(inp, tgt, p, explain=explain))
+
+
 @cli.command("run")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("prompt")
@@ -164,7 +215,7 @@ def targets_cmd(as_json: bool) -> None:
 @click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate at most.")
 @click.option("--temperature", type=float, help="Sampling temperature (0: greedy). Default: the bundle's.")
 @click.option("--seed", type=int, help="Sampling seed, for reproducible output.")
-@click.option("--threads", "n_threads", type=int, help="Threads. Default: this machine's physical cores.")
+@click.option("--threads", "n_threads", type=int, help="Threads. Default: the physical cores this process may use.")
 def run_cmd(bundle: Path, prompt: str, chat: bool, max_tokens: int, temperature: float | None, seed: int | None,
             n_threads: int | None) -> None:
     """Answer PROMPT with BUNDLE, streaming the text to stdout.
@@ -184,6 +235,84 @@ def run_cmd(bundle: Path, prompt: str, chat: bool, max_tokens: int, temperature:
     click.echo()
 
 
+@cli.command("chat")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--system", help="A system message that starts the conversation. Default: the template's own.")
+@click.option("-n", "--max-tokens", type=int, default=512, show_default=True, help="Tokens per reply at most.")
+@click.option("--temperature", type=float, help="Sampling temperature (0: greedy). Default: the bundle's.")
+@click.option("--top-p", type=float, help="Nucleus sampling: keep the most likely tokens up to this probability.")
+@click.option("--top-k", type=int, help="Sample among the k most likely tokens only (0: all).")
+@click.option("--repeat-penalty", type=float, help="Penalty for repeating recent tokens (1: none).")
+@click.option("--seed", type=int, help="Sampling seed, for reproducible replies.")
+@click.option("--ctx", "n_ctx", type=int, help="Context length. Default: the bundle's.")
+@click.option("--threads", "n_threads", type=int, help="Threads. Default: the physical cores this process may use.")
+def chat_cmd(bundle: Path, system: str | None, max_tokens: int, temperature: float | None, top_p: float | None,
+             top_k: int | None, repeat_penalty: float | None, seed: int | None, n_ctx: int | None,
+             n_threads: int | None) -> None:
+    """Talk with BUNDLE: each reply streams to stdout, the conversation is kept.
+
+    Ctrl-C during a reply stops it and returns to the prompt; Ctrl-D, /exit or
+    /quit ends the session; /reset forgets the conversation. Reads lines from
+    stdin, so it can be scripted too.
+
+    \b
+    Examples:
+      pack chat dist/SmolLM2-135M-Instruct-laptop
+      pack chat dist/Qwen2.5-0.5B-Instruct-laptop --system "Answer in French." --temperature 0.7
+      printf 'Hi!\\nName a colour.\\n' | pack chat dist/SmolLM2-135M-Instruct-laptop -n 64
+    """
+    from packager.chat import chat_session
+    from packager.runtime import load
+
+    opts: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                            "repeat_penalty": repeat_penalty, "seed": seed}
+    with load(bundle, n_threads=n_threads, n_ctx=n_ctx) as m:
+        chat_session(m, system=system, opts=opts)
+
+
+@cli.command("quality")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--reference", "reference", required=True,
+              help="The F16/BF16 GGUF of the same source, or the source checkpoint (dir or hub id; converted to F16).")
+@click.option("--text", type=click.Path(dir_okay=False, path_type=Path),
+              help="Evaluation text (UTF-8). Default: the prose edgepack ships (~6k tokens).")
+@click.option("--ctx", "n_ctx", type=int, default=512, show_default=True,
+              help="Tokens per chunk; each chunk is scored on its second half, as llama-perplexity does.")
+@click.option("--chunks", "n_chunks", type=int, help="Evaluate at most this many chunks. Default: all of the text.")
+@click.option("--threads", "n_threads", type=int, help="Threads. Default: this machine's physical cores.")
+@click.option("--json", "as_json", is_flag=True, help="Print the quality figures as JSON on stdout.")
+@quiet_option
+def quality_cmd(bundle: Path, reference: str, text: Path | None, n_ctx: int, n_chunks: int | None,
+                n_threads: int | None, as_json: bool, quiet: bool) -> None:
+    """Measure BUNDLE's quality against its reference and record it in the bundle.
+
+    Reports perplexity of both, the mean and 99th-percentile KL divergence of the
+    bundle's next-token distribution from the reference's, and how often both
+    pick the same top token. The figures go into manifest.json (`quality`) and
+    the model card; the bundle stays verified.
+
+    \b
+    Examples:
+      pack quality dist/SmolLM2-135M-Instruct-laptop --reference ./SmolLM2-135M-Instruct
+      pack quality dist/Qwen2.5-3B-Instruct-android --reference qwen2.5-3b-f16.gguf --chunks 8
+      pack quality dist/my-bundle --reference model-bf16.gguf --text my-domain.txt --ctx 1024
+    """
+    from packager.assess import assess_bundle
+
+    q = assess_bundle(bundle, reference, text=text, n_ctx=n_ctx, n_chunks=n_chunks, n_threads=n_threads, quiet=quiet)
+    if as_json:
+        click.echo(json.dumps(q, indent=2))
+    elif not quiet:
+        click.echo(f"{bundle}: ppl {q['ppl']:.4f} (reference {q['ppl_ref']:.4f}), KLD mean {q['kld_mean']:.6f} "
+                   f"p99 {q['kld_p99']:.6f}, top-1 {100 * q['top1']:.2f}% over {q['n_tokens']} tokens", err=True)
+
+
+from packager.cli_bench import bench_cmd, matrix_group  # noqa: E402  (pack bench, pack matrix run|report)
+
+cli.add_command(bench_cmd)
+cli.add_command(matrix_group)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one exit path; our errors are one line, bugs get a traceback with EDGEPACK_DEBUG=1."""
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
@@ -191,11 +320,18 @@ def main(argv: list[str] | None = None) -> None:
     # transformers imports torch too (~2 s) when it happens to be installed.
     os.environ.setdefault("USE_TORCH", "0")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its warnings are not for our users
+    from packager.interrupt import install
+
+    install()  # Ctrl-C must stop the run even while llama.cpp calls back into Python
     try:
         cli.main(args=argv, prog_name="pack", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # bad input is one line, like our own errors (click's show() prints three)
+        where = exc.ctx.command_path if exc.ctx else "pack"
+        click.echo(f"error: {exc.format_message()} (see '{where} --help')", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

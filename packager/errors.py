@@ -45,6 +45,12 @@ class SourceNotFoundError(SourceError, FileNotFoundError):
     """No such local path, hub repository or revision (or it is not cached offline)."""
 
 
+class IncompleteConfigError(SourceError, ValueError):
+    """A config.json lacks or garbles what the planner needs (layers, heads, sizes): bad input, exit 2."""
+
+    exit_code = 2
+
+
 class GatedSourceError(SourceError, PermissionError):
     """The hub repository needs accepted terms or a token."""
 
@@ -57,8 +63,20 @@ class UnsupportedArchitectureError(SourceError):
     """The checkpoint's architecture has no converter; the message lists those that do."""
 
 
+class RemoteCodeRefusedError(SourceError):
+    """The checkpoint needs its own Python code (auto_map / trust_remote_code), which edgepack never runs."""
+
+
 class CorruptFileError(SourceError):
     """A weights or metadata file is truncated or its header lies."""
+
+
+class ChatTemplateError(SourceError, ValueError):
+    """A chat template does not compile, or it refused or failed on the messages given."""
+
+
+class UnsafeChatTemplateError(ChatTemplateError):
+    """A chat template reached for Python internals or went past a time or size limit; it was stopped."""
 
 
 class ConversionError(EdgepackError):
@@ -99,6 +117,27 @@ class BackendMissingError(EdgepackError, ImportError):
 
 class ContextOverflowError(EdgepackError, ValueError):
     """A prompt does not fit the model's context window."""
+
+
+class ModelClosedError(UsageError, RuntimeError):
+    """A loaded model was used after close()."""
+
+
+class QualityError(EdgepackError):
+    """A quality measurement cannot run (reference of another model, unloadable file), or no
+    quant meets the quality bar (the message carries the measured table)."""
+
+
+class BenchError(EdgepackError):
+    """A benchmark repetition crashed, timed out or reported nothing (the message carries its stderr's tail)."""
+
+
+class BenchOutOfMemory(BenchError, MemoryError):
+    """A benchmark repetition ran out of memory under the emulated device's ceiling."""
+
+
+class MatrixError(UsageError):
+    """benchmarks/matrix.toml is malformed (names the file, the key and what was expected)."""
 
 
 def missing_backend(module: str, extra: str) -> BackendMissingError:

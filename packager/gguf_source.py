@@ -9,6 +9,8 @@ loss of quality.
 from __future__ import annotations
 
 import ctypes
+import errno
+import os
 from pathlib import Path
 
 import gguf
@@ -22,6 +24,11 @@ HIGH_PRECISION = {"F32", "F16", "BF16", "Q8_0"}
 
 
 def open_gguf(path: Path) -> gguf.GGUFReader:
+    # GGUFReader trusts every count in the file (a lying array length makes it loop for
+    # ages): the layout is checked against the file's size first (packager.gguf_layout).
+    from packager.gguf_layout import check_layout
+
+    check_layout(path)
     try:
         return gguf.GGUFReader(path)
     except (ValueError, IndexError, OSError, KeyError, TypeError) as exc:
@@ -30,7 +37,21 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
 
 def _field(reader: gguf.GGUFReader, key: str, default=None):
     f = reader.fields.get(key)
-    return default if f is None else f.contents()
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except (ValueError, IndexError, TypeError) as exc:  # e.g. a string that is not UTF-8
+        raise CorruptFileError(f"{reader.data.filename}: field {key} is unreadable ({exc}); re-download the GGUF") from None
+
+
+def _int(value, key: str, path: Path) -> int:
+    """A metadata value that must be an integer (per-layer arrays count by their largest entry)."""
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        value = max(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CorruptFileError(f"{path}: {key} must be an integer, got {value!r:.40}; the GGUF metadata is wrong")
+    return value
 
 
 def spec_from_gguf(path: Path) -> tuple[ModelSpec, str | None]:
@@ -40,14 +61,16 @@ def spec_from_gguf(path: Path) -> tuple[ModelSpec, str | None]:
     if not isinstance(arch, str):
         raise CorruptFileError(f"{path}: no general.architecture; not a model GGUF")
 
-    def hp(key: str, default=None):
+    def hp(key: str, default=None) -> int:
         value = _field(r, key.format(arch=arch), default)
         if value is None:
             raise CorruptFileError(f"{path}: missing {key.format(arch=arch)}; the GGUF is incomplete")
-        return value
+        return _int(value, key.format(arch=arch), path)
 
-    n_heads = int(hp(gguf.Keys.Attention.HEAD_COUNT))
-    hidden = int(hp(gguf.Keys.LLM.EMBEDDING_LENGTH))
+    n_heads = hp(gguf.Keys.Attention.HEAD_COUNT)
+    hidden = hp(gguf.Keys.LLM.EMBEDDING_LENGTH)
+    if n_heads <= 0:
+        raise CorruptFileError(f"{path}: {gguf.Keys.Attention.HEAD_COUNT.format(arch=arch)} must be positive, got {n_heads}")
     tokens = r.fields.get(gguf.Keys.Tokenizer.LIST)
     names = {t.name for t in r.tensors}
     spec = ModelSpec(
@@ -62,7 +85,7 @@ def spec_from_gguf(path: Path) -> tuple[ModelSpec, str | None]:
     )
     ftype = _field(r, gguf.Keys.General.FILE_TYPE)
     quant = None
-    if ftype is not None:
+    if isinstance(ftype, int) and not isinstance(ftype, bool):
         for q in QUANTS.values():
             if int(q.ftype) == int(ftype):
                 quant = q.name
@@ -88,7 +111,30 @@ def requantize(src: Path, src_quant: str | None, quant: QuantType, out: Path, *,
     params.ftype = int(quant.ftype)
     params.nthread = n_threads
     params.allow_requantize = src_quant not in HIGH_PRECISION
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    from packager.progress import quiet_llama_log
+
+    with quiet_llama_log():  # its loader dump and per-tensor lines are not for our users
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
     if rc != 0:
+        _raise_if_out_of_space(out)
         raise ConversionError(f"llama.cpp's quantizer failed on {src} (code {rc}); check that the file is a complete GGUF")
     return warnings
+
+
+def _raise_if_out_of_space(out: Path) -> None:
+    """Re-raise a full disk (or a file-size limit) as the OSError it is.
+
+    llama.cpp's quantizer reports a failed write only as a non-zero code (its log
+    says "iostream error"), which would read as a corrupt source. So the partial
+    output, which is removed anyway, is grown by 1 MiB: where that fails for lack
+    of space, the quantizer's write failed for the same reason, and the bundle
+    writer turns the OSError into its "ran out of space" message.
+    """
+    try:
+        with open(out, "ab") as f:
+            f.write(bytes(1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise

@@ -68,6 +68,26 @@ def default_calibration_text() -> str:
     return (importlib.resources.files("packager") / "data" / DEFAULT_CALIBRATION).read_text(encoding="utf-8")
 
 
+def user_imatrix(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A user's --imatrix file (llama-imatrix's or edgepack's) and its manifest record."""
+    from packager.source import sha256_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--imatrix {path}: no such file; pass a file made by llama-imatrix or edgepack")
+    return load_imatrix(path), {"file": path.name, "sha256": sha256_file(path)}
+
+
+def calibration_text(text_file: Path | None) -> tuple[str, str]:
+    """The --imatrix-text file's text and name, or (None) the calibration text edgepack ships."""
+    if text_file is None:
+        return default_calibration_text(), "edgepack calibration.txt"
+    try:
+        return Path(text_file).read_text(encoding="utf-8"), Path(text_file).name
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--imatrix-text {text_file}: cannot read it as UTF-8 text ({exc})") from None
+
+
 # -- ggml's tensor struct, as ggml/include/ggml.h declares it ---------------------------
 
 GGML_MAX_DIMS = 4

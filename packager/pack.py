@@ -20,7 +20,7 @@ from packager.plan import Overrides, Plan, plan
 from packager.profiles import Target, load_target
 from packager.progress import say
 from packager.quants import QuantType, get_quant
-from packager.source import Source, resolve, sha256_file
+from packager.source import Source, resolve
 from packager.spec import load_spec
 
 LICENSE_NAMES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "NOTICE", "USE_POLICY.md")
@@ -46,6 +46,11 @@ class PackOptions:
     vram_bytes: int | None = None
     n_threads: int | None = None
     quiet: bool = False
+    onnx_block_size: int = 32  # --format onnx: int4 block size (32, 64, 128)
+    onnx_asymmetric: bool = False  # --format onnx: int4 with zero points
+    onnx_accuracy_level: int = 4  # --format onnx: MatMulNBits accuracy_level (4: int8 compute, fastest on CPU)
+    prebuilt: Any = None  # --quant auto: the quantized file it measured (autoquant.Prebuilt), bundled as it is
+    quality: dict[str, Any] | None = None  # --quant auto: its measured figures, for the manifest and card
 
 
 @dataclass(frozen=True)
@@ -117,11 +122,21 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
     src = resolve(source if source is not None else default_source(), revision=opts.revision,
                   allow_pickle=opts.allow_pickle, hash_weights=False, quiet=opts.quiet)
     warnings: list[str] = []
+    if opts.format == "onnx":
+        from packager.pack_onnx import check_request
+
+        check_request(src, opts)  # a GGUF source or a GGUF --quant: refused before reading anything
     src_quant = None
     if src.kind == "gguf":
         spec, src_quant = spec_from_gguf(src.path)
+        from packager.chat_template import check_gguf_template
+
+        check_gguf_template(src.path)  # a hostile or runaway chat template is refused, never bundled
     else:
         spec = load_spec(src.path)
+        from packager.remote_code import refuse_remote_code
+
+        warnings += refuse_remote_code(src.path, spec.architecture)  # never runs the checkpoint's own code
         from packager.convert.archs import arch_for
         from packager.convert.safetensors import Checkpoint
 
@@ -131,16 +146,23 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
     overrides = Overrides(quant=opts.quant or (src_quant if src.kind == "gguf" else None), format=opts.format,
                           n_ctx=opts.n_ctx, ram_bytes=opts.ram_bytes, vram_bytes=opts.vram_bytes,
                           n_threads=opts.n_threads)
+    from packager.plan_source import plan_input
+
+    inp = plan_input(src.path)  # the tensor list `pack plan` reads (headers only), so both plan alike
+    kw: dict[str, Any] = dict(name=src.name, tensors=inp.tensors, source_quant=inp.source_quant,
+                              source_types=inp.source_types)
     if src.kind == "gguf" and not opts.quant and src_quant is not None:
         # Bundle the file as it is when it fits; otherwise walk the target's ladder.
         try:
-            p = plan(spec, tgt, overrides)
+            p = plan(spec, tgt, overrides, **kw)
         except DoesNotFit:
-            p = plan(spec, tgt, replace(overrides, quant=None))
+            p = plan(spec, tgt, replace(overrides, quant=None), **kw)
     else:
-        p = plan(spec, tgt, overrides)
-    if p.format != "gguf":
-        raise UsageError(f"format {p.format!r} is not available in this edgepack yet; pass --format gguf")
+        p = plan(spec, tgt, overrides, **kw)
+    if p.format == "onnx":
+        from packager.pack_onnx import pack_onnx
+
+        return pack_onnx(src, spec, tgt, overrides, opts, warnings)
     quant = get_quant(p.quant)
     final = Path(opts.output) / f"{src.name}-{tgt.name}"
     check_disk(final.parent, p.memory.weights)
@@ -153,7 +175,10 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
     with BundleWriter(final, force=opts.force) as bw:
         gguf_path = bw.path(model_rel)
         if src.kind == "gguf":
-            if src_quant == quant.name:
+            if opts.prebuilt is not None:  # --quant auto: the very file it measured
+                opts.prebuilt.install(gguf_path)
+                imatrix_info = opts.prebuilt.imatrix_info
+            elif src_quant == quant.name:
                 say(f"bundling {src.path.name} as it is ({quant.name} fits {tgt.name})", quiet=opts.quiet)
                 shutil.copyfile(src.path, gguf_path)
             else:
@@ -166,18 +191,26 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
         else:
             from packager.convert.gguf import convert
 
-            tok_check = _tokenizer_gate(src, quant, opts.skip_tokenizer_check, warnings)
-            say(f"converting {src.name} to {quant.name} for {tgt.name}", quiet=opts.quiet)
+            from packager.convert.vocab import load_vocab
+
+            vocab = load_vocab(src.path)  # read once: the gate and the converter share it
+            tok_check, kv_block = _tokenizer_gate(src, quant, vocab, opts.skip_tokenizer_check, warnings)
+            say(f"bundling the {quant.name} file --quant auto measured" if opts.prebuilt is not None
+                else f"converting {src.name} to {quant.name} for {tgt.name}", quiet=opts.quiet)
             with _safetensors_view(src, opts.quiet) as work:
-                imatrix, imatrix_info = _importance(work, quant, opts, threads)
-                result = convert(work, quant, gguf_path, imatrix=imatrix, n_threads=threads, quiet=opts.quiet)
+                if opts.prebuilt is not None:  # --quant auto: the very file it measured
+                    result, imatrix_info = opts.prebuilt.install(gguf_path), opts.prebuilt.imatrix_info
+                else:
+                    imatrix, imatrix_info = _importance(work, quant, opts, threads)
+                    result = convert(work, quant, gguf_path, imatrix=imatrix, n_threads=threads, quiet=opts.quiet,
+                                     vocab=vocab, kv_block=kv_block)
             bw.record_hash(model_rel, result.sha256)
             if work is src:
                 src = src.with_hashes(result.source_sha256)
         for name in LICENSE_NAMES:
             if src.kind == "hf" and (src.path / name).is_file():
                 bw.add_file(name, src.path / name)
-        bw.add_text("README.md", model_card(src, tgt, p, model_rel))
+        bw.add_text("README.md", _with_quality(model_card(src, tgt, p, model_rel), opts.quality, quant.name))
         manifest = {
             "edgepack_version": __version__,
             "name": src.name,
@@ -196,6 +229,7 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
             "tokenizer_check": tok_check,
             "imatrix": imatrix_info,
             "warnings": warnings,
+            **({"quality": opts.quality} if opts.quality is not None else {}),
         }
         path = bw.commit(manifest, quiet=opts.quiet)
     return PackResult(path, bw.manifest, warnings)
@@ -211,23 +245,14 @@ def _importance(src: Source, quant: QuantType, opts: PackOptions, threads: int) 
     import hashlib
     import tempfile
 
-    from packager.imatrix import compute_imatrix, default_calibration_text, load_imatrix
+    from packager.imatrix import calibration_text, compute_imatrix, user_imatrix
     from packager.quants import get_quant
 
     if opts.imatrix is not None:
-        path = Path(opts.imatrix)
-        if not path.is_file():
-            raise UsageError(f"--imatrix {path}: no such file; pass a file made by llama-imatrix or edgepack")
-        return load_imatrix(path), {"file": path.name, "sha256": sha256_file(path)}
+        return user_imatrix(opts.imatrix)
     if opts.imatrix_text is None and not quant.needs_imatrix:
         return None, None
-    if opts.imatrix_text is not None:
-        try:
-            text, origin = Path(opts.imatrix_text).read_text(encoding="utf-8"), Path(opts.imatrix_text).name
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"--imatrix-text {opts.imatrix_text}: cannot read it as UTF-8 text ({exc})") from None
-    else:
-        text, origin = default_calibration_text(), "edgepack calibration.txt"
+    text, origin = calibration_text(opts.imatrix_text)
     from packager.convert.gguf import convert
 
     say(f"computing an importance matrix from {origin}", quiet=opts.quiet)
@@ -235,6 +260,15 @@ def _importance(src: Source, quant: QuantType, opts: PackOptions, threads: int) 
         model = convert(src, get_quant("Q8_0"), Path(tmp) / "imatrix-model.gguf", n_threads=threads, quiet=opts.quiet).path
         imatrix = compute_imatrix(model, text, n_threads=threads, quiet=opts.quiet)
     return imatrix, {"text": origin, "sha256": hashlib.sha256(text.encode()).hexdigest(), "model": "Q8_0"}
+
+
+def _with_quality(card: str, quality: dict[str, Any] | None, quant: str) -> str:
+    """The model card with --quant auto's quality section, when there is one."""
+    if quality is None:
+        return card
+    from packager.assess import card_section, with_card_section
+
+    return with_card_section(card, card_section(quality, quant))
 
 
 @contextmanager
@@ -252,20 +286,27 @@ def _safetensors_view(src: Source, quiet: bool) -> Iterator[Source]:
         yield replace(src, path=to_safetensors(src.path, Path(tmp)))
 
 
-def _tokenizer_gate(src: Source, quant: QuantType, skip: bool, warnings: list[str]) -> dict[str, Any]:
-    """Check the GGUF's tokenizer against the source's before converting (it takes seconds)."""
+def _tokenizer_gate(src: Source, quant: QuantType, vocab: Any, skip: bool,
+                    warnings: list[str]) -> tuple[dict[str, Any], bytes]:
+    """Check the GGUF's tokenizer against the source's before converting (it takes seconds).
+
+    Returns the manifest's record of the check and the packed metadata of the
+    vocab-only GGUF it ran on, which the model file reuses as it is.
+    """
     import tempfile
 
-    from packager.convert.gguf import write_vocab_gguf
+    from packager.convert.gguf import packed_kv, write_vocab_gguf
     from packager.tokcheck import check_tokenizer
 
-    try:
-        with tempfile.TemporaryDirectory(prefix="edgepack-vocab-") as tmp:
-            report = check_tokenizer(write_vocab_gguf(src, quant, Path(tmp) / "vocab.gguf"), src.path)
-    except TokenizerMismatchError as exc:
-        if not skip:
-            raise
-        warnings.append(f"tokenizer check failed and was skipped: {exc}")
-        return {"status": "skipped", "error": str(exc)}
-    return {"status": "passed", **{k: v for k, v in report.__dict__.items() if isinstance(v, (int, str, list))}}
+    with tempfile.TemporaryDirectory(prefix="edgepack-vocab-") as tmp:
+        vocab_gguf = write_vocab_gguf(src, quant, Path(tmp) / "vocab.gguf", vocab=vocab)
+        kv_block = packed_kv(vocab_gguf)
+        try:
+            report = check_tokenizer(vocab_gguf, src.path)
+        except TokenizerMismatchError as exc:
+            if not skip:
+                raise
+            warnings.append(f"tokenizer check failed and was skipped: {exc}")
+            return {"status": "skipped", "error": str(exc)}, kv_block
+    return {"status": "passed", **{k: v for k, v in report.__dict__.items() if isinstance(v, (int, str, list))}}, kv_block
 

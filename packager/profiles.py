@@ -2,7 +2,11 @@
 
 Profiles ship as resources of ``packager.targets``; a user's own profile is given
 by path. A malformed profile is an error naming the file, the key and the type
-that was expected.
+that was expected. Besides the roofline inputs (RAM, bandwidth, cores), a profile
+carries the limits that decide whether an app survives on the device
+(``[limits]``: per-app memory caps, low-memory-killer headroom, GPU buffer
+limits) and how a model reaches it (``[distribution]``: download caps and the
+largest file or asset pack a store accepts).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,9 @@ from typing import Any
 from packager.errors import ProfileError, UnknownTargetError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+KV_TYPES = ("f16", "q8_0", "q4_0", "f32", "bf16")
+BACKENDS = ("cpu", "metal", "cuda", "vulkan", "webgpu", "opencl")
+FORMATS = ("gguf", "onnx")
 
 
 def parse_size(value: str | int | float, *, where: str = "size") -> int:
@@ -25,15 +32,50 @@ def parse_size(value: str | int | float, *, where: str = "size") -> int:
     if isinstance(value, bool):
         raise ValueError(f"{where}: expected a size like '8GiB', got {value!r}")
     if isinstance(value, (int, float)):
+        if value != value or value in (float("inf"), float("-inf")):  # TOML has inf and nan
+            raise ValueError(f"{where}: a size must be a finite number, got {value!r}")
         if value < 0:
             raise ValueError(f"{where}: a size cannot be negative ({value})")
-        return int(value)
+        return _plausible(int(value), where)
     m = _SIZE.match(str(value))
     if not m:
         raise ValueError(f"{where}: expected a size like '8GiB' or '6GB', got {value!r}")
     number, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
     power = "KMGT".index(unit) + 1 if unit else 0
-    return int(number * ((1024 if binary else 1000) ** power))
+    return _plausible(int(number * ((1024 if binary else 1000) ** power)), where)
+
+
+MAX_SIZE = 1 << 50  # 1 PiB: no device class has more; bigger is a typo that would overflow the planner's floats
+
+
+def _plausible(size: int, where: str) -> int:
+    if size > MAX_SIZE:
+        raise ValueError(f"{where}: {size} bytes is not a plausible device size (at most 1 PiB)")
+    return size
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the OS or the browser enforces on one app; 0 means 'no such limit'."""
+
+    app_memory_bytes: int = 0  # hard per-app cap without special permission (iOS jetsam)
+    app_memory_entitled_bytes: int = 0  # the cap with memory_entitlement
+    memory_entitlement: str = ""  # e.g. com.apple.developer.kernel.increased-memory-limit
+    lmk_headroom_bytes: int = 0  # RAM the system keeps for itself before the low-memory killer acts
+    gpu_working_set_bytes: int = 0  # Metal's recommendedMaxWorkingSetSize (unified memory)
+    gpu_max_buffer_bytes: int = 0  # WebGPU maxBufferSize
+    gpu_max_binding_bytes: int = 0  # WebGPU maxStorageBufferBindingSize
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """How a model file reaches the device; 0 means 'no cap'."""
+
+    channel: str = "direct"  # direct, play, app-store, web
+    download_cap_bytes: int = 0  # largest download without Wi-Fi / user consent (cellular cap)
+    part_bytes: int = 0  # largest single file or asset pack the channel accepts
+    delivery: str = ""  # how the parts ship (asset packs, on-demand resources, HTTP range fetches)
+    setting: str = ""  # the manifest / build setting the app needs for that delivery
 
 
 @dataclass(frozen=True)
@@ -56,68 +98,144 @@ class Target:
     max_context: int
     kv_cache_type: str
     aliases: tuple[str, ...] = ()
+    unified_memory: bool = False  # GPU and CPU share RAM (Apple silicon, phones): no VRAM split
+    vram_usable_fraction: float = 0.9  # the driver, the display and the CUDA context keep the rest
+    vram_bandwidth_gbps: float = 0.0
+    gpu_compute_gflops: float = 0.0
+    # Fixed decode cost per layer and token (thread barriers, graph launch), measured where known (host); 0: none.
+    decode_layer_overhead_us: float = 0.0
+    limits: Limits = field(default_factory=Limits)
+    distribution: Distribution = field(default_factory=Distribution)
     path: str = ""
 
     def __post_init__(self) -> None:
         where = self.path or self.name
-        if not 0 < self.usable_ram_fraction <= 1:
-            raise ProfileError(f"{where}: usable_ram_fraction must be in (0, 1], got {self.usable_ram_fraction}")
+        for key in ("usable_ram_fraction", "vram_usable_fraction"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ProfileError(f"{where}: {key} must be in (0, 1], got {getattr(self, key)}")
         for key in ("ram_bytes", "cpu_threads", "max_context", "memory_bandwidth_gbps", "compute_gflops"):
             if getattr(self, key) <= 0:
                 raise ProfileError(f"{where}: {key} must be positive, got {getattr(self, key)}")
+        if self.vram_bytes and self.vram_bandwidth_gbps <= 0:
+            raise ProfileError(f"{where}: vram_bandwidth_gbps must be positive when vram_bytes is set")
         if not self.quant_ladder:
             raise ProfileError(f"{where}: quant_ladder is empty; list at least one quant type")
         from packager.quants import get_quant
+        from packager.errors import UnknownQuantError
 
         for q in self.quant_ladder:
-            get_quant(q)  # an unknown quant in a profile is the profile's error
-        if self.kv_cache_type not in ("f16", "q8_0", "q4_0", "f32", "bf16"):
-            raise ProfileError(f"{where}: kv_cache_type must be one of f16, q8_0, q4_0, f32, bf16")
+            try:
+                get_quant(q)
+            except UnknownQuantError as exc:  # an unknown quant in a profile is the profile's error
+                raise ProfileError(f"{where}: quant_ladder: {exc}") from None
+        if self.kv_cache_type not in KV_TYPES:
+            raise ProfileError(f"{where}: kv_cache_type must be one of {', '.join(KV_TYPES)}, got {self.kv_cache_type!r}")
+        for key, known in (("backends", BACKENDS), ("formats", FORMATS)):
+            bad = [v for v in getattr(self, key) if v not in known]
+            if bad or not getattr(self, key):
+                raise ProfileError(f"{where}: {key} must be a non-empty list from {', '.join(known)}, got {bad or '[]'}")
 
     @property
     def usable_ram_bytes(self) -> int:
         return int(self.ram_bytes * self.usable_ram_fraction)
 
+    @property
+    def has_gpu(self) -> bool:
+        return any(b != "cpu" for b in self.backends)
+
     def as_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "path"}
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "path":
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = {g.name: getattr(value, g.name) for g in fields(value)} if f.name in ("limits", "distribution") else value
+        return out
 
 
-_TYPES: dict[str, tuple[type, ...]] = {
-    "name": (str,), "description": (str,), "os": (str,), "arch": (str,),
-    "usable_ram_fraction": (float, int), "memory_bandwidth_gbps": (float, int), "cpu_threads": (int,),
-    "compute_gflops": (float, int), "backends": (list,), "formats": (list,), "quant_ladder": (list,),
-    "max_context": (int,), "kv_cache_type": (str,), "aliases": (list,),
+# key -> kind; kinds: str, int, float, bool, list, size. Keys absent from _REQUIRED take the dataclass default.
+_TOP: dict[str, str] = {
+    "name": "str", "description": "str", "os": "str", "arch": "str", "ram_bytes": "size",
+    "usable_ram_fraction": "float", "vram_bytes": "size", "memory_bandwidth_gbps": "float", "cpu_threads": "int",
+    "compute_gflops": "float", "backends": "list", "formats": "list", "quant_ladder": "list", "max_context": "int",
+    "kv_cache_type": "str", "aliases": "list", "unified_memory": "bool", "vram_usable_fraction": "float",
+    "vram_bandwidth_gbps": "float", "gpu_compute_gflops": "float", "decode_layer_overhead_us": "float",
 }
-_SIZES = ("ram_bytes", "vram_bytes")
-_TYPE_NAMES = {str: "a string", float: "a number", int: "an integer", list: "a list of strings"}
+_REQUIRED = ("name", "description", "os", "arch", "ram_bytes", "usable_ram_fraction", "vram_bytes",
+             "memory_bandwidth_gbps", "cpu_threads", "compute_gflops", "backends", "formats", "quant_ladder",
+             "max_context", "kv_cache_type")
+# TOML key -> (dataclass field, kind)
+_LIMITS: dict[str, tuple[str, str]] = {
+    "app_memory": ("app_memory_bytes", "size"), "app_memory_entitled": ("app_memory_entitled_bytes", "size"),
+    "memory_entitlement": ("memory_entitlement", "str"), "lmk_headroom": ("lmk_headroom_bytes", "size"),
+    "gpu_working_set": ("gpu_working_set_bytes", "size"), "gpu_max_buffer": ("gpu_max_buffer_bytes", "size"),
+    "gpu_max_storage_binding": ("gpu_max_binding_bytes", "size"),
+}
+_DISTRIBUTION: dict[str, tuple[str, str]] = {
+    "channel": ("channel", "str"), "download_cap": ("download_cap_bytes", "size"), "part_size": ("part_bytes", "size"),
+    "delivery": ("delivery", "str"), "setting": ("setting", "str"),
+}
+_KIND_NAMES = {"str": "a string", "float": "a number", "int": "an integer", "list": "a list of strings",
+               "bool": "true or false", "size": "a size like '8GiB' or '6GB'"}
+
+
+def _value(value: Any, kind: str, where: str, key: str) -> Any:
+    """One checked value; the error names the file, the key and the expected type."""
+    def bad() -> ProfileError:
+        return ProfileError(f"{where}: {key} must be {_KIND_NAMES[kind]}, got {type(value).__name__}")
+
+    if kind == "size":
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise bad()
+        try:
+            return parse_size(value, where=f"{where}: {key}")
+        except ValueError as exc:
+            raise ProfileError(str(exc)) from None
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if isinstance(value, bool):
+        raise bad()
+    if kind == "str" and isinstance(value, str):
+        return value
+    if kind == "int" and isinstance(value, int) and not abs(value) < 1 << 40:
+        raise ProfileError(f"{where}: {key} = {value} is not plausible; check the profile")
+    if kind == "int" and isinstance(value, int):
+        return value
+    if kind == "float" and isinstance(value, (int, float)):
+        if not 0 <= abs(value) < 1e12:  # also refuses TOML's inf and nan, which would poison every prediction
+            raise ProfileError(f"{where}: {key} must be a finite number below 1e12, got {value!r}")
+        return float(value)
+    if kind == "list" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise bad()
+
+
+def _table(data: Any, spec: dict[str, tuple[str, str]], where: str, prefix: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ProfileError(f"{where}: [{prefix}] must be a table, got {type(data).__name__}")
+    unknown = set(data) - set(spec)
+    if unknown:
+        raise ProfileError(f"{where}: unknown key(s) {', '.join(f'{prefix}.{k}' for k in sorted(unknown))}; "
+                           f"known: {', '.join(spec)}")
+    return {spec[k][0]: _value(v, spec[k][1], where, f"{prefix}.{k}") for k, v in data.items()}
 
 
 def target_from_toml(data: dict[str, Any], where: str) -> Target:
     """Validate a parsed profile; every problem names the file, key and expected type."""
     values: dict[str, Any] = {}
-    for key in list(_TYPES) + list(_SIZES):
+    for key in _REQUIRED:
         if key not in data:
-            if key in ("aliases",):
-                continue
-            raise ProfileError(f"{where}: missing key {key!r}")
-        value = data[key]
-        if key in _SIZES:
-            try:
-                values[key] = parse_size(value, where=f"{where}: {key}")
-            except ValueError as exc:
-                raise ProfileError(str(exc)) from None
-            continue
-        expected = _TYPES[key]
-        if isinstance(value, bool) or not isinstance(value, expected):
-            raise ProfileError(f"{where}: {key} must be {_TYPE_NAMES[expected[0]]}, got {type(value).__name__}")
-        if isinstance(value, list):
-            if not all(isinstance(v, str) for v in value):
-                raise ProfileError(f"{where}: {key} must be a list of strings")
-            value = tuple(value)
-        values[key] = value
-    unknown = set(data) - set(_TYPES) - set(_SIZES)
+            raise ProfileError(f"{where}: missing key {key!r} ({_KIND_NAMES[_TOP[key]]})")
+    for key, value in data.items():
+        if key in _TOP:
+            values[key] = _value(value, _TOP[key], where, key)
+    unknown = set(data) - set(_TOP) - {"limits", "distribution"}
     if unknown:
         raise ProfileError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; check the spelling")
+    values["limits"] = Limits(**_table(data.get("limits", {}), _LIMITS, where, "limits"))
+    values["distribution"] = Distribution(**_table(data.get("distribution", {}), _DISTRIBUTION, where, "distribution"))
     return Target(**values, path=where)
 
 
@@ -129,8 +247,8 @@ def _builtin() -> dict[str, Path]:
 def _read(path: Path) -> Target:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(f"{path}: not valid TOML ({exc})") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:  # RecursionError: x = [[[[...
+        raise ProfileError(f"{path}: not valid TOML ({str(exc) or type(exc).__name__})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ProfileError(f"{path}: cannot read ({exc})") from None
     return target_from_toml(data, str(path))
@@ -142,7 +260,7 @@ def list_targets() -> list[Target]:
 
 
 def load_target(name_or_path: str | os.PathLike[str]) -> Target:
-    """A built-in profile by name or alias, or a user's profile by path."""
+    """A built-in profile by name or alias, a user's profile by path, or ``host`` (this machine, probed)."""
     text = os.fspath(name_or_path)
     if text.endswith(".toml") or os.sep in text:
         path = Path(text).expanduser()
@@ -155,5 +273,9 @@ def load_target(name_or_path: str | os.PathLike[str]) -> Target:
     for target in list_targets():
         if text in target.aliases:
             return target
-    known = sorted(set(builtin) | {a for t in list_targets() for a in t.aliases})
+    if text == "host":
+        from packager.probe import host_target
+
+        return host_target()
+    known = sorted(set(builtin) | {a for t in list_targets() for a in t.aliases} | {"host"})
     raise UnknownTargetError(f"unknown target {text!r}; known targets: {', '.join(known)} (or a path to a .toml profile)")

@@ -129,7 +129,7 @@ def _local_dir(path: Path, allow_pickle: bool, hashing: str, quiet: bool) -> Sou
         raise SourceError(f"{path} has no config.json; pass the directory of a Hugging Face checkpoint")
     try:
         json.loads(config.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise SourceError(f"{config} is not valid JSON ({exc}); re-download the checkpoint") from None
     safetensors = sorted(path.glob("*.safetensors"))
     pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())

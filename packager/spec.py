@@ -14,6 +14,9 @@ from typing import Any
 from packager.errors import SourceError
 
 
+MAX_DIM = (1 << 31) - 1
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Architecture and shape of a decoder-only transformer."""
@@ -33,9 +36,13 @@ class ModelSpec:
     attention_bias: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("n_layers", "hidden_size", "intermediate_size", "n_heads", "n_kv_heads", "head_dim", "vocab_size"):
+        for name in ("n_layers", "hidden_size", "intermediate_size", "n_heads", "n_kv_heads", "head_dim", "vocab_size",
+                     "context_length"):
             if getattr(self, name) <= 0:
                 raise SourceError(f"config.json: {name} must be positive, got {getattr(self, name)}")
+            # llama.cpp keeps hyperparameters in 32-bit ints; a larger value is a lying or broken config.
+            if getattr(self, name) > MAX_DIM:
+                raise SourceError(f"config.json: {name} = {getattr(self, name)} is not plausible (at most {MAX_DIM})")
         if self.n_heads % self.n_kv_heads:
             raise SourceError(
                 f"config.json: num_attention_heads ({self.n_heads}) is not a multiple of num_key_value_heads ({self.n_kv_heads})"
@@ -55,6 +62,17 @@ def _get(config: dict[str, Any], keys: list[str], where: str, default: Any = Non
     raise SourceError(f"{where}: missing {keys[0]!r}; this checkpoint's config is incomplete or not a causal LM")
 
 
+def _int(value: Any, key: str, where: str) -> int:
+    """A size field: an integer (or a whole float, or digits in a string), never a bool, list, inf or nan."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SourceError(f"{where}: {key} must be an integer, got {value!r:.40}; the config is malformed")
+    return value
+
+
 def spec_from_config(config: dict[str, Any], where: str = "config.json") -> ModelSpec:
     """Build a :class:`ModelSpec` from a parsed config.json (text_config is used for multimodal wrappers)."""
     if not isinstance(config, dict):
@@ -64,17 +82,15 @@ def spec_from_config(config: dict[str, Any], where: str = "config.json") -> Mode
     archs = config.get("architectures") or []
     if not archs or not isinstance(archs, list) or not isinstance(archs[0], str):
         raise SourceError(f"{where}: missing 'architectures'; cannot tell which converter applies")
-    try:
-        hidden = int(_get(config, ["hidden_size", "n_embd", "d_model"], where))
-        n_heads = int(_get(config, ["num_attention_heads", "n_head"], where))
-        n_kv = int(_get(config, ["num_key_value_heads", "n_kv_heads"], where, default=n_heads))
-        head_dim = int(config.get("head_dim") or (hidden // n_heads if n_heads else 0))
-        n_layers = int(_get(config, ["num_hidden_layers", "n_layer"], where))
-        inter = int(_get(config, ["intermediate_size", "n_inner", "ffn_dim"], where))
-        vocab = int(_get(config, ["vocab_size"], where))
-        ctx = int(_get(config, ["max_position_embeddings", "n_positions", "seq_length"], where, default=2048))
-    except (TypeError, ValueError) as exc:
-        raise SourceError(f"{where}: a size field is not an integer ({exc})") from None
+    hidden = _int(_get(config, ["hidden_size", "n_embd", "d_model"], where), "hidden_size", where)
+    n_heads = _int(_get(config, ["num_attention_heads", "n_head"], where), "num_attention_heads", where)
+    n_kv = _int(_get(config, ["num_key_value_heads", "n_kv_heads"], where, default=n_heads), "num_key_value_heads", where)
+    head_dim = _int(config.get("head_dim") or (hidden // n_heads if n_heads else 0), "head_dim", where)
+    n_layers = _int(_get(config, ["num_hidden_layers", "n_layer"], where), "num_hidden_layers", where)
+    inter = _int(_get(config, ["intermediate_size", "n_inner", "ffn_dim"], where), "intermediate_size", where)
+    vocab = _int(_get(config, ["vocab_size"], where), "vocab_size", where)
+    ctx = _int(_get(config, ["max_position_embeddings", "n_positions", "seq_length"], where, default=2048),
+               "max_position_embeddings", where)
     tied = bool(config.get("tie_word_embeddings", config.get("model_type") in ("gemma", "gemma2", "gemma3_text")))
     bias = bool(config.get("attention_bias", config.get("model_type") == "qwen2"))
     q, kv = n_heads * head_dim, n_kv * head_dim
@@ -95,8 +111,10 @@ def read_config(model_dir: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SourceError(f"{path} not found; pass the directory of a Hugging Face checkpoint") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{path} is not valid JSON ({exc}); re-download the checkpoint") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: [[[[...
+        raise SourceError(f"{path} is not valid JSON ({str(exc) or type(exc).__name__}); re-download the checkpoint") from None
+    except OSError as exc:
+        raise SourceError(f"{path} cannot be read ({exc.strerror or exc}); check the checkpoint directory") from None
 
 
 def load_spec(model_dir: Path) -> ModelSpec:

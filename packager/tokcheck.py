@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 import gguf
 
 from packager.progress import quiet_llama_log
-from packager.errors import TokenizerMismatchError, missing_backend
+from packager.errors import ChatTemplateError, TokenizerMismatchError, UnsafeChatTemplateError, missing_backend
 
 SKIP_HINT = "pass --skip-tokenizer-check to pack it anyway"
 
@@ -159,9 +159,11 @@ def _generation_header(hf: Any) -> set[int]:
         return set()
     for messages in (list(CHAT), list(CHAT[1:])):
         try:
-            with_prompt = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-            without = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-        except Exception:  # jinja2 TemplateError or the template's own raise_exception
+            with_prompt = hf.encode(_hf_render(hf, messages, True), add_special_tokens=False)
+            without = _hf_render(hf, messages, False)
+        except UnsafeChatTemplateError:  # hostile or runaway: never skipped
+            raise
+        except ChatTemplateError:  # a Jinja error or the template's own raise_exception
             continue
         prefix = hf.encode(without, add_special_tokens=False)
         # Longest common prefix: some templates close a conversation without a prompt
@@ -180,10 +182,25 @@ def _render_chat(hf: Any) -> str | None:
     # Some templates (Gemma's) refuse a system turn; try without it before giving up.
     for messages in (list(CHAT), list(CHAT[1:])):
         try:
-            return hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception:  # jinja2 TemplateError or the template's own raise_exception
+            return _hf_render(hf, messages, True)
+        except UnsafeChatTemplateError:  # hostile or runaway: never skipped
+            raise
+        except ChatTemplateError:  # a Jinja error or the template's own raise_exception
             continue
     return None
+
+
+def _hf_render(hf: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """What apply_chat_template(tokenize=False) renders, through edgepack's bounded sandbox
+    (packager.chat_template) instead of transformers' unbounded one, with the same context."""
+    from packager.chat_template import render
+
+    template = hf.chat_template
+    if isinstance(template, dict):  # named templates: transformers uses "default"
+        template = template.get("default")
+    if not isinstance(template, str):
+        raise ChatTemplateError("the tokenizer has no default chat template")
+    return render(template, messages, add_generation_prompt=add_generation_prompt, **hf.special_tokens_map)
 
 
 # -- the llama.cpp side --------------------------------------------------------------

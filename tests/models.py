@@ -289,6 +289,12 @@ QWEN25_05B_CONFIG = dict(
     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
     rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
 )
+QWEN25_15B_CONFIG = dict(  # Qwen2.5-1.5B-Instruct's exact config.json values
+    vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+    num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
+    rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
+    sliding_window=32768, max_window_layers=21, use_sliding_window=False,
+)
 
 
 def _write_safetensors_streaming(path: Path, tensors: list[tuple[str, tuple[int, ...]]], rng) -> None:

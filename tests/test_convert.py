@@ -154,3 +154,17 @@ def test_missing_config(tiny_qwen2, tmp_path):
     (d / "config.json").unlink()
     with pytest.raises(SourceError, match="config.json"):
         _convert(d, "F16", tmp_path / "out.gguf")
+
+
+def test_reused_kv_block_gives_the_same_file(tiny_qwen2, tmp_path):
+    """pack.py hands the converter the vocab-only GGUF's packed metadata: the model file must not change."""
+    from packager.convert.gguf import packed_kv, write_vocab_gguf
+
+    src, quant = resolve(tiny_qwen2, hash_files=False, quiet=True), get_quant("Q4_K_M")
+    plain = convert(src, quant, tmp_path / "plain.gguf", quiet=True)
+    kv = packed_kv(write_vocab_gguf(src, quant, tmp_path / "vocab.gguf"))
+    reused = convert(src, quant, tmp_path / "reused.gguf", quiet=True, kv_block=kv)
+    assert (tmp_path / "plain.gguf").read_bytes() == (tmp_path / "reused.gguf").read_bytes()
+    assert plain.sha256 == reused.sha256
+    with pytest.raises(ValueError):
+        packed_kv(tmp_path / "plain.gguf")  # a model file is not a vocab-only GGUF

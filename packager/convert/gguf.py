@@ -18,6 +18,7 @@ from typing import Iterator
 
 import gguf
 import numpy as np
+from gguf.gguf_writer import WriterState
 
 from packager import quants
 from packager.convert import archs
@@ -164,11 +165,38 @@ def write_general_metadata(w: gguf.GGUFWriter, source: Source, n_params: int) ->
         w.add_string("general.source.revision", source.revision)
 
 
-def _metadata_writer(path: Path, source: Source, cfg: dict, quant: quants.QuantType, vocab) -> gguf.GGUFWriter:
+class _Writer(gguf.GGUFWriter):
+    """A GGUFWriter that can write a KV block packed earlier instead of packing it again.
+
+    The vocab-only GGUF of the tokenizer gate has exactly the model file's keys;
+    packing a 150k-token vocabulary takes seconds, so the model file reuses them.
+    """
+
+    packed_kv: bytes | None = None
+
+    def write_kv_data_to_file(self) -> None:
+        if self.packed_kv is None or len(self.fout or ()) != 1:
+            return super().write_kv_data_to_file()
+        if self.state is not WriterState.HEADER:
+            raise ValueError(f"Expected output file to contain the header, got {self.state}")
+        self.fout[0].write(self.packed_kv)
+        self.flush()
+        self.state = WriterState.KV_DATA
+
+
+def packed_kv(vocab_gguf: Path) -> bytes:
+    """The KV block of a file written by write_vocab_gguf (everything after its 24-byte header)."""
+    data = Path(vocab_gguf).read_bytes()
+    if data[:4] != b"GGUF" or int.from_bytes(data[8:16], "little") != 0:
+        raise ValueError(f"{vocab_gguf} is not a vocab-only GGUF")
+    return data[24:]
+
+
+def _metadata_writer(path: Path, source: Source, cfg: dict, quant: quants.QuantType, vocab) -> _Writer:
     """A GGUFWriter holding every key the model file will have, no tensors yet."""
     spec = spec_from_config(cfg)
     arch = archs.arch_for(spec.architecture)
-    w = gguf.GGUFWriter(path, arch.name)
+    w = _Writer(path, arch.name)
     write_general_metadata(w, source, spec.n_params)
     archs.write_hparams(arch, cfg, w)
     w.add_file_type(int(quant.ftype))
@@ -177,7 +205,7 @@ def _metadata_writer(path: Path, source: Source, cfg: dict, quant: quants.QuantT
     return w
 
 
-def write_vocab_gguf(source: Source, quant: quants.QuantType, path: Path) -> Path:
+def write_vocab_gguf(source: Source, quant: quants.QuantType, path: Path, vocab=None) -> Path:
     """The model file's metadata without its tensors: enough for llama.cpp to load its tokenizer.
 
     The tokenizer gate runs on this before the (long) conversion, so a tokenizer
@@ -185,7 +213,7 @@ def write_vocab_gguf(source: Source, quant: quants.QuantType, path: Path) -> Pat
     """
     from packager.convert.vocab import load_vocab
 
-    w = _metadata_writer(path, source, read_config(source.path), quant, load_vocab(source.path))
+    w = _metadata_writer(path, source, read_config(source.path), quant, vocab or load_vocab(source.path))
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -202,15 +230,21 @@ def convert(
     imatrix: dict[str, np.ndarray] | None = None,
     n_threads: int | None = None,
     quiet: bool = False,
+    vocab=None,
+    kv_block: bytes | None = None,
 ) -> ConvertResult:
-    """Convert an HF checkpoint directory to one GGUF file at ``out_path``."""
+    """Convert an HF checkpoint directory to one GGUF file at ``out_path``.
+
+    ``vocab`` (from load_vocab) and ``kv_block`` (packed_kv of the write_vocab_gguf
+    file made from the same source and quant) save reading and packing them again.
+    """
     from packager.convert.vocab import load_vocab
     from packager.kernels import ggml
 
     cfg = read_config(source.path)
     spec = spec_from_config(cfg)
     arch = archs.arch_for(spec.architecture)
-    vocab = load_vocab(source.path)  # before any writing: a bad tokenizer fails fast
+    vocab = vocab or load_vocab(source.path)  # before any writing: a bad tokenizer fails fast
     ckpt = Checkpoint.open(source.path)
     jobs, generated = plan_tensors(ckpt, cfg, arch, quant, has_imatrix=imatrix is not None)
     n_threads = n_threads or default_threads()
@@ -220,6 +254,7 @@ def convert(
         check_imatrix(imatrix, {job.name: job.shape for job in jobs}, "imatrix")
 
     w = _metadata_writer(out_path, source, cfg, quant, vocab)
+    w.packed_kv = kv_block
 
     sizes = {job.name: quants.tensor_bytes(job.qtype, job.shape) for job in jobs}
     for job in jobs:

@@ -55,8 +55,8 @@ def read_header(path: Path) -> dict[str, TensorRef]:
             )
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptFileError(f"{path}: header is not valid JSON ({exc}); re-download it") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: [[[[...
+            raise CorruptFileError(f"{path}: header is not valid JSON ({type(exc).__name__}); re-download it") from None
     if not isinstance(header, dict):
         raise CorruptFileError(f"{path}: header is not a JSON object; re-download it")
     base = 8 + n
@@ -64,12 +64,14 @@ def read_header(path: Path) -> dict[str, TensorRef]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (lo, hi) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-            lo, hi = int(lo), int(hi)
-        except (KeyError, TypeError, ValueError):
-            raise CorruptFileError(f"{path}: tensor {name!r} has a malformed header entry; re-download it") from None
-        if dtype not in _DTYPES:
+        # Types are checked exactly: a list where a name belongs, or 1e400 where a size
+        # belongs, is a malformed header, not a TypeError or OverflowError later.
+        dtype, shape, offsets = (info.get(k) for k in ("dtype", "shape", "data_offsets")) if isinstance(info, dict) else (None,) * 3
+        if (not isinstance(shape, list) or not all(_is_int(d) for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)):
+            raise CorruptFileError(f"{path}: tensor {name!r} has a malformed header entry; re-download it")
+        shape, (lo, hi) = tuple(shape), offsets
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise CorruptFileError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
         count = 1
         for d in shape:
@@ -84,6 +86,10 @@ def read_header(path: Path) -> dict[str, TensorRef]:
             )
         refs[name] = TensorRef(name, path, dtype, shape, base + lo, hi - lo)
     return refs
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class Checkpoint:

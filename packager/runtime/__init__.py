@@ -4,8 +4,10 @@
         for piece in m.chat([{"role": "user", "content": "Hi"}], stream=True):
             print(piece, end="", flush=True)
 
-A Model is safe to share between threads: calls are serialized inside it (a
-stream holds the model until it is exhausted or closed).
+A Model is safe to share between threads: generation is serialized inside it (a
+stream holds the model until it is exhausted, closed or cancelled), and ``close()``
+from any thread cancels a stream in progress at its next token. The full contract
+is in packager/runtime/model.py.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 from typing import Any
 
 from packager.bundle import Bundle, verified
-from packager.errors import VerificationError
+from packager.errors import UsageError, VerificationError
 from packager.runtime.model import Model
 
 __all__ = ["Model", "load"]
@@ -24,8 +26,10 @@ def load(bundle: str | os.PathLike[str] | Bundle, *, verify: bool = False, **ove
     """Load a bundle for generation.
 
     Small files are always checked against the manifest; ``verify=True`` also
-    re-hashes the weights. ``overrides`` (n_ctx, n_threads, n_gpu_layers, seed)
-    replace the bundle's runtime settings for this process.
+    re-hashes the weights. ``overrides`` (n_ctx, n_threads, n_gpu_layers, seed,
+    use_mmap, n_batch, flash_attn) replace the bundle's runtime settings for this process.
+    Threads default to the physical cores this process may use
+    (packager.runtime.threads.default_threads), never more.
     """
     path = bundle.path if isinstance(bundle, Bundle) else bundle
     b = verified(path, weights=verify)
@@ -33,7 +37,20 @@ def load(bundle: str | os.PathLike[str] | Bundle, *, verify: bool = False, **ove
     if fmt == "gguf":
         from packager.runtime.llama import LlamaModel
 
-        return LlamaModel(b, **overrides)
+        return LlamaModel(b, **_checked(overrides, LLAMA_OVERRIDES))
+    if fmt == "onnx":
+        from packager.runtime.onnx import OnnxModel
+
+        return OnnxModel(b, **_checked(overrides, ONNX_OVERRIDES))
     raise VerificationError(f"{b.path}: format {fmt!r} has no runtime in this edgepack; upgrade edgepack")
 
 
+LLAMA_OVERRIDES = ("n_ctx", "n_threads", "n_gpu_layers", "seed", "use_mmap", "n_batch", "flash_attn")
+ONNX_OVERRIDES = ("n_ctx", "n_threads", "seed", "execution_provider")
+
+
+def _checked(overrides: dict[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise UsageError(f"unknown load option(s) {', '.join(unknown)}; use {', '.join(known)}")
+    return overrides

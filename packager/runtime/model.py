@@ -1,20 +1,54 @@
-"""The Model interface every backend implements."""
+"""The Model every backend implements, and the Stream it hands out.
+
+Threading contract (the same for every backend):
+
+- One Model may be shared by any number of threads. Generation is serialized: a
+  stream owns the model's context from its first ``next()`` until it ends (read to
+  the end, ``close()``d, ``cancel()``led, or garbage-collected); another thread's
+  stream, ``generate`` or ``chat`` waits for it. Pieces of two replies never mix.
+  Waiting calls are served first come, first served: a thread that generates in a
+  loop cannot starve another (a UI's request waits for one reply at most per caller
+  ahead of it).
+- ``tokenize``/``detokenize`` only read the vocabulary and never wait for a stream.
+- ``Stream.cancel()`` may be called from any thread (a UI's Stop button): decoding
+  stops before the next token, the stream ends with ``finish_reason == "cancelled"``,
+  and the model is free for the next call at once.
+- ``Model.close()`` from any thread cancels the stream in progress, waits for the
+  token being decoded (never for the rest of the reply), then frees the model. The
+  cancelled stream ends quietly (``finish_reason == "cancelled"``); every later call
+  raises ModelClosedError.
+- One thread may not start a second stream while its own first one is still open:
+  that would wait for itself forever, so it raises UsageError instead.
+
+A backend subclasses Model and implements the five ``_`` hooks below; locking,
+cancellation, stop strings, context checks and truncation live here, once.
+"""
 
 from __future__ import annotations
 
 import threading
+import weakref
 from abc import ABC, abstractmethod
+from collections import deque
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
-from packager.errors import UsageError
+from packager.errors import ContextOverflowError, ModelClosedError, UsageError
+from packager.runtime.stops import StopFilter
 
 Message = dict[str, str]
+TRUNCATE = (None, "left")
 
 
 @dataclass(frozen=True)
 class GenOptions:
-    """Generation options; the bundle's defaults fill what the caller leaves out."""
+    """Generation options; the bundle's defaults fill what the caller leaves out.
+
+    ``truncate="left"`` drops the oldest prompt tokens (for chat: the oldest turns,
+    never the system message or the last message) so that the prompt leaves room for
+    ``min(max_tokens, n_ctx // 2)`` new tokens; without it an over-long prompt raises
+    ContextOverflowError.
+    """
 
     max_tokens: int = 256
     temperature: float = 0.0
@@ -23,6 +57,7 @@ class GenOptions:
     repeat_penalty: float = 1.0
     stop: tuple[str, ...] = field(default=())
     seed: int | None = None
+    truncate: str | None = None
 
     @classmethod
     def build(cls, defaults: dict[str, Any], opts: dict[str, Any]) -> "GenOptions":
@@ -36,52 +71,291 @@ class GenOptions:
         elif merged.get("stop") is not None:
             merged["stop"] = tuple(merged["stop"])
         o = cls(**merged)
-        if o.max_tokens < 1:
-            raise UsageError(f"max_tokens must be at least 1, got {o.max_tokens}")
-        if o.temperature < 0 or not 0 < o.top_p <= 1 or o.top_k < 0:
-            raise UsageError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
+        if not isinstance(o.max_tokens, int) or o.max_tokens < 1:
+            raise UsageError(f"max_tokens must be an integer of at least 1, got {o.max_tokens!r}")
+        if o.temperature < 0 or not 0 < o.top_p <= 1 or o.top_k < 0 or o.repeat_penalty <= 0:
+            raise UsageError("temperature must be >= 0, top_p in (0, 1], top_k >= 0 and repeat_penalty > 0")
+        if o.seed is not None and (not isinstance(o.seed, int) or o.seed < 0):
+            raise UsageError(f"seed must be a non-negative integer, got {o.seed!r}")
+        if o.truncate not in TRUNCATE:
+            raise UsageError(f"truncate must be 'left' or None, got {o.truncate!r}")
+        if not all(isinstance(s, str) for s in o.stop):
+            raise UsageError("stop must be a string or a list of strings")
         return o
+
+    def reserve(self, n_ctx: int) -> int:
+        """Tokens a truncated prompt leaves free for the reply."""
+        return max(1, min(self.max_tokens, n_ctx // 2))
+
+
+class Stream(Iterator[str]):
+    """Text pieces of one reply as they decode. Iterate it, or ``close()``/``cancel()`` it.
+
+    After it ends: ``finish_reason`` is "stop" (end of text or a stop string), "length"
+    (max_tokens or the end of the context), "cancelled" (cancel(), close(), Ctrl-C,
+    Model.close()) or "error" (the exception was raised to the reader); ``n_prompt`` and
+    ``n_generated`` count tokens (``n_generated`` counts sampled tokens, so it can be
+    one more than the text shows when the last one was end-of-text).
+    """
+
+    def __init__(self, model: "Model", prepare: Callable[[GenOptions], tuple[list[int], tuple[str, ...]]],
+                 opts: GenOptions) -> None:
+        self._model = model
+        self._prepare = prepare
+        self._opts = opts
+        self._gen: Iterator[str] | None = None
+        self._started = False
+        self._running = False
+        self._owner: int | None = None
+        self._cancelled = False
+        self._end: str | None = None
+        self.finish_reason: str | None = None
+        self.n_prompt = 0
+        self.n_generated = 0
+
+    # -- control, from any thread ------------------------------------------------
+    def cancel(self) -> None:
+        """Stop decoding before the next token; the stream then ends ("cancelled")."""
+        self._cancelled = True
+        with self._model._cond:  # a stream still waiting for the model stops waiting
+            self._model._cond.notify_all()
+
+    def close(self) -> None:
+        """End the stream now (from the thread reading it) or at its next token (from another)."""
+        self._cancelled = True
+        with self._model._cond:
+            if not self._running:
+                self._finish("cancelled")
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    # -- iteration ------------------------------------------------------------------
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> str:
+        m = self._model
+        me = threading.get_ident()
+        with m._cond:
+            if self.finish_reason is not None:
+                raise StopIteration
+            if self._running:
+                raise UsageError("this stream is being read by another thread; read a stream from one thread at a time")
+            if not self._started:
+                m._queue.append(self)
+                try:
+                    while not m._closed and not self._cancelled and (m._active is not None or m._queue[0] is not self):
+                        if m._active is not None and m._active._owner == me:
+                            raise UsageError("another stream of this model is still open in this thread; "
+                                             "read it to the end or close() it first")
+                        m._cond.wait()
+                finally:
+                    m._queue.remove(self)
+                    m._cond.notify_all()  # the next in line may go
+                if m._closed or self._cancelled:
+                    self._finish("cancelled")
+                    raise StopIteration
+                m._active_ref = weakref.ref(self)
+                self._started = True
+            elif m._closed or self._cancelled:
+                self._finish("cancelled")
+                raise StopIteration
+            self._running = True
+            self._owner = me
+            m._busy += 1
+        reason = None
+        try:
+            if self._gen is None:
+                self._gen = _run(m, self._prepare, self._opts, weakref.ref(self))
+            return next(self._gen)
+        except StopIteration:
+            reason = "cancelled" if self._cancelled else (self._end or "stop")
+            raise
+        except KeyboardInterrupt:  # Ctrl-C: this reply is over, the model stays usable
+            reason = "cancelled"
+            raise
+        except BaseException:
+            reason = "cancelled" if self._cancelled else "error"
+            raise
+        finally:
+            with m._cond:
+                self._running = False
+                m._busy -= 1
+                if reason is not None:
+                    self._finish(reason)
+                m._cond.notify_all()
+
+    def _tick(self) -> bool:
+        """Called by the backend once per sampled token: False means stop now."""
+        self.n_generated += 1
+        return not (self._cancelled or self._model._closed)
+
+    def _finish(self, reason: str) -> None:
+        """End the stream (model._cond held, stream not running in another thread)."""
+        if self.finish_reason is not None:
+            return
+        self.finish_reason = reason
+        if self._gen is not None:
+            self._gen.close()
+        m = self._model
+        if m._active_ref is not None and m._active_ref() in (self, None):
+            m._active_ref = None
+            m._cond.notify_all()
+
+    def __del__(self) -> None:  # an abandoned stream must not hold the model forever
+        try:
+            if self.finish_reason is None and not self._running:
+                with self._model._cond:
+                    self._finish("cancelled")
+        except Exception:
+            pass
+
+
+def _run(m: "Model", prepare: Callable[[GenOptions], tuple[list[int], tuple[str, ...]]], opts: GenOptions,
+         ref: "weakref.ref[Stream]") -> Iterator[str]:
+    """The body of a Stream: prompt, backend pieces, stop strings. Holds the stream only weakly."""
+    ids, extra_stops = prepare(opts)
+
+    def tick() -> bool:
+        s = ref()
+        return s._tick() if s is not None else False
+
+    s = ref()
+    if s is not None:
+        s.n_prompt = len(ids)
+    del s
+    stops = StopFilter(opts.stop + extra_stops)
+    backend = m._generate(ids, opts, tick)
+    try:
+        while True:
+            try:
+                piece = next(backend)
+            except StopIteration as stop:
+                end = stop.value or "stop"
+                tail = stops.flush()
+                if tail:
+                    yield tail
+                break
+            text, hit = stops.feed(piece)
+            if text:
+                yield text
+            if hit:
+                end = "stop"
+                break
+    finally:
+        backend.close()  # a generator closed early stops decoding here
+    s = ref()
+    if s is not None:
+        s._end = end
 
 
 class Model(ABC):
-    """A loaded bundle. Thread-safe: calls are serialized by an internal lock."""
+    """A loaded bundle: generate, stream, chat, tokenize. Thread-safe (see the module doc)."""
+
+    n_ctx: int
+    n_vocab: int | None = None  # set by a backend that knows it: token-id prompts are checked against it
+    defaults: dict[str, Any]
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()
+        self._cond = threading.Condition(threading.RLock())
+        self._active_ref: weakref.ref[Stream] | None = None  # the stream that owns the context
+        self._queue: deque[Stream] = deque()  # streams waiting for the context, first come first served
+        self._busy = 0  # calls executing inside the backend right now
         self._closed = False
+        self.defaults = {}
+
+    # -- backend hooks ---------------------------------------------------------------
+    @abstractmethod
+    def _encode(self, text: str, *, add_special: bool) -> list[int]:
+        """Token ids of ``text``; ``add_special`` adds BOS where the model's tokenizer does."""
 
     @abstractmethod
-    def stream(self, prompt: str, **opts: Any) -> Iterator[str]:
-        """Yield text pieces as they decode. Closing the iterator stops decoding at once."""
+    def _decode_ids(self, ids: Sequence[int]) -> str: ...
 
     @abstractmethod
-    def chat_stream(self, messages: list[Message], **opts: Any) -> Iterator[str]:
-        """Like :meth:`stream`, for a conversation rendered with the bundle's chat template."""
+    def _chat_prompt(self, messages: list[Message]) -> tuple[list[int], tuple[str, ...]]:
+        """The conversation rendered with the bundle's chat template (generation prompt added),
+        as token ids, and any stop strings the template implies."""
 
     @abstractmethod
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]: ...
+    def _generate(self, ids: list[int], opts: GenOptions, tick: Callable[[], bool]) -> Iterator[str]:
+        """Yield text pieces decoded after ``ids`` (which fit the context). Call ``tick()`` once
+        per sampled token and stop at once when it returns False. Stop strings are handled
+        by the caller. Return "stop" (end of text) or "length" (max_tokens, end of context)."""
 
     @abstractmethod
-    def detokenize(self, ids: list[int]) -> str: ...
+    def _free(self) -> None:
+        """Release the engine; no call is running."""
 
-    @abstractmethod
-    def _free(self) -> None: ...
+    # -- public API --------------------------------------------------------------------
+    def stream(self, prompt: str | Sequence[int], **opts: Any) -> Stream:
+        """Yield text pieces of the completion of ``prompt`` (raw text or token ids) as they decode."""
+        o = self._options(opts)
+        if not isinstance(prompt, str) and not (isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt)):
+            raise UsageError("prompt must be a string or a list of token ids")
 
-    def generate(self, prompt: str, **opts: Any) -> str:
+        if not isinstance(prompt, str) and self.n_vocab is not None:
+            bad = [t for t in prompt if not 0 <= t < self.n_vocab]
+            if bad:  # llama.cpp would fail mid-decode on it
+                raise UsageError(f"token id {bad[0]} is not in the vocabulary (0..{self.n_vocab - 1})")
+
+        def prepare(o: GenOptions) -> tuple[list[int], tuple[str, ...]]:
+            ids = self._encode(prompt, add_special=True) if isinstance(prompt, str) else list(prompt)
+            if not ids:  # nothing to continue from: the backend has no logits to sample
+                raise UsageError("the prompt is empty: give some text or token ids")
+            return self._fit(ids, o), ()
+
+        return Stream(self, prepare, o)
+
+    def generate(self, prompt: str | Sequence[int], **opts: Any) -> str:
         """The whole completion of ``prompt`` as one string."""
-        return "".join(self.stream(prompt, **opts))
+        return self._whole(self.stream(prompt, **opts))
 
-    def chat(self, messages: list[Message], *, stream: bool = False, **opts: Any) -> str | Iterator[str]:
-        """The assistant's reply to ``messages`` ([{"role": ..., "content": ...}, ...])."""
+    def chat(self, messages: list[Message], *, stream: bool = False, **opts: Any) -> str | Stream:
+        """The assistant's reply to ``messages`` ([{"role": ..., "content": ...}, ...]), rendered
+        with the bundle's chat template; ``stream=True`` returns a Stream of pieces."""
         pieces = self.chat_stream(messages, **opts)
-        return pieces if stream else "".join(pieces)
+        return pieces if stream else self._whole(pieces)
+
+    def chat_stream(self, messages: list[Message], **opts: Any) -> Stream:
+        """Same as ``chat(messages, stream=True)``."""
+        o = self._options(opts)
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise UsageError('messages must be a non-empty list of {"role": str, "content": str} dicts')
+        msgs = [dict(m) for m in messages]  # the caller may edit its list while we stream
+
+        def prepare(o: GenOptions) -> tuple[list[int], tuple[str, ...]]:
+            return self._fit_chat(msgs, o)
+
+        return Stream(self, prepare, o)
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        """Token ids of ``text`` (with BOS where the model adds one, unless ``add_special=False``)."""
+        with self._using():
+            return self._encode(text, add_special=add_special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        with self._using():
+            return self._decode_ids(list(ids))
 
     def close(self) -> None:
-        """Free the model. Waits for a stream in progress in another thread to finish."""
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._free()
+        """Free the model: cancels a stream in progress (at its next token) and waits for it."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            if self._active is not None:
+                self._active._cancelled = True
+            while self._busy:
+                self._cond.wait()
+            if self._active is not None:
+                self._active._finish("cancelled")
+            self._free()
+            self._cond.notify_all()  # streams waiting for the model end now ("cancelled")
 
     @property
     def closed(self) -> bool:
@@ -92,3 +366,67 @@ class Model(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- internals ------------------------------------------------------------------------
+    def _whole(self, s: Stream) -> str:
+        text = "".join(s)
+        if s.finish_reason == "cancelled":  # only close() can cancel a stream nobody else holds
+            raise ModelClosedError("the model was closed while this call was generating; load the bundle again")
+        return text
+
+    @property
+    def _active(self) -> Stream | None:
+        return self._active_ref() if self._active_ref is not None else None
+
+    def _options(self, opts: dict[str, Any]) -> GenOptions:
+        if self._closed:
+            raise ModelClosedError("this model is closed; load the bundle again")
+        return GenOptions.build(self.defaults, opts)
+
+    def _using(self):
+        model = self
+
+        class _Use:
+            def __enter__(self) -> None:
+                with model._cond:
+                    if model._closed:
+                        raise ModelClosedError("this model is closed; load the bundle again")
+                    model._busy += 1
+
+            def __exit__(self, *exc: object) -> None:
+                with model._cond:
+                    model._busy -= 1
+                    model._cond.notify_all()
+
+        return _Use()
+
+    def _overflow(self, n_prompt: int, what: str = "the prompt") -> ContextOverflowError:
+        return ContextOverflowError(
+            f"{what} has {n_prompt} tokens but the context holds {self.n_ctx}; shorten it, "
+            f"pass truncate='left', or load with a larger n_ctx"
+        )
+
+    def _fit(self, ids: list[int], o: GenOptions) -> list[int]:
+        """The prompt ids, cut on the left only when asked; a prompt that leaves no room raises."""
+        if o.truncate == "left" and len(ids) + o.reserve(self.n_ctx) > self.n_ctx:
+            keep = self.n_ctx - o.reserve(self.n_ctx)
+            bos = self._encode("", add_special=True)[:1]  # keep a leading BOS: the model expects it
+            if bos and ids[:1] == bos:
+                return bos + ids[len(ids) - keep + 1:]
+            return ids[len(ids) - keep:]
+        if len(ids) >= self.n_ctx:
+            raise self._overflow(len(ids))
+        return ids
+
+    def _fit_chat(self, msgs: list[Message], o: GenOptions) -> tuple[list[int], tuple[str, ...]]:
+        """Render the conversation; with truncate='left', drop the oldest turns until it fits."""
+        while True:
+            ids, stops = self._chat_prompt(msgs)
+            room = o.reserve(self.n_ctx) if o.truncate == "left" else 1
+            if len(ids) + room <= self.n_ctx:
+                return ids, stops
+            droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
+            if o.truncate != "left" or not droppable:
+                what = "the conversation" if o.truncate != "left" else "the last message (with the system prompt)"
+                raise self._overflow(len(ids), what)
+            del msgs[droppable[0]]

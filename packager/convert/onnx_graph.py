@@ -1,0 +1,238 @@
+"""The ONNX decoder graph edgepack writes, in the shape ONNX Runtime GenAI's model builder emits.
+
+Per layer: SimplifiedLayerNormalization (or SkipSimplifiedLayerNormalization, which also
+adds the residual), one MatMulNBits over the packed q/k/v rows (with the qkv bias as
+its bias input), GroupQueryAttention with rotary embedding inside (cos/sin caches),
+MatMulNBits for o_proj, then the SwiGLU MLP (gate and up as one MatMulNBits, then Split);
+a final norm and lm_head. The graph's inputs and outputs carry the names genai_config.json
+declares (input_ids, attention_mask, past_key_values.N.key/value -> logits,
+present.N.key/value).
+
+Initializers never pass through memory here: the layout decides each one's offset in
+model.onnx.data up front, the converter writes the bytes there as it produces them,
+and the graph refers to them as external data. Only this small proto is serialized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+ALIGN = 4096  # page-aligned offsets let ONNX Runtime map large initializers from the file
+MS = "com.microsoft"
+OPSET = 21
+
+
+@dataclass(frozen=True)
+class Init:
+    """One initializer stored in the external data file."""
+
+    name: str
+    dtype: int  # TensorProto data type
+    shape: tuple[int, ...]
+    offset: int = -1
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * onnx.helper.tensor_dtype_to_np_dtype(self.dtype).itemsize
+
+
+@dataclass
+class Layout:
+    """Initializers and their offsets in the data file, assigned in the order they are declared."""
+
+    data_file: str = "model.onnx.data"
+    inits: dict[str, Init] = field(default_factory=dict)
+    size: int = 0
+
+    def add(self, name: str, dtype: int, shape: tuple[int, ...], *, alias_of: str | None = None) -> Init:
+        """Declare an initializer; ``alias_of`` makes it a second view (other shape) of another's bytes."""
+        if name in self.inits:
+            raise ValueError(f"initializer {name!r} declared twice")
+        if alias_of is not None:
+            init = Init(name, dtype, tuple(shape), self.inits[alias_of].offset)
+            if init.nbytes != self.inits[alias_of].nbytes:
+                raise ValueError(f"{name}: alias of {alias_of} with a different byte size")
+        else:
+            offset = self.size + (-self.size % ALIGN)
+            init = Init(name, dtype, tuple(shape), offset)
+            self.size = offset + init.nbytes
+        self.inits[name] = init
+        return init
+
+    def tensor_protos(self) -> list[TensorProto]:
+        out = []
+        for init in self.inits.values():
+            t = TensorProto()
+            t.name, t.data_type = init.name, init.dtype
+            t.dims.extend(init.shape)
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", self.data_file), ("offset", str(init.offset)), ("length", str(init.nbytes))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            out.append(t)
+        return out
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The decoder's shape, as the graph needs it."""
+
+    n_layers: int
+    hidden: int
+    intermediate: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    rms_eps: float
+    rotary_dim: int
+    max_positions: int
+    attn_scale: float
+    window: int = -1  # sliding-window size for GroupQueryAttention's local_window_size; -1: none
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How linear layers are stored: int4 blocks for MatMulNBits, or f32 (a reference graph for tests)."""
+
+    int4: bool = True
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 4  # MatMulNBits' activation precision: 4 = int8 dot products (CPU's fastest)
+
+    def linear_inits(self, layout: Layout, base: str, n: int, k: int) -> None:
+        """Declare the initializers of one linear layer with ``n`` outputs over ``k`` inputs."""
+        if not self.int4:
+            layout.add(f"{base}.weight", TensorProto.FLOAT, (n, k))
+            return
+        nb = -(-k // self.block_size)
+        layout.add(f"{base}.weight_Q4", TensorProto.UINT8, (n, nb, self.block_size // 2))
+        layout.add(f"{base}.weight_scales", TensorProto.FLOAT, (n, nb))
+        if not self.symmetric:
+            layout.add(f"{base}.weight_zp", TensorProto.UINT8, (n, -(-nb // 2)))
+
+
+class GraphBuilder:
+    """Collects nodes and value infos; emits the ModelProto."""
+
+    def __init__(self, dims: Dims, fmt: WeightFormat, layout: Layout) -> None:
+        self.d, self.fmt, self.layout = dims, fmt, layout
+        self.nodes: list[onnx.NodeProto] = []
+        self.consts: list[TensorProto] = []
+
+    def node(self, op: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "",
+             outputs: list[str] | None = None, **attrs) -> list[str]:
+        outputs = outputs or [f"{name}/output_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
+        return outputs
+
+    def const_i64(self, name: str, values: list[int] | int) -> str:
+        arr = np.array(values, dtype=np.int64)
+        self.consts.append(onnx.numpy_helper.from_array(arr, name))
+        return name
+
+    def linear(self, base: str, x: str, n: int, k: int, name: str, bias: str | None = None,
+               out: str | None = None) -> str:
+        outs = [out] if out else None
+        if self.fmt.int4:
+            inputs = [x, f"{base}.weight_Q4", f"{base}.weight_scales"]
+            if not self.fmt.symmetric:
+                inputs.append(f"{base}.weight_zp")
+            if bias:
+                inputs += [""] * (5 - len(inputs)) + [bias]
+            return self.node("MatMulNBits", inputs, name, domain=MS, outputs=outs, K=k, N=n, bits=4,
+                             block_size=self.fmt.block_size, accuracy_level=self.fmt.accuracy_level)[0]
+        (wt,) = self.node("Transpose", [f"{base}.weight"], f"{name}/Transpose", perm=[1, 0])
+        if bias:
+            (y,) = self.node("MatMul", [x, wt], name)
+            return self.node("Add", [y, bias], f"{name}/Bias", outputs=outs)[0]
+        return self.node("MatMul", [x, wt], name, outputs=outs)[0]
+
+    def build(self, *, qkv_bias: bool, embed_base: str | None, embed_zp: str | None) -> onnx.ModelProto:
+        """The whole decoder; ``embed_base`` names the int4 linear whose blocks the embedding gathers
+        (None: an f32 embedding table), ``embed_zp`` its zero points."""
+        d = self.d
+        q_n, kv_n = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
+        # Attention-mask bookkeeping GroupQueryAttention wants: per-row lengths - 1, total length.
+        one = self.const_i64("/model/constants/INT64/[1]", [1])
+        (ssum,) = self.node("ReduceSum", ["attention_mask", one], "/model/attn_mask/ReduceSum", keepdims=0)
+        (sub,) = self.node("Sub", [ssum, one], "/model/attn_mask/Sub")
+        (seqlens_k,) = self.node("Cast", [sub], "/model/attn_mask/Sub/Cast", to=TensorProto.INT32)
+        (shape,) = self.node("Shape", ["attention_mask"], "/model/attn_mask/Shape")
+        idx1 = self.const_i64("/model/constants/INT64/1", 1)
+        (total,) = self.node("Gather", [shape, idx1], "/model/attn_mask/Gather", axis=0)
+        (total_len,) = self.node("Cast", [total], "/model/attn_mask/Gather/Cast", to=TensorProto.INT32)
+
+        if embed_base is not None:
+            inputs = ["model.embed_tokens.qdata", "input_ids", f"{embed_base}.weight_scales", embed_zp or ""]
+            (h,) = self.node("GatherBlockQuantized", inputs, "/model/embed_tokens/GatherBlockQuantized", domain=MS,
+                             bits=4, block_size=self.fmt.block_size, gather_axis=0, quantize_axis=1)
+        else:
+            (h,) = self.node("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/embed_tokens/Gather")
+        residual, pending = h, None  # pending: the output to add to the residual at the next norm
+        for i in range(d.n_layers):
+            p = f"/model/layers.{i}"
+            x, residual = self._norm(f"model.layers.{i}.input_layernorm.weight", residual, pending, f"{p}/input_layernorm")
+            qkv = self.linear(f"model.layers.{i}.attn.qkv_proj", x, q_n + 2 * kv_n, d.hidden, f"{p}/attn/qkv_proj/MatMul",
+                              bias=f"model.layers.{i}.attn.qkv_proj.bias" if qkv_bias else None)
+            attrs = dict(num_heads=d.n_heads, kv_num_heads=d.n_kv_heads, scale=d.attn_scale, softcap=0.0,
+                         do_rotary=1, rotary_interleaved=0)
+            if d.window > 0:
+                attrs["local_window_size"] = d.window
+            self.nodes.append(helper.make_node(
+                "GroupQueryAttention",
+                [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
+                 "cos_cache", "sin_cache"],
+                [f"{p}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
+                name=f"{p}/attn/GroupQueryAttention", domain=MS, **attrs))
+            attn = self.linear(f"model.layers.{i}.attn.o_proj", f"{p}/attn/GroupQueryAttention/output_0", d.hidden, q_n,
+                               f"{p}/attn/o_proj/MatMul")
+            x, residual = self._norm(f"model.layers.{i}.post_attention_layernorm.weight", residual, attn,
+                                     f"{p}/post_attention_layernorm")
+            gate_up = self.linear(f"model.layers.{i}.mlp.gate_up_proj", x, 2 * d.intermediate, d.hidden,
+                                  f"{p}/mlp/gate_up_proj/MatMul")
+            gate, up = self.node("Split", [gate_up], f"{p}/mlp/Split", n_out=2, axis=-1, num_outputs=2)
+            (sig,) = self.node("Sigmoid", [gate], f"{p}/mlp/act_fn/Sigmoid")
+            (silu,) = self.node("Mul", [gate, sig], f"{p}/mlp/act_fn/Mul")
+            (act,) = self.node("Mul", [silu, up], f"{p}/mlp/Mul")
+            pending = self.linear(f"model.layers.{i}.mlp.down_proj", act, d.hidden, d.intermediate,
+                                  f"{p}/mlp/down_proj/MatMul")
+        (final,) = self.node("SkipSimplifiedLayerNormalization", [residual, pending, "model.norm.weight"],
+                             "/model/norm", domain=MS, epsilon=d.rms_eps)
+        self.linear("lm_head", final, d.vocab, d.hidden, "/lm_head/MatMul", out="logits")
+        return self._model()
+
+    def _norm(self, weight: str, residual: str, pending: str | None, name: str) -> tuple[str, str]:
+        """RMS-normalize residual (+ pending, which is then folded into the residual)."""
+        if pending is None:
+            (y,) = self.node("SimplifiedLayerNormalization", [residual, weight], name, axis=-1,
+                             epsilon=self.d.rms_eps, stash_type=1)
+            return y, residual
+        y, _, _, summed = self.node("SkipSimplifiedLayerNormalization", [residual, pending, weight], name, n_out=4,
+                                    domain=MS, epsilon=self.d.rms_eps)
+        self.nodes[-1].output[1] = ""  # mean and inverse std dev: not needed
+        self.nodes[-1].output[2] = ""
+        return y, summed
+
+    def _model(self) -> onnx.ModelProto:
+        d = self.d
+        f32 = TensorProto.FLOAT
+        kv = lambda name, seq: helper.make_tensor_value_info(name, f32, ["batch_size", d.n_kv_heads, seq, d.head_dim])
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
+        outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", d.vocab])]
+        for i in range(d.n_layers):
+            inputs += [kv(f"past_key_values.{i}.key", "past_sequence_length"),
+                       kv(f"past_key_values.{i}.value", "past_sequence_length")]
+            outputs += [kv(f"present.{i}.key", "total_sequence_length"),
+                        kv(f"present.{i}.value", "total_sequence_length")]
+        graph = helper.make_graph(self.nodes, "edgepack", inputs, outputs,
+                                  initializer=self.consts + self.layout.tensor_protos())
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                                  producer_name="edgepack")
+        model.ir_version = 10
+        return model

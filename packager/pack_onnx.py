@@ -1,0 +1,110 @@
+"""`pack model --format onnx`: an int4 ONNX bundle for onnxruntime-genai.
+
+    <name>-<target>/
+      manifest.json
+      model/model.onnx, model/model.onnx.data, model/genai_config.json,
+      model/tokenizer.json, model/tokenizer_config.json, ...   (genai reads them from one folder)
+      LICENSE, README.md
+
+pack.py calls :func:`pack_onnx` once the plan says ONNX; the graph itself is written by
+packager/convert/onnx.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from packager import __version__
+from packager.bundle import BundleWriter
+from packager.errors import UsageError
+from packager.plan import Overrides, plan
+from packager.profiles import Target
+from packager.progress import say
+from packager.source import Source
+from packager.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from packager.pack import PackOptions, PackResult
+
+MODEL_DIR = "model"
+# The GGUF type of the same bits per weight, so the planner's memory formula sizes the ONNX
+# weights: int4 + one f32 scale per block is 4 + 32/block bits (block 32: 5.0 = Q4_1's 20 bytes
+# per 32 weights; 64: 4.5 = Q4_0; 128: 4.25 = IQ4_XS).
+PLAN_EQUIVALENT = {32: "Q4_1", 64: "Q4_0", 128: "IQ4_XS"}
+# What the streaming converter holds beyond mapped weights: row blocks in flight (measured on a
+# 3B model: benchmarks/onnx_pack.py) and the graph proto.
+CONVERTER_RSS = 1 << 30
+
+
+def onnx_options(opts: "PackOptions", target: Target):
+    from packager.convert.onnx import OnnxOptions, execution_provider
+
+    block = opts.onnx_block_size
+    if block not in PLAN_EQUIVALENT:
+        raise UsageError(f"--block-size {block} is not supported; use {', '.join(map(str, PLAN_EQUIVALENT))}")
+    return OnnxOptions(block_size=block, symmetric=not opts.onnx_asymmetric, accuracy_level=opts.onnx_accuracy_level,
+                       execution_provider=execution_provider(target.backends, target.name))
+
+
+def check_request(src: Source, opts: "PackOptions") -> None:
+    """What --format onnx cannot do with this source or these options."""
+    if opts.quant:
+        raise UsageError(f"--quant {opts.quant} picks a GGUF type; ONNX bundles are int4 (choose --block-size, "
+                         "--asymmetric, --accuracy-level), or pass --format gguf")
+    if src.kind != "hf":
+        raise UsageError(f"{src.path.name} is a GGUF file; ONNX bundles are built from a Hugging Face checkpoint "
+                         "(a directory or hub id), or pass --format gguf")
+    if not src.weight_files:
+        raise UsageError("ONNX bundles need safetensors weights; this source has pickle weights only")
+
+
+def pack_onnx(src: Source, spec: ModelSpec, tgt: Target, overrides: Overrides, opts: "PackOptions",
+              warnings: list[str]) -> "PackResult":
+    """Convert ``src`` to an ONNX int4 bundle for ``tgt``; everything is checked before any work."""
+    from packager.convert.onnx import convert, onnx_arch_for
+    from packager.pack import LICENSE_NAMES, PackResult, generation_defaults, model_card
+    from packager.preflight import check_disk, check_memory
+
+    check_request(src, opts)
+    onnx_arch_for(spec.architecture)  # an unsupported architecture or target fails before any work
+    oo = onnx_options(opts, tgt)
+    p = plan(spec, tgt, replace(overrides, quant=PLAN_EQUIVALENT[oo.block_size], format="onnx"))
+    p = replace(p, quant=oo.quant_name, notes=p.notes + (
+        f"ONNX int4 block {oo.block_size} sized as {PLAN_EQUIVALENT[oo.block_size]} (same bits per weight)",))
+    final = Path(opts.output) / f"{src.name}-{tgt.name}"
+    check_disk(final.parent, p.memory.weights)
+    check_memory(CONVERTER_RSS, "the conversion")
+    with BundleWriter(final, force=opts.force) as bw:
+        say(f"converting {src.name} to ONNX {oo.quant_name} ({oo.execution_provider}) for {tgt.name}", quiet=opts.quiet)
+        model_dir = bw.path(f"{MODEL_DIR}/model.onnx").parent
+        result = convert(src, model_dir, oo, n_ctx=p.n_ctx, n_threads=opts.n_threads, quiet=opts.quiet)
+        src = src.with_hashes(result.source_sha256)
+        for name in LICENSE_NAMES:
+            if (src.path / name).is_file():
+                bw.add_file(name, src.path / name)
+        model_rel = f"{MODEL_DIR}/model.onnx"
+        bw.add_text("README.md", model_card(src, tgt, p, model_rel))
+        manifest: dict[str, Any] = {
+            "edgepack_version": __version__,
+            "name": src.name,
+            "source": src.manifest(),
+            "target": {"name": tgt.name, "profile": tgt.as_dict()},
+            "format": "onnx",
+            "quant": oo.quant_name,
+            "model_file": model_rel,
+            "onnx": result.details["onnx"],
+            "runtime": {
+                "n_ctx": p.n_ctx, "n_threads": p.n_threads, "n_gpu_layers": 0, "kv_type": "f32",
+                "execution_provider": oo.execution_provider, "generation": generation_defaults(src.path),
+            },
+            "plan": p.as_dict(),
+            "predicted": {"memory_bytes": p.memory.total, "decode_tokens_per_s": p.predicted_decode_tps,
+                          "prefill_tokens_per_s": p.predicted_prefill_tps},
+            "tokenizer_check": {"status": "not applicable",
+                                "reason": "onnxruntime-genai runs the source's own tokenizer.json"},
+            "warnings": warnings,
+        }
+        path = bw.commit(manifest, quiet=opts.quiet)
+    return PackResult(path, bw.manifest, warnings)

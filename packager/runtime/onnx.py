@@ -1,0 +1,155 @@
+"""ONNX bundles through onnxruntime-genai.
+
+The bundle's model/ folder is what onnxruntime-genai reads: model.onnx, its external
+data, genai_config.json and the tokenizer files. Tokens are driven by genai's own
+Generator (its KV cache shares one buffer between steps) and decoded to text by its
+TokenizerStream, one piece per token. Prompts are encoded with the tokenizer.json
+through the ``tokenizers`` library, which (unlike genai's encoder) can leave out the
+special tokens a chat template has already written.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any, Callable, Iterator, Sequence
+
+from packager.bundle import Bundle
+from packager.errors import BackendMissingError, BundleError, UsageError, missing_backend
+from packager.runtime.model import GenOptions, Message, Model
+from packager.runtime.threads import default_threads
+
+
+def _genai():
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise missing_backend("onnxruntime-genai", "onnx") from None
+    return og
+
+
+def _token_text(value: Any) -> str:
+    """tokenizer_config.json writes special tokens as strings or as AddedToken dicts."""
+    if isinstance(value, dict):
+        return str(value.get("content") or "")
+    return value if isinstance(value, str) else ""
+
+
+class OnnxModel(Model):
+    """An ONNX int4 bundle loaded into onnxruntime-genai."""
+
+    def __init__(self, bundle: Bundle, *, n_ctx: int | None = None, n_threads: int | None = None,
+                 seed: int | None = None, execution_provider: str | None = None) -> None:
+        super().__init__()
+        og = _genai()
+        from tokenizers import Tokenizer
+
+        runtime = bundle.manifest.get("runtime", {})
+        self.bundle = bundle
+        self.model_dir = bundle.model_file.parent  # model/model.onnx: genai reads the whole folder
+        genai_cfg = json.loads((self.model_dir / "genai_config.json").read_text(encoding="utf-8"))
+        max_ctx = int(genai_cfg["model"]["context_length"])
+        self.n_ctx = int(n_ctx or runtime.get("n_ctx") or 2048)
+        self.n_threads = int(n_threads or default_threads())
+        if self.n_ctx < 16 or self.n_threads < 1:
+            raise UsageError(f"n_ctx must be >= 16 and n_threads >= 1, got n_ctx={self.n_ctx}, n_threads={self.n_threads}")
+        if self.n_ctx > max_ctx:
+            raise UsageError(f"n_ctx {self.n_ctx} is beyond the model's {max_ctx} positions; load with n_ctx <= {max_ctx}")
+        self.defaults = dict(runtime.get("generation", {}))
+        self._seeds = random.Random(seed)
+        eos = genai_cfg["model"].get("eos_token_id")
+        self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self._vocab = int(genai_cfg["model"]["vocab_size"])
+        config = og.Config(str(self.model_dir))
+        ep = execution_provider or runtime.get("execution_provider", "cpu")
+        config.clear_providers()  # genai_config.json's provider goes; CPU is genai's default
+        if ep != "cpu":
+            config.append_provider(ep)
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": self.n_threads, "inter_op_num_threads": 1}}}}))
+        try:
+            self._model = og.Model(config)
+        except Exception as exc:  # onnxruntime's own error: a damaged or mismatched bundle, or a missing EP
+            reason = " ".join(str(exc).split())[:300]
+            if ep != "cpu" and "not supported in this build" in reason:
+                raise BackendMissingError(f"{bundle.path} is built for the {ep} execution provider, which the "
+                                          f"installed onnxruntime-genai lacks ({reason}); load it with "
+                                          f"execution_provider='cpu' or install a build with {ep}") from None
+            raise BundleError(f"{self.model_dir}: onnxruntime-genai cannot load it ({reason}); "
+                              f"run `pack verify {bundle.path}`") from None
+        self._og = og
+        self._genai_tok = og.Tokenizer(self._model)
+        self._tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        self._tok_config = self._read_tok_config()
+
+    def _read_tok_config(self) -> dict[str, Any]:
+        try:
+            cfg = json.loads((self.model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return cfg if isinstance(cfg, dict) else {}
+
+    # -- tokens -------------------------------------------------------------------------
+    def _encode(self, text: str, *, add_special: bool) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special).ids)
+
+    def _decode_ids(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def _chat_template(self) -> str:
+        template = self.bundle.manifest.get("runtime", {}).get("chat_template") or self._tok_config.get("chat_template")
+        if not template and (self.model_dir / "chat_template.jinja").is_file():
+            template = (self.model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+        if isinstance(template, list):  # the named-templates form: take the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if not template:
+            raise UsageError(f"{self.bundle.path}: the model has no chat template; use generate() or stream() "
+                             f"with a raw prompt")
+        return template
+
+    def _chat_prompt(self, messages: list[Message]) -> tuple[list[int], tuple[str, ...]]:
+        from packager.chat_template import render
+
+        eos = _token_text(self._tok_config.get("eos_token"))
+        text = render(self._chat_template(), messages, add_generation_prompt=True, eos_token=eos,
+                      bos_token=_token_text(self._tok_config.get("bos_token")))
+        # The template writes every special token itself, as transformers' apply_chat_template assumes.
+        return self._encode(text, add_special=False), ((eos,) if eos else ())
+
+    # -- generation -----------------------------------------------------------------------
+    def _generate(self, ids: list[int], opts: GenOptions, tick: Callable[[], bool]) -> Iterator[str]:
+        og = self._og
+        max_new = min(opts.max_tokens, self.n_ctx - len(ids))
+        params = og.GeneratorParams(self._model)
+        search: dict[str, Any] = {"max_length": len(ids) + max_new, "repetition_penalty": float(opts.repeat_penalty)}
+        if opts.temperature > 0:
+            search.update(do_sample=True, temperature=float(opts.temperature), top_p=float(opts.top_p),
+                          top_k=int(opts.top_k or self._vocab),
+                          random_seed=int(opts.seed if opts.seed is not None else self._seeds.randrange(2**31)))
+        else:
+            search.update(do_sample=False, top_k=1)
+        params.set_search_options(**search)
+        gen = og.Generator(self._model, params)
+        try:
+            gen.append_tokens(ids)  # the prompt, in one pass
+            stream = self._genai_tok.create_stream()
+            n = 0
+            while True:
+                if not tick():
+                    return "cancelled"
+                gen.generate_next_token()
+                token = int(gen.get_next_tokens()[0])
+                if token in self._eos:
+                    return "stop"
+                n += 1
+                piece = stream.decode(token)
+                if piece:
+                    yield piece
+                if n >= max_new or gen.is_done():
+                    return "length"
+        finally:
+            del gen
+
+    def _free(self) -> None:
+        self._genai_tok = None
+        self._model = None

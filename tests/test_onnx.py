@@ -1,0 +1,313 @@
+"""ONNX int4 bundles: the int4 kernel against ONNX Runtime's, the graph against transformers,
+`pack model --format onnx` end to end through onnxruntime-genai, and the errors.
+
+Default run (~40 s): tiny random Qwen2 (qkv bias, tied) and Llama (llama3 RoPE scaling)
+fixtures. Slow: the real SmolLM2-135M-Instruct, whose int4 greedy answers must agree with
+transformers' f32 ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime_genai")
+
+from packager.convert.onnx import OnnxOptions, convert  # noqa: E402
+from packager.errors import UnsupportedArchitectureError, UsageError  # noqa: E402
+from packager.kernels.int4 import dequantize_int4, quantize_int4  # noqa: E402
+from packager.pack import PackOptions, pack_model  # noqa: E402
+from packager.source import resolve  # noqa: E402
+
+ENV = dict(os.environ, EDGEPACK_NO_PROGRESS="1")
+
+
+# -- the int4 kernel ---------------------------------------------------------------------------
+
+def _ort_quantize(w: np.ndarray, block: int, symmetric: bool):
+    """ONNX Runtime's own C++ routine (what MatMulNBitsQuantizer calls), on the same [N, K] matrix."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    n, k = w.shape
+    nb = -(-k // block)
+    wt = np.ascontiguousarray(np.pad(w, ((0, 0), (0, nb * block - k))).T)  # it wants MatMul's [K, N]
+    packed = np.zeros((n, nb, block // 2), np.uint8)
+    zp = np.zeros((n, -(-nb // 2)), np.uint8)
+    scales = np.zeros((n, nb), np.float32)
+    quantize_matmul_4bits(packed, wt, scales, zp, block, n, nb * block, symmetric)
+    return packed, scales, zp
+
+
+@pytest.mark.parametrize("block", [32, 64, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_blocks_equal_onnxruntime_quantizer(block, symmetric):
+    rng = np.random.default_rng(block + symmetric)
+    w = (rng.standard_normal((48, 3 * block + block // 2)) * 0.05).astype(np.float32)  # K padded to whole blocks
+    w[0, :block] = 0.0  # an all-zero block
+    w[1, 0], w[1, 1] = 0.25, -0.25  # a tie between the extremes: MLAS takes the negative one
+    w[2, :block] = np.abs(w[2, :block]) + 0.1  # all positive: asymmetric widens the range to 0
+    packed, scales, zp = _ort_quantize(w, block, symmetric)
+    q = quantize_int4(w, block, symmetric)
+    np.testing.assert_array_equal(q.packed, packed)
+    np.testing.assert_array_equal(q.scales, scales)
+    if symmetric:
+        assert q.zero_points is None
+    else:
+        np.testing.assert_array_equal(q.zero_points, zp)  # the odd count's spare nibble included
+
+
+def test_int4_dequantized_error_is_within_a_step():
+    # Rounding costs at most half a step; the end of the range opposite the block's extreme may
+    # clip by up to one (symmetric: codes -8..7 with -8 on the extreme; asymmetric: the zero
+    # point is rounded).
+    w = (np.random.default_rng(3).standard_normal((16, 256)) * 0.1).astype(np.float32)
+    for symmetric in (True, False):
+        q = quantize_int4(w, 32, symmetric)
+        err = np.abs(dequantize_int4(q, 256) - w).reshape(16, 8, 32)
+        step = np.abs(q.scales)[:, :, None]
+        assert (err <= step * 1.0001).all()
+        assert err.mean() < 0.3 * step.mean()
+
+
+def test_bad_block_size_is_refused():
+    with pytest.raises(ValueError, match="block size 48"):
+        quantize_int4(np.zeros((2, 96), np.float32), 48)
+
+
+# -- the graph against transformers --------------------------------------------------------------
+
+def _ort_logits(model_dir: Path, ids: np.ndarray) -> np.ndarray:
+    """One forward pass of the graph with an empty KV cache, through plain onnxruntime."""
+    import onnxruntime as ort
+
+    cfg = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    sess = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for i in range(cfg["num_hidden_layers"]):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((ids.shape[0], cfg["num_key_value_heads"], 0,
+                                                           cfg["head_size"]), np.float32)
+    return sess.run(["logits"], feeds)[0]
+
+
+def _hf_logits(model_dir: Path, ids: np.ndarray) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])
+def test_f32_graph_computes_what_transformers_computes(fixture, request, tmp_path):
+    """The graph itself (qkv bias, tied lm_head, GQA with RoPE caches incl. llama3 scaling), unquantized."""
+    src = request.getfixturevalue(fixture)
+    convert(resolve(src, hash_files=False, quiet=True), tmp_path, OnnxOptions(int4=False), quiet=True)
+    ids = np.array([[1, 400, 1200, 77, 9000, 31, 5, 600, 2048, 13, 99, 3]], dtype=np.int64)
+    ours, ref = _ort_logits(tmp_path, ids), _hf_logits(src, ids)
+    np.testing.assert_allclose(ours, ref, atol=2e-4 * np.abs(ref).max())
+
+
+def _external(model_dir: Path) -> dict[str, tuple[int, int, tuple[int, ...]]]:
+    """name -> (offset, length, shape) of every initializer in model.onnx.data."""
+    import onnx
+
+    m = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    out = {}
+    for t in m.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            kv = {e.key: e.value for e in t.external_data}
+            out[t.name] = (int(kv["offset"]), int(kv["length"]), tuple(t.dims))
+    return out
+
+
+def test_int4_graph_computes_its_dequantized_weights(tiny_qwen2, tmp_path):
+    """MatMulNBits and GatherBlockQuantized read our blocks as we meant them: the int4 graph equals
+    the f32 graph whose weights are replaced by the dequantized int4 blocks (layout, packed q/k/v
+    rows, nibble order, scales, the tied embedding's shared blocks)."""
+    from packager.kernels.int4 import Int4Blocks
+
+    src = resolve(tiny_qwen2, hash_files=False, quiet=True)
+    convert(src, tmp_path / "f32", OnnxOptions(int4=False), quiet=True)
+    convert(src, tmp_path / "int4", OnnxOptions(accuracy_level=0), quiet=True)
+    q_inits, f_inits = _external(tmp_path / "int4"), _external(tmp_path / "f32")
+    q_data = np.memmap(tmp_path / "int4" / "model.onnx.data", dtype=np.uint8, mode="r")
+    f_data = np.memmap(tmp_path / "f32" / "model.onnx.data", dtype=np.uint8, mode="r+")
+
+    def read(name: str, dtype) -> np.ndarray:
+        off, length, shape = q_inits[name]
+        return np.frombuffer(q_data[off:off + length].tobytes(), dtype=dtype).reshape(shape)
+
+    replaced = 0
+    for name, (off, length, shape) in f_inits.items():
+        base = name.removesuffix(".weight")
+        if base == "model.embed_tokens":
+            base = "lm_head"  # tied: the embedding is gathered from lm_head's blocks
+        if f"{base}.weight_Q4" not in q_inits:
+            continue
+        deq = dequantize_int4(Int4Blocks(read(f"{base}.weight_Q4", np.uint8),
+                                         read(f"{base}.weight_scales", np.float32), None), shape[1])
+        f_data[off:off + length] = np.ascontiguousarray(deq, dtype=np.float32).view(np.uint8).ravel()
+        replaced += 1
+    f_data.flush()
+    assert replaced == 2 * 4 + 2  # qkv, o, gate_up, down in each of 2 layers; lm_head; embedding
+    ids = np.array([[1, 400, 1200, 77, 9000, 31, 5, 600]], dtype=np.int64)
+    ref, q = _ort_logits(tmp_path / "f32", ids), _ort_logits(tmp_path / "int4", ids)
+    np.testing.assert_allclose(q, ref, atol=1e-4 * np.abs(ref).max())
+    data = (tmp_path / "int4" / "model.onnx.data").stat().st_size
+    assert data < 0.2 * (tmp_path / "f32" / "model.onnx.data").stat().st_size  # int4 + f32 scales: ~5/32
+
+
+# -- pack model --format onnx -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def qwen_onnx(tiny_qwen2, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist-onnx")
+    return pack_model(tiny_qwen2, PackOptions(format="onnx", output=out, quiet=True)).path
+
+
+def test_onnx_bundle_is_complete_and_verified(qwen_onnx, tiny_qwen2):
+    from packager.bundle import verify
+
+    man = json.loads((qwen_onnx / "manifest.json").read_text())
+    assert man["format"] == "onnx" and man["quant"] == "INT4_B32" and man["model_file"] == "model/model.onnx"
+    assert man["onnx"]["block_size"] == 32 and man["onnx"]["execution_provider"] == "cpu"
+    files = {f["path"] for f in man["files"]}
+    assert {"model/model.onnx", "model/model.onnx.data", "model/genai_config.json", "model/tokenizer.json",
+            "model/tokenizer_config.json", "README.md", "LICENSE"} <= files
+    assert man["source"]["files"] and all(len(f["sha256"]) == 64 for f in man["source"]["files"])
+    assert verify(qwen_onnx) == []
+    genai = json.loads((qwen_onnx / "model" / "genai_config.json").read_text())
+    assert genai["model"]["type"] == "qwen2" and genai["model"]["eos_token_id"] == [151645, 151643]
+    assert genai["search"]["max_length"] == man["runtime"]["n_ctx"]
+    # Only the small graph is in model.onnx; every weight is external data.
+    assert (qwen_onnx / "model" / "model.onnx").stat().st_size < 100_000
+
+
+def test_onnx_bundle_generates_through_packager_load(qwen_onnx):
+    import packager
+
+    with packager.load(qwen_onnx) as m:
+        ids = m.tokenize("Hello world", add_special=False)
+        assert m.detokenize(ids) == "Hello world"
+        s = m.stream("The quick brown fox", max_tokens=8)
+        text = "".join(s)
+        assert text and s.n_generated == 8 and s.finish_reason == "length"
+        assert m.generate("The quick brown fox", max_tokens=8) == text  # greedy: the same again
+        reply = m.chat([{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert isinstance(reply, str) and reply
+        a = m.generate("Once", max_tokens=6, temperature=1.0, seed=7)
+        assert a == m.generate("Once", max_tokens=6, temperature=1.0, seed=7)  # seeded sampling repeats
+
+
+def test_onnx_bundle_greedy_equals_its_own_graph(qwen_onnx):
+    """genai's loop (prompt, then KV-cached steps) picks the argmax of the graph's full forward pass."""
+    import packager
+
+    model_dir = qwen_onnx / "model"
+    with packager.load(qwen_onnx) as m:
+        prompt = m.tokenize("The capital of France is", add_special=False)
+        generated = m.tokenize(m.generate(prompt, max_tokens=3), add_special=False)
+        ids = list(prompt)
+        for _ in range(3):
+            ids.append(int(_ort_logits(model_dir, np.array([ids], dtype=np.int64))[0, -1].argmax()))
+        assert m.detokenize(ids[len(prompt):]) == m.detokenize(generated)
+
+
+def test_pack_onnx_cli_with_options(tiny_llama, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "packager.cli", "model", str(tiny_llama), "--format", "onnx",
+                        "--block-size", "64", "--asymmetric", "-o", str(tmp_path), "--json"],
+                       capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr
+    man = json.loads(r.stdout)
+    assert man["quant"] == "INT4_B64_ASYM" and man["onnx"]["symmetric"] is False
+    import packager
+
+    with packager.load(man["path"]) as m:
+        assert m.generate("Hello", max_tokens=4)
+
+
+def test_target_preferring_onnx_gets_an_onnx_bundle_for_its_provider(tiny_qwen2, tmp_path):
+    """web lists formats = ["onnx"] and backends = ["webgpu"]: no --format needed; the bundle names
+    WebGPU, and this CPU-only onnxruntime-genai runs it when asked for the CPU."""
+    import packager
+    from packager.errors import BackendMissingError
+
+    bundle = pack_model(tiny_qwen2, PackOptions(target="web", output=tmp_path, quiet=True)).path
+    man = json.loads((bundle / "manifest.json").read_text())
+    assert man["format"] == "onnx" and man["runtime"]["execution_provider"] == "webgpu"
+    genai = json.loads((bundle / "model" / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["session_options"]["provider_options"] == [{"webgpu": {}}]
+    try:
+        packager.load(bundle).close()
+    except BackendMissingError as exc:  # the usual CPU-only wheel
+        assert "execution_provider='cpu'" in str(exc) and "\n" not in str(exc)
+    with packager.load(bundle, execution_provider="cpu") as m:
+        assert m.generate("Hello", max_tokens=4)
+
+
+# -- bad input: clear errors, no bundle -----------------------------------------------------------
+
+def test_unsupported_architecture_is_refused_before_any_work(tmp_path):
+    import models
+
+    with pytest.raises(UnsupportedArchitectureError, match="ONNX converter; supported: .*Qwen2ForCausalLM"):
+        pack_model(models.tiny_gemma2(), PackOptions(format="onnx", output=tmp_path, quiet=True))
+    assert not any(tmp_path.iterdir())
+
+
+def test_target_without_onnx_execution_provider_is_refused(tiny_qwen2, tmp_path):
+    laptop = (Path(__file__).parents[1] / "targets" / "laptop.toml").read_text()
+    metal = tmp_path / "metal-only.toml"
+    metal.write_text(laptop.replace('name = "laptop"', 'name = "metal-only"')
+                     .replace('backends = ["cpu"]', 'backends = ["metal"]'))
+    out = tmp_path / "dist"
+    r = subprocess.run([sys.executable, "-m", "packager.cli", "model", str(tiny_qwen2), "--format", "onnx",
+                        "--target", str(metal), "-o", str(out)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "no ONNX Runtime execution provider" in r.stderr, r.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_gguf_quant_or_source_with_onnx_format_is_a_usage_error(tiny_qwen2, smollm2_gguf, tmp_path):
+    with pytest.raises(UsageError, match="--quant Q4_K_M picks a GGUF type"):
+        pack_model(tiny_qwen2, PackOptions(format="onnx", quant="Q4_K_M", output=tmp_path, quiet=True))
+    with pytest.raises(UsageError, match="Hugging Face checkpoint"):
+        pack_model(smollm2_gguf, PackOptions(format="onnx", output=tmp_path, quiet=True))
+    assert not any(p for p in tmp_path.iterdir() if not p.name.startswith("."))
+
+
+# -- the real SmolLM2-135M-Instruct -------------------------------------------------------------
+
+PROMPTS = ["What is the boiling point of water in Celsius?", "What is the capital of France?"]
+
+
+@pytest.mark.slow
+def test_smollm2_int4_greedy_answers_agree_with_transformers_f32(smollm2_hf, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import packager
+
+    bundle = pack_model(smollm2_hf, PackOptions(format="onnx", output=tmp_path, quiet=True)).path
+    tok = AutoTokenizer.from_pretrained(smollm2_hf)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32)
+    with packager.load(bundle) as m:
+        for q in PROMPTS:
+            ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                          return_tensors="pt")
+            with torch.no_grad():
+                ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+            ref_text = tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+            assert m.tokenize(tok.decode(ids[0]), add_special=False) == ids[0].tolist()  # same prompt tokens
+            ours = m.chat([{"role": "user", "content": q}], max_tokens=6, temperature=0.0)
+            assert ours == ref_text, (q, ours, ref_text)
+        answer = m.chat([{"role": "user", "content": PROMPTS[0]}], max_tokens=24, temperature=0.0)
+    assert "100" in answer, answer
