@@ -62,7 +62,8 @@ def main() -> int:
     ap.add_argument("--vs-llama", action="store_true", help="also run llama-perplexity on every candidate")
     args = ap.parse_args()
 
-    from packager.autoquant import quantize_gguf, wants_imatrix
+    from packager.autoquant import wants_imatrix
+    from packager.gguf_source import quantize_gguf
     from packager.convert.gguf import convert
     from packager.imatrix import compute_imatrix, default_calibration_text
     from packager.quality import RunSettings, build_reference, default_evaluation_text, measure

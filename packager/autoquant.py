@@ -18,7 +18,6 @@ Ctrl-C. Nothing qualifies: a QualityError carrying the measured table, no bundle
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import shutil
@@ -30,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from packager.errors import ConversionError, DoesNotFit, QualityError, UsageError, missing_backend
+from packager.errors import DoesNotFit, QualityError, UsageError
+from packager.gguf_source import quantize_gguf
 from packager.plan import Overrides, plan
 from packager.progress import say
 from packager.quants import QuantType, get_quant
@@ -83,36 +83,6 @@ class Prebuilt:
 class Installed:  # what pack_model reads from a conversion result
     sha256: str
     source_sha256: dict[str, str] = field(default_factory=dict)
-
-
-def quantize_gguf(src: Path, quant: QuantType, out: Path, *, imatrix: dict[str, np.ndarray] | None = None,
-                  n_threads: int) -> None:
-    """llama.cpp's quantizer (llama_model_quantize) on a high-precision GGUF, with an importance matrix if given."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise missing_backend("llama-cpp-python", "gguf") from None
-    from packager.progress import quiet_llama_log
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(quant.ftype)
-    params.nthread = n_threads
-    keep: list[Any] = []  # the C side reads these during the call: keep them alive
-    if imatrix:
-        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # ends with name == NULL
-        for i, (name, values) in enumerate(sorted(imatrix.items())):
-            arr = np.ascontiguousarray(values, dtype=np.float32)
-            bname = name.encode()
-            keep += [arr, bname]
-            entries[i].name = bname
-            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            entries[i].size = arr.size
-        keep.append(entries)
-        params.imatrix = ctypes.cast(entries, type(params.imatrix))
-    with quiet_llama_log():
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise ConversionError(f"llama.cpp's quantizer failed to make {quant.name} from {src.name} (code {rc})")
 
 
 def format_table(rows: list[Row], max_kld: float) -> str:

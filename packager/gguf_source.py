@@ -12,8 +12,10 @@ import ctypes
 import errno
 import os
 from pathlib import Path
+from typing import Any
 
 import gguf
+import numpy as np
 
 from packager.errors import ConversionError, CorruptFileError, UsageError, missing_backend
 from packager.quants import QUANTS, QuantType
@@ -103,22 +105,41 @@ def requantize(src: Path, src_quant: str | None, quant: QuantType, out: Path, *,
                 "loses quality: start from an F16/BF16/Q8_0 file or the HF checkpoint, or pass --allow-requantize"
             )
         warnings.append(f"re-quantizing {src_quant} to {quant.name}: quality will be worse than quantizing from F16")
+    quantize_gguf(src, quant, out, n_threads=n_threads, allow_requantize=src_quant not in HIGH_PRECISION)
+    return warnings
+
+
+def quantize_gguf(src: Path, quant: QuantType, out: Path, *, n_threads: int,
+                  imatrix: dict[str, np.ndarray] | None = None, allow_requantize: bool = False) -> None:
+    """llama.cpp's quantizer (llama_model_quantize) on a GGUF, with an importance matrix if given."""
     try:
         import llama_cpp
     except ImportError:
         raise missing_backend("llama-cpp-python", "gguf") from None
+    from packager.progress import quiet_llama_log
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(quant.ftype)
     params.nthread = n_threads
-    params.allow_requantize = src_quant not in HIGH_PRECISION
-    from packager.progress import quiet_llama_log
-
+    params.allow_requantize = allow_requantize
+    keep: list[Any] = []  # the C side reads these during the call: keep them alive
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # ends with name == NULL
+        for i, (name, values) in enumerate(sorted(imatrix.items())):
+            arr = np.ascontiguousarray(values, dtype=np.float32)
+            bname = name.encode()
+            keep += [arr, bname]
+            entries[i].name = bname
+            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = arr.size
+        keep.append(entries)
+        params.imatrix = ctypes.cast(entries, type(params.imatrix))
     with quiet_llama_log():  # its loader dump and per-tensor lines are not for our users
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
     if rc != 0:
         _raise_if_out_of_space(out)
-        raise ConversionError(f"llama.cpp's quantizer failed on {src} (code {rc}); check that the file is a complete GGUF")
-    return warnings
+        raise ConversionError(f"llama.cpp's quantizer failed to make {quant.name} from {src} (code {rc}); "
+                              "check that the file is a complete GGUF")
 
 
 def _raise_if_out_of_space(out: Path) -> None:
