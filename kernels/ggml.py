@@ -25,6 +25,7 @@ import functools
 import importlib.util
 import os
 import threading
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -217,26 +218,57 @@ def quantize_rows(
 
     # Contiguous, near-equal slices of rows: one per thread.
     bounds = [nrows * i // n_threads for i in range(n_threads + 1)]
+    _run_slices(work, [(a, b - a) for a, b in zip(bounds, bounds[1:]) if b > a])
+    return out
+
+
+def _run_slices(work: Callable[[int, int], None], slices: list[tuple[int, int]]) -> None:
+    """Run ``work(first, count)`` for each slice in a thread of its own; return (or raise) only
+    when no thread can touch the arrays any more, Ctrl-C included.
+
+    The threads read and write numpy arrays through raw pointers: returning while one
+    runs lets the caller free those arrays under it, and an interrupted `pack model` died
+    of SIGSEGV instead of exiting 130 (tests/test_interrupted.py). So on an interrupt no
+    new slice begins, the running ones finish (milliseconds), and then it is re-raised.
+    """
+    cond = threading.Condition()
+    running = [0]
+    cancelled = [False]
     errors: list[BaseException] = []
 
     def run(first: int, count: int) -> None:
+        with cond:
+            if cancelled[0]:  # interrupted before this thread got going
+                return
+            running[0] += 1
         try:
             work(first, count)
         except BaseException as e:  # re-raised in the caller's thread below
             errors.append(e)
+        finally:
+            with cond:
+                running[0] -= 1
+                cond.notify_all()
 
-    threads = [
-        threading.Thread(target=run, args=(a, b - a), name=f"ggml-quantize-{i}")
-        for i, (a, b) in enumerate(zip(bounds, bounds[1:]))
-        if b > a
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    threads = [threading.Thread(target=run, args=s, name=f"ggml-quantize-{i}") for i, s in enumerate(slices)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    except BaseException:
+        with cond:
+            cancelled[0] = True
+        while True:
+            try:
+                with cond:
+                    cond.wait_for(lambda: running[0] == 0)
+                break
+            except KeyboardInterrupt:  # pressed again: the arrays are still in use, keep waiting
+                continue
+        raise
     if errors:
         raise errors[0]
-    return out
 
 
 def validate_rows(qtype: QT, data: np.ndarray) -> bool:

@@ -15,10 +15,13 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Iterator
 
 from packager.errors import BundleError, BundleExistsError, VerificationError
 from packager.progress import progress_bar
@@ -61,8 +64,9 @@ class BundleWriter:
             self._unlock()
             raise BundleExistsError(f"{self.final} already exists; pass --force to replace it")
         _remove_stale_partials(parent, self.final.name)
+        # Created in __enter__: a Ctrl-C between this constructor and the with block would
+        # otherwise leave a partial directory that no __exit__ removes.
         self.tmp = parent / f".{self.final.name}{PARTIAL}{os.getpid()}-{secrets.token_hex(4)}"
-        self.tmp.mkdir()
         self._known: dict[str, str] = {}
         self.state = _State.OPEN
 
@@ -129,6 +133,14 @@ class BundleWriter:
         os.rename(half, man)
         for d in {p.parent for p in files} | {self.tmp}:
             _fsync_dir(d)
+        with _signals_deferred():
+            self._swap_into_place()
+        self._unlock()
+        return self.final
+
+    def _swap_into_place(self) -> None:
+        # Runs with Ctrl-C deferred: interrupted between the swap and the removal of the old
+        # bundle, a run would leave the old bundle behind in its own partial directory.
         trash = None
         if self.final.exists():
             if not self.force:
@@ -147,8 +159,6 @@ class BundleWriter:
             # The old bundle's manifest goes first: killed mid-removal, what is left never looks complete.
             (trash / MANIFEST).unlink(missing_ok=True)
             shutil.rmtree(trash, ignore_errors=True)
-        self._unlock()
-        return self.final
 
     def abort(self) -> None:
         if self.state is _State.OPEN:
@@ -161,6 +171,11 @@ class BundleWriter:
             raise BundleError(f"bundle writer for {self.final} is {self.state.value}")
 
     def __enter__(self) -> "BundleWriter":
+        try:
+            self.tmp.mkdir()
+        except BaseException:
+            self._unlock()
+            raise
         return self
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
@@ -169,6 +184,29 @@ class BundleWriter:
             # A full disk (or a file-size limit) mid-write: the partial bundle is gone already.
             raise BundleError(f"ran out of space writing {self.final} ({exc.strerror}); nothing was left behind: "
                               "free some disk space or choose another output directory with -o") from None
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, then deliver them.
+
+    Python handlers, not a signal mask: a process-directed signal blocked in this thread
+    is delivered through any other thread (llama.cpp's, a thread pool's), and Python
+    then raises it here anyway. Handlers can only be set from the main thread; in any
+    other thread a signal never interrupts this code, so there is nothing to hold.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in caught:
+            signal.raise_signal(s)
 
 
 def _remove_stale_partials(parent: Path, name: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,29 @@ def test_existing_output_needs_force(tmp_path):
     _write(tmp_path / "b", force=True)
     assert (b / "manifest.json").read_text() != before
     assert verify(b) == []
+
+
+def test_ctrl_c_while_the_old_bundle_is_removed_still_finishes_the_swap(tmp_path, monkeypatch):
+    """Regression (CI, test_interrupted): Ctrl-C while --force removed the replaced bundle left it
+    behind in the run's own partial directory. Now the signal waits until the swap is done."""
+    old = _write(tmp_path / "b")
+    before = (old / "manifest.json").read_text()
+    real_rmtree = shutil.rmtree
+    sent = []
+
+    def rmtree_after_ctrl_c(path, *a, **kw):
+        if not sent:
+            sent.append(path)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_rmtree(path, *a, **kw)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_after_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):  # delivered, after the swap
+        _write(tmp_path / "b", force=True)
+    monkeypatch.undo()
+    assert sent, "the old bundle was not removed through shutil.rmtree"
+    assert (old / "manifest.json").read_text() != before and verify(old) == []
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == ["b"]
 
 
 def test_second_writer_on_same_output_fails_clearly(tmp_path):

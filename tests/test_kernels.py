@@ -5,6 +5,10 @@ llama.cpp's own quantizer writes into a GGUF.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +99,27 @@ def test_kquants_round_trip_on_scaled_rows(qtype: QT) -> None:
     per_row = np.sqrt(np.mean((d - x) ** 2, axis=1)) / np.sqrt(np.mean(x ** 2, axis=1))
     assert per_row.max() < 0.4
     assert np.all(np.isfinite(d))
+
+
+def test_ctrl_c_waits_for_the_quantize_threads() -> None:
+    """Regression: Ctrl-C while quantize_rows waited for its threads left them writing into
+    freed arrays; a `pack model` interrupted mid-write died of SIGSEGV instead of exiting 130."""
+    x = np.random.default_rng(0).standard_normal((2048, 4096), dtype=np.float32)
+    start = time.monotonic()
+    ggml.quantize_rows(QT.Q6_K, x[:256], n_threads=2)
+    per_slice = time.monotonic() - start  # an eighth of the whole array's time
+    timer = threading.Timer(per_slice, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        ggml.quantize_rows(QT.Q6_K, x, n_threads=2)
+        time.sleep(5)  # finished before the signal: wait for it here (the test then fails below)
+    timer.join()
+    assert time.monotonic() - start < 8 * per_slice + 4, "the signal arrived after the quantization"
+    # Every slice that had begun is done: what is left of the threads only exits.
+    left = [t for t in threading.enumerate() if t.name.startswith("ggml-quantize")]
+    for t in left:
+        t.join(timeout=per_slice)
+    assert not [t.name for t in left if t.is_alive()]
 
 
 @pytest.mark.parametrize("qtype", [QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_K, QT.Q6_K, QT.IQ4_NL, QT.IQ3_S],
