@@ -34,6 +34,9 @@ from packager.hostinfo import performance_cpus  # noqa: E402
 
 FA = {0: "off", 1: "on", -1: "auto"}  # llama.cpp's flash_attn_type -> llama-bench's -fa
 MODELS = {"qwen2.5-0.5b": "Q4_K_M", "smollm2": "Q4_1"}  # name -> the quant it is packed at
+# Settings both records carry (llama-bench's field names), recorded side by side so a difference shows.
+SETTINGS = ("n_threads", "n_batch", "n_ubatch", "type_k", "type_v", "flash_attn", "n_gpu_layers")
+LLAMA_BENCH_ONLY = ("poll", "cpu_strict", "cpu_mask", "load_mode", "repack")
 
 
 def bundle_for(work: Path, model: str) -> Path:
@@ -53,8 +56,10 @@ def bundle_for(work: Path, model: str) -> Path:
 
 
 def pack_bench(bundle: Path, args) -> dict[str, dict]:
+    # --ctx match: the context llama-bench loads (-p + -n); --ctx bundle: the bundle's planned one, as the app loads it
+    ctx = ["--ctx", str(args.p + args.n)] if args.ctx == "match" else []
     out = subprocess.run([sys.executable, "-m", "packager.cli", "bench", str(bundle), "-p", str(args.p), "-n", str(args.n),
-                          "-r", str(args.r), "--threads", str(args.threads), "-o", "json", "-q"],
+                          "-r", str(args.r), "--threads", str(args.threads), *ctx, "-o", "json", "-q"],
                          check=True, capture_output=True, text=True).stdout
     return {r["test"]: r for r in json.loads(out)}
 
@@ -105,13 +110,24 @@ def compare(model: str, args) -> dict:
         b = statistics.mean(r[test]["avg_ts"] for r in ref)
         diff = a / b - 1
         checks[f"{model} {test} within {limit:.0%} of llama-bench"] = abs(diff) <= limit
+        # every repetition of every round: the spread a shared machine puts on each side
+        reps_a = [x for r in ours for x in r[test]["samples_ts"]]
+        reps_b = [x for r in ref for x in r[test]["samples_ts"]]
         rows.append({"test": test, "pack_bench_ts": a, "llama_bench_ts": b, "diff": diff,
                      "pack_bench_samples": [r[test]["avg_ts"] for r in ours],
-                     "llama_bench_samples": [r[test]["avg_ts"] for r in ref]})
+                     "llama_bench_samples": [r[test]["avg_ts"] for r in ref],
+                     "pack_bench_median_ts": statistics.median(reps_a), "llama_bench_median_ts": statistics.median(reps_b),
+                     "pack_bench_range_ts": [min(reps_a), max(reps_a)], "llama_bench_range_ts": [min(reps_b), max(reps_b)]})
     return {"benchmark": "bench_honesty", "model": model, "quant": MODELS[model], "gguf": gguf.name,
             "threads": args.threads, "cpus": ours[0][f"tg{args.n}"]["emulated"]["cpus"], "flash_attn": fa,
-            "p": args.p, "n": args.n, "r": args.r, "rounds": args.rounds, "rows": rows, "checks": checks,
-            "per_round": rounds}
+            "p": args.p, "n": args.n, "r": args.r, "rounds": args.rounds, "ctx": args.ctx,
+            "settings": {test: {"pack_bench": {k: ours[0][test].get(k) for k in SETTINGS + ("n_ctx", "n_ctx_from")},
+                                "llama_bench": {**{k: ref[0][test].get(k) for k in SETTINGS + LLAMA_BENCH_ONLY},
+                                                # llama-bench loads each test's own context: n_prompt + n_gen,
+                                                # which llama.cpp rounds up to a multiple of 256
+                                                "n_ctx": -(-(ref[0][test]["n_prompt"] + ref[0][test]["n_gen"]) // 256) * 256}}
+                         for test in limits},
+            "rows": rows, "checks": checks, "per_round": rounds}
 
 
 def main() -> int:
@@ -122,6 +138,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--rounds", type=int, default=2, help="A-B-B-A pairs of (llama-bench, pack bench) runs")
     ap.add_argument("--model", action="append", choices=sorted(MODELS), help="Default: all of them.")
+    ap.add_argument("--ctx", choices=("match", "bundle"), default="bundle",
+                    help="pack bench's context: 'match' passes --ctx p+n (llama-bench's), 'bundle' keeps the "
+                         "bundle's planned one, as the app loads it. Default: %(default)s.")
     ap.add_argument("--work", type=Path, default=models.CACHE / "bench-honesty")
     args = ap.parse_args()
 
@@ -134,11 +153,15 @@ def main() -> int:
     (HERE / "results").mkdir(exist_ok=True)
     with open(HERE / "results" / "bench_honesty.jsonl", "a") as f:
         f.write("".join(json.dumps({**rec, **host}) + "\n" for rec in records))
-    print("| model | test | pack bench t/s | llama-bench t/s | difference |\n|---|---|--:|--:|--:|")
+    print("| model | test | pack bench t/s | llama-bench t/s | difference | pack bench range | llama-bench range |\n"
+          "|---|---|--:|--:|--:|--:|--:|")
     for rec in records:
         for row in rec["rows"]:
+            ra, rb = row["pack_bench_range_ts"], row["llama_bench_range_ts"]
             print(f"| {rec['model']} {rec['quant']} | {row['test']} | {row['pack_bench_ts']:.2f} "
-                  f"| {row['llama_bench_ts']:.2f} | {row['diff']:+.1%} |")
+                  f"| {row['llama_bench_ts']:.2f} | {row['diff']:+.1%} | {ra[0]:.1f}-{ra[1]:.1f} | {rb[0]:.1f}-{rb[1]:.1f} |")
+        for test, sides in rec["settings"].items():
+            print(f"{rec['model']} {test} settings: pack bench {sides['pack_bench']}; llama-bench {sides['llama_bench']}")
     checks = {k: v for rec in records for k, v in rec["checks"].items()}
     for name, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}: {name}")

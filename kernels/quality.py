@@ -31,9 +31,12 @@ __all__ = ["BlockScores", "QualityStats", "Summary", "log_softmax", "score_block
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise log-softmax of (rows, vocab) logits, in float64, max-subtracted for stability."""
-    x = np.asarray(logits, dtype=np.float64)
-    z = x - x.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    # One float64 copy worked on in place: the same operations (and bits) as out-of-place code, without
+    # two more rows x vocab temporaries to allocate and fault in for every block.
+    z = np.array(logits, dtype=np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    z -= np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return z
 
 
 def stored(logp: np.ndarray) -> np.ndarray:
@@ -61,14 +64,15 @@ def score_block(logits: np.ndarray, logp_ref: np.ndarray, top_ref: np.ndarray, t
     if logits.shape != logp_ref.shape or logits.shape[0] != len(targets) or len(top_ref) != len(targets):
         raise ValueError(f"shapes disagree: logits {logits.shape}, reference {logp_ref.shape}, "
                          f"{len(targets)} targets, {len(top_ref)} reference argmaxes")
-    lq = stored(log_softmax(logits)).astype(np.float64)
-    lr = np.asarray(logp_ref, dtype=np.float64)
+    lq = stored(log_softmax(logits))  # float32, like the reference's
+    lr = np.array(logp_ref, dtype=np.float64)  # a copy: it becomes p_ref in place below
     rows = np.arange(len(targets))
-    p_ref = np.exp(lr)
+    nll, nll_ref = -lq[rows, targets].astype(np.float64), -lr[rows, targets]
+    diff = lr - lq  # float64 difference of float32 values: exact, so identical models give exactly 0
+    p_ref = np.exp(lr, out=lr)
     # Rounding can push a KLD of ~0 a hair below zero; the true value never is.
-    kld = np.maximum(np.einsum("ij,ij->i", p_ref, lr - lq), 0.0)
-    return BlockScores(nll=-lq[rows, targets], nll_ref=-lr[rows, targets], kld=kld,
-                       same_top=np.argmax(logits, axis=-1) == np.asarray(top_ref))
+    kld = np.maximum(np.einsum("ij,ij->i", p_ref, diff), 0.0)
+    return BlockScores(nll=nll, nll_ref=nll_ref, kld=kld, same_top=np.argmax(logits, axis=-1) == np.asarray(top_ref))
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,13 @@
 3. The target's ladder is filtered to the quants the planner says fit, sorted
    smallest file first, and walked upwards: each candidate is quantized from the
    F16 file by llama.cpp's quantizer (low-bit types with an importance matrix,
-   computed once from the shipped calibration text unless the user gives one),
-   measured, and kept as soon as its mean KL divergence is under the bar. The
-   first one under the bar is the smallest that qualifies.
-4. That very file is bundled by ``pack_model`` with the figures in its manifest.
+   computed once from the shipped calibration text; a user's ``--imatrix`` file
+   is used instead, for every candidate as plain ``pack model`` does, after a
+   check against the model's tensors), measured, and kept as soon as its mean
+   KL divergence is under the bar. The first one under the bar is the smallest
+   that qualifies.
+4. That very file is bundled by ``pack_model`` with the figures in its manifest;
+   the table and the manifest name the importance matrix and its sha256.
 
 Everything temporary lives in one directory removed on success, failure and
 Ctrl-C. Nothing qualifies: a QualityError carrying the measured table, no bundle.
@@ -85,7 +88,14 @@ class Installed:  # what pack_model reads from a conversion result
     source_sha256: dict[str, str] = field(default_factory=dict)
 
 
-def format_table(rows: list[Row], max_kld: float) -> str:
+def describe_imatrix(info: dict[str, Any]) -> str:
+    """Which importance matrix, in one line: the user's file or the text it was computed from, and a sha256."""
+    if "file" in info:
+        return f"{info['file']} (sha256 {info['sha256']})"
+    return f"computed on the {info.get('model', 'F16')} reference from {info['text']} (text sha256 {info['sha256']})"
+
+
+def format_table(rows: list[Row], max_kld: float, imatrix_info: dict[str, Any] | None = None) -> str:
     """The table --quant auto prints (and puts in its error when nothing qualifies)."""
     head = ("quant", "size MB", "pred. mem GB", "ppl", "KLD mean", "KLD p99", "top-1", "quantize s", "measure s", "")
     lines = [head]
@@ -98,7 +108,9 @@ def format_table(rows: list[Row], max_kld: float) -> str:
                       f(r.quantize_s, ".1f"), f(r.measure_s, ".1f"), r.verdict))
     widths = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines]
-    return "\n".join(out) + f"\n(bar: mean KLD <= {max_kld:g})"
+    used = imatrix_info is not None and any(r.imatrix for r in rows)
+    return ("\n".join(out) + f"\n(bar: mean KLD <= {max_kld:g})"
+            + (f"\n(imatrix: {describe_imatrix(imatrix_info)})" if used and imatrix_info else ""))
 
 
 def ladder_rows(spec, tgt, overrides: Overrides) -> list[Row]:
@@ -177,6 +189,11 @@ def pack_auto(source: str | os.PathLike[str] | None, opts, *, max_kld: float = D
     rows = ladder_rows(spec, tgt, overrides)
     threads = opts.n_threads or default_threads()
     Path(opts.output).mkdir(parents=True, exist_ok=True)
+    imatrix_state: dict[str, Any] = {}
+    if opts.imatrix is not None:  # the user's file: read before any long work, so a bad one fails at once
+        from packager.imatrix import user_imatrix
+
+        imatrix_state["data"], imatrix_state["info"] = user_imatrix(opts.imatrix)
     # Next to the output: the F16 file is as big as the model, /tmp is often a small tmpfs.
     with tempfile.TemporaryDirectory(prefix=".edgepack-auto-", dir=opts.output) as tmp:
         work = Path(tmp)
@@ -192,20 +209,24 @@ def pack_auto(source: str | os.PathLike[str] | None, opts, *, max_kld: float = D
                                  quiet=opts.quiet)
             f16, source_sha256 = result.path, result.source_sha256 if view is src else {}
             label = f"{src.repo or src.name} (checkpoint, converted to F16)"
+        if opts.imatrix is not None:
+            _check_user_imatrix(imatrix_state["data"], f16, opts.imatrix)
         ref = build_reference(f16, body, work, n_ctx=n_ctx, n_chunks=n_chunks, settings=RunSettings(threads),
                               text_name=text_name, quiet=opts.quiet)
-        imatrix_state: dict[str, Any] = {}
 
         def imatrix_for(q: QuantType) -> dict[str, np.ndarray] | None:
             if opts.imatrix is None and opts.imatrix_text is None and not wants_imatrix(q):
                 return None
             if "data" not in imatrix_state:
                 imatrix_state["data"], imatrix_state["info"] = _imatrix(opts, f16, threads)
+            if not imatrix_state.get("announced"):
+                imatrix_state["announced"] = True
+                say(f"--quant auto: importance matrix {describe_imatrix(imatrix_state['info'])}", quiet=opts.quiet)
             return imatrix_state["data"]
 
         chosen, path, summary = walk(rows, f16, ref, work, max_kld=max_kld, settings=RunSettings(threads, 0, p.kv_type),
                             imatrix_for=imatrix_for, quiet=opts.quiet)
-        table = format_table(rows, max_kld)
+        table = format_table(rows, max_kld, imatrix_state.get("info"))
         if chosen is None:
             raise QualityError(f"no quant on {tgt.name}'s ladder both fits and has a mean KLD <= {max_kld:g}; "
                                f"raise --max-kld, choose a bigger target, or pass --quant. Measured:\n{table}")
@@ -214,18 +235,28 @@ def pack_auto(source: str | os.PathLike[str] | None, opts, *, max_kld: float = D
             f"{chosen.kld_mean:.5f} <= {max_kld:g}", quiet=opts.quiet)
         assert path is not None and summary is not None
         quality = as_manifest(label, ref, summary, n_ctx=n_ctx)
-        quality["auto"] = {"max_kld": max_kld, "table": [asdict(r) for r in rows]}
+        # Which imatrix the rows marked imatrix were quantized with (even when the chosen file used none).
+        quality["auto"] = {"max_kld": max_kld, "table": [asdict(r) for r in rows],
+                           "imatrix": imatrix_state.get("info") if any(r.imatrix for r in rows) else None}
         prebuilt = Prebuilt(path, source_sha256, imatrix_state.get("info") if chosen.imatrix else None)
         del ref
         return pack_model(source, replace(opts, quant=chosen.quant, prebuilt=prebuilt, quality=quality))
 
 
-def _imatrix(opts, f16: Path, threads: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The user's imatrix file, or one computed from the F16 reference over the calibration text."""
-    from packager.imatrix import calibration_text, compute_imatrix, user_imatrix
+def _check_user_imatrix(imatrix: dict[str, np.ndarray], f16: Path, path: Path) -> None:
+    """The user's imatrix is for this model (else llama.cpp's quantizer fails with a bare error code)."""
+    from packager.gguf_layout import check_layout
+    from packager.imatrix import check_imatrix
 
-    if opts.imatrix is not None:
-        return user_imatrix(opts.imatrix)
+    # The header walk alone (fast): GGUFReader would also decode the whole vocabulary.
+    shapes = {t.name: tuple(reversed(t.shape)) for t in check_layout(f16).tensors}
+    check_imatrix(imatrix, shapes, f"--imatrix {path}")
+
+
+def _imatrix(opts, f16: Path, threads: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """An importance matrix computed from the F16 reference over the calibration text (--imatrix-text or ours)."""
+    from packager.imatrix import calibration_text, compute_imatrix
+
     text, origin = calibration_text(opts.imatrix_text)
     say(f"--quant auto: computing an importance matrix from {origin}", quiet=opts.quiet)
     data = compute_imatrix(f16, text, n_threads=threads, quiet=opts.quiet)

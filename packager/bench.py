@@ -63,6 +63,8 @@ class BenchOptions:
             raise UsageError(f"-r must be at least 1, got {self.repetitions}")
         if self.n_threads is not None and self.n_threads < 1:
             raise UsageError(f"--threads must be at least 1, got {self.n_threads}")
+        if self.n_ctx is not None and self.n_ctx < 16:
+            raise UsageError(f"--ctx must be at least 16, got {self.n_ctx}")
 
 
 @dataclass(frozen=True)
@@ -221,7 +223,8 @@ def run_bench(bundle_path: str | os.PathLike[str], opts: BenchOptions | None = N
     runtime = bundle.manifest.get("runtime", {})
     n_ctx = int(opts.n_ctx or runtime.get("n_ctx") or 2048)
     if max(opts.n_prompt, opts.n_gen + 1) > n_ctx:
-        raise UsageError(f"-p {opts.n_prompt} / -n {opts.n_gen} exceed the bundle's context of {n_ctx} tokens; use smaller ones")
+        whose = "--ctx" if opts.n_ctx else "the bundle's context"
+        raise UsageError(f"-p {opts.n_prompt} / -n {opts.n_gen} exceed {whose} of {n_ctx} tokens; use smaller ones")
     predicted, predict_note = predict(bundle, tgt, n_ctx, emu.n_threads)
     gpu_name = hostinfo.gpu_info()
     cfg = {"bundle": str(bundle.path), "n_threads": emu.n_threads, "n_ctx": n_ctx,
@@ -280,6 +283,9 @@ def make_records(bundle: Bundle, tgt: Target, emu: Emulation, opts: BenchOptions
         "gpu_info": gpu_name or "", "n_threads": first["n_threads"], "n_gpu_layers": first["n_gpu_layers"],
         "n_batch": first["n_batch"], "n_ubatch": first["n_ubatch"], "type_k": first["type_k"], "type_v": first["type_v"],
         "flash_attn": first["flash_attn"], "n_ctx": first["n_ctx"],
+        # The context the runs loaded with, and where it came from: the bundle's plan (what the app
+        # loads) unless --ctx chose another (llama-bench's is -p + -n).
+        "n_ctx_from": "--ctx" if opts.n_ctx else "bundle", "bundle_n_ctx": bundle.manifest.get("runtime", {}).get("n_ctx"),
         "target": tgt.name, "format": bundle.manifest.get("format"), "quant": bundle.manifest.get("quant"),
         "model_bytes": model_entry.get("bytes"), "repetitions": len(runs), "warmup": opts.warmup,
         "load_s": statistics.mean(loads), "load_s_samples": loads,

@@ -46,13 +46,22 @@ def cli() -> None:
                    "one on the ladder that fits and whose measured mean KL divergence is under --max-kld.")
 @click.option("--max-kld", type=float,
               help="With --quant auto: the quality bar, mean KL divergence from F16 in nats (default 0.05).")
-@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]), help="Bundle format. Default: the target's first.")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]),
+              help="Bundle format. Default: the target's first. onnx: int4 for onnxruntime-genai, streamed for "
+                   "Llama, Mistral, Qwen2, Phi-3; other architectures go through optimum-onnx, which holds the "
+                   "whole f32 model (peak about 5x its f32 size in RAM).")
 @click.option("--block-size", "onnx_block_size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
               help="With --format onnx: weights per int4 block (smaller: more accurate, a little larger).")
 @click.option("--asymmetric", "onnx_asymmetric", is_flag=True,
               help="With --format onnx: int4 blocks with a zero point (default: symmetric, faster).")
 @click.option("--accuracy-level", "onnx_accuracy_level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="With --format onnx: MatMulNBits compute precision (4: int8 dot products, fastest on CPU; 0: f32).")
+@click.option("--algorithm", "onnx_algorithm", type=click.Choice(["rtn", "hqq", "gptq"]), default="rtn",
+              show_default=True,
+              help="With --format onnx: how weights become int4. rtn: round to nearest per block (fastest to pack). "
+                   "hqq: half-quadratic quantization, refined zero points: lower error, no calibration data "
+                   "(asymmetric; packs ~8x slower, decodes ~15% slower). gptq: not offered (it needs the whole "
+                   "f32 model in memory for calibration); the error says what to use instead.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=Path("dist"),
               show_default=True, help="Directory the bundle directory is written into.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle of the same name.")
@@ -76,7 +85,8 @@ def model_cmd(source: str | None, target: str, quant: str | None, fmt: str | Non
               revision: str | None, n_ctx: int | None, ram: int | None, vram: int | None, n_threads: int | None,
               allow_pickle: bool, allow_requantize: bool, skip_tokenizer_check: bool, imatrix: Path | None,
               imatrix_text: Path | None, as_json: bool, quiet: bool, max_kld: float | None = None,
-              onnx_block_size: str = "32", onnx_asymmetric: bool = False, onnx_accuracy_level: int = 4) -> None:
+              onnx_block_size: str = "32", onnx_asymmetric: bool = False, onnx_accuracy_level: int = 4,
+              onnx_algorithm: str = "rtn") -> None:
     """Pack SOURCE into a verified bundle for a target.
 
     SOURCE is a local Hugging Face checkpoint directory, a hub id (downloaded through
@@ -92,6 +102,7 @@ def model_cmd(source: str | None, target: str, quant: str | None, fmt: str | Non
       pack model ./Qwen2.5-0.5B-Instruct --quant IQ4_NL --imatrix-text my-domain.txt
       pack model ./Qwen2.5-3B-Instruct --target android --quant auto --max-kld 0.05
       pack model ./Qwen2.5-3B-Instruct --format onnx --block-size 32     # int4 for onnxruntime-genai
+      pack model ./Qwen2.5-3B-Instruct --format onnx --algorithm hqq     # int4, lower error, no calibration
     """
     from packager.pack import PackOptions, pack_model
 
@@ -105,6 +116,7 @@ def model_cmd(source: str | None, target: str, quant: str | None, fmt: str | Non
         skip_tokenizer_check=skip_tokenizer_check, n_ctx=n_ctx, ram_bytes=ram, vram_bytes=vram,
         n_threads=n_threads, imatrix=imatrix, imatrix_text=imatrix_text, quiet=quiet,
         onnx_block_size=int(onnx_block_size), onnx_asymmetric=onnx_asymmetric, onnx_accuracy_level=onnx_accuracy_level,
+        onnx_algorithm=onnx_algorithm,
     )
     if auto:
         from packager.autoquant import DEFAULT_MAX_KLD, pack_auto

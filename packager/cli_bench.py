@@ -25,12 +25,15 @@ def _names(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -
 @click.option("--threads", "n_threads", type=int,
               help="Threads. Default: the target's cpu_threads, bounded by this host's usable CPUs.")
 @click.option("--ram", callback=_size, help="Override the target's RAM for the memory ceiling, e.g. 4GB.")
+@click.option("--ctx", "n_ctx", type=int,
+              help="Context size to load with. Default: the bundle's planned context, as the app loads it "
+                   "(llama-bench uses -p + -n).")
 @click.option("--no-warmup", is_flag=True, help="Skip the uncounted warm-up run.")
 @click.option("-o", "--output", "fmt", type=click.Choice(FORMATS), default="md", show_default=True,
               help="Record format on stdout, as llama-bench's -o.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def bench_cmd(bundle: Path, target: str | None, n_prompt: int, n_gen: int, repetitions: int, n_threads: int | None,
-              ram: int | None, no_warmup: bool, fmt: str, quiet: bool) -> None:
+              ram: int | None, n_ctx: int | None, no_warmup: bool, fmt: str, quiet: bool) -> None:
     """Measure BUNDLE: prefill and decode tokens/s, load time, time to first token, peak memory.
 
     Like llama-bench (same -p/-n/-r/-o, same record fields), through packager.load, each
@@ -45,12 +48,13 @@ def bench_cmd(bundle: Path, target: str | None, n_prompt: int, n_gen: int, repet
       pack bench dist/SmolLM2-135M-Instruct-laptop
       pack bench dist/SmolLM2-135M-Instruct-laptop --target android -p 256 -n 64 -r 3
       pack bench dist/Qwen2.5-0.5B-Instruct-laptop --threads 4 -o jsonl >> results.jsonl
+      pack bench dist/SmolLM2-135M-Instruct-laptop --ctx 640   # llama-bench's context for -p 512 -n 128
     """
     from packager.bench import BenchOptions, run_bench
     from packager.benchfmt import render
 
     opts = BenchOptions(target=target, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, n_threads=n_threads,
-                        ram_bytes=ram, warmup=not no_warmup, quiet=quiet)
+                        ram_bytes=ram, n_ctx=n_ctx, warmup=not no_warmup, quiet=quiet)
     records = run_bench(bundle, opts)
     sys.stdout.write(render(records, fmt))
     for r in records[:1]:

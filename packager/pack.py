@@ -49,6 +49,7 @@ class PackOptions:
     onnx_block_size: int = 32  # --format onnx: int4 block size (32, 64, 128)
     onnx_asymmetric: bool = False  # --format onnx: int4 with zero points
     onnx_accuracy_level: int = 4  # --format onnx: MatMulNBits accuracy_level (4: int8 compute, fastest on CPU)
+    onnx_algorithm: str = "rtn"  # --format onnx: rtn or hqq (convert/onnx.py's ALGORITHMS)
     prebuilt: Any = None  # --quant auto: the quantized file it measured (autoquant.Prebuilt), bundled as it is
     quality: dict[str, Any] | None = None  # --quant auto: its measured figures, for the manifest and card
 
@@ -140,7 +141,8 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
         from packager.convert.archs import arch_for
         from packager.convert.safetensors import Checkpoint
 
-        arch_for(spec.architecture)  # an unsupported architecture fails before any work
+        if opts.format != "onnx":  # --format onnx: pack_onnx checks its own converters (and optimum's)
+            arch_for(spec.architecture)  # an unsupported architecture fails before any work
         if src.weight_files:
             Checkpoint.open(src.path).close()  # so does a corrupt or truncated shard (headers only)
     overrides = Overrides(quant=opts.quant or (src_quant if src.kind == "gguf" else None), format=opts.format,

@@ -44,15 +44,23 @@ def onnx_options(opts: "PackOptions", target: Target):
     block = opts.onnx_block_size
     if block not in PLAN_EQUIVALENT:
         raise UsageError(f"--block-size {block} is not supported; use {', '.join(map(str, PLAN_EQUIVALENT))}")
-    return OnnxOptions(block_size=block, symmetric=not opts.onnx_asymmetric, accuracy_level=opts.onnx_accuracy_level,
+    hqq = opts.onnx_algorithm == "hqq"  # HQQ's zero points are its point: always asymmetric
+    return OnnxOptions(block_size=block, symmetric=not (opts.onnx_asymmetric or hqq),
+                       accuracy_level=opts.onnx_accuracy_level, algorithm=opts.onnx_algorithm,
                        execution_provider=execution_provider(target.backends, target.name))
 
 
 def check_request(src: Source, opts: "PackOptions") -> None:
     """What --format onnx cannot do with this source or these options."""
+    from packager.convert.onnx import ALGORITHMS, GPTQ_REFUSAL
+
+    if opts.onnx_algorithm == "gptq":
+        raise UsageError(GPTQ_REFUSAL)
+    if opts.onnx_algorithm not in ALGORITHMS:
+        raise UsageError(f"--algorithm {opts.onnx_algorithm} is not one of {', '.join(ALGORITHMS)}")
     if opts.quant:
         raise UsageError(f"--quant {opts.quant} picks a GGUF type; ONNX bundles are int4 (choose --block-size, "
-                         "--asymmetric, --accuracy-level), or pass --format gguf")
+                         "--asymmetric, --accuracy-level, --algorithm), or pass --format gguf")
     if src.kind != "hf":
         raise UsageError(f"{src.path.name} is a GGUF file; ONNX bundles are built from a Hugging Face checkpoint "
                          "(a directory or hub id), or pass --format gguf")
@@ -63,23 +71,37 @@ def check_request(src: Source, opts: "PackOptions") -> None:
 def pack_onnx(src: Source, spec: ModelSpec, tgt: Target, overrides: Overrides, opts: "PackOptions",
               warnings: list[str]) -> "PackResult":
     """Convert ``src`` to an ONNX int4 bundle for ``tgt``; everything is checked before any work."""
-    from packager.convert.onnx import convert, onnx_arch_for
+    from packager.convert.onnx import convert, onnx_exporter
     from packager.pack import LICENSE_NAMES, PackResult, generation_defaults, model_card
     from packager.preflight import check_disk, check_memory
 
     check_request(src, opts)
-    onnx_arch_for(spec.architecture)  # an unsupported architecture or target fails before any work
+    # An unsupported architecture or target fails before any work.
+    exporter = onnx_exporter(spec.architecture, spec.model_type)
     oo = onnx_options(opts, tgt)
     p = plan(spec, tgt, replace(overrides, quant=PLAN_EQUIVALENT[oo.block_size], format="onnx"))
     p = replace(p, quant=oo.quant_name, notes=p.notes + (
         f"ONNX int4 block {oo.block_size} sized as {PLAN_EQUIVALENT[oo.block_size]} (same bits per weight)",))
     final = Path(opts.output) / f"{src.name}-{tgt.name}"
     check_disk(final.parent, p.memory.weights)
-    check_memory(CONVERTER_RSS, "the conversion")
+    if exporter == "optimum":
+        from packager.convert.onnx_optimum import fallback_memory
+
+        check_memory(fallback_memory(spec.n_params), f"optimum-onnx's export of {spec.architecture} (edgepack's "
+                     "streaming ONNX converter lacks it; the fallback's peak is about 5x the f32 model)")
+        warnings.append(f"{spec.architecture} is exported by optimum-onnx, not edgepack's streaming converter: "
+                        "packing held the whole f32 model in memory")
+    else:
+        check_memory(CONVERTER_RSS, "the conversion")
     with BundleWriter(final, force=opts.force) as bw:
         say(f"converting {src.name} to ONNX {oo.quant_name} ({oo.execution_provider}) for {tgt.name}", quiet=opts.quiet)
         model_dir = bw.path(f"{MODEL_DIR}/model.onnx").parent
-        result = convert(src, model_dir, oo, n_ctx=p.n_ctx, n_threads=opts.n_threads, quiet=opts.quiet)
+        if exporter == "optimum":
+            from packager.convert.onnx_optimum import convert_optimum
+
+            result = convert_optimum(src, model_dir, oo, n_ctx=p.n_ctx, quiet=opts.quiet)
+        else:
+            result = convert(src, model_dir, oo, n_ctx=p.n_ctx, n_threads=opts.n_threads, quiet=opts.quiet)
         src = src.with_hashes(result.source_sha256)
         for name in LICENSE_NAMES:
             if (src.path / name).is_file():

@@ -68,6 +68,8 @@ def test_records_have_llama_bench_and_edgepack_fields(records, bundle):
         assert r["status"] == "ok" and r["format"] == "gguf" and r["quant"] == "Q4_1" and r["target"] == "laptop"
         assert r["backends"] == "CPU" and r["n_threads"] == 1 and r["type_k"] == "f16"
         assert r["model_n_params"] == 134515008
+        # without --ctx the runs load the bundle's planned context, as the app does, and say so
+        assert r["n_ctx_from"] == "bundle" and r["n_ctx"] == r["bundle_n_ctx"] == 8192
         # the GGUF's bytes as the manifest lists them, and llama.cpp's tensor bytes a little below
         assert 0.9 * r["model_bytes"] < r["model_size"] <= r["model_bytes"]
 
@@ -165,6 +167,23 @@ def test_output_formats_parse(records):
     assert json.loads(rows[0]["samples_ts"]) == pytest.approx(records[0]["samples_ts"])
     assert json.loads(render(records, "json")) == records
     assert [json.loads(line) for line in render(records, "jsonl").splitlines()] == records
+
+
+def test_ctx_sets_the_context_the_runs_load_with(bundle):
+    # llama-bench loads a context of -p + -n; --ctx lets a user match it (or the app's own) and the record says which.
+    proc = _pack(["bench", str(bundle), "-p", "8", "-n", "4", "-r", "1", "--no-warmup", "--threads", "1",
+                  "--ctx", "300", "-o", "json", "-q"])
+    assert proc.returncode == 0, proc.stderr
+    recs = json.loads(proc.stdout)
+    assert [r["test"] for r in recs] == ["pp8", "tg4"]
+    for r in recs:
+        # llama.cpp rounds a context up to a multiple of 256; the record holds the one it loaded
+        assert r["n_ctx_from"] == "--ctx" and r["n_ctx"] == 512 and r["bundle_n_ctx"] == 8192
+        assert r["avg_ts"] > 0
+    proc = _pack(["bench", str(bundle), "--ctx", "8", *SMALL])
+    assert proc.returncode == 2 and "--ctx must be at least 16, got 8" in proc.stderr and not proc.stdout
+    proc = _pack(["bench", str(bundle), "--ctx", "64", "-p", "100", "-n", "4"])
+    assert proc.returncode == 2 and "exceed --ctx of 64 tokens" in proc.stderr and not proc.stdout
 
 
 def test_gpu_target_on_a_cpu_host_says_it_fell_back(bundle):

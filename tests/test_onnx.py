@@ -75,6 +75,32 @@ def test_int4_dequantized_error_is_within_a_step():
         assert err.mean() < 0.3 * step.mean()
 
 
+def test_hqq_blocks_equal_onnxruntime_hqq():
+    """kernels/hqq.py is ONNX Runtime's own HQQ routine (torch, whole tensor) ported to streaming numpy."""
+    torch = pytest.importorskip("torch")
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
+
+    from packager.kernels.hqq import quantize_int4_hqq, split_zero_points
+
+    rng = np.random.default_rng(5)
+    for block in (32, 128):
+        w = (rng.standard_t(5, (64, 3 * block + block // 2)) * 0.02).astype(np.float32)  # heavy tails, padded K
+        w[0, :block] = 0.0
+        ref_q, ref_scales, ref_zero = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=block)) \
+            .quantize_internal(torch.from_numpy(w), bits=4, group_size=block)
+        q = quantize_int4_hqq(w, block)
+        codes = np.empty(q.packed.shape[:2] + (block,), np.uint8)
+        codes[:, :, 0::2], codes[:, :, 1::2] = q.packed & 0x0F, q.packed >> 4
+        np.testing.assert_array_equal(codes.reshape(64, -1), ref_q.numpy())
+        np.testing.assert_allclose(q.scales, ref_scales.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(q.zero_points, ref_zero.numpy(), atol=1e-5)  # float zeros: summation order
+        # What the bundle stores: rounded uint8 zero points + a per-block correction, the same weights.
+        zp, correction = split_zero_points(q)
+        exact = (codes - q.zero_points[:, :, None]) * q.scales[:, :, None]
+        stored = _dequantize_hqq(q, zp, correction, codes.shape[1] * block).reshape(exact.shape)
+        np.testing.assert_allclose(stored, exact, rtol=0, atol=1e-6 * np.abs(exact).max())
+
+
 def test_bad_block_size_is_refused():
     with pytest.raises(ValueError, match="block size 48"):
         quantize_int4(np.zeros((2, 96), np.float32), 48)
@@ -89,6 +115,8 @@ def _ort_logits(model_dir: Path, ids: np.ndarray) -> np.ndarray:
     cfg = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
     sess = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if "position_ids" in cfg["inputs"]:  # optimum's graphs take them
+        feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
     for i in range(cfg["num_hidden_layers"]):
         for kv in ("key", "value"):
             feeds[f"past_key_values.{i}.{kv}"] = np.zeros((ids.shape[0], cfg["num_key_value_heads"], 0,
@@ -128,15 +156,22 @@ def _external(model_dir: Path) -> dict[str, tuple[int, int, tuple[int, ...]]]:
     return out
 
 
-def test_int4_graph_computes_its_dequantized_weights(tiny_qwen2, tmp_path):
+@pytest.mark.parametrize("algorithm, block, fixture", [
+    ("rtn", 32, "tiny_qwen2"), ("hqq", 32, "tiny_qwen2"),
+    # 576 = 4.5 blocks of 128: the correction pads the activations' last block (and the embedding stays f32)
+    pytest.param("hqq", 128, "smollm2_hf", marks=pytest.mark.slow, id="hqq-128-ragged-smollm2")])
+def test_int4_graph_computes_its_dequantized_weights(algorithm, block, fixture, request, tmp_path):
     """MatMulNBits and GatherBlockQuantized read our blocks as we meant them: the int4 graph equals
     the f32 graph whose weights are replaced by the dequantized int4 blocks (layout, packed q/k/v
-    rows, nibble order, scales, the tied embedding's shared blocks)."""
+    rows, nibble order, scales, the tied embedding's shared blocks; HQQ: rounded zero points plus
+    the graph's per-block corrections, in the linears and the embedding)."""
     from packager.kernels.int4 import Int4Blocks
 
-    src = resolve(tiny_qwen2, hash_files=False, quiet=True)
+    hqq = algorithm == "hqq"
+    src = resolve(request.getfixturevalue(fixture), hash_files=False, quiet=True)
     convert(src, tmp_path / "f32", OnnxOptions(int4=False), quiet=True)
-    convert(src, tmp_path / "int4", OnnxOptions(accuracy_level=0), quiet=True)
+    convert(src, tmp_path / "int4", OnnxOptions(block_size=block, accuracy_level=0, symmetric=not hqq,
+                                                algorithm=algorithm), quiet=True)
     q_inits, f_inits = _external(tmp_path / "int4"), _external(tmp_path / "f32")
     q_data = np.memmap(tmp_path / "int4" / "model.onnx.data", dtype=np.uint8, mode="r")
     f_data = np.memmap(tmp_path / "f32" / "model.onnx.data", dtype=np.uint8, mode="r+")
@@ -149,20 +184,77 @@ def test_int4_graph_computes_its_dequantized_weights(tiny_qwen2, tmp_path):
     for name, (off, length, shape) in f_inits.items():
         base = name.removesuffix(".weight")
         if base == "model.embed_tokens":
+            if "model.embed_tokens.qdata" not in q_inits:
+                continue  # an f32 embedding (rows are not whole blocks)
             base = "lm_head"  # tied: the embedding is gathered from lm_head's blocks
         if f"{base}.weight_Q4" not in q_inits:
             continue
-        deq = dequantize_int4(Int4Blocks(read(f"{base}.weight_Q4", np.uint8),
-                                         read(f"{base}.weight_scales", np.float32), None), shape[1])
+        blocks = Int4Blocks(read(f"{base}.weight_Q4", np.uint8), read(f"{base}.weight_scales", np.float32), None)
+        deq = _dequantize_hqq(blocks, read(f"{base}.weight_zp", np.uint8), read(f"{base}.weight_zc", np.float32),
+                              shape[1]) if hqq else dequantize_int4(blocks, shape[1])
         f_data[off:off + length] = np.ascontiguousarray(deq, dtype=np.float32).view(np.uint8).ravel()
         replaced += 1
     f_data.flush()
-    assert replaced == 2 * 4 + 2  # qkv, o, gate_up, down in each of 2 layers; lm_head; embedding
+    genai = json.loads((tmp_path / "int4" / "genai_config.json").read_text())
+    n_layers = genai["model"]["decoder"]["num_hidden_layers"]
+    # qkv, o, gate_up, down in each layer; lm_head; the embedding when it is int4
+    assert replaced == 4 * n_layers + 1 + ("model.embed_tokens.qdata" in q_inits)
     ids = np.array([[1, 400, 1200, 77, 9000, 31, 5, 600]], dtype=np.int64)
     ref, q = _ort_logits(tmp_path / "f32", ids), _ort_logits(tmp_path / "int4", ids)
     np.testing.assert_allclose(q, ref, atol=1e-4 * np.abs(ref).max())
+    if fixture != "tiny_qwen2":
+        return
     data = (tmp_path / "int4" / "model.onnx.data").stat().st_size
-    assert data < 0.2 * (tmp_path / "f32" / "model.onnx.data").stat().st_size  # int4 + f32 scales: ~5/32
+    # int4 + f32 scales: ~5/32 of f32; HQQ adds uint8 zero points and an f32 correction per block: ~6.1/32.
+    assert data < (0.22 if hqq else 0.2) * (tmp_path / "f32" / "model.onnx.data").stat().st_size
+
+
+def _dequantize_hqq(blocks, zp: np.ndarray, correction: np.ndarray, k: int) -> np.ndarray:
+    """HQQ's stored form: uint8 zero points as RTN's, plus the per-block f32 correction."""
+    from packager.kernels.int4 import Int4Blocks
+
+    n, nb, half = blocks.packed.shape
+    rtn = dequantize_int4(Int4Blocks(blocks.packed, blocks.scales, zp), nb * 2 * half).reshape(n, nb, 2 * half)
+    return (rtn + correction[:, :, None]).reshape(n, -1)[:, :k]
+
+
+def _source_tensor(model_dir: Path, name: str) -> np.ndarray:
+    from packager.convert.safetensors import Checkpoint, to_f32
+
+    ckpt = Checkpoint.open(model_dir)
+    try:
+        return np.array(to_f32(ckpt.raw(name), ckpt.refs[name].dtype), dtype=np.float32)
+    finally:
+        ckpt.close()
+
+
+def test_hqq_weights_reconstruct_better_than_rtn(tiny_qwen2, tmp_path):
+    """What HQQ is for: the bundle's int4 blocks are closer to the checkpoint's weights than round to
+    nearest's at the same block size, symmetric or not (mean squared error over a whole layer)."""
+    from packager.kernels.int4 import Int4Blocks
+
+    src = resolve(tiny_qwen2, hash_files=False, quiet=True)
+    weight = _source_tensor(tiny_qwen2, "model.layers.1.mlp.down_proj.weight")
+    errors = {}
+    for name, opts in (("hqq", OnnxOptions(symmetric=False, algorithm="hqq")), ("rtn", OnnxOptions()),
+                       ("rtn_asym", OnnxOptions(symmetric=False))):
+        convert(src, tmp_path / name, opts, quiet=True)
+        inits = _external(tmp_path / name)
+        data = np.memmap(tmp_path / name / "model.onnx.data", dtype=np.uint8, mode="r")
+
+        def read(key: str, dtype) -> np.ndarray:
+            off, length, shape = inits[f"model.layers.1.mlp.down_proj.{key}"]
+            return np.frombuffer(data[off:off + length].tobytes(), dtype=dtype).reshape(shape)
+
+        packed, scales = read("weight_Q4", np.uint8), read("weight_scales", np.float32)
+        if name == "hqq":
+            deq = _dequantize_hqq(Int4Blocks(packed, scales, None), read("weight_zp", np.uint8),
+                                  read("weight_zc", np.float32), weight.shape[1])
+        else:
+            zp = read("weight_zp", np.uint8) if name == "rtn_asym" else None
+            deq = dequantize_int4(Int4Blocks(packed, scales, zp), weight.shape[1])
+        errors[name] = float(np.mean((deq - weight) ** 2))
+    assert errors["hqq"] < 0.95 * errors["rtn_asym"] and errors["hqq"] < errors["rtn"], errors
 
 
 # -- pack model --format onnx -------------------------------------------------------------------
@@ -179,6 +271,7 @@ def test_onnx_bundle_is_complete_and_verified(qwen_onnx, tiny_qwen2):
     man = json.loads((qwen_onnx / "manifest.json").read_text())
     assert man["format"] == "onnx" and man["quant"] == "INT4_B32" and man["model_file"] == "model/model.onnx"
     assert man["onnx"]["block_size"] == 32 and man["onnx"]["execution_provider"] == "cpu"
+    assert man["onnx"]["algorithm"] == "rtn"
     files = {f["path"] for f in man["files"]}
     assert {"model/model.onnx", "model/model.onnx.data", "model/genai_config.json", "model/tokenizer.json",
             "model/tokenizer_config.json", "README.md", "LICENSE"} <= files
@@ -234,6 +327,66 @@ def test_pack_onnx_cli_with_options(tiny_llama, tmp_path):
         assert m.generate("Hello", max_tokens=4)
 
 
+def test_hqq_bundle_generates_and_records_its_algorithm(tiny_qwen2, tmp_path):
+    import packager
+
+    bundle = pack_model(tiny_qwen2, PackOptions(format="onnx", onnx_algorithm="hqq", output=tmp_path, quiet=True)).path
+    man = json.loads((bundle / "manifest.json").read_text())
+    assert man["quant"] == "INT4_B32_HQQ"
+    assert man["onnx"]["algorithm"] == "hqq" and man["onnx"]["symmetric"] is False  # HQQ implies zero points
+    with packager.load(bundle) as m:
+        text = m.generate("The quick brown fox", max_tokens=8)
+        assert text and m.generate("The quick brown fox", max_tokens=8) == text
+
+
+def test_optimum_fallback_hqq_keeps_onnxruntime_hqq_weights_on_the_fast_path(tiny_neox, tmp_path, monkeypatch):
+    """ONNX Runtime's HQQ writes f32 zero points (its CPU MatMulNBits' slow path); the fallback rewrites them
+    as uint8 + a per-block correction: no f32 zero points are left, and the logits are ONNX Runtime's own."""
+    import onnx
+    import onnxruntime as ort
+
+    import packager.convert.onnx_optimum as oo
+
+    r = oo._optimum(oo._EXPORT, str(tiny_neox), str(tmp_path / "export"), oo.TASK)
+    assert r.returncode == 0, r.stderr[-2000:]
+    opts = OnnxOptions(symmetric=False, algorithm="hqq", accuracy_level=0)
+    logits = {}
+    for split in (True, False):
+        if not split:
+            monkeypatch.setattr(oo, "_split_float_zero_points", lambda graph: None)
+        model, _ = oo._quantize(tmp_path / "export" / "model.onnx", opts)
+        path = tmp_path / f"split-{split}.onnx"
+        model.save_model_to_file(str(path), use_external_data_format=True)
+        graph = onnx.load(str(path)).graph
+        zero_points = {n.input[3] for n in graph.node if n.op_type == "MatMulNBits"}
+        dtypes = {t.data_type for t in graph.initializer if t.name in zero_points}
+        assert dtypes == ({onnx.TensorProto.UINT8} if split else {onnx.TensorProto.FLOAT})
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        ids = np.array([[1, 400, 1200, 77, 9000, 31, 5, 600]], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(8)[None]}
+        for i in sess.get_inputs():
+            if i.name.startswith("past_key_values."):
+                feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+        logits[split] = sess.run(["logits"], feeds)[0]
+    np.testing.assert_allclose(logits[True], logits[False], atol=1e-5 * np.abs(logits[False]).max())
+
+
+def test_help_explains_each_algorithm():
+    r = subprocess.run([sys.executable, "-m", "packager.cli", "model", "--help"], capture_output=True, text=True,
+                       env=ENV, timeout=120)
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0 and all(f"{name}:" in text for name in ("rtn", "hqq", "gptq")), r.stdout
+
+
+def test_gptq_is_refused_with_the_reason_and_an_alternative(tiny_qwen2, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "packager.cli", "model", str(tiny_qwen2), "--format", "onnx",
+                        "--algorithm", "gptq", "-o", str(tmp_path)], capture_output=True, text=True, env=ENV,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "whole f32" in r.stderr and "--algorithm hqq" in r.stderr, r.stderr
+    assert not any(p for p in tmp_path.iterdir() if not p.name.startswith("."))
+
+
 def test_target_preferring_onnx_gets_an_onnx_bundle_for_its_provider(tiny_qwen2, tmp_path):
     """web lists formats = ["onnx"] and backends = ["webgpu"]: no --format needed; the bundle names
     WebGPU, and this CPU-only onnxruntime-genai runs it when asked for the CPU."""
@@ -255,12 +408,76 @@ def test_target_preferring_onnx_gets_an_onnx_bundle_for_its_provider(tiny_qwen2,
 
 # -- bad input: clear errors, no bundle -----------------------------------------------------------
 
-def test_unsupported_architecture_is_refused_before_any_work(tmp_path):
-    import models
+def test_architecture_neither_path_supports_is_refused_before_any_work(tiny_qwen2, tmp_path):
+    """Qwen2's weights under a model type nobody knows: not ours, not optimum-onnx's."""
+    src = tmp_path / "foo-model"
+    src.mkdir()
+    for f in tiny_qwen2.iterdir():
+        if f.is_file() and f.name != "config.json":
+            (src / f.name).symlink_to(f)
+    cfg = json.loads((tiny_qwen2 / "config.json").read_text())
+    cfg.update(architectures=["FooForCausalLM"], model_type="foo")
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "dist"
+    refusal = "ONNX converter; supported: .*Qwen2ForCausalLM.*(optimum-onnx does not export model_type 'foo'|needs optimum)"
+    with pytest.raises(UnsupportedArchitectureError, match=refusal):
+        pack_model(src, PackOptions(format="onnx", output=out, quiet=True))
+    assert not out.exists() or not any(out.iterdir())
 
-    with pytest.raises(UnsupportedArchitectureError, match="ONNX converter; supported: .*Qwen2ForCausalLM"):
-        pack_model(models.tiny_gemma2(), PackOptions(format="onnx", output=tmp_path, quiet=True))
-    assert not any(tmp_path.iterdir())
+
+# -- the optimum-onnx fallback (architectures the streaming converter lacks) -----------------------
+
+@pytest.fixture(scope="module")
+def tiny_neox(smollm2_hf, tmp_path_factory) -> Path:
+    """A random 2-layer GPT-NeoX (not in edgepack's ONNX converter; optimum exports it) with SmolLM2's tokenizer."""
+    pytest.importorskip("optimum.exporters.onnx")
+    import shutil
+
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-neox")
+    config = GPTNeoXConfig(vocab_size=49152, max_position_embeddings=512, hidden_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=256, bos_token_id=1, eos_token_id=2)
+    config.architectures = ["GPTNeoXForCausalLM"]
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(config)
+    with torch.no_grad():  # larger than the default init: logits that are not all noise-level
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.05)
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(smollm2_hf / name, out / name)
+    return out
+
+
+@pytest.mark.parametrize("algorithm", ["rtn", "hqq"])
+def test_optimum_fallback_bundle_generates_through_packager_load(algorithm, tiny_neox, tmp_path):
+    """optimum's export + MatMulNBitsQuantizer: every linear layer int4, and genai's KV-cached loop picks
+    the argmax of the bundle graph's own full forward pass (position_ids, unshared KV buffers)."""
+    import onnx
+
+    import packager
+
+    bundle = pack_model(tiny_neox, PackOptions(format="onnx", onnx_algorithm=algorithm, output=tmp_path,
+                                               quiet=True)).path
+    man = json.loads((bundle / "manifest.json").read_text())
+    assert man["quant"] == ("INT4_B32_HQQ" if algorithm == "hqq" else "INT4_B32")
+    assert man["onnx"]["algorithm"] == algorithm and man["onnx"]["exporter"].startswith("optimum-onnx 0.1")
+    assert any("optimum-onnx" in w for w in man["warnings"])
+    from packager.bundle import verify
+
+    assert verify(bundle) == []
+    graph = onnx.load(str(bundle / "model" / "model.onnx"), load_external_data=False).graph
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 2 * 4 + 1  # qkv, dense, 2 MLP a layer; embed_out
+    with packager.load(bundle) as m:
+        prompt = m.tokenize("The quick brown fox", add_special=False)
+        generated = m.tokenize(m.generate(prompt, max_tokens=4), add_special=False)
+        ids = list(prompt)
+        for _ in range(4):
+            ids.append(int(_ort_logits(bundle / "model", np.array([ids], dtype=np.int64))[0, -1].argmax()))
+        assert m.detokenize(ids[len(prompt):]) == m.detokenize(generated)
 
 
 def test_target_without_onnx_execution_provider_is_refused(tiny_qwen2, tmp_path):

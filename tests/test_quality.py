@@ -278,17 +278,29 @@ def _target(tmp_path: Path, ladder: list[str]) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def user_imatrix_file(f16_ref, tmp_path_factory) -> Path:
+    """A user's own importance matrix: a short pass over a text of their choosing (not the shipped calibration text)."""
+    from packager.imatrix import collect_imatrix, save_imatrix
+    from packager.quality import default_evaluation_text
+
+    stats = collect_imatrix(f16_ref, default_evaluation_text(), n_ctx=CTX, n_chunks=CHUNKS, n_threads=2, quiet=True)
+    return save_imatrix(stats, tmp_path_factory.mktemp("user-imatrix") / "mine.imatrix.gguf")
+
+
 @pytest.mark.slow
-def test_auto_loose_bar_picks_a_smaller_file_than_a_tight_bar(smollm2_hf, tmp_path):
+def test_auto_loose_bar_picks_a_smaller_file_than_a_tight_bar(smollm2_hf, user_imatrix_file, tmp_path):
+    """The tight run computes the default importance matrix for Q3_K_S (and records none: it bundles Q8_0);
+    the loose run takes the user's --imatrix file instead, so the matrix is computed once, not twice."""
     from packager.autoquant import pack_auto
     from packager.pack import PackOptions
 
     target = _target(tmp_path, ["Q8_0", "Q4_K_M", "Q3_K_S"])
     chosen = {}
-    for name, bar in (("loose", 5.0), ("tight", 0.02)):
+    for name, bar, imatrix in (("loose", 5.0, user_imatrix_file), ("tight", 0.02, None)):
         out = tmp_path / name
-        res = pack_auto(smollm2_hf, PackOptions(target=str(target), output=out, quiet=True), max_kld=bar,
-                        n_ctx=CTX, n_chunks=CHUNKS)
+        res = pack_auto(smollm2_hf, PackOptions(target=str(target), output=out, quiet=True, imatrix=imatrix),
+                        max_kld=bar, n_ctx=CTX, n_chunks=CHUNKS)
         assert verify(res.path) == []
         model = res.path / res.manifest["model_file"]
         chosen[name] = (res.manifest["quant"], model.stat().st_size, res.manifest["quality"], res.manifest["imatrix"])
@@ -297,7 +309,10 @@ def test_auto_loose_bar_picks_a_smaller_file_than_a_tight_bar(smollm2_hf, tmp_pa
     assert lq == "Q3_K_S" and lsize < tsize, (lq, tq)
     assert tqual["kld_mean"] <= 0.02 < max(r["kld_mean"] for r in tqual["auto"]["table"] if r["kld_mean"] is not None)
     assert lqual["auto"]["table"][0]["verdict"].endswith("(imatrix)")  # Q3_K_S got an importance matrix
-    assert chosen["loose"][3] is not None and chosen["tight"][3] is None  # recorded only when the file used it
+    assert chosen["loose"][3]["file"] == user_imatrix_file.name and chosen["tight"][3] is None  # only when used
+    # The tight run measured Q3_K_S with the matrix it computed from the shipped calibration text.
+    tight_q3 = next(r for r in tqual["auto"]["table"] if r["quant"] == "Q3_K_S")
+    assert tight_q3["imatrix"] and tqual["auto"]["imatrix"]["text"] == "edgepack calibration.txt"
 
 
 @pytest.mark.slow
@@ -341,3 +356,51 @@ def test_auto_ctrl_c_removes_its_temporary_files(tiny_qwen2, tmp_path, when):
     assert p.returncode == 130, err
     assert err.strip().startswith("interrupted") and "Traceback" not in err, err
     assert [x.name for x in out.iterdir() if not x.name.endswith(".lock")] == []
+
+
+@pytest.mark.slow
+def test_auto_quantizes_with_the_users_imatrix_and_names_it(f16_ref, user_imatrix_file, tmp_path, capsys,
+                                                            monkeypatch):
+    """--quant auto --imatrix FILE: the low-bit candidate is quantized with that file (the bundled bytes are
+    llama.cpp's with it), none is computed, and the table, manifest and quality record name it with its sha256."""
+    from packager.autoquant import pack_auto
+    from packager.gguf_source import quantize_gguf
+    from packager.imatrix import load_imatrix
+    from packager.pack import PackOptions
+    from packager.quants import get_quant
+    from packager.source import sha256_file
+
+    monkeypatch.setenv("EDGEPACK_NO_PROGRESS", "1")
+    target = _target(tmp_path, ["Q8_0", "Q3_K_S"])
+    res = pack_auto(f16_ref, PackOptions(target=str(target), output=tmp_path / "dist", imatrix=user_imatrix_file,
+                                         n_threads=2), max_kld=5.0, n_ctx=CTX, n_chunks=CHUNKS)
+    err = capsys.readouterr().err
+    record = {"file": user_imatrix_file.name, "sha256": sha256_file(user_imatrix_file)}
+    m = res.manifest
+    assert m["quant"] == "Q3_K_S", m["quality"]["auto"]["table"]
+    assert m["imatrix"] == record and m["quality"]["auto"]["imatrix"] == record
+    assert m["quality"]["auto"]["table"][0]["verdict"] == "chosen: smallest under the bar (imatrix)"
+    assert f"(imatrix: mine.imatrix.gguf (sha256 {record['sha256']}))" in err, err
+    assert "computing an importance matrix" not in err, err
+    assert verify(res.path) == []
+    bundled = sha256_file(res.path / m["model_file"])
+    with_users, without = tmp_path / "with.gguf", tmp_path / "without.gguf"
+    quantize_gguf(f16_ref, get_quant("Q3_K_S"), with_users, imatrix=load_imatrix(user_imatrix_file), n_threads=2)
+    quantize_gguf(f16_ref, get_quant("Q3_K_S"), without, n_threads=2)
+    assert bundled == sha256_file(with_users) != sha256_file(without)
+    assert [p.name for p in (tmp_path / "dist").iterdir() if p.name.startswith(".edgepack-auto-")] == []
+
+
+def test_auto_refuses_an_imatrix_made_for_another_model(f16_ref, tmp_path):
+    """Checked against the model's tensors before the reference pass: a one-line usage error, no bundle."""
+    from packager.imatrix import save_imatrix
+    from packager.kernels.imatrix import ImatrixStats
+
+    other = ImatrixStats(chunk_size=64, chunk_count=1, datasets=["x.txt"])
+    other.add_dense("blk.0.attn_q.weight", np.ones((4, 7), dtype=np.float32))  # SmolLM2's has 576 columns
+    bad = save_imatrix(other, tmp_path / "other.imatrix.gguf")
+    out = tmp_path / "dist"
+    r = pack("model", f16_ref, "--target", _target(tmp_path, ["Q3_K_S"]), "--quant", "auto", "--imatrix", bad,
+             "-o", out, "-q")
+    _one_line_error(r, 2, "--imatrix", "other.imatrix.gguf", "blk.0.attn_q.weight", "another model")
+    assert [p.name for p in out.iterdir() if not p.name.endswith(".lock")] == []

@@ -27,7 +27,8 @@ import numpy as np
 
 from packager.convert.archs import rope_parameters
 from packager.convert.safetensors import Checkpoint, FileHasher, to_f32
-from packager.errors import BackendMissingError, ConversionError, SourceError, UnsupportedArchitectureError
+from packager.errors import (BackendMissingError, ConversionError, SourceError, UnsupportedArchitectureError,
+                             UsageError)
 from packager.progress import progress_bar
 from packager.source import Source
 from packager.spec import read_config, spec_from_config
@@ -37,6 +38,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 # Execution providers onnxruntime-genai offers, by the backend names target profiles use.
 EXECUTION_PROVIDERS = {"cpu": "cpu", "cuda": "cuda", "dml": "dml", "directml": "dml", "webgpu": "webgpu"}
+# How weights become int4 blocks: round to nearest (ONNX Runtime's own routine) or HQQ (kernels/hqq.py).
+# `pack model --help` describes them; GPTQ is refused with GPTQ_REFUSAL.
+ALGORITHMS = ("rtn", "hqq")
+GPTQ_REFUSAL = (
+    "--algorithm gptq is not offered for ONNX bundles: ONNX Runtime's GPTQ (onnxruntime.quantization's "
+    "gptq_quantize) needs the whole f32 ONNX model with plain MatMul nodes loaded in memory and runs calibration "
+    "text through it, which edgepack's streaming converter never builds (it would cost the f32 model's size "
+    "and more in RAM); use --algorithm hqq (better than rtn, no calibration data, streams) or a GGUF bundle "
+    "with --imatrix-text for calibration-aware quantization"
+)
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,24 @@ def onnx_arch_for(hf_name: str) -> OnnxArch:
         ) from None
 
 
+def onnx_exporter(hf_name: str, model_type: str) -> str:
+    """"edgepack" (the streaming converter here) or "optimum" (convert/onnx_optimum.py: holds the f32
+    model) for this architecture; neither is one line saying what to do."""
+    if hf_name in ONNX_ARCHS:
+        return "edgepack"
+    from packager.convert.onnx_optimum import optimum_exports, optimum_installed
+
+    ours = (f"architecture {hf_name!r} is not supported by edgepack's ONNX converter; "
+            f"supported: {', '.join(sorted(ONNX_ARCHS))}")
+    if not optimum_installed():
+        raise UnsupportedArchitectureError(f"{ours}; the fallback for other architectures needs optimum-onnx: "
+                                           "pip install 'edgepack[onnx-export]'; or pack it with --format gguf")
+    if not optimum_exports(model_type):
+        raise UnsupportedArchitectureError(f"{ours}, and optimum-onnx does not export model_type {model_type!r} for "
+                                           "text generation; pack it with --format gguf instead")
+    return "optimum"
+
+
 def execution_provider(backends: tuple[str, ...] | list[str], target_name: str) -> str:
     """The first of a target's backends that onnxruntime-genai has an execution provider for."""
     for b in backends:
@@ -95,6 +124,7 @@ class OnnxOptions:
     int4: bool = True  # False writes an f32 reference graph (tests)
     int4_embeddings: bool = True  # gather the embedding from int4 blocks (tied: lm_head's own)
     execution_provider: str = "cpu"
+    algorithm: str = "rtn"  # one of ALGORITHMS; hqq is asymmetric (zero points + a correction, kernels/hqq.py)
 
     def __post_init__(self) -> None:
         from packager.kernels.int4 import check_block_size
@@ -105,17 +135,25 @@ class OnnxOptions:
             raise ConversionError(str(exc)) from None
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ConversionError(f"accuracy level {self.accuracy_level} is not one of 0-4")
+        if self.algorithm == "gptq":
+            raise UsageError(GPTQ_REFUSAL)
+        if self.algorithm not in ALGORITHMS:
+            raise UsageError(f"algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+        if self.algorithm == "hqq" and self.symmetric:
+            raise UsageError("HQQ quantizes with zero points: pass symmetric=False (--asymmetric) with algorithm hqq")
 
     @property
     def quant_name(self) -> str:
         if not self.int4:
             return "FP32"
+        if self.algorithm == "hqq":
+            return f"INT4_B{self.block_size}_HQQ"
         return f"INT4_B{self.block_size}{'' if self.symmetric else '_ASYM'}"
 
     def as_dict(self) -> dict[str, Any]:
         return {"bits": 4 if self.int4 else 32, "block_size": self.block_size, "symmetric": self.symmetric,
-                "accuracy_level": self.accuracy_level, "algorithm": "rtn", "int4_embeddings": self.int4_embeddings,
-                "execution_provider": self.execution_provider}
+                "accuracy_level": self.accuracy_level, "algorithm": self.algorithm,
+                "int4_embeddings": self.int4_embeddings, "execution_provider": self.execution_provider}
 
 
 @dataclass(frozen=True)
@@ -194,7 +232,7 @@ def plan_slots(ckpt: Checkpoint, cfg: dict[str, Any], arch: OnnxArch, opts: Onnx
     d = _dims(cfg)
     spec = spec_from_config(cfg)
     fmt = WeightFormat(int4=opts.int4, block_size=opts.block_size, symmetric=opts.symmetric,
-                       accuracy_level=opts.accuracy_level)
+                       accuracy_level=opts.accuracy_level, zero_correction=opts.algorithm == "hqq")
     layout = Layout()
     slots: dict[str, list[Slot]] = {}
     f32 = TensorProto.FLOAT
@@ -258,7 +296,7 @@ def plan_slots(ckpt: Checkpoint, cfg: dict[str, Any], arch: OnnxArch, opts: Onnx
         if opts.symmetric:  # MatMulNBits' implicit zero point (8), made explicit for the gather
             embed_zp = "model.embed_tokens.zp"
             layout.add(embed_zp, TensorProto.UINT8, (d.vocab, -(-d.hidden // opts.block_size // 2)))
-        else:
+        else:  # HQQ too: its rounded zero points, and the graph adds its correction
             embed_zp = f"{embed_base}.weight_zp"
     else:
         layout.add("model.embed_tokens.weight", f32, (d.vocab, d.hidden))
@@ -291,13 +329,22 @@ class _Writer:
         if not self.fmt.int4:
             self._put(f"{slot.target}.weight", dst_row, rows)
             return
-        from packager.kernels.int4 import quantize_int4
+        if self.fmt.zero_correction:
+            from packager.kernels.hqq import quantize_int4_hqq, split_zero_points
 
-        q = quantize_int4(rows, self.fmt.block_size, self.fmt.symmetric)
+            q = quantize_int4_hqq(rows, self.fmt.block_size)
+            zp, correction = split_zero_points(q)
+        else:
+            from packager.kernels.int4 import quantize_int4
+
+            q = quantize_int4(rows, self.fmt.block_size, self.fmt.symmetric)
+            zp, correction = q.zero_points, None
         self._put(f"{slot.target}.weight_Q4", dst_row, q.packed)
         self._put(f"{slot.target}.weight_scales", dst_row, q.scales)
-        if q.zero_points is not None:
-            self._put(f"{slot.target}.weight_zp", dst_row, q.zero_points)
+        if zp is not None:
+            self._put(f"{slot.target}.weight_zp", dst_row, zp)
+        if correction is not None:
+            self._put(f"{slot.target}.weight_zc", dst_row, correction)
 
 
 def _jobs(ckpt: Checkpoint, slots: dict[str, list[Slot]]):
@@ -440,7 +487,7 @@ def convert(source: Source, out_dir: Path, opts: OnnxOptions = OnnxOptions(), *,
     if not (out_dir / "tokenizer.json").is_file():
         raise SourceError(f"{source.path}: no tokenizer.json; onnxruntime-genai needs the fast tokenizer's file")
     return ConvertResult(out_dir, copied, opts.quant_name, sha256s, sum(p.stat().st_size for p in copied),
-                         {"onnx": opts.as_dict(), "n_nodes": len(model.graph.node)})
+                         {"onnx": {**opts.as_dict(), "exporter": "edgepack"}, "n_nodes": len(model.graph.node)})
 
 
 def _read_json(path: Path) -> dict[str, Any]:

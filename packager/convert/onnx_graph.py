@@ -103,6 +103,7 @@ class WeightFormat:
     block_size: int = 32
     symmetric: bool = True
     accuracy_level: int = 4  # MatMulNBits' activation precision: 4 = int8 dot products (CPU's fastest)
+    zero_correction: bool = False  # HQQ: uint8 zero points + an f32 correction per block (kernels/hqq.py)
 
     def linear_inits(self, layout: Layout, base: str, n: int, k: int) -> None:
         """Declare the initializers of one linear layer with ``n`` outputs over ``k`` inputs."""
@@ -112,8 +113,10 @@ class WeightFormat:
         nb = -(-k // self.block_size)
         layout.add(f"{base}.weight_Q4", TensorProto.UINT8, (n, nb, self.block_size // 2))
         layout.add(f"{base}.weight_scales", TensorProto.FLOAT, (n, nb))
-        if not self.symmetric:
+        if not self.symmetric or self.zero_correction:
             layout.add(f"{base}.weight_zp", TensorProto.UINT8, (n, -(-nb // 2)))
+        if self.zero_correction:
+            layout.add(f"{base}.weight_zc", TensorProto.FLOAT, (n, nb))
 
 
 class GraphBuilder:
@@ -130,22 +133,38 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
         return outputs
 
-    def const_i64(self, name: str, values: list[int] | int) -> str:
-        arr = np.array(values, dtype=np.int64)
-        self.consts.append(onnx.numpy_helper.from_array(arr, name))
+    def const(self, name: str, values: list[int] | int, dtype: type = np.int64) -> str:
+        self.consts.append(onnx.numpy_helper.from_array(np.array(values, dtype=dtype), name))
         return name
+
+    def const_i64(self, name: str, values: list[int] | int) -> str:
+        return self.const(name, values)
 
     def linear(self, base: str, x: str, n: int, k: int, name: str, bias: str | None = None,
                out: str | None = None) -> str:
         outs = [out] if out else None
         if self.fmt.int4:
             inputs = [x, f"{base}.weight_Q4", f"{base}.weight_scales"]
-            if not self.fmt.symmetric:
+            if not self.fmt.symmetric or self.fmt.zero_correction:
                 inputs.append(f"{base}.weight_zp")
             if bias:
                 inputs += [""] * (5 - len(inputs)) + [bias]
-            return self.node("MatMulNBits", inputs, name, domain=MS, outputs=outs, K=k, N=n, bits=4,
-                             block_size=self.fmt.block_size, accuracy_level=self.fmt.accuracy_level)[0]
+            (y,) = self.node("MatMulNBits", inputs, name, domain=MS, outputs=None if self.fmt.zero_correction else outs,
+                             K=k, N=n, bits=4, block_size=self.fmt.block_size, accuracy_level=self.fmt.accuracy_level)
+            if not self.fmt.zero_correction:
+                return y
+            # HQQ's fractional zero points: + (sum of x over each block) @ correction^T.
+            bs, nb = self.fmt.block_size, -(-k // self.fmt.block_size)
+            if nb * bs != k:  # the last block is zero-padded, as the quantizer padded the weights
+                (x,) = self.node("Pad", [x, self.const_i64(f"{name}/Correction/pads", [0, 0, 0, 0, 0, nb * bs - k])],
+                                 f"{name}/Correction/Pad")
+            (xb,) = self.node("Reshape", [x, self.const_i64(f"{name}/Correction/shape", [0, 0, nb, bs])],
+                              f"{name}/Correction/Reshape")
+            (sums,) = self.node("ReduceSum", [xb, self.const_i64(f"{name}/Correction/axes", [-1])],
+                                f"{name}/Correction/ReduceSum", keepdims=0)
+            (ct,) = self.node("Transpose", [f"{base}.weight_zc"], f"{name}/Correction/Transpose", perm=[1, 0])
+            (corr,) = self.node("MatMul", [sums, ct], f"{name}/Correction/MatMul")
+            return self.node("Add", [y, corr], f"{name}/Correction/Add", outputs=outs)[0]
         (wt,) = self.node("Transpose", [f"{base}.weight"], f"{name}/Transpose", perm=[1, 0])
         if bias:
             (y,) = self.node("MatMul", [x, wt], name)
@@ -171,6 +190,8 @@ class GraphBuilder:
             inputs = ["model.embed_tokens.qdata", "input_ids", f"{embed_base}.weight_scales", embed_zp or ""]
             (h,) = self.node("GatherBlockQuantized", inputs, "/model/embed_tokens/GatherBlockQuantized", domain=MS,
                              bits=4, block_size=self.fmt.block_size, gather_axis=0, quantize_axis=1)
+            if self.fmt.zero_correction:
+                h = self._gather_correction(embed_base, h)
         else:
             (h,) = self.node("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/embed_tokens/Gather")
         residual, pending = h, None  # pending: the output to add to the residual at the next norm
@@ -205,6 +226,16 @@ class GraphBuilder:
                              "/model/norm", domain=MS, epsilon=d.rms_eps)
         self.linear("lm_head", final, d.vocab, d.hidden, "/lm_head/MatMul", out="logits")
         return self._model()
+
+    def _gather_correction(self, base: str, h: str) -> str:
+        """HQQ's per-block correction (kernels/hqq.py) added to the gathered embedding rows."""
+        d, bs = self.d, self.fmt.block_size
+        p = "/model/embed_tokens/Correction"
+        (rows,) = self.node("Reshape", [h, self.const_i64(f"{p}/blocks", [0, 0, d.hidden // bs, bs])], f"{p}/Reshape")
+        (c,) = self.node("Gather", [f"{base}.weight_zc", "input_ids"], f"{p}/Gather")  # [b, s, n_blocks]
+        (c,) = self.node("Unsqueeze", [c, self.const_i64(f"{p}/axes", [-1])], f"{p}/Unsqueeze")
+        (rows,) = self.node("Add", [rows, c], f"{p}/Add")
+        return self.node("Reshape", [rows, self.const_i64(f"{p}/rows", [0, 0, d.hidden])], f"{p}/Reshape/Rows")[0]
 
     def _norm(self, weight: str, residual: str, pending: str | None, name: str) -> tuple[str, str]:
         """RMS-normalize residual (+ pending, which is then folded into the residual)."""
