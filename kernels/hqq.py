@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from packager.kernels.int4 import Int4Blocks, check_block_size, n_blocks
+from packager.kernels.int4 import Int4Blocks, as_blocks
 
 LP_NORM, BETA, KAPPA, ITERS = 0.7, 10.0, 1.01, 20  # ONNX Runtime's (and HQQ's) defaults
 
@@ -39,15 +39,7 @@ def quantize_int4_hqq(w: np.ndarray, block_size: int = 32) -> Int4Blocks:
 
     ``zero_points`` comes back as float32 [N, n_blocks] (MatMulNBits' float form), not packed nibbles.
     """
-    check_block_size(block_size)
-    if w.ndim != 2:
-        raise ValueError(f"expected a 2-D [N, K] matrix, got shape {w.shape}")
-    n, k = w.shape
-    nb = n_blocks(k, block_size)
-    x = np.asarray(w, dtype=np.float32)
-    if nb * block_size != k:
-        x = np.pad(x, ((0, 0), (0, nb * block_size - k)))
-    x = x.reshape(n, nb, block_size)
+    x = as_blocks(w, block_size)
     lo = x.min(axis=2, keepdims=True)
     span = x.max(axis=2, keepdims=True) - lo
     span[span == 0] = 15.0  # a constant block: scale 1, as ONNX Runtime does

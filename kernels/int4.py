@@ -50,8 +50,8 @@ def check_block_size(block_size: int) -> int:
     return block_size
 
 
-def quantize_int4(w: np.ndarray, block_size: int = 32, symmetric: bool = True) -> Int4Blocks:
-    """Quantize float rows ``w`` [N, K] to int4 blocks along K (K is zero-padded to whole blocks)."""
+def as_blocks(w: np.ndarray, block_size: int) -> np.ndarray:
+    """Float rows ``w`` [N, K] as float32 blocks [N, n_blocks, block_size] along K, K zero-padded to whole blocks."""
     check_block_size(block_size)
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D [N, K] matrix, got shape {w.shape}")
@@ -60,7 +60,13 @@ def quantize_int4(w: np.ndarray, block_size: int = 32, symmetric: bool = True) -
     x = np.asarray(w, dtype=np.float32)
     if nb * block_size != k:
         x = np.pad(x, ((0, 0), (0, nb * block_size - k)))
-    x = x.reshape(n, nb, block_size)
+    return x.reshape(n, nb, block_size)
+
+
+def quantize_int4(w: np.ndarray, block_size: int = 32, symmetric: bool = True) -> Int4Blocks:
+    """Quantize float rows ``w`` [N, K] to int4 blocks along K (K is zero-padded to whole blocks)."""
+    x = as_blocks(w, block_size)
+    n, nb = x.shape[:2]
     if symmetric:
         hi = x.max(axis=2)
         lo = x.min(axis=2)

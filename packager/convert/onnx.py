@@ -479,15 +479,21 @@ def convert(source: Source, out_dir: Path, opts: OnnxOptions = OnnxOptions(), *,
     gen = _read_json(source.path / "generation_config.json")
     (out_dir / "genai_config.json").write_text(
         json.dumps(genai_config(cfg, arch, d, gen, n_ctx, opts.execution_provider), indent=4), encoding="utf-8")
-    copied = [out_dir / "model.onnx", data_path, out_dir / "genai_config.json"]
-    for name in TOKENIZER_FILES:
-        if (source.path / name).is_file():
-            shutil.copyfile(source.path / name, out_dir / name)
-            copied.append(out_dir / name)
-    if not (out_dir / "tokenizer.json").is_file():
-        raise SourceError(f"{source.path}: no tokenizer.json; onnxruntime-genai needs the fast tokenizer's file")
+    copied = [out_dir / "model.onnx", data_path, out_dir / "genai_config.json", *copy_tokenizer(source.path, out_dir)]
     return ConvertResult(out_dir, copied, opts.quant_name, sha256s, sum(p.stat().st_size for p in copied),
                          {"onnx": {**opts.as_dict(), "exporter": "edgepack"}, "n_nodes": len(model.graph.node)})
+
+
+def copy_tokenizer(src_dir: Path, out_dir: Path) -> list[Path]:
+    """Copy the tokenizer files onnxruntime-genai reads into ``out_dir``; tokenizer.json is required."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src_dir / name).is_file():
+            shutil.copyfile(src_dir / name, out_dir / name)
+            copied.append(out_dir / name)
+    if not (out_dir / "tokenizer.json").is_file():
+        raise SourceError(f"{src_dir}: no tokenizer.json; onnxruntime-genai needs the fast tokenizer's file")
+    return copied
 
 
 def _read_json(path: Path) -> dict[str, Any]:

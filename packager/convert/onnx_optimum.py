@@ -18,11 +18,9 @@ them: f32 zero points send MatMulNBits down a path ~300x slower on CPU (kernels/
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,9 +28,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from packager.errors import ConversionError, SourceError
+from packager.errors import ConversionError
 from packager.progress import say
-from packager.source import Source
+from packager.source import Source, sha256_file
 from packager.spec import read_config
 
 TASK = "text-generation-with-past"
@@ -234,17 +232,9 @@ def genai_config(graph, cfg: dict[str, Any], gen: dict[str, Any], n_ctx: int, ep
     }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def convert_optimum(source: Source, out_dir: Path, opts, *, n_ctx: int = 4096, quiet: bool = False):
     """Export with optimum, quantize to MatMulNBits, write model.onnx(.data), genai_config.json, tokenizer."""
-    from packager.convert.onnx import TOKENIZER_FILES, ConvertResult, _read_json
+    from packager.convert.onnx import ConvertResult, _read_json, copy_tokenizer
 
     cfg = read_config(source.path)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -266,14 +256,9 @@ def convert_optimum(source: Source, out_dir: Path, opts, *, n_ctx: int = 4096, q
     gen = _read_json(source.path / "generation_config.json")
     (out_dir / "genai_config.json").write_text(
         json.dumps(genai_config(graph, cfg, gen, n_ctx, opts.execution_provider), indent=4), encoding="utf-8")
-    copied = [out_dir / "model.onnx", out_dir / "model.onnx.data", out_dir / "genai_config.json"]
-    for name in TOKENIZER_FILES:
-        if (source.path / name).is_file():
-            shutil.copyfile(source.path / name, out_dir / name)
-            copied.append(out_dir / name)
-    if not (out_dir / "tokenizer.json").is_file():
-        raise SourceError(f"{source.path}: no tokenizer.json; onnxruntime-genai needs the fast tokenizer's file")
-    sha256s = {str(p.relative_to(source.path)): _sha256(p) for p in source.weight_files}
+    copied = [out_dir / "model.onnx", out_dir / "model.onnx.data", out_dir / "genai_config.json",
+              *copy_tokenizer(source.path, out_dir)]
+    sha256s = {str(p.relative_to(source.path)): sha256_file(p) for p in source.weight_files}
     from importlib.metadata import version
 
     # The embedding stays an f32 Gather: the quantizer's Gather path has no float zero points (HQQ).
