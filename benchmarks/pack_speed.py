@@ -30,12 +30,7 @@ sys.path.insert(0, str(HERE))
 import models  # noqa: E402
 from procmon import run  # noqa: E402
 
-MODELS = {
-    "qwen2.5-0.5b": lambda: models.random_qwen2("qwen2.5-0.5b", models.QWEN25_05B_CONFIG),
-    "qwen2.5-3b": lambda: models.random_qwen2("qwen2.5-3b", models.QWEN25_3B_CONFIG),
-    "smollm2": models.smollm2_hf,
-    "tiny-qwen2": models.tiny_qwen2,
-}
+MODELS = {k: models.BENCH_MODELS[k] for k in ("qwen2.5-0.5b", "qwen2.5-3b", "smollm2", "tiny-qwen2")}
 QUANTIZE = """
 import ctypes, sys, gguf, llama_cpp
 p = llama_cpp.llama_model_quantize_default_params()

@@ -33,11 +33,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 import models  # noqa: E402
 
-MODELS = {
-    "smollm2": models.smollm2_hf,
-    "qwen2.5-0.5b": lambda: models.random_qwen2("qwen2.5-0.5b", models.QWEN25_05B_CONFIG),
-    "qwen2.5-1.5b": lambda: models.random_qwen2("qwen2.5-1.5b", models.QWEN25_15B_CONFIG),
-}
+MODELS = {k: models.BENCH_MODELS[k] for k in ("smollm2", "qwen2.5-0.5b", "qwen2.5-1.5b")}
 QUANTS = ("Q8_0", "Q4_K_M")
 CONTEXTS = (512, 2048, 8192)
 N_GEN = 48
