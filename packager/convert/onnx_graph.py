@@ -133,12 +133,9 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
         return outputs
 
-    def const(self, name: str, values: list[int] | int, dtype: type = np.int64) -> str:
-        self.consts.append(onnx.numpy_helper.from_array(np.array(values, dtype=dtype), name))
-        return name
-
     def const_i64(self, name: str, values: list[int] | int) -> str:
-        return self.const(name, values)
+        self.consts.append(onnx.numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+        return name
 
     def linear(self, base: str, x: str, n: int, k: int, name: str, bias: str | None = None,
                out: str | None = None) -> str:
