@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))
 import models  # noqa: E402
 from llama_tools import llama_tool  # noqa: E402
 
-from packager.hostinfo import performance_cpus  # noqa: E402
+from packager.host import performance_cpus  # noqa: E402
 
 FA = {0: "off", 1: "on", -1: "auto"}  # llama.cpp's flash_attn_type -> llama-bench's -fa
 MODELS = {"qwen2.5-0.5b": "Q4_K_M", "smollm2": "Q4_1"}  # name -> the quant it is packed at

@@ -37,8 +37,8 @@ sys.path.insert(0, str(HERE))
 
 from pack_speed import MODELS  # noqa: E402  (the same random checkpoints as the GGUF packing benchmark)
 from procmon import run  # noqa: E402
-IMPORTS = ("import time, numpy, onnx, packager.pack, packager.pack_onnx, packager.convert.onnx, "
-           "packager.convert.onnx_graph, packager.kernels.int4, packager.bundle; time.sleep(1)")
+IMPORTS = ("import time, numpy, onnx, packager.pack.pipeline, packager.pack.onnx, packager.convert.onnx.converter, "
+           "packager.convert.onnx.graph, packager.kernels.int4, packager.bundle.writer; time.sleep(1)")
 LIMIT = 8 * 10**9
 
 

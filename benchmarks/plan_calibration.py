@@ -6,12 +6,19 @@ configs), quant (Q8_0, Q4_K_M, packed once with `pack model --quant`) and contex
 flash attention off, f16 KV cache), evaluates a prompt and decodes; it reports its own peak RSS
 (VmHWM: mapped weight pages count once touched) and its decode speed. The prediction is the
 planner's, from what `pack plan` reads before any conversion (config.json and safetensors
-headers), for this host: a profile whose memory bandwidth packager.probe measures just before.
+headers), for this host: a profile whose memory bandwidth packager.plan.host_probe measures just before.
 Targets (issue 5): RSS within +-10%, decode tokens/s within +-25%.
+
+``--format onnx`` does the same for ONNX int4 bundles (issue 14): the child loads the bundle through
+packager.load (onnxruntime-genai), appends a prompt of one chunk (formats.onnx.PROMPT_CHUNK tokens at
+most: the runtime's largest call) through Model.engine() and decodes; the prediction is the planner's
+ONNX memory model (formats.onnx: weights as declared, ONNX Runtime's packed copies, tokenizers,
+f32 KV cache, one chunk's logits).
 
     flock /tmp/bench.lock python3 benchmarks/plan_calibration.py             # everything (~25 min on 2 cores)
     flock /tmp/bench.lock python3 benchmarks/plan_calibration.py --models smollm2 --ctx 512 --quants Q8_0
     flock /tmp/bench.lock python3 benchmarks/plan_calibration.py --build-only # only pack the GGUFs (cached)
+    flock /tmp/bench.lock python3 benchmarks/plan_calibration.py --format onnx --ctx 512 2048
 
 Results are appended to benchmarks/results/plan_calibration.jsonl; a markdown table goes to stdout.
 """
@@ -35,6 +42,7 @@ import models  # noqa: E402
 
 MODELS = {k: models.BENCH_MODELS[k] for k in ("smollm2", "qwen2.5-0.5b", "qwen2.5-1.5b")}
 QUANTS = ("Q8_0", "Q4_K_M")
+ONNX_QUANTS = ("INT4_B32", "INT4_B32_HQQ")  # pack model --format onnx [--algorithm hqq]
 CONTEXTS = (512, 2048, 8192)
 N_GEN = 48
 WORK = models.CACHE / "plan-calibration"
@@ -62,9 +70,30 @@ print(json.dumps({"prefill_s": prefill_s, "decode_times": times, "peak_rss_bytes
 """
 
 
+# The same for an ONNX bundle, as edgepack's runtime loads it (its path is the first argument).
+CHILD_ONNX = r"""
+import json, sys, time
+import packager
+path, n_ctx, n_threads, n_prompt, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+m = packager.load(path, n_ctx=n_ctx, n_threads=n_threads)
+engine = m.engine()
+tokens = [(i * 7919) % 20000 + 1000 for i in range(n_prompt)]
+t0 = time.perf_counter(); engine.eval(tokens); prefill_s = time.perf_counter() - t0
+times, tok = [], 1000
+for _ in range(n_gen):
+    t = time.perf_counter(); engine.eval([tok]); times.append(time.perf_counter() - t)
+    tok = (tok * 31 + 7) % 20000 + 1000
+status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
+kib = lambda k: int(status[k].split()[0]) * 1024
+print(json.dumps({"prefill_s": prefill_s, "decode_times": times, "peak_rss_bytes": kib("VmHWM"),
+                  "rss_anon_bytes": kib("RssAnon"), "rss_file_bytes": kib("RssFile")}))
+"""
+
+
 def run_child(gguf: Path, n_ctx: int, threads: int, n_prompt: int, n_gen: int) -> dict[str, Any]:
     """One measurement in a fresh process (nothing cached from a previous load)."""
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(gguf), str(n_ctx), str(threads), str(n_prompt), str(n_gen)],
+    child = CHILD if gguf.suffix == ".gguf" else CHILD_ONNX
+    proc = subprocess.run([sys.executable, "-c", child, str(gguf), str(n_ctx), str(threads), str(n_prompt), str(n_gen)],
                           capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"measurement of {gguf.name} at ctx {n_ctx} failed (code {proc.returncode}): "
@@ -74,30 +103,36 @@ def run_child(gguf: Path, n_ctx: int, threads: int, n_prompt: int, n_gen: int) -
 
 def predict(source: Path, quant: str, n_ctx: int, n_prompt: int, n_gen: int, host: Any) -> dict[str, Any]:
     """The planner's memory and decode speed for what the child runs, from what `pack plan` reads."""
-    from packager.plan import decode_tps, kv_bytes, memory, weight_layout
-    from packager.plan_source import plan_input
-    from packager.quants import get_quant
+    from packager.formats import onnx
+    from packager.plan.inputs import plan_input
+    from packager.plan.planner import decode_tps, kv_bytes, memory, scheme, weight_layout
 
     inp = plan_input(source)  # config.json + safetensors headers: no weights read
-    q = get_quant(quant)
+    fmt = "onnx" if quant in ONNX_QUANTS else "gguf"
+    q = scheme(fmt, quant)
+    kv_type = onnx.KV_TYPE if fmt == "onnx" else "f16"
     # The graph at the peak is the prompt's (micro-batches of up to 512 tokens over its cache).
-    mem = memory(inp.spec, q, n_ctx, "f16", tensors=inp.tensors, arch=host.arch, n_kv=n_prompt,
+    mem = memory(inp.spec, q, n_ctx, kv_type, fmt=fmt, tensors=inp.tensors, arch=host.arch, n_kv=n_prompt,
                  n_tokens=min(n_prompt, 512))
-    layout = weight_layout(inp.spec, q, "gguf", inp.tensors, host.arch)
+    layout = weight_layout(inp.spec, q, fmt, inp.tensors, host.arch)
     # Decoding reads every weight and the cache's cells in use (llama.cpp pads n_kv to 256).
-    kv_read = kv_bytes(inp.spec, n_prompt + n_gen // 2, "f16")
+    kv_read = kv_bytes(inp.spec, n_prompt + n_gen // 2, kv_type)
     fixed = inp.spec.n_layers * host.decode_layer_overhead_us * 1e-6
     return {"mem": mem, "decode_tps": decode_tps(layout.per_token + kv_read, host.memory_bandwidth_gbps, fixed_s=fixed)}
 
 
 def bundle_gguf(model: str, quant: str, threads: int) -> tuple[Path, Path]:
-    """(source checkpoint, its GGUF at ``quant``), packed once with `pack model --quant` and cached."""
+    """(source checkpoint, its GGUF at ``quant`` or its ONNX bundle), packed once with `pack model` and cached."""
     src = MODELS[model]()
     out = WORK / quant
-    gguf = out / f"{src.name}-laptop" / "model" / f"{src.name}-{quant}.gguf"
-    if not gguf.is_file():
+    bundle = out / f"{src.name}-laptop"
+    gguf = bundle / "model" / f"{src.name}-{quant}.gguf"
+    how = ["--quant", quant]
+    if quant in ONNX_QUANTS:  # the bundle itself: packager.load reads its manifest
+        gguf, how = bundle, ["--format", "onnx", *(["--algorithm", "hqq"] if quant.endswith("_HQQ") else [])]
+    if not (gguf / "manifest.json" if gguf == bundle else gguf).is_file():
         out.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "packager.cli", "model", str(src), "--quant", quant, "--target", "laptop",
+        cmd = [sys.executable, "-m", "packager.cli", "model", str(src), *how, "--target", "laptop",
                "-o", str(out), "--threads", str(threads), "--force", "-q"]
         subprocess.run(cmd, check=True, env=dict(os.environ, EDGEPACK_NO_PROGRESS="1"))
     return src, gguf
@@ -108,6 +143,8 @@ def measure(model: str, quant: str, src: Path, gguf: Path, n_ctx: int, threads: 
     """Measured and predicted figures of one (model, quant, context)."""
     # A prompt of half the context (at most 256 tokens), or (fill) the whole context less the decode.
     n_prompt = n_ctx - N_GEN if fill else min(256, n_ctx // 2)
+    if quant in ONNX_QUANTS:  # the runtime's largest call: one prompt chunk (the planner's compute buffer)
+        n_prompt = min(n_ctx - N_GEN, 512)
     m = run_child(gguf, n_ctx, threads, n_prompt, N_GEN)
     p = predict(src, quant, n_ctx, n_prompt, N_GEN, host)
     times = sorted(m["decode_times"])
@@ -142,21 +179,24 @@ def row_md(r: dict[str, Any]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
-    ap.add_argument("--quants", nargs="+", choices=QUANTS, default=list(QUANTS))
+    ap.add_argument("--format", choices=("gguf", "onnx"), default="gguf")
+    ap.add_argument("--quants", nargs="+", choices=QUANTS + ONNX_QUANTS, help="default: the format's quants")
     ap.add_argument("--ctx", nargs="+", type=int, default=list(CONTEXTS))
     ap.add_argument("--threads", type=int, default=None, help="default: this machine's physical cores")
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--fill", action="store_true", help="also fill the whole context (the planner's worst case)")
     args = ap.parse_args()
-    from packager.convert.gguf import default_threads
+    from packager.host import default_threads
 
     threads = args.threads or default_threads()
+    args.quants = args.quants or list(ONNX_QUANTS[:1] if args.format == "onnx" else QUANTS)
     built = {(m, q): bundle_gguf(m, q, threads) for m in args.models for q in args.quants}
     if args.build_only:
         for k, (src, gguf) in built.items():
             print(*k, src, gguf)
         return 0
-    from packager.probe import DECODE_FRACTION, host_target, read_bandwidth_gbps
+    from packager.plan.host_probe import DECODE_FRACTION, read_bandwidth_gbps
+    from packager.plan.targets import host_target
 
     host = host_target()
     print(f"host: {host.description}, decode bandwidth {host.memory_bandwidth_gbps} GB/s (probed x "

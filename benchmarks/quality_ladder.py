@@ -61,13 +61,13 @@ def main() -> int:
                     help="quantize and measure each quant this many times, back to back; one record per pair")
     args = ap.parse_args()
 
-    from packager.autoquant import wants_imatrix
-    from packager.gguf_source import quantize_gguf
-    from packager.convert.gguf import convert
-    from packager.imatrix import compute_imatrix, default_calibration_text
-    from packager.quality import RunSettings, build_reference, default_evaluation_text, measure
+    from packager.pack.autoquant import wants_imatrix
+    from packager.convert.gguf.requantize import quantize_gguf
+    from packager.convert.gguf.converter import convert
+    from packager.convert.gguf.imatrix import compute_imatrix, default_calibration_text
+    from packager.measure.quality import RunSettings, build_reference, default_evaluation_text, measure
     from packager.quants import get_quant
-    from packager.source import resolve
+    from packager.source.resolver import resolve
 
     model_dir = MODELS[args.model]()
     work = Path(tempfile.mkdtemp(prefix="edgepack-quality-bench-"))

@@ -117,8 +117,8 @@ def main() -> int:
         print(json.dumps(measure_ours(args.measure, args.threads, args.ctx, args.flash_attn)))
         return 0
 
-    from packager.bundle import read_bundle
-    from packager.runtime.threads import default_threads
+    from packager.bundle.verify import read_bundle
+    from packager.host import default_threads
 
     threads = args.threads or default_threads()
     work = Path(args.work or tempfile.mkdtemp(prefix="edgepack-overhead-"))

@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from packager.errors import BackendMissingError, missing_backend
 
 __all__ = [
     "QUANTIZABLE",
@@ -54,6 +53,14 @@ QUANTIZABLE: frozenset[QT] = frozenset({
     QT.TQ1_0, QT.TQ2_0, QT.MXFP4, QT.NVFP4,
 })
 
+class LibraryMissing(ImportError):
+    """ggml's library is not there: llama-cpp-python, which ships it, is missing or incomplete.
+
+    An ImportError of the kernels' own (they import nothing else of edgepack); the CLI prints it
+    as one line, like edgepack's BackendMissingError.
+    """
+
+
 _ggml_initialized: set[QT] = set()
 _init_lock = threading.Lock()
 
@@ -63,13 +70,13 @@ def _lib() -> ctypes.CDLL:
     """libggml-base from the installed llama-cpp-python, with the signatures we use."""
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or not spec.submodule_search_locations:
-        raise missing_backend("llama-cpp-python", "gguf")
+        raise LibraryMissing("llama-cpp-python is not installed; install it with: pip install 'edgepack[gguf]'")
     libdir = Path(list(spec.submodule_search_locations)[0]) / "lib"
     # libggml-base.so / .dylib on Unix, ggml-base.dll on Windows; versioned .so.N links last.
     found = sorted(libdir.glob("*ggml-base*")) if libdir.is_dir() else []
     found.sort(key=lambda p: (p.suffix not in (".so", ".dylib", ".dll"), len(p.name)))
     if not found:
-        raise BackendMissingError(
+        raise LibraryMissing(
             f"llama-cpp-python has no ggml-base library in {libdir}; "
             "reinstall it with: pip install --force-reinstall 'edgepack[gguf]'"
         )

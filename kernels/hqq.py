@@ -12,7 +12,7 @@ the whole weight on every call (measured on one 896x4864 layer, M = 1: 18 ms aga
 with uint8 zero points). So :func:`split_zero_points` writes each float zero point ``z`` as
 its rounded 4-bit part ``zr`` (MatMulNBits' fast path) plus a per-block correction
 ``c = (zr - z) * scale``, exactly: ``(q - z) * s = (q - zr) * s + c``. The graph adds
-``c`` times each block's sum of the activations (onnx_graph.py), a matrix 1/block_size the
+``c`` times each block's sum of the activations (convert/onnx/graph.py), a matrix 1/block_size the
 size of the weight.
 
 This is a numpy port of ONNX Runtime 1.32's own routine

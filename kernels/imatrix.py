@@ -10,7 +10,7 @@ with numpy: a running sum of ``x_j ** 2`` and a token count per weight (per
 expert for mixture-of-experts weights), sums that add when chunks or files are
 combined, and the mean that the quantizer reads. Sums are kept in float64 here
 (llama.cpp keeps float32) and written as float32, as llama.cpp's files hold them.
-Nothing here knows about llama.cpp itself; packager/imatrix.py feeds it.
+Nothing here knows about llama.cpp itself; packager/convert/gguf/imatrix.py feeds it.
 """
 
 from __future__ import annotations

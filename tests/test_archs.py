@@ -27,12 +27,12 @@ import pytest
 
 import models
 import oracle
-from packager.convert import archs
-from packager.convert.gguf import convert
-from packager.convert.safetensors import Checkpoint
+from packager import archs
+from packager.convert.gguf.converter import convert
+from packager.source.safetensors import Checkpoint
 from packager.errors import SourceError, UnsupportedArchitectureError
 from packager.quants import get_quant
-from packager.source import resolve
+from packager.source.resolver import resolve
 
 FIXTURES: dict[str, Callable[[], Path]] = {
     "gemma2": models.tiny_gemma2, "phi3": models.tiny_phi3, "phi35": models.tiny_phi35,
@@ -234,7 +234,7 @@ def test_quantized_logits_close_to_f16(name, quant, min_cos, converted):
 # -- tokenizer ---------------------------------------------------------------------------------
 
 def test_tokenizer_gate_passes_on_gemma2(fixture_dir, converted):
-    from packager.tokcheck import check_tokenizer
+    from packager.convert.gguf.tokenizer_gate import check_tokenizer
 
     report = check_tokenizer(converted("gemma2", "F16"), fixture_dir("gemma2"))
     assert report.chat_checked and report.add_bos and report.n_special == 8
@@ -246,7 +246,7 @@ def test_tokenizer_gate_on_phi3(fixture_dir, converted, tmp_path):
     llama.cpp never treats <|assistant|> as end-of-generation (no GGUF key can make it one),
     and need not: it is the role marker that opens the assistant's turn, which the gate
     recognises from the chat template and does not demand."""
-    from packager.tokcheck import check_tokenizer
+    from packager.convert.gguf.tokenizer_gate import check_tokenizer
 
     model_dir = fixture_dir("phi3")
     gen = json.loads((model_dir / "generation_config.json").read_text())

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from packager.bench import BenchOptions, plan_emulation, run_bench
-from packager.benchfmt import render
+from packager.measure.bench import BenchOptions, plan_emulation, run_bench
+from packager.measure.records import render
 from packager.errors import BenchOutOfMemory, MatrixError, UsageError
-from packager.matrix import load_matrix, run_matrix
-from packager.matrix_report import latest, load_results, report
-from packager.hostinfo import performance_cpus
-from packager.profiles import load_target
+from packager.measure.matrix import load_matrix
+from packager.pack.matrix import run_matrix
+from packager.measure.matrix_report import latest, load_results, report
+from packager.host import performance_cpus
+from packager.plan.targets import load_target
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_BENCH_FIELDS = ("model_filename", "model_type", "model_size", "model_n_params", "backends", "cpu_info",
@@ -45,7 +46,8 @@ def _pack(args: list[str], **kw) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    from packager.pack import PackOptions, pack_model
+    from packager.pack.options import PackOptions
+    from packager.pack.pipeline import pack_model
 
     return pack_model(None, PackOptions(output=tmp_path_factory.mktemp("dist"), quiet=True)).path
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from packager.bundle import BundleWriter, read_bundle, verified, verify
+from packager.bundle.verify import read_bundle, verified, verify
+from packager.bundle.writer import BundleWriter
 from packager.errors import BundleError, BundleExistsError, VerificationError
 
 

@@ -12,7 +12,7 @@ import threading
 import time
 
 import packager
-from packager.chat import chat_session
+from packager.cli.chat_session import chat_session
 
 ENV = dict(os.environ, EDGEPACK_NO_PROGRESS="1", PYTHONUNBUFFERED="1")
 

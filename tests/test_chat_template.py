@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from packager.chat_template import MAX_STRING, render
+from packager.spec.chat_template import MAX_STRING, render
 from packager.errors import ChatTemplateError, UnsafeChatTemplateError
 
 MSGS = [{"role": "user", "content": "hi"}]
@@ -101,7 +101,7 @@ def test_template_refusal_and_syntax_errors_are_plain_chat_template_errors():
 def test_real_templates_render_exactly_as_transformers_does(fixture, request):
     from transformers import AutoTokenizer
 
-    from packager.tokcheck import CHAT, _hf_render
+    from packager.convert.gguf.tokenizer_gate import CHAT, _hf_render
 
     hf = AutoTokenizer.from_pretrained(str(request.getfixturevalue(fixture)))
     for gen in (True, False):
@@ -187,7 +187,7 @@ def test_pack_refuses_a_gguf_source_with_a_hostile_template(hostile_gguf, tmp_pa
 
 
 def _bundle_of(gguf_path: Path, out: Path) -> Path:
-    from packager.bundle import BundleWriter
+    from packager.bundle.writer import BundleWriter
 
     with BundleWriter(out) as bw:
         shutil.copyfile(gguf_path, bw.path("model/m.gguf"))

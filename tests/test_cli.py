@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from packager.bundle import verify
+from packager.bundle.verify import verify
 
 ENV = dict(os.environ, EDGEPACK_NO_PROGRESS="1")
 
@@ -188,7 +188,7 @@ def test_low_bit_gguf_not_requantized_without_consent(tmp_path, smollm2_gguf):
 
 def test_preflight_refuses_when_the_disk_is_too_small(tmp_path):
     from packager.errors import PreflightError
-    from packager.preflight import check_disk
+    from packager.pack.preflight import check_disk
 
     with pytest.raises(PreflightError, match="not enough disk"):
         check_disk(tmp_path / "new" / "dir", 1 << 60)

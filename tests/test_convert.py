@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import oracle
-from packager.convert.gguf import convert
+from packager.convert.gguf.converter import convert
 from packager.errors import CorruptFileError, SourceError, UnsupportedArchitectureError
 from packager.quants import get_quant
-from packager.source import resolve
+from packager.source.resolver import resolve
 
 HPARAM_SKIP = ("general.", "GGUF.")
 
@@ -87,7 +87,7 @@ def test_q4_k_m_runs_in_llama_cpp_and_agrees_with_f16(tiny_llama, tmp_path):
 def test_sharded_checkpoint_converts_like_a_single_file(tiny_qwen2, tmp_path):
     from safetensors.numpy import save_file
 
-    from packager.convert.safetensors import Checkpoint
+    from packager.source.safetensors import Checkpoint
 
     d = _copy(tiny_qwen2, tmp_path / "sharded")
     ck = Checkpoint.open(d)
@@ -157,8 +157,8 @@ def test_missing_config(tiny_qwen2, tmp_path):
 
 
 def test_reused_kv_block_gives_the_same_file(tiny_qwen2, tmp_path):
-    """pack.py hands the converter the vocab-only GGUF's packed metadata: the model file must not change."""
-    from packager.convert.gguf import packed_kv, write_vocab_gguf
+    """pack/pipeline.py hands the converter the vocab-only GGUF's packed metadata: the model file must not change."""
+    from packager.convert.gguf.converter import packed_kv, write_vocab_gguf
 
     src, quant = resolve(tiny_qwen2, hash_files=False, quiet=True), get_quant("Q4_K_M")
     plain = convert(src, quant, tmp_path / "plain.gguf", quiet=True)

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 import packager
-from packager.bundle import BundleWriter, read_bundle, verify
+from packager.bundle.verify import read_bundle, verify
+from packager.bundle.writer import BundleWriter
 from packager.errors import VerificationError
 
 sys.path.insert(0, str(Path(__file__).parent / "fuzz"))

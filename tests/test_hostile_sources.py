@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
 import fuzzkit  # noqa: E402
 
 from packager.errors import CorruptFileError  # noqa: E402
-from packager.gguf_source import spec_from_gguf  # noqa: E402
+from packager.spec.gguf import spec_from_gguf  # noqa: E402
 
 ENV = dict(os.environ, EDGEPACK_NO_PROGRESS="1")
 

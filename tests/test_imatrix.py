@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from packager.convert.gguf import convert
+from packager.convert.gguf.converter import convert
 from packager.errors import UsageError
-from packager.imatrix import (
+from packager.convert.gguf.imatrix import (
     GGMLTensor,
     check_imatrix,
     collect_imatrix,
@@ -33,7 +33,7 @@ from packager.imatrix import (
 from packager.kernels import ggml
 from packager.kernels.imatrix import Entry, ImatrixStats
 from packager.quants import get_quant
-from packager.source import resolve
+from packager.source.resolver import resolve
 
 QWEN_CTX, QWEN_CHUNKS = 64, 2
 

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from packager.bundle import PARTIAL, verify
+from packager.bundle.verify import verify
+from packager.bundle.writer import PARTIAL
 
 ENV = dict(os.environ, EDGEPACK_NO_PROGRESS="1")
 SEED = int(os.environ.get("EDGEPACK_KILL_SEED", "10"))
@@ -213,7 +214,7 @@ def small_fs(tmp_path):
 
 
 def test_a_really_full_filesystem_mid_write_is_one_error_and_leaves_it_empty(small_fs):
-    from packager.bundle import BundleWriter
+    from packager.bundle.writer import BundleWriter
     from packager.errors import BundleError
 
     with pytest.raises(BundleError, match="ran out of space writing .*No space left on device"):
@@ -270,7 +271,7 @@ def test_replacing_a_bundle_leaves_no_moment_without_one(tmp_path):
     """Regression: --force replaced a bundle with two renames (old aside, new in); a SIGKILL between
     them lost both, and a reader in that instant found no bundle (a watcher process saw ~4 misses
     per replacement). Now one renameat2(RENAME_EXCHANGE) swaps them."""
-    from packager.bundle import BundleWriter
+    from packager.bundle.writer import BundleWriter
 
     final = tmp_path / "b"
 

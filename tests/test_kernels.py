@@ -19,7 +19,6 @@ import gguf.quants
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from packager.errors import BackendMissingError
 from packager.kernels import ggml
 
 pytest.importorskip("llama_cpp")  # ggml comes with it
@@ -209,7 +208,7 @@ def test_missing_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
     ggml._lib.cache_clear()
     try:
-        with pytest.raises(BackendMissingError, match=r"edgepack\[gguf\]"):
+        with pytest.raises(ggml.LibraryMissing, match=r"edgepack\[gguf\]"):
             ggml.block_size(QT.Q8_0)
     finally:
         monkeypatch.undo()

@@ -19,11 +19,12 @@ import pytest
 
 pytest.importorskip("onnxruntime_genai")
 
-from packager.convert.onnx import OnnxOptions, convert  # noqa: E402
+from packager.convert.onnx.converter import OnnxOptions, convert  # noqa: E402
 from packager.errors import UnsupportedArchitectureError, UsageError  # noqa: E402
 from packager.kernels.int4 import dequantize_int4, quantize_int4  # noqa: E402
-from packager.pack import PackOptions, pack_model  # noqa: E402
-from packager.source import resolve  # noqa: E402
+from packager.pack.options import PackOptions  # noqa: E402
+from packager.pack.pipeline import pack_model  # noqa: E402
+from packager.source.resolver import resolve  # noqa: E402
 
 ENV = dict(os.environ, EDGEPACK_NO_PROGRESS="1")
 
@@ -219,7 +220,7 @@ def _dequantize_hqq(blocks, zp: np.ndarray, correction: np.ndarray, k: int) -> n
 
 
 def _source_tensor(model_dir: Path, name: str) -> np.ndarray:
-    from packager.convert.safetensors import Checkpoint, to_f32
+    from packager.source.safetensors import Checkpoint, to_f32
 
     ckpt = Checkpoint.open(model_dir)
     try:
@@ -266,7 +267,7 @@ def qwen_onnx(tiny_qwen2, tmp_path_factory) -> Path:
 
 
 def test_onnx_bundle_is_complete_and_verified(qwen_onnx, tiny_qwen2):
-    from packager.bundle import verify
+    from packager.bundle.verify import verify
 
     man = json.loads((qwen_onnx / "manifest.json").read_text())
     assert man["format"] == "onnx" and man["quant"] == "INT4_B32" and man["model_file"] == "model/model.onnx"
@@ -314,6 +315,99 @@ def test_onnx_bundle_greedy_equals_its_own_graph(qwen_onnx):
         assert m.detokenize(ids[len(prompt):]) == m.detokenize(generated)
 
 
+# -- the planner sizes what the converter writes --------------------------------------------------
+
+@pytest.mark.parametrize("fixture, block, asymmetric, algorithm", [
+    ("tiny_qwen2", 32, False, "rtn"), ("tiny_qwen2", 64, True, "rtn"), ("tiny_qwen2", 128, False, "hqq"),
+    ("tiny_llama", 32, False, "hqq"), ("tiny_llama", 128, True, "rtn"),
+])
+def test_plan_sizes_every_onnx_scheme_as_written(fixture, block, asymmetric, algorithm, request, tmp_path):
+    from packager.formats import onnx
+    from packager.plan.planner import Overrides, plan
+    from packager.plan.targets import load_target
+    from packager.spec.model import load_spec
+
+    src = request.getfixturevalue(fixture)
+    man = pack_model(src, PackOptions(format="onnx", onnx_block_size=block, onnx_asymmetric=asymmetric,
+                                      onnx_algorithm=algorithm, output=tmp_path, quiet=True)).manifest
+    scheme = onnx.SCHEMES[man["quant"]]
+    assert (scheme.block_size, scheme.algorithm) == (block, algorithm)
+    data = (tmp_path / f"{man['name']}-laptop" / "model" / "model.onnx.data").stat().st_size
+    weights = man["plan"]["memory"]["weights"]
+    assert abs(weights - data) <= 0.01 * data, (weights, data)  # the alignment padding is all that differs
+    assert man["plan"]["quant"] == man["quant"]
+    # `pack plan` sees the same: the scheme's layout, from the config alone
+    p = plan(load_spec(src), load_target("laptop"), Overrides(format="onnx", quant=man["quant"]))
+    assert p.memory.weights == weights
+
+
+def test_pack_plan_takes_onnx_schemes_and_refuses_mixed_formats(tiny_qwen2):
+    def plan_json(*args):
+        r = subprocess.run([sys.executable, "-m", "packager.cli", "plan", str(tiny_qwen2), *args], capture_output=True,
+                           text=True)
+        return r, (json.loads(r.stdout)["plan"] if r.returncode == 0 else None)
+
+    sizes = {}
+    for q in ("INT4_B32", "INT4_B32_ASYM", "INT4_B32_HQQ", "INT4_B128"):
+        r, p = plan_json("--quant", q, "--json")
+        assert r.returncode == 0 and p["format"] == "onnx" and p["quant"] == q, r.stderr
+        sizes[q] = p["memory"]["weights"]
+    # zero points, then HQQ's correction, cost bytes; bigger blocks save them
+    assert sizes["INT4_B128"] < sizes["INT4_B32"] < sizes["INT4_B32_ASYM"] < sizes["INT4_B32_HQQ"]
+    r, _ = plan_json("--quant", "INT4_B32", "--format", "gguf")
+    assert r.returncode == 2 and "is an ONNX int4 scheme" in r.stderr
+    r, _ = plan_json("--quant", "Q4_K_M", "--format", "onnx")
+    assert r.returncode == 2 and "is a GGUF type" in r.stderr
+
+
+# -- pack bench on ONNX bundles ---------------------------------------------------------------------
+
+def test_engine_is_the_loaded_model_and_refuses_an_open_stream(qwen_onnx):
+    import packager
+    from packager.errors import UsageError
+
+    man = json.loads((qwen_onnx / "manifest.json").read_text())
+    with packager.load(qwen_onnx, n_threads=1, n_ctx=64) as m:
+        s = m.stream("Hello", max_tokens=4)
+        next(s)
+        with pytest.raises(UsageError, match="a stream is open"):
+            m.engine()
+        s.close()
+        engine = m.engine()
+        info = engine.info
+        assert (info.n_ctx, info.n_threads, info.backends, info.type_k) == (64, 1, "CPU", "f32")
+        assert info.model_n_params == man["spec"]["n_params"] > 0
+        data = [f for f in man["files"] if f["path"].startswith("model/model.onnx")]
+        assert info.model_size == sum(f["bytes"] for f in data)
+        assert info.engine.startswith("onnxruntime-genai ")
+        for _ in range(2):  # reset empties the cache: the same 40 tokens fit a 64-token context again
+            engine.reset()
+            engine.eval(list(range(1, 41)))
+        # the model still generates after measuring, as an app would use it next
+        assert m.generate("The quick brown fox", max_tokens=4)
+
+
+def test_bench_measures_an_onnx_bundle_with_the_records_gguf_gets(qwen_onnx):
+    r = subprocess.run([sys.executable, "-m", "packager.cli", "bench", str(qwen_onnx), "-p", "16", "-n", "8",
+                        "--threads", "1", "-r", "2", "-o", "jsonl"], capture_output=True, text=True,
+                       env=dict(os.environ, EDGEPACK_NO_PROGRESS="1"))
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    man = json.loads((qwen_onnx / "manifest.json").read_text())
+    assert [x["test"] for x in records] == ["pp16", "tg8"]
+    for x in records:
+        assert x["status"] == "ok" and x["format"] == "onnx" and x["quant"] == "INT4_B32"
+        assert x["backends"] == "CPU" and x["n_threads"] == 1 and x["type_k"] == "f32"
+        assert x["model_n_params"] == man["spec"]["n_params"] and x["model_type"].startswith("qwen2 ")
+        assert x["n_ctx"] == man["runtime"]["n_ctx"] and x["n_ctx_from"] == "bundle"
+        assert len(x["samples_ts"]) == 2 and x["avg_ts"] > 0 and 0 < x["ttft_s"] < 60
+        assert x["engine"].startswith("onnxruntime-genai ")
+        # the planner's figures sit beside the measured ones, as for GGUF
+        assert x["predicted_rss_bytes"] == man["predicted"]["memory_bytes"]
+        assert x["peak_rss_bytes"] > x["model_size"]
+    assert records[1]["predicted_ts"] == man["predicted"]["decode_tokens_per_s"]
+
+
 def test_pack_onnx_cli_with_options(tiny_llama, tmp_path):
     r = subprocess.run([sys.executable, "-m", "packager.cli", "model", str(tiny_llama), "--format", "onnx",
                         "--block-size", "64", "--asymmetric", "-o", str(tmp_path), "--json"],
@@ -345,7 +439,7 @@ def test_optimum_fallback_hqq_keeps_onnxruntime_hqq_weights_on_the_fast_path(tin
     import onnx
     import onnxruntime as ort
 
-    import packager.convert.onnx_optimum as oo
+    import packager.convert.onnx.optimum_export as oo
 
     r = oo._optimum(oo._EXPORT, str(tiny_neox), str(tmp_path / "export"), oo.TASK)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -466,7 +560,7 @@ def test_optimum_fallback_bundle_generates_through_packager_load(algorithm, tiny
     assert man["quant"] == ("INT4_B32_HQQ" if algorithm == "hqq" else "INT4_B32")
     assert man["onnx"]["algorithm"] == algorithm and man["onnx"]["exporter"].startswith("optimum-onnx 0.1")
     assert any("optimum-onnx" in w for w in man["warnings"])
-    from packager.bundle import verify
+    from packager.bundle.verify import verify
 
     assert verify(bundle) == []
     graph = onnx.load(str(bundle / "model" / "model.onnx"), load_external_data=False).graph

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from packager.errors import DoesNotFit, ProfileError, UnknownTargetError, UsageError
-from packager.plan import Overrides, plan
-from packager.profiles import list_targets, load_target, parse_size
-from packager.spec import ModelSpec, spec_from_config
+from packager.plan.planner import Overrides, plan
+from packager.plan.targets import list_targets, load_target, parse_size
+from packager.spec.model import ModelSpec, spec_from_config
 
 QWEN25_3B = {  # Qwen2.5-3B-Instruct's config.json (the fields the planner reads)
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 2048,
@@ -66,7 +66,7 @@ def test_plan_fits_3b_on_a_midrange_phone():
 
 
 def test_plan_shrinks_context_before_giving_up():
-    from packager.plan import memory
+    from packager.plan.planner import memory
     from packager.quants import get_quant
 
     spec, target = spec_from_config(QWEN25_3B), load_target("android")
@@ -244,8 +244,8 @@ def test_predicted_peak_rss_of_smollm2_within_10_percent(smollm2_gguf):
     sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
     from plan_calibration import run_child
 
-    from packager.plan import memory
-    from packager.plan_source import plan_input
+    from packager.plan.planner import memory
+    from packager.plan.inputs import plan_input
     from packager.quants import get_quant
 
     inp = plan_input(smollm2_gguf)
@@ -257,7 +257,8 @@ def test_predicted_peak_rss_of_smollm2_within_10_percent(smollm2_gguf):
 
 
 def test_host_profile_is_probed_and_plans():
-    from packager.probe import DECODE_FRACTION, host_target
+    from packager.plan.host_probe import DECODE_FRACTION
+    from packager.plan.targets import host_target
 
     host = load_target("host")
     assert host is host_target() and host.memory_bandwidth_gbps > 0 and host.decode_layer_overhead_us > 0

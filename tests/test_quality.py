@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from packager.bundle import BundleWriter, read_bundle, update_bundle, verify
+from packager.bundle.verify import read_bundle, verify
+from packager.bundle.writer import BundleWriter, update_bundle
 from packager.errors import UsageError, VerificationError
 from packager.kernels.quality import QualityStats, log_softmax, score_block, stored
 
@@ -70,7 +71,7 @@ def test_kld_ppl_top1_against_a_direct_computation():
 # -- the bundle record -------------------------------------------------------------------
 
 def test_update_bundle_keeps_it_verified_and_replaces_the_card_section(tmp_path):
-    from packager.assess import card_section, with_card_section
+    from packager.measure.bundle_quality import card_section, with_card_section
 
     with BundleWriter(tmp_path / "b") as bw:
         bw.add_text("model/m.gguf", "weights")
@@ -104,7 +105,7 @@ def measured(f16_ref, tmp_path_factory):
     """F16, Q8_0, Q4_K_M and Q2_K (llama.cpp's quantizer) against the F16 reference."""
     from oracle import reference_quantize
 
-    from packager.quality import RunSettings, build_reference, default_evaluation_text, measure
+    from packager.measure.quality import RunSettings, build_reference, default_evaluation_text, measure
 
     s = RunSettings(n_threads=2)
     text = default_evaluation_text()
@@ -134,7 +135,8 @@ def test_kld_orders_the_quants(measured):
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, smollm2_gguf) -> Path:
     """A SmolLM2 bundle of our own (pack quality rewrites it; the shared fixture stays untouched)."""
-    from packager.pack import PackOptions, pack_model
+    from packager.pack.options import PackOptions
+    from packager.pack.pipeline import pack_model
 
     return pack_model(smollm2_gguf, PackOptions(output=tmp_path_factory.mktemp("q-dist"), quiet=True)).path
 
@@ -156,8 +158,9 @@ def test_pack_quality_records_figures_and_stays_verified(bundle, f16_ref):
 @pytest.mark.slow
 def test_pack_quality_with_the_checkpoint_as_reference(tmp_path, smollm2_gguf, smollm2_hf, f16_ref):
     """A checkpoint directory as the reference: converted to F16 in a temp dir, the same figures as the F16 GGUF."""
-    from packager.assess import assess_bundle
-    from packager.pack import PackOptions, pack_model
+    from packager.measure.bundle_quality import assess_bundle
+    from packager.pack.options import PackOptions
+    from packager.pack.pipeline import pack_model
 
     b = pack_model(smollm2_gguf, PackOptions(output=tmp_path / "dist", quiet=True)).path
     temps = lambda: set(Path(tempfile.gettempdir()).glob("edgepack-reference-*"))  # noqa: E731
@@ -169,6 +172,51 @@ def test_pack_quality_with_the_checkpoint_as_reference(tmp_path, smollm2_gguf, s
     assert q["ppl_ref"] == pytest.approx(by_gguf["ppl_ref"], rel=1e-3)
     assert q["kld_mean"] == pytest.approx(by_gguf["kld_mean"], rel=0.02, abs=1e-4)
     assert verify(b) == [] and temps() == before  # the converted reference was removed
+
+
+# -- ONNX bundles, on the same scale ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_onnx_graph_with_unquantized_weights_matches_the_f16_reference(smollm2_hf, f16_ref, tmp_path):
+    """ONNX Runtime's logits of an f32 graph against llama.cpp's F16 logits over the same tokens."""
+    from packager.convert.onnx.converter import OnnxOptions, convert
+    from packager.measure.quality import RunSettings, build_reference, default_evaluation_text, measure
+    from packager.source.resolver import resolve
+
+    convert(resolve(smollm2_hf, hash_files=False, quiet=True), tmp_path / "f32", OnnxOptions(int4=False), quiet=True)
+    s, text = RunSettings(n_threads=2), default_evaluation_text()
+    ref = build_reference(f16_ref, text, tmp_path / "ref", n_ctx=256, n_chunks=2, settings=s, quiet=True)
+    got = measure(tmp_path / "f32" / "model.onnx", ref, settings=s, text=text, quiet=True).summary
+    assert got.n_tokens == 2 * (256 // 2 - 1)
+    assert got.kld_mean < 1e-3 and got.top1 > 0.99, got
+    assert abs(got.ppl / got.ppl_ref - 1) < 0.01
+
+
+@pytest.mark.slow
+def test_pack_quality_on_onnx_bundles_hqq_beats_rtn(smollm2_hf, f16_ref, tmp_path):
+    kld = {}
+    for algorithm in ("rtn", "hqq"):
+        out = tmp_path / algorithm
+        r = pack("model", smollm2_hf, "--format", "onnx", "--algorithm", algorithm, "-o", out, "-q")
+        assert r.returncode == 0, r.stderr
+        bundle = next(out.iterdir())
+        r = pack("quality", bundle, "--reference", f16_ref, "--ctx", 256, "--chunks", 2, "--json")
+        assert r.returncode == 0, r.stderr
+        q = json.loads(r.stdout)
+        assert json.loads((bundle / "manifest.json").read_text())["quality"] == q and verify(bundle) == []
+        assert "## Quality" in (bundle / "README.md").read_text()
+        kld[algorithm] = q["kld_mean"]
+    assert 0 < kld["hqq"] < kld["rtn"], kld
+
+
+def test_onnx_bundle_against_another_models_reference_is_refused(tiny_qwen2, f16_ref, tmp_path):
+    from packager.pack.options import PackOptions
+    from packager.pack.pipeline import pack_model
+
+    bundle = pack_model(tiny_qwen2, PackOptions(format="onnx", output=tmp_path, quiet=True)).path
+    r = pack("quality", bundle, "--reference", f16_ref, "--ctx", CTX, "--chunks", 1)
+    assert r.returncode == 1 and "is not the same model as the reference" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def _one_line_error(r: subprocess.CompletedProcess, code: int, *words: str) -> str:
@@ -200,7 +248,8 @@ def test_quantized_reference_is_refused(bundle, smollm2_gguf):
 
 
 def test_bundle_failing_verification_is_refused(tmp_path, smollm2_gguf, f16_ref):
-    from packager.pack import PackOptions, pack_model
+    from packager.pack.options import PackOptions
+    from packager.pack.pipeline import pack_model
 
     b = pack_model(smollm2_gguf, PackOptions(output=tmp_path, quiet=True)).path
     with open(b / "README.md", "a") as f:
@@ -208,13 +257,13 @@ def test_bundle_failing_verification_is_refused(tmp_path, smollm2_gguf, f16_ref)
     r = pack("quality", b, "--reference", f16_ref, "-q")
     _one_line_error(r, 1, "failed verification", "README.md")
     with pytest.raises(VerificationError):
-        from packager.assess import assess_bundle
+        from packager.measure.bundle_quality import assess_bundle
 
         assess_bundle(b, f16_ref, n_ctx=CTX, n_chunks=1, quiet=True)
 
 
 def test_bad_ctx_and_chunks_are_usage_errors(bundle, f16_ref):
-    from packager.assess import assess_bundle
+    from packager.measure.bundle_quality import assess_bundle
 
     with pytest.raises(UsageError, match="--ctx 15"):
         assess_bundle(bundle, f16_ref, n_ctx=15, quiet=True)
@@ -231,7 +280,7 @@ def test_matches_llama_perplexity(f16_ref, tmp_path):
     from llama_tools import llama_tool
     from oracle import reference_quantize
 
-    from packager.quality import DEFAULT_TEXT, RunSettings, build_reference, default_evaluation_text, measure
+    from packager.measure.quality import DEFAULT_TEXT, RunSettings, build_reference, default_evaluation_text, measure
 
     tool = llama_tool("llama-perplexity")
     q4 = reference_quantize(f16_ref, "Q4_K_M")
@@ -281,8 +330,8 @@ def _target(tmp_path: Path, ladder: list[str]) -> Path:
 @pytest.fixture(scope="module")
 def user_imatrix_file(f16_ref, tmp_path_factory) -> Path:
     """A user's own importance matrix: a short pass over a text of their choosing (not the shipped calibration text)."""
-    from packager.imatrix import collect_imatrix, save_imatrix
-    from packager.quality import default_evaluation_text
+    from packager.convert.gguf.imatrix import collect_imatrix, save_imatrix
+    from packager.measure.quality import default_evaluation_text
 
     stats = collect_imatrix(f16_ref, default_evaluation_text(), n_ctx=CTX, n_chunks=CHUNKS, n_threads=2, quiet=True)
     return save_imatrix(stats, tmp_path_factory.mktemp("user-imatrix") / "mine.imatrix.gguf")
@@ -292,8 +341,8 @@ def user_imatrix_file(f16_ref, tmp_path_factory) -> Path:
 def test_auto_loose_bar_picks_a_smaller_file_than_a_tight_bar(smollm2_hf, user_imatrix_file, tmp_path):
     """The tight run computes the default importance matrix for Q3_K_S (and records none: it bundles Q8_0);
     the loose run takes the user's --imatrix file instead, so the matrix is computed once, not twice."""
-    from packager.autoquant import pack_auto
-    from packager.pack import PackOptions
+    from packager.pack.autoquant import pack_auto
+    from packager.pack.options import PackOptions
 
     target = _target(tmp_path, ["Q8_0", "Q4_K_M", "Q3_K_S"])
     chosen = {}
@@ -363,12 +412,12 @@ def test_auto_quantizes_with_the_users_imatrix_and_names_it(f16_ref, user_imatri
                                                             monkeypatch):
     """--quant auto --imatrix FILE: the low-bit candidate is quantized with that file (the bundled bytes are
     llama.cpp's with it), none is computed, and the table, manifest and quality record name it with its sha256."""
-    from packager.autoquant import pack_auto
-    from packager.gguf_source import quantize_gguf
-    from packager.imatrix import load_imatrix
-    from packager.pack import PackOptions
+    from packager.pack.autoquant import pack_auto
+    from packager.convert.gguf.requantize import quantize_gguf
+    from packager.convert.gguf.imatrix import load_imatrix
+    from packager.pack.options import PackOptions
     from packager.quants import get_quant
-    from packager.source import sha256_file
+    from packager.source.resolver import sha256_file
 
     monkeypatch.setenv("EDGEPACK_NO_PROGRESS", "1")
     target = _target(tmp_path, ["Q8_0", "Q3_K_S"])
@@ -393,7 +442,7 @@ def test_auto_quantizes_with_the_users_imatrix_and_names_it(f16_ref, user_imatri
 
 def test_auto_refuses_an_imatrix_made_for_another_model(f16_ref, tmp_path):
     """Checked against the model's tensors before the reference pass: a one-line usage error, no bundle."""
-    from packager.imatrix import save_imatrix
+    from packager.convert.gguf.imatrix import save_imatrix
     from packager.kernels.imatrix import ImatrixStats
 
     other = ImatrixStats(chunk_size=64, chunk_count=1, datasets=["x.txt"])

@@ -19,7 +19,7 @@ import packager
 from packager.errors import ContextOverflowError, ModelClosedError, UsageError, VerificationError
 from packager.runtime.model import GenOptions
 from packager.runtime.stops import StopFilter
-from packager.runtime.threads import allowed_cpus, cpu_quota, default_threads, physical_cores
+from packager.host import allowed_cpus, cpu_quota, default_threads, physical_cores
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = "Once upon a time, in a small village by the sea,"

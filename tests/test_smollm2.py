@@ -9,7 +9,8 @@ import pytest
 
 import packager
 from packager.errors import ContextOverflowError
-from packager.pack import PackOptions, pack_model
+from packager.pack.options import PackOptions
+from packager.pack.pipeline import pack_model
 
 pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

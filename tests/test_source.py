@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from packager.errors import PickleRefusedError, SourceError, SourceNotFoundError
-from packager.source import resolve
+from packager.source.resolver import resolve
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

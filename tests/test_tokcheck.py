@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from packager.convert.vocab import load_vocab
+from packager.convert.gguf.vocab import load_vocab
 from packager.errors import TokenizerMismatchError
-from packager.tokcheck import BUILTIN_TEXTS, check_tokenizer
+from packager.convert.gguf.tokenizer_gate import BUILTIN_TEXTS, check_tokenizer
 from test_vocab import spm_llama, vocab_gguf, write_vocab_gguf  # noqa: F401 (spm_llama is a fixture)
 
 

@@ -1,4 +1,4 @@
-"""packager.convert.vocab against llama.cpp: its converter's metadata and its tokenizer test vectors.
+"""packager.convert.gguf.vocab against llama.cpp: its converter's metadata and its tokenizer test vectors.
 
 - The tokenizer.* metadata we write equals what convert_hf_to_gguf.py writes, key by
   key, for the three fixtures and for a tiny Llama with a freshly trained
@@ -25,9 +25,9 @@ import pytest
 
 import models
 import oracle
-from packager.convert.vocab import PRE_TOKENIZERS, detect_pre_tokenizer, load_vocab
+from packager.convert.gguf.vocab import PRE_TOKENIZERS, detect_pre_tokenizer, load_vocab
 from packager.errors import SourceError
-from packager.tokcheck import _llama_vocab
+from packager.convert.gguf.tokenizer_gate import _llama_vocab
 
 Json = dict[str, Any]
 VOCABS = models.vocab_dir()

@@ -15,11 +15,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from packager.bundle import Bundle, verified
+from packager.bundle.verify import Bundle, verified
 from packager.errors import UsageError, VerificationError
+from packager.runtime.llama import LlamaModel
 from packager.runtime.model import Model
+from packager.runtime.onnx import OnnxModel
 
 __all__ = ["Model", "load"]
+
+# The runtime of each bundle format, and the load options it takes.
+BACKENDS: dict[str, tuple[type[Model], tuple[str, ...]]] = {
+    "gguf": (LlamaModel, ("n_ctx", "n_threads", "n_gpu_layers", "seed", "use_mmap", "n_batch", "flash_attn")),
+    "onnx": (OnnxModel, ("n_ctx", "n_threads", "seed", "execution_provider")),
+}
 
 
 def load(bundle: str | os.PathLike[str] | Bundle, *, verify: bool = False, **overrides: Any) -> Model:
@@ -29,24 +37,21 @@ def load(bundle: str | os.PathLike[str] | Bundle, *, verify: bool = False, **ove
     re-hashes the weights. ``overrides`` (n_ctx, n_threads, n_gpu_layers, seed,
     use_mmap, n_batch, flash_attn) replace the bundle's runtime settings for this process.
     Threads default to the physical cores this process may use
-    (packager.runtime.threads.default_threads), never more.
+    (packager.host.default_threads), never more.
     """
     path = bundle.path if isinstance(bundle, Bundle) else bundle
     b = verified(path, weights=verify)
-    fmt = b.manifest.get("format")
-    if fmt == "gguf":
-        from packager.runtime.llama import LlamaModel
-
-        return LlamaModel(b, **_checked(overrides, LLAMA_OVERRIDES))
-    if fmt == "onnx":
-        from packager.runtime.onnx import OnnxModel
-
-        return OnnxModel(b, **_checked(overrides, ONNX_OVERRIDES))
-    raise VerificationError(f"{b.path}: format {fmt!r} has no runtime in this edgepack; upgrade edgepack")
+    cls, options = backend(b)
+    return cls(b, **_checked(overrides, options))
 
 
-LLAMA_OVERRIDES = ("n_ctx", "n_threads", "n_gpu_layers", "seed", "use_mmap", "n_batch", "flash_attn")
-ONNX_OVERRIDES = ("n_ctx", "n_threads", "seed", "execution_provider")
+def backend(bundle: Bundle) -> tuple[type[Model], tuple[str, ...]]:
+    """The Model class that runs this bundle's format, and the load options it takes."""
+    fmt = bundle.manifest.get("format")
+    try:
+        return BACKENDS[fmt]
+    except (KeyError, TypeError):
+        raise VerificationError(f"{bundle.path}: format {fmt!r} has no runtime in this edgepack; upgrade edgepack") from None
 
 
 def _checked(overrides: dict[str, Any], known: tuple[str, ...]) -> dict[str, Any]:

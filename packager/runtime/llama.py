@@ -16,10 +16,13 @@ import ctypes
 import random
 from typing import Any, Callable, Iterator, Sequence
 
-from packager.bundle import Bundle
+import gguf
+
+from packager.bundle.verify import Bundle
 from packager.errors import BundleError, ChatTemplateError, UsageError, missing_backend
-from packager.runtime.model import GenOptions, Message, Model
-from packager.runtime.threads import default_threads
+from packager.host import default_threads
+from packager.runtime.model import Engine, EngineInfo, GenOptions, Message, Model
+from packager.spec.chat_template import ChatFormatter as Jinja2ChatFormatter
 
 
 def _llama_cpp():
@@ -30,8 +33,66 @@ def _llama_cpp():
     return llama_cpp
 
 
+class LlamaEngine(Engine):
+    """The llama.cpp context a LlamaModel loaded, driven as llama-bench drives it (llama_decode of a
+    batch, no sampling, then llama_synchronize)."""
+
+    def __init__(self, model: "LlamaModel") -> None:
+        self._lc, self._llm = model._llama_cpp, model._llm
+
+    @property
+    def info(self) -> EngineInfo:
+        llm, lc = self._llm, self._lc
+        ctx = llm.context_params
+        return EngineInfo(
+            model_type=llm._model.desc(), model_size=int(llm._model.size()), model_n_params=int(llm._model.n_params()),
+            n_ctx=llm.n_ctx(), n_batch=llm.n_batch, n_ubatch=int(ctx.n_ubatch),
+            type_k=_ggml_type_name(getattr(ctx, "type_k", None)), type_v=_ggml_type_name(getattr(ctx, "type_v", None)),
+            n_threads=int(ctx.n_threads), n_gpu_layers=int(llm.model_params.n_gpu_layers),
+            flash_attn=int(getattr(ctx, "flash_attn_type", getattr(ctx, "flash_attn", 0))),
+            backends=_backends(lc), gpu_offload=bool(lc.llama_supports_gpu_offload()),
+            engine=f"llama.cpp (llama-cpp-python {getattr(lc, '__version__', '?')})")
+
+    @property
+    def n_vocab(self) -> int:
+        return self._llm.n_vocab()
+
+    @property
+    def bos(self) -> int | None:
+        bos = self._llm.token_bos()
+        return bos if bos is not None and bos >= 0 else None
+
+    def reset(self) -> None:
+        self._llm.reset()
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        # llama_decode may return before a GPU backend (Metal, CUDA) has finished; Llama.eval reads no
+        # logits, so nothing waits for it. Wait here, as llama-bench does after every decode.
+        self._llm.eval(list(tokens))
+        self._lc.llama_synchronize(self._llm._ctx.ctx)
+
+
+def _ggml_type_name(value: int | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return gguf.GGMLQuantizationType(int(value)).name.lower()
+    except ValueError:
+        return str(value)
+
+
+def _backends(llama_cpp: Any) -> str:
+    """llama-bench's backends column: the ggml backends this llama.cpp build has ('CPU', 'CUDA', ...)."""
+    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+    names = [part.split(":", 1)[0].strip() for part in info.split("|") if ":" in part and "=" not in part.split(":", 1)[0]]
+    names = [n for n in names if n and n.isupper()]
+    return ",".join(dict.fromkeys(names)) or "CPU"
+
+
 class LlamaModel(Model):
     """A GGUF bundle loaded into llama.cpp."""
+
+    ENGINE = "llama_cpp"  # the module that runs it (pack bench times its import apart from the load)
 
     def __init__(self, bundle: Bundle, *, n_ctx: int | None = None, n_threads: int | None = None,
                  n_gpu_layers: int | None = None, seed: int | None = None, use_mmap: bool = True,
@@ -118,9 +179,8 @@ class LlamaModel(Model):
 
     def _chat_formatter(self):
         if self._formatter is None:
-            # edgepack's bounded sandbox (packager.chat_template), not llama-cpp-python's
+            # edgepack's bounded sandbox (packager.spec.chat_template), not llama-cpp-python's
             # Jinja2ChatFormatter: a template from a stranger must not hang or exhaust the app.
-            from packager.chat_template import ChatFormatter as Jinja2ChatFormatter
 
             template = self._llm.metadata.get("tokenizer.chat_template")
             if not template:
@@ -169,6 +229,9 @@ class LlamaModel(Model):
         if tail:
             yield tail
         return "stop"
+
+    def _engine(self) -> LlamaEngine:
+        return LlamaEngine(self)
 
     def _free(self) -> None:
         self._llm.close()

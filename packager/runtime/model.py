@@ -20,8 +20,12 @@ Threading contract (the same for every backend):
 - One thread may not start a second stream while its own first one is still open:
   that would wait for itself forever, so it raises UsageError instead.
 
-A backend subclasses Model and implements the five ``_`` hooks below; locking,
+A backend subclasses Model and implements the ``_`` hooks below; locking,
 cancellation, stop strings, context checks and truncation live here, once.
+
+``Model.engine()`` hands measuring code (`pack bench`, `pack quality`) the engine under the
+model, driven token by token without sampling, as llama-bench and llama-perplexity drive
+llama.cpp: the same loaded weights, threads and context an app gets, for either format.
 """
 
 from __future__ import annotations
@@ -38,6 +42,54 @@ from packager.runtime.stops import StopFilter
 
 Message = dict[str, str]
 TRUNCATE = (None, "left")
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """The engine under a loaded model, in llama-bench's terms (a benchmark record's columns)."""
+
+    model_type: str  # e.g. "llama 256M Q4_1", as llama-bench prints it
+    model_size: int  # bytes of the weights
+    model_n_params: int
+    n_ctx: int
+    n_batch: int  # tokens per evaluation call
+    n_ubatch: int  # tokens per micro-batch inside one call
+    type_k: str | None  # KV cache types
+    type_v: str | None
+    n_threads: int
+    n_gpu_layers: int
+    flash_attn: int
+    backends: str  # "CPU", "CUDA", ... (llama-bench's column)
+    gpu_offload: bool  # the engine can run layers on a GPU
+    engine: str  # the library and its version
+
+
+class Engine(ABC):
+    """A loaded model's engine, driven without sampling: what `pack bench` times and `pack quality` reads.
+
+    Take it with ``Model.engine()`` while no stream is open; it belongs to the calling thread.
+    """
+
+    @property
+    @abstractmethod
+    def info(self) -> EngineInfo: ...
+
+    @property
+    @abstractmethod
+    def n_vocab(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def bos(self) -> int | None:
+        """The token a prompt starts with, or None when the model adds none."""
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Empty the KV cache."""
+
+    @abstractmethod
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Run ``tokens`` after those in the cache, as one batch, and wait until the device is done."""
 
 
 @dataclass(frozen=True)
@@ -289,6 +341,10 @@ class Model(ABC):
     def _free(self) -> None:
         """Release the engine; no call is running."""
 
+    @abstractmethod
+    def _engine(self) -> Engine:
+        """The engine for measuring (see :class:`Engine`)."""
+
     # -- public API --------------------------------------------------------------------
     def stream(self, prompt: str | Sequence[int], **opts: Any) -> Stream:
         """Yield text pieces of the completion of ``prompt`` (raw text or token ids) as they decode."""
@@ -341,6 +397,18 @@ class Model(ABC):
     def detokenize(self, ids: Sequence[int]) -> str:
         with self._using():
             return self._decode_ids(list(ids))
+
+    def engine(self) -> Engine:
+        """The engine under this model, for measuring: evaluate tokens without sampling (see :class:`Engine`).
+
+        It shares the model's context: use it from one thread, while no stream is open.
+        """
+        with self._cond:
+            if self._closed:
+                raise ModelClosedError("this model is closed; load the bundle again")
+            if self._active is not None or self._queue:
+                raise UsageError("a stream is open on this model; finish or close it before measuring")
+        return self._engine()
 
     def close(self) -> None:
         """Free the model: cancels a stream in progress (at its next token) and waits for it."""

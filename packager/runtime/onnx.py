@@ -14,10 +14,12 @@ import json
 import random
 from typing import Any, Callable, Iterator, Sequence
 
-from packager.bundle import Bundle
+from packager.bundle.verify import Bundle
 from packager.errors import BackendMissingError, BundleError, UsageError, missing_backend
-from packager.runtime.model import GenOptions, Message, Model
-from packager.runtime.threads import default_threads
+from packager.formats.onnx import PROMPT_CHUNK
+from packager.host import default_threads
+from packager.runtime.model import Engine, EngineInfo, GenOptions, Message, Model
+from packager.spec.chat_template import render
 
 
 def _genai():
@@ -35,8 +37,55 @@ def _token_text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+class OnnxEngine(Engine):
+    """onnxruntime-genai's Generator over the loaded model, fed tokens with ``append_tokens`` (one
+    forward pass per call, no sampling): the graph, session and threads the app's generation uses."""
+
+    def __init__(self, model: "OnnxModel") -> None:
+        self._m = model
+        self._gen: Any = None
+        self.reset()
+
+    @property
+    def info(self) -> EngineInfo:
+        m = self._m
+        data = [f for f in m.model_dir.iterdir() if f.name.startswith("model.onnx")]
+        spec = m.bundle.manifest.get("spec") or {}
+        n_params = int(spec.get("n_params") or 0)
+        label = f"{n_params / 1e9:.1f}B" if n_params >= 1e9 else f"{n_params / 1e6:.0f}M"
+        ep = m.execution_provider
+        return EngineInfo(
+            model_type=f"{m.genai_type} {label} {m.bundle.manifest.get('quant')}",
+            model_size=sum(f.stat().st_size for f in data), model_n_params=n_params, n_ctx=m.n_ctx,
+            # genai runs a prompt as one batch: one graph call over all of its tokens
+            n_batch=m.n_ctx, n_ubatch=m.n_ctx, type_k=m.kv_type, type_v=m.kv_type, n_threads=m.n_threads,
+            n_gpu_layers=0 if ep == "cpu" else m.n_layers, flash_attn=0,
+            backends=ep.upper(), gpu_offload=ep != "cpu",
+            engine=f"onnxruntime-genai {getattr(m._og, '__version__', '?')}")
+
+    @property
+    def n_vocab(self) -> int:
+        return self._m._vocab
+
+    @property
+    def bos(self) -> int | None:
+        return self._m.bos_token_id
+
+    def reset(self) -> None:
+        og, m = self._m._og, self._m
+        params = og.GeneratorParams(m._model)
+        params.set_search_options(max_length=m.n_ctx, do_sample=False, top_k=1)
+        self._gen = None  # the old generator's KV buffers go before the new one allocates its own
+        self._gen = og.Generator(m._model, params)
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        self._gen.append_tokens(list(tokens))
+
+
 class OnnxModel(Model):
     """An ONNX int4 bundle loaded into onnxruntime-genai."""
+
+    ENGINE = "onnxruntime_genai"  # the module that runs it (pack bench times its import apart from the load)
 
     def __init__(self, bundle: Bundle, *, n_ctx: int | None = None, n_threads: int | None = None,
                  seed: int | None = None, execution_provider: str | None = None) -> None:
@@ -60,8 +109,14 @@ class OnnxModel(Model):
         eos = genai_cfg["model"].get("eos_token_id")
         self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._vocab = int(genai_cfg["model"]["vocab_size"])
+        bos = genai_cfg["model"].get("bos_token_id")
+        self.bos_token_id = int(bos) if isinstance(bos, int) and bos >= 0 else None
+        self.genai_type = str(genai_cfg["model"].get("type", "onnx"))
+        self.n_layers = int(genai_cfg["model"].get("decoder", {}).get("num_hidden_layers") or 0)
+        self.kv_type = str(runtime.get("kv_type") or "f32")
         config = og.Config(str(self.model_dir))
         ep = execution_provider or runtime.get("execution_provider", "cpu")
+        self.execution_provider = ep
         config.clear_providers()  # genai_config.json's provider goes; CPU is genai's default
         if ep != "cpu":
             config.append_provider(ep)
@@ -108,8 +163,6 @@ class OnnxModel(Model):
         return template
 
     def _chat_prompt(self, messages: list[Message]) -> tuple[list[int], tuple[str, ...]]:
-        from packager.chat_template import render
-
         eos = _token_text(self._tok_config.get("eos_token"))
         text = render(self._chat_template(), messages, add_generation_prompt=True, eos_token=eos,
                       bos_token=_token_text(self._tok_config.get("bos_token")))
@@ -131,7 +184,10 @@ class OnnxModel(Model):
         params.set_search_options(**search)
         gen = og.Generator(self._model, params)
         try:
-            gen.append_tokens(ids)  # the prompt, in one pass
+            # The prompt, a chunk at a time: the graph returns every position's logits, so one pass over
+            # a long prompt would hold prompt x vocabulary floats (a 4k prompt: 2.5 GB for Qwen's vocab).
+            for i in range(0, len(ids), PROMPT_CHUNK):
+                gen.append_tokens(ids[i:i + PROMPT_CHUNK])
             stream = self._genai_tok.create_stream()
             n = 0
             while True:
@@ -149,6 +205,9 @@ class OnnxModel(Model):
                     return "length"
         finally:
             del gen
+
+    def _engine(self) -> OnnxEngine:
+        return OnnxEngine(self)
 
     def _free(self) -> None:
         self._genai_tok = None

@@ -281,7 +281,7 @@ def tiny_model_gguf(path: Path) -> Path:
 
 def header_end(data: bytes) -> int:
     """Where a GGUF's tensor data begins (mutations concentrate before it)."""
-    from packager.gguf_layout import check_layout
+    from packager.source.gguf_check import check_layout
 
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"edgepack-fuzz-head-{os.getpid()}.gguf"
     path.write_bytes(data)

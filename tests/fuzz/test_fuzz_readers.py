@@ -53,7 +53,7 @@ def gguf_seed(work):
 
 
 def test_seed_gguf_reads(gguf_seed, work):
-    from packager.gguf_source import spec_from_gguf
+    from packager.spec.gguf import spec_from_gguf
 
     spec, quant = spec_from_gguf(work / "seed.gguf")
     assert spec.n_layers == 1 and spec.hidden_size == 32 and spec.vocab_size == 32 and quant == "Q8_0"
@@ -63,7 +63,7 @@ def test_seed_gguf_reads(gguf_seed, work):
 @fuzz_settings("gguf")
 @given(data=st.data())
 def test_fuzz_gguf_source(gguf_seed, work, data):
-    from packager.gguf_source import spec_from_gguf
+    from packager.spec.gguf import spec_from_gguf
 
     seed, slots, head = gguf_seed
     blob = data.draw(fuzzkit.gguf_mutations(seed, slots, head))
@@ -80,7 +80,7 @@ def st_seed(work):
 
 
 def _read_all(path: Path) -> None:
-    from packager.convert.safetensors import Checkpoint
+    from packager.source.safetensors import Checkpoint
 
     ckpt = Checkpoint([path])
     try:
@@ -120,9 +120,9 @@ def config_seed(tiny_qwen2):
 
 
 def _spec_and_plan(model_dir: Path) -> None:
-    from packager.plan import plan
-    from packager.profiles import load_target
-    from packager.spec import load_spec
+    from packager.plan.planner import plan
+    from packager.plan.targets import load_target
+    from packager.spec.model import load_spec
 
     spec = load_spec(model_dir)
     plan(spec, load_target("laptop"))
@@ -157,15 +157,15 @@ TOML_VALUES = st.sampled_from([
 
 @pytest.fixture(scope="module")
 def profile_seed():
-    from packager.profiles import _builtin
+    from packager.plan.targets import _builtin
 
     return _builtin()["laptop"].read_text()
 
 
 def _profile_and_plan(path: Path) -> None:
-    from packager.plan import plan
-    from packager.profiles import load_target
-    from packager.spec import ModelSpec
+    from packager.plan.planner import plan
+    from packager.plan.targets import load_target
+    from packager.spec.model import ModelSpec
 
     t = load_target(path)
     spec = ModelSpec("Qwen2ForCausalLM", "qwen2", 24, 896, 4864, 14, 2, 64, 151936, 32768, True, 494_032_768, True)
@@ -200,7 +200,7 @@ def test_fuzz_target_profile(profile_seed, work, data):
 
 @pytest.fixture(scope="module")
 def bundle_seed(work):
-    from packager.bundle import BundleWriter
+    from packager.bundle.writer import BundleWriter
 
     with BundleWriter(work / "seed-bundle") as bw:
         bw.path("model/m.gguf").write_bytes(os.urandom(4096))
@@ -210,7 +210,7 @@ def bundle_seed(work):
 
 
 def _verify(path: Path) -> None:
-    from packager.bundle import read_bundle, verify
+    from packager.bundle.verify import read_bundle, verify
 
     verify(path)
     b = read_bundle(path)

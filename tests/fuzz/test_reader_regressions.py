@@ -20,12 +20,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import fuzzkit  # noqa: E402
 
-from packager.bundle import BundleWriter, read_bundle, verify  # noqa: E402
-from packager.convert.safetensors import Checkpoint  # noqa: E402
+from packager.bundle.verify import read_bundle, verify  # noqa: E402
+from packager.bundle.writer import BundleWriter  # noqa: E402
+from packager.source.safetensors import Checkpoint  # noqa: E402
 from packager.errors import CorruptFileError, ProfileError, SourceError, VerificationError  # noqa: E402
-from packager.gguf_source import spec_from_gguf  # noqa: E402
-from packager.profiles import load_target  # noqa: E402
-from packager.spec import load_spec, spec_from_config  # noqa: E402
+from packager.spec.gguf import spec_from_gguf  # noqa: E402
+from packager.plan.targets import load_target  # noqa: E402
+from packager.spec.model import load_spec, spec_from_config  # noqa: E402
 
 
 # -- GGUF ---------------------------------------------------------------------------------------
@@ -160,7 +161,7 @@ def test_config_nesting_bomb(tmp_path):  # was RecursionError
     ("cpu_threads", "9999999999999999", "not plausible"),
 ])
 def test_profile_numbers_that_would_poison_the_planner(tmp_path, key, value, needle):
-    from packager.profiles import _builtin
+    from packager.plan.targets import _builtin
 
     lines = [f"{key} = {value}" if line.startswith(key + " ") else line
              for line in _builtin()["laptop"].read_text().splitlines()]

@@ -1,0 +1,5 @@
+"""python -m packager.cli: the `pack` command."""
+
+from packager.cli.app import main
+
+main()

@@ -1,0 +1,78 @@
+"""`pack targets` and `pack plan`: the device classes, and what a model would become on one."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from packager.cli.options import size_callback as _size
+from packager.errors import UsageError
+from packager.formats import onnx
+from packager.plan.planner import Overrides
+from packager.plan.report import as_json as plan_json, plan_model, render
+from packager.plan.targets import list_targets
+from packager.quants import QUANTS
+
+
+@click.command("targets")
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON on stdout.")
+def targets_cmd(as_json: bool) -> None:
+    """List the device classes edgepack can pack for."""
+    targets = list_targets()
+    if as_json:
+        click.echo(json.dumps([t.as_dict() for t in targets], indent=2))
+        return
+    rows = [(t.name, ",".join(t.aliases) or "-", f"{t.ram_bytes / 2**30:.0f} GiB", f"{t.usable_ram_fraction:.0%}",
+             ",".join(t.formats), t.quant_ladder[0], t.description) for t in targets]
+    header = ("name", "aliases", "ram", "usable", "formats", "first quant", "description")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for r in [header] + rows:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@click.command("plan")
+@click.argument("model")
+@click.option("-t", "--target", default="laptop", show_default=True,
+              help="Device class: a name from `pack targets`, an alias, a .toml profile, or 'host' (this machine, probed).")
+@click.option("--quant", type=click.Choice(sorted(QUANTS) + list(onnx.SCHEMES), case_sensitive=False),
+              help="Plan at this quant only: a GGUF type, or an ONNX int4 scheme (INT4_B<block>[_ASYM|_HQQ], "
+                   "which implies --format onnx). Default: the best one on the target's ladder that fits.")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]), help="Bundle format. Default: the target's first.")
+@click.option("--ctx", "n_ctx", type=int, help="Context length (not shrunk). Default: the target's maximum that fits.")
+@click.option("--ram", callback=_size, help="Override the target's RAM, e.g. 6GB.")
+@click.option("--vram", callback=_size, help="Override the target's VRAM, e.g. 4GB.")
+@click.option("--threads", "n_threads", type=int, help="Override the target's thread count.")
+@click.option("--revision", help="Hub branch, tag or commit (hub ids only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
+@click.option("--explain", is_flag=True, help="Also print the arithmetic behind every number.")
+def plan_cmd(model: str, target: str, quant: str | None, fmt: str | None, n_ctx: int | None, ram: int | None,
+             vram: int | None, n_threads: int | None, revision: str | None, as_json: bool, explain: bool) -> None:
+    """Will MODEL fit TARGET? Plan quant, context and GPU layers before converting anything.
+
+    MODEL is a local checkpoint directory, a .gguf file, or a hub id: for a hub id only
+    config.json (and model.safetensors.index.json) are fetched, never the weights.
+    Exit code 1 with the numbers when nothing fits, 2 for bad input.
+
+    \b
+    Examples:
+      pack plan Qwen/Qwen2.5-3B-Instruct --target android
+      pack plan ./Llama-3.2-1B-Instruct --target gpu-4gb --explain
+      pack plan model.gguf --target ios --ctx 8192 --json
+      pack plan Qwen/Qwen2.5-1.5B-Instruct --target ./my-phone.toml --ram 6GB
+      pack plan Qwen/Qwen2.5-0.5B-Instruct --target web --quant INT4_B64_HQQ
+    """
+    quant = quant.upper() if quant else None
+    if quant in onnx.SCHEMES:
+        if fmt == "gguf":
+            raise UsageError(f"--quant {quant} is an ONNX int4 scheme; drop --format gguf or pick a GGUF type")
+        fmt = "onnx"
+    elif quant and fmt == "onnx":
+        raise UsageError(f"--quant {quant} is a GGUF type; for --format onnx pick one of {', '.join(onnx.SCHEMES)}")
+    overrides = Overrides(quant=quant, format=fmt, n_ctx=n_ctx, ram_bytes=ram,
+                          vram_bytes=vram, n_threads=n_threads)
+    inp, tgt, p = plan_model(model, target, overrides, revision=revision)
+    if as_json:
+        click.echo(json.dumps(plan_json(inp, tgt, p), indent=2))
+    else:
+        click.echo(render(inp, tgt, p, explain=explain))

@@ -1,0 +1,1 @@
+"""ONNX int4: the streaming graph writer for onnxruntime-genai, and the optimum-onnx fallback."""

@@ -1,0 +1,431 @@
+"""Hugging Face checkpoint -> ONNX int4 decoder for onnxruntime-genai, in one streaming pass.
+
+The graph is the one ONNX Runtime GenAI's builder emits (see graph.py), but it
+is written without ever materializing the model: each checkpoint tensor is read from
+its memory-mapped shard a block of rows at a time (in file order, hashed as read),
+quantized to int4 blocks (kernels/int4.py) and written straight to its precomputed
+offset in model.onnx.data. Memory does not grow with the model: the builder needs
+the whole model in f32 (it was OOM-killed at 24 GB on a 3B model); this needs the
+row blocks in flight.
+
+Then genai_config.json and the tokenizer files go next to the model, where
+onnxruntime-genai looks for them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from packager.archs import rope_parameters
+from packager.convert.onnx.graph import GraphBuilder
+from packager.convert.onnx.optimum_export import optimum_exports, optimum_installed
+from packager.convert.onnx.output import ConvertResult, copy_tokenizer, read_json
+from packager.errors import BackendMissingError, ConversionError, SourceError, UnsupportedArchitectureError, UsageError
+from packager.formats.onnx import ALGORITHMS, Dims, WeightFormat, declare
+from packager.host import default_threads
+from packager.kernels.hqq import quantize_int4_hqq, split_zero_points
+from packager.kernels.int4 import check_block_size, quantize_int4
+from packager.progress import progress_bar
+from packager.source.resolver import Source
+from packager.source.safetensors import Checkpoint, FileHasher, to_f32
+from packager.spec.model import read_config, spec_from_config
+
+CHUNK_ELEMENTS = 4 << 20  # rows are quantized in blocks of about 16 MB of f32
+# Execution providers onnxruntime-genai offers, by the backend names target profiles use.
+EXECUTION_PROVIDERS = {"cpu": "cpu", "cuda": "cuda", "dml": "dml", "directml": "dml", "webgpu": "webgpu"}
+# How weights become int4 blocks (formats.onnx.ALGORITHMS): round to nearest (ONNX Runtime's own
+# routine) or HQQ (kernels/hqq.py). `pack model --help` describes them; GPTQ is refused with GPTQ_REFUSAL.
+GPTQ_REFUSAL = (
+    "--algorithm gptq is not offered for ONNX bundles: ONNX Runtime's GPTQ (onnxruntime.quantization's "
+    "gptq_quantize) needs the whole f32 ONNX model with plain MatMul nodes loaded in memory and runs calibration "
+    "text through it, which edgepack's streaming converter never builds (it would cost the f32 model's size "
+    "and more in RAM); use --algorithm hqq (better than rtn, no calibration data, streams) or a GGUF bundle "
+    "with --imatrix-text for calibration-aware quantization"
+)
+
+
+@dataclass(frozen=True)
+class OnnxArch:
+    """How one model family maps onto the decoder graph."""
+
+    genai_type: str  # genai_config.json's model.type
+    hf_names: tuple[str, ...]
+    fused_qkv: bool = False  # Phi-3 stores q/k/v as one qkv_proj
+    fused_gate_up: bool = False  # and gate/up as one gate_up_proj
+    rope_types: tuple[str, ...] = ("default", "linear", "llama3")
+
+
+ONNX_ARCHS: dict[str, OnnxArch] = {}
+
+
+def _register(arch: OnnxArch) -> None:
+    for name in arch.hf_names:
+        ONNX_ARCHS[name] = arch
+
+
+_register(OnnxArch("llama", ("LlamaForCausalLM",)))
+_register(OnnxArch("mistral", ("MistralForCausalLM",)))
+_register(OnnxArch("qwen2", ("Qwen2ForCausalLM",)))
+_register(OnnxArch("phi3", ("Phi3ForCausalLM",), fused_qkv=True, fused_gate_up=True, rope_types=("default",)))
+
+
+def onnx_arch_for(hf_name: str) -> OnnxArch:
+    try:
+        return ONNX_ARCHS[hf_name]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"architecture {hf_name!r} is not supported by edgepack's ONNX converter; supported: "
+            f"{', '.join(sorted(ONNX_ARCHS))}; pack it with --format gguf instead"
+        ) from None
+
+
+def onnx_exporter(hf_name: str, model_type: str) -> str:
+    """"edgepack" (the streaming converter here) or "optimum" (optimum_export.py: holds the f32
+    model) for this architecture; neither is one line saying what to do."""
+    if hf_name in ONNX_ARCHS:
+        return "edgepack"
+
+    ours = (f"architecture {hf_name!r} is not supported by edgepack's ONNX converter; "
+            f"supported: {', '.join(sorted(ONNX_ARCHS))}")
+    if not optimum_installed():
+        raise UnsupportedArchitectureError(f"{ours}; the fallback for other architectures needs optimum-onnx: "
+                                           "pip install 'edgepack[onnx-export]'; or pack it with --format gguf")
+    if not optimum_exports(model_type):
+        raise UnsupportedArchitectureError(f"{ours}, and optimum-onnx does not export model_type {model_type!r} for "
+                                           "text generation; pack it with --format gguf instead")
+    return "optimum"
+
+
+def execution_provider(backends: tuple[str, ...] | list[str], target_name: str) -> str:
+    """The first of a target's backends that onnxruntime-genai has an execution provider for."""
+    for b in backends:
+        if b.lower() in EXECUTION_PROVIDERS:
+            return EXECUTION_PROVIDERS[b.lower()]
+    raise UnsupportedArchitectureError(
+        f"target {target_name} runs on {', '.join(backends) or 'no backend'}, which no ONNX Runtime execution "
+        f"provider covers (ONNX supports: {', '.join(sorted(set(EXECUTION_PROVIDERS)))}); use --format gguf or another target"
+    )
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """Quantization choices for the ONNX bundle."""
+
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 4
+    int4: bool = True  # False writes an f32 reference graph (tests)
+    int4_embeddings: bool = True  # gather the embedding from int4 blocks (tied: lm_head's own)
+    execution_provider: str = "cpu"
+    algorithm: str = "rtn"  # one of ALGORITHMS; hqq is asymmetric (zero points + a correction, kernels/hqq.py)
+
+    def __post_init__(self) -> None:
+        try:
+            check_block_size(self.block_size)
+        except ValueError as exc:
+            raise ConversionError(str(exc)) from None
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ConversionError(f"accuracy level {self.accuracy_level} is not one of 0-4")
+        if self.algorithm == "gptq":
+            raise UsageError(GPTQ_REFUSAL)
+        if self.algorithm not in ALGORITHMS:
+            raise UsageError(f"algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+        if self.algorithm == "hqq" and self.symmetric:
+            raise UsageError("HQQ quantizes with zero points: pass symmetric=False (--asymmetric) with algorithm hqq")
+
+    @property
+    def weight_format(self) -> WeightFormat:
+        """The int4 scheme (formats.onnx.SCHEMES) these options write."""
+        return WeightFormat(int4=self.int4, block_size=self.block_size, symmetric=self.symmetric,
+                            accuracy_level=self.accuracy_level, zero_correction=self.algorithm == "hqq")
+
+    @property
+    def quant_name(self) -> str:
+        return self.weight_format.name
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"bits": 4 if self.int4 else 32, "block_size": self.block_size, "symmetric": self.symmetric,
+                "accuracy_level": self.accuracy_level, "algorithm": self.algorithm,
+                "int4_embeddings": self.int4_embeddings, "execution_provider": self.execution_provider}
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where rows of one checkpoint tensor go: into a linear layer's blocks or a float initializer."""
+
+    kind: str  # "linear" or "float"
+    target: str  # linear base name, or initializer name
+    dst_row: int = 0  # first row (2-D) or element (1-D) written
+    src_rows: tuple[int, int] | None = None  # only these source rows; None: all
+    offset: float = 0.0  # added to the values (Gemma-style norms)
+
+
+def _dims(cfg: dict[str, Any]):
+    spec = spec_from_config(cfg)
+    rope = rope_parameters(cfg)
+    fraction = float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor")) or 1.0)
+    window = -1
+    if cfg.get("use_sliding_window", cfg.get("model_type") != "qwen2") and cfg.get("sliding_window"):
+        window = int(cfg["sliding_window"])
+        if window >= spec.context_length:
+            window = -1
+    return Dims(
+        n_layers=spec.n_layers, hidden=spec.hidden_size, intermediate=spec.intermediate_size, n_heads=spec.n_heads,
+        n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim, vocab=spec.vocab_size,
+        rms_eps=float(cfg.get("rms_norm_eps") or 1e-6), rotary_dim=int(spec.head_dim * fraction),
+        max_positions=spec.context_length, attn_scale=1.0 / math.sqrt(spec.head_dim), window=window,
+    )
+
+
+def rope_caches(cfg: dict[str, Any], arch: OnnxArch, rotary_dim: int, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin caches [max_positions, rotary_dim / 2] for GroupQueryAttention, as transformers computes RoPE."""
+    rope = rope_parameters(cfg)
+    kind = str(rope.get("rope_type") or rope.get("type") or "default").lower()
+    if kind not in arch.rope_types:
+        raise UnsupportedArchitectureError(
+            f"config.json: rope scaling {kind!r} is not supported by the ONNX converter for {arch.genai_type} "
+            f"(supported: {', '.join(arch.rope_types)}); pack it with --format gguf instead"
+        )
+    base = float(rope.get("rope_theta", 10000.0))
+    inv_freq = 1.0 / (base ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim))
+    if kind == "linear":
+        inv_freq = inv_freq / float(rope["factor"])
+    elif kind == "llama3":
+        factor = float(rope.get("factor", 8.0))
+        low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+        old = float(rope.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old / wavelen - low) / (high - low)
+        scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old / low) & (wavelen >= old / high)
+        inv_freq = np.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    # float32 positions times float32 frequencies, as transformers' rotary embedding computes them.
+    freqs = np.outer(np.arange(max_positions, dtype=np.float32), inv_freq.astype(np.float32))
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def plan_slots(ckpt: Checkpoint, cfg: dict[str, Any], arch: OnnxArch, opts: OnnxOptions):
+    """Every initializer's place in the data file (formats.onnx.declare, as the planner sizes it), and
+    where each checkpoint tensor's rows go."""
+    d = _dims(cfg)
+    spec = spec_from_config(cfg)
+    fmt = opts.weight_format
+    slots: dict[str, list[Slot]] = {}
+    q_n, kv_n = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
+
+    def put(src: str, slot: Slot) -> None:
+        if src not in ckpt:
+            raise SourceError(f"tensor {src!r} is missing from the checkpoint; it does not match its config "
+                              f"({spec.architecture}) or is incomplete; re-download it")
+        slots.setdefault(src, []).append(slot)
+
+    has_bias = "model.layers.0.self_attn.q_proj.bias" in ckpt
+    tied = spec.tied_embeddings or "lm_head.weight" not in ckpt
+    decl = declare(d, fmt, has_bias=has_bias, tied=tied, int4_embeddings=opts.int4_embeddings)
+    for i in range(d.n_layers):
+        pre, att = f"model.layers.{i}", f"model.layers.{i}.self_attn"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            put(f"{pre}.{norm}.weight", Slot("float", f"{pre}.{norm}.weight"))
+        qkv = f"{pre}.attn.qkv_proj"
+        if arch.fused_qkv:
+            put(f"{att}.qkv_proj.weight", Slot("linear", qkv))
+        else:
+            for name, row in (("q_proj", 0), ("k_proj", q_n), ("v_proj", q_n + kv_n)):
+                put(f"{att}.{name}.weight", Slot("linear", qkv, row))
+        if has_bias:
+            for name, row in (("q_proj", 0), ("k_proj", q_n), ("v_proj", q_n + kv_n)):
+                put(f"{att}.{name}.bias", Slot("float", f"{qkv}.bias", row))
+        put(f"{att}.o_proj.weight", Slot("linear", f"{pre}.attn.o_proj"))
+        gate_up = f"{pre}.mlp.gate_up_proj"
+        if arch.fused_gate_up:
+            put(f"{pre}.mlp.gate_up_proj.weight", Slot("linear", gate_up))
+        else:
+            put(f"{pre}.mlp.gate_proj.weight", Slot("linear", gate_up, 0))
+            put(f"{pre}.mlp.up_proj.weight", Slot("linear", gate_up, d.intermediate))
+        put(f"{pre}.mlp.down_proj.weight", Slot("linear", f"{pre}.mlp.down_proj"))
+    put("model.norm.weight", Slot("float", "model.norm.weight"))
+    put("model.embed_tokens.weight" if tied else "lm_head.weight", Slot("linear", "lm_head"))
+    if decl.embed_base == "model.embed_tokens":  # untied: the embedding's own int4 blocks
+        put("model.embed_tokens.weight", Slot("linear", "model.embed_tokens"))
+    elif decl.embed_base is None:
+        put("model.embed_tokens.weight", Slot("float", "model.embed_tokens.weight"))
+    return d, fmt, decl.layout, slots, has_bias, decl.embed_base, decl.embed_zp
+
+
+class _Writer:
+    """Writes row blocks at their precomputed offsets (pwrite: blocks may finish in any order)."""
+
+    def __init__(self, fd: int, layout, fmt) -> None:
+        self.fd, self.layout, self.fmt = fd, layout, fmt
+
+    def _put(self, name: str, row: int, data: np.ndarray) -> None:
+        init = self.layout.inits[name]
+        row_bytes = init.nbytes // init.shape[0] if len(init.shape) > 1 else np.dtype(data.dtype).itemsize
+        buf = np.ascontiguousarray(data)
+        n = os.pwrite(self.fd, memoryview(buf).cast("B"), init.offset + row * row_bytes)
+        if n != buf.nbytes:
+            raise ConversionError(f"short write to the ONNX data file ({n} of {buf.nbytes} bytes); is the disk full?")
+
+    def write(self, slot: Slot, rows: np.ndarray, dst_row: int) -> None:
+        if slot.offset:
+            rows = rows + np.float32(slot.offset)
+        if slot.kind == "float":
+            self._put(slot.target, dst_row, rows.astype(np.float32, copy=False))
+            return
+        if not self.fmt.int4:
+            self._put(f"{slot.target}.weight", dst_row, rows)
+            return
+        if self.fmt.zero_correction:
+            q = quantize_int4_hqq(rows, self.fmt.block_size)
+            zp, correction = split_zero_points(q)
+        else:
+            q = quantize_int4(rows, self.fmt.block_size, self.fmt.symmetric)
+            zp, correction = q.zero_points, None
+        self._put(f"{slot.target}.weight_Q4", dst_row, q.packed)
+        self._put(f"{slot.target}.weight_scales", dst_row, q.scales)
+        if zp is not None:
+            self._put(f"{slot.target}.weight_zp", dst_row, zp)
+        if correction is not None:
+            self._put(f"{slot.target}.weight_zc", dst_row, correction)
+
+
+def _jobs(ckpt: Checkpoint, slots: dict[str, list[Slot]]):
+    """(source, row range) blocks in file order: each shard is read front to back once."""
+    for src in sorted(slots, key=lambda s: (str(ckpt.refs[s].file), ckpt.refs[s].start)):
+        ref = ckpt.refs[src]
+        if len(ref.shape) == 1:
+            yield src, 0, ref.shape[0]
+            continue
+        rows, cols = ref.shape[0], int(np.prod(ref.shape[1:]))
+        step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+        for lo in range(0, rows, step):
+            yield src, lo, min(lo + step, rows)
+
+
+def write_weights(ckpt: Checkpoint, slots: dict[str, list[Slot]], writer: _Writer, hasher: FileHasher,
+                  n_threads: int, quiet: bool) -> None:
+    """Read, quantize and write every slot; reading (and hashing) stays in order on this thread."""
+    total = sum(ckpt.refs[s].nbytes for s in slots)
+    pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=max(1, n_threads), thread_name_prefix="edgepack-int4") as pool, \
+            progress_bar(total=total, desc="writing ONNX int4" if writer.fmt.int4 else "writing ONNX", unit="B",
+                         quiet=quiet) as bar:
+        for src, lo, hi in _jobs(ckpt, slots):
+            ref = ckpt.refs[src]
+            raw = ckpt.raw(src)
+            if raw.ndim == 1:
+                block, first = raw, 0
+            else:
+                block, first = raw[lo:hi], lo * (ref.nbytes // ref.shape[0])
+            data = to_f32(block, ref.dtype)
+            data = data.reshape(data.shape[0], -1) if data.ndim > 1 else data
+            hasher.read(ref.file, ref.start + first, ref.start + first + block.nbytes)
+            for slot in slots[src]:
+                s_lo, s_hi = slot.src_rows or (0, ref.shape[0])
+                a, b = max(lo, s_lo), min(hi, s_hi)
+                if a >= b:
+                    continue
+                part = data[a - lo:b - lo] if data.ndim > 1 else data
+                dst = slot.dst_row + (a - s_lo)
+                pending.append(pool.submit(writer.write, slot, part, dst))
+            bar.update(block.nbytes)
+            # Bound the blocks in flight: memory stays a few blocks, whatever the model's size.
+            while len(pending) > 2 * max(1, n_threads):
+                pending.pop(0).result()
+        for f in pending:
+            f.result()
+
+
+def genai_config(cfg: dict[str, Any], arch: OnnxArch, d, gen: dict[str, Any], n_ctx: int, ep: str) -> dict[str, Any]:
+    """genai_config.json: what onnxruntime-genai needs to drive the graph."""
+    eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
+    bos = gen.get("bos_token_id", cfg.get("bos_token_id"))
+    pad = gen.get("pad_token_id", cfg.get("pad_token_id"))
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) else eos
+    provider_options = [] if ep == "cpu" else [{ep: {}}]
+    return {
+        "model": {
+            "bos_token_id": bos,
+            "context_length": d.max_positions,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": provider_options},
+                "filename": "model.onnx",
+                "head_size": d.head_dim,
+                "hidden_size": d.hidden,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": d.n_heads,
+                "num_hidden_layers": d.n_layers,
+                "num_key_value_heads": d.n_kv_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "type": arch.genai_type,
+            "vocab_size": d.vocab,
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+            "max_length": min(n_ctx, d.max_positions), "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+            "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
+            "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
+    }
+
+
+def _onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise BackendMissingError("onnx is not installed; install it with: pip install 'edgepack[onnx]'") from None
+    return onnx
+
+
+def convert(source: Source, out_dir: Path, opts: OnnxOptions = OnnxOptions(), *, n_ctx: int = 4096,
+            n_threads: int | None = None, quiet: bool = False) -> ConvertResult:
+    """Write model.onnx, model.onnx.data, genai_config.json and the tokenizer files into ``out_dir``."""
+    onnx = _onnx()
+    cfg = read_config(source.path)
+    spec = spec_from_config(cfg)
+    arch = onnx_arch_for(spec.architecture)
+    ckpt = Checkpoint.open(source.path)
+    try:
+        d, fmt, layout, slots, has_bias, embed_base, embed_zp = plan_slots(ckpt, cfg, arch, opts)
+        cos, sin = rope_caches(cfg, arch, d.rotary_dim, d.max_positions)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        data_path = out_dir / layout.data_file
+        fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, layout.size)
+            writer = _Writer(fd, layout, fmt)
+            writer._put("cos_cache", 0, cos)
+            writer._put("sin_cache", 0, sin)
+            if embed_zp == "model.embed_tokens.zp":
+                zp = layout.inits[embed_zp]
+                writer._put(embed_zp, 0, np.full(zp.shape, 0x88, dtype=np.uint8))
+            hasher = FileHasher(ckpt)
+            write_weights(ckpt, slots, writer, hasher, n_threads or default_threads(), quiet)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        sha256s = {str(path.relative_to(source.path)): digest for path, digest in hasher.digests().items()}
+    finally:
+        ckpt.close()
+    model = GraphBuilder(d, fmt, layout).build(qkv_bias=has_bias, embed_base=embed_base, embed_zp=embed_zp)
+    onnx.save_model(model, str(out_dir / "model.onnx"))
+    gen = read_json(source.path / "generation_config.json")
+    (out_dir / "genai_config.json").write_text(
+        json.dumps(genai_config(cfg, arch, d, gen, n_ctx, opts.execution_provider), indent=4), encoding="utf-8")
+    copied = [out_dir / "model.onnx", data_path, out_dir / "genai_config.json", *copy_tokenizer(source.path, out_dir)]
+    return ConvertResult(out_dir, copied, opts.quant_name, sha256s, sum(p.stat().st_size for p in copied),
+                         {"onnx": {**opts.as_dict(), "exporter": "edgepack"}, "n_nodes": len(model.graph.node)})

@@ -1,0 +1,198 @@
+"""The ONNX decoder graph edgepack writes, in the shape ONNX Runtime GenAI's model builder emits.
+
+Per layer: SimplifiedLayerNormalization (or SkipSimplifiedLayerNormalization, which also
+adds the residual), one MatMulNBits over the packed q/k/v rows (with the qkv bias as
+its bias input), GroupQueryAttention with rotary embedding inside (cos/sin caches),
+MatMulNBits for o_proj, then the SwiGLU MLP (gate and up as one MatMulNBits, then Split);
+a final norm and lm_head. The graph's inputs and outputs carry the names genai_config.json
+declares (input_ids, attention_mask, past_key_values.N.key/value -> logits,
+present.N.key/value).
+
+Initializers never pass through memory here: the layout decides each one's offset in
+model.onnx.data up front, the converter writes the bytes there as it produces them,
+and the graph refers to them as external data. Only this small proto is serialized.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from packager.formats.onnx import Dims, DType, Layout, WeightFormat
+
+if TYPE_CHECKING:
+    import onnx
+
+MS = "com.microsoft"
+OPSET = 21
+
+
+def _onnx():
+    import onnx  # the optional `onnx` extra, loaded when a graph is built
+
+    return onnx
+
+
+def tensor_protos(layout: Layout) -> list[onnx.TensorProto]:
+    """The layout's initializers as external-data TensorProtos pointing into its data file."""
+    TensorProto = _onnx().TensorProto
+    out = []
+    for init in layout.inits.values():
+        t = TensorProto()
+        t.name, t.data_type = init.name, init.dtype
+        t.dims.extend(init.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", layout.data_file), ("offset", str(init.offset)), ("length", str(init.nbytes))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        out.append(t)
+    return out
+
+
+class GraphBuilder:
+    """Collects nodes and value infos; emits the ModelProto."""
+
+    def __init__(self, dims: Dims, fmt: WeightFormat, layout: Layout) -> None:
+        self.d, self.fmt, self.layout = dims, fmt, layout
+        self.nodes: list[onnx.NodeProto] = []
+        self.consts: list[onnx.TensorProto] = []
+
+    def node(self, op: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "",
+             outputs: list[str] | None = None, **attrs) -> list[str]:
+        outputs = outputs or [f"{name}/output_{i}" for i in range(n_out)]
+        self.nodes.append(_onnx().helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
+        return outputs
+
+    def const_i64(self, name: str, values: list[int] | int) -> str:
+        self.consts.append(_onnx().numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+        return name
+
+    def linear(self, base: str, x: str, n: int, k: int, name: str, bias: str | None = None,
+               out: str | None = None) -> str:
+        outs = [out] if out else None
+        if self.fmt.int4:
+            inputs = [x, f"{base}.weight_Q4", f"{base}.weight_scales"]
+            if not self.fmt.symmetric or self.fmt.zero_correction:
+                inputs.append(f"{base}.weight_zp")
+            if bias:
+                inputs += [""] * (5 - len(inputs)) + [bias]
+            (y,) = self.node("MatMulNBits", inputs, name, domain=MS, outputs=None if self.fmt.zero_correction else outs,
+                             K=k, N=n, bits=4, block_size=self.fmt.block_size, accuracy_level=self.fmt.accuracy_level)
+            if not self.fmt.zero_correction:
+                return y
+            # HQQ's fractional zero points: + (sum of x over each block) @ correction^T.
+            bs, nb = self.fmt.block_size, -(-k // self.fmt.block_size)
+            if nb * bs != k:  # the last block is zero-padded, as the quantizer padded the weights
+                (x,) = self.node("Pad", [x, self.const_i64(f"{name}/Correction/pads", [0, 0, 0, 0, 0, nb * bs - k])],
+                                 f"{name}/Correction/Pad")
+            (xb,) = self.node("Reshape", [x, self.const_i64(f"{name}/Correction/shape", [0, 0, nb, bs])],
+                              f"{name}/Correction/Reshape")
+            (sums,) = self.node("ReduceSum", [xb, self.const_i64(f"{name}/Correction/axes", [-1])],
+                                f"{name}/Correction/ReduceSum", keepdims=0)
+            (ct,) = self.node("Transpose", [f"{base}.weight_zc"], f"{name}/Correction/Transpose", perm=[1, 0])
+            (corr,) = self.node("MatMul", [sums, ct], f"{name}/Correction/MatMul")
+            return self.node("Add", [y, corr], f"{name}/Correction/Add", outputs=outs)[0]
+        (wt,) = self.node("Transpose", [f"{base}.weight"], f"{name}/Transpose", perm=[1, 0])
+        if bias:
+            (y,) = self.node("MatMul", [x, wt], name)
+            return self.node("Add", [y, bias], f"{name}/Bias", outputs=outs)[0]
+        return self.node("MatMul", [x, wt], name, outputs=outs)[0]
+
+    def build(self, *, qkv_bias: bool, embed_base: str | None, embed_zp: str | None) -> onnx.ModelProto:
+        """The whole decoder; ``embed_base`` names the int4 linear whose blocks the embedding gathers
+        (None: an f32 embedding table), ``embed_zp`` its zero points."""
+        d = self.d
+        q_n, kv_n = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
+        # Attention-mask bookkeeping GroupQueryAttention wants: per-row lengths - 1, total length.
+        one = self.const_i64("/model/constants/INT64/[1]", [1])
+        (ssum,) = self.node("ReduceSum", ["attention_mask", one], "/model/attn_mask/ReduceSum", keepdims=0)
+        (sub,) = self.node("Sub", [ssum, one], "/model/attn_mask/Sub")
+        (seqlens_k,) = self.node("Cast", [sub], "/model/attn_mask/Sub/Cast", to=DType.INT32)
+        (shape,) = self.node("Shape", ["attention_mask"], "/model/attn_mask/Shape")
+        idx1 = self.const_i64("/model/constants/INT64/1", 1)
+        (total,) = self.node("Gather", [shape, idx1], "/model/attn_mask/Gather", axis=0)
+        (total_len,) = self.node("Cast", [total], "/model/attn_mask/Gather/Cast", to=DType.INT32)
+
+        if embed_base is not None:
+            inputs = ["model.embed_tokens.qdata", "input_ids", f"{embed_base}.weight_scales", embed_zp or ""]
+            (h,) = self.node("GatherBlockQuantized", inputs, "/model/embed_tokens/GatherBlockQuantized", domain=MS,
+                             bits=4, block_size=self.fmt.block_size, gather_axis=0, quantize_axis=1)
+            if self.fmt.zero_correction:
+                h = self._gather_correction(embed_base, h)
+        else:
+            (h,) = self.node("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/embed_tokens/Gather")
+        residual, pending = h, None  # pending: the output to add to the residual at the next norm
+        for i in range(d.n_layers):
+            p = f"/model/layers.{i}"
+            x, residual = self._norm(f"model.layers.{i}.input_layernorm.weight", residual, pending, f"{p}/input_layernorm")
+            qkv = self.linear(f"model.layers.{i}.attn.qkv_proj", x, q_n + 2 * kv_n, d.hidden, f"{p}/attn/qkv_proj/MatMul",
+                              bias=f"model.layers.{i}.attn.qkv_proj.bias" if qkv_bias else None)
+            attrs = dict(num_heads=d.n_heads, kv_num_heads=d.n_kv_heads, scale=d.attn_scale, softcap=0.0,
+                         do_rotary=1, rotary_interleaved=0)
+            if d.window > 0:
+                attrs["local_window_size"] = d.window
+            self.nodes.append(_onnx().helper.make_node(
+                "GroupQueryAttention",
+                [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
+                 "cos_cache", "sin_cache"],
+                [f"{p}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
+                name=f"{p}/attn/GroupQueryAttention", domain=MS, **attrs))
+            attn = self.linear(f"model.layers.{i}.attn.o_proj", f"{p}/attn/GroupQueryAttention/output_0", d.hidden, q_n,
+                               f"{p}/attn/o_proj/MatMul")
+            x, residual = self._norm(f"model.layers.{i}.post_attention_layernorm.weight", residual, attn,
+                                     f"{p}/post_attention_layernorm")
+            gate_up = self.linear(f"model.layers.{i}.mlp.gate_up_proj", x, 2 * d.intermediate, d.hidden,
+                                  f"{p}/mlp/gate_up_proj/MatMul")
+            gate, up = self.node("Split", [gate_up], f"{p}/mlp/Split", n_out=2, axis=-1, num_outputs=2)
+            (sig,) = self.node("Sigmoid", [gate], f"{p}/mlp/act_fn/Sigmoid")
+            (silu,) = self.node("Mul", [gate, sig], f"{p}/mlp/act_fn/Mul")
+            (act,) = self.node("Mul", [silu, up], f"{p}/mlp/Mul")
+            pending = self.linear(f"model.layers.{i}.mlp.down_proj", act, d.hidden, d.intermediate,
+                                  f"{p}/mlp/down_proj/MatMul")
+        (final,) = self.node("SkipSimplifiedLayerNormalization", [residual, pending, "model.norm.weight"],
+                             "/model/norm", domain=MS, epsilon=d.rms_eps)
+        self.linear("lm_head", final, d.vocab, d.hidden, "/lm_head/MatMul", out="logits")
+        return self._model()
+
+    def _gather_correction(self, base: str, h: str) -> str:
+        """HQQ's per-block correction (kernels/hqq.py) added to the gathered embedding rows."""
+        d, bs = self.d, self.fmt.block_size
+        p = "/model/embed_tokens/Correction"
+        (rows,) = self.node("Reshape", [h, self.const_i64(f"{p}/blocks", [0, 0, d.hidden // bs, bs])], f"{p}/Reshape")
+        (c,) = self.node("Gather", [f"{base}.weight_zc", "input_ids"], f"{p}/Gather")  # [b, s, n_blocks]
+        (c,) = self.node("Unsqueeze", [c, self.const_i64(f"{p}/axes", [-1])], f"{p}/Unsqueeze")
+        (rows,) = self.node("Add", [rows, c], f"{p}/Add")
+        return self.node("Reshape", [rows, self.const_i64(f"{p}/rows", [0, 0, d.hidden])], f"{p}/Reshape/Rows")[0]
+
+    def _norm(self, weight: str, residual: str, pending: str | None, name: str) -> tuple[str, str]:
+        """RMS-normalize residual (+ pending, which is then folded into the residual)."""
+        if pending is None:
+            (y,) = self.node("SimplifiedLayerNormalization", [residual, weight], name, axis=-1,
+                             epsilon=self.d.rms_eps, stash_type=1)
+            return y, residual
+        y, _, _, summed = self.node("SkipSimplifiedLayerNormalization", [residual, pending, weight], name, n_out=4,
+                                    domain=MS, epsilon=self.d.rms_eps)
+        self.nodes[-1].output[1] = ""  # mean and inverse std dev: not needed
+        self.nodes[-1].output[2] = ""
+        return y, summed
+
+    def _model(self) -> onnx.ModelProto:
+        helper = _onnx().helper
+        d = self.d
+        f32 = DType.FLOAT
+        kv = lambda name, seq: helper.make_tensor_value_info(name, f32, ["batch_size", d.n_kv_heads, seq, d.head_dim])
+        inputs = [helper.make_tensor_value_info("input_ids", DType.INT64, ["batch_size", "sequence_length"]),
+                  helper.make_tensor_value_info("attention_mask", DType.INT64, ["batch_size", "total_sequence_length"])]
+        outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", d.vocab])]
+        for i in range(d.n_layers):
+            inputs += [kv(f"past_key_values.{i}.key", "past_sequence_length"),
+                       kv(f"past_key_values.{i}.value", "past_sequence_length")]
+            outputs += [kv(f"present.{i}.key", "total_sequence_length"),
+                        kv(f"present.{i}.value", "total_sequence_length")]
+        graph = helper.make_graph(self.nodes, "edgepack", inputs, outputs,
+                                  initializer=self.consts + tensor_protos(self.layout))
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                                  producer_name="edgepack")
+        model.ir_version = 10
+        return model

@@ -1,0 +1,262 @@
+"""ONNX int4, as data: the int4 schemes (MatMulNBits blocks) and the initializers a decoder holds.
+
+One declaration of the initializers (:func:`declare`) serves both sides: the converter
+writes exactly these, at these offsets, into model.onnx.data, and the planner sizes a
+bundle from the same list (:func:`weight_layout`), so a plan's weight bytes are the file's.
+
+The schemes live in one table (:data:`SCHEMES`), keyed by the name a bundle's manifest and
+the CLI's summary use: ``INT4_B{block}`` (symmetric round-to-nearest), ``INT4_B{block}_ASYM``
+(with zero points) and ``INT4_B{block}_HQQ`` (zero points plus HQQ's per-block correction).
+Per weight, a scheme stores 4 bits, one f32 scale per block, and where it has them a 4-bit
+zero point and an f32 correction per block: block 32 symmetric is 5.0 bits per weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+
+from packager.formats.weights import WeightLayout
+from packager.spec.model import ModelSpec
+
+ALIGN = 4096  # page-aligned offsets let ONNX Runtime map large initializers from the file
+BLOCK_SIZES = (32, 64, 128)
+ALGORITHMS = ("rtn", "hqq")  # round to nearest (ONNX Runtime's routine), HQQ (kernels/hqq.py)
+
+
+class DType(IntEnum):
+    """onnx.TensorProto's data type numbers: a layout is planned (and sized) without importing onnx."""
+
+    FLOAT = 1
+    UINT8 = 2
+    INT32 = 6
+    INT64 = 7
+    FLOAT16 = 10
+
+    @property
+    def itemsize(self) -> int:
+        return {DType.FLOAT: 4, DType.UINT8: 1, DType.INT32: 4, DType.INT64: 8, DType.FLOAT16: 2}[self]
+
+
+@dataclass(frozen=True)
+class Init:
+    """One initializer stored in the external data file."""
+
+    name: str
+    dtype: int  # TensorProto data type
+    shape: tuple[int, ...]
+    offset: int = -1
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * DType(self.dtype).itemsize
+
+
+@dataclass
+class Layout:
+    """Initializers and their offsets in the data file, assigned in the order they are declared."""
+
+    data_file: str = "model.onnx.data"
+    inits: dict[str, Init] = field(default_factory=dict)
+    aliases: set[str] = field(default_factory=set)  # second views of another initializer's bytes
+    size: int = 0
+
+    def add(self, name: str, dtype: int, shape: tuple[int, ...], *, alias_of: str | None = None) -> Init:
+        """Declare an initializer; ``alias_of`` makes it a second view (other shape) of another's bytes."""
+        if name in self.inits:
+            raise ValueError(f"initializer {name!r} declared twice")
+        if alias_of is not None:
+            init = Init(name, dtype, tuple(shape), self.inits[alias_of].offset)
+            if init.nbytes != self.inits[alias_of].nbytes:
+                raise ValueError(f"{name}: alias of {alias_of} with a different byte size")
+            self.aliases.add(name)
+        else:
+            offset = self.size + (-self.size % ALIGN)
+            init = Init(name, dtype, tuple(shape), offset)
+            self.size = offset + init.nbytes
+        self.inits[name] = init
+        return init
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The decoder's shape, as the graph needs it."""
+
+    n_layers: int
+    hidden: int
+    intermediate: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    rms_eps: float
+    rotary_dim: int
+    max_positions: int
+    attn_scale: float
+    window: int = -1  # sliding-window size for GroupQueryAttention's local_window_size; -1: none
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> "Dims":
+        """The shape a plan sizes (full rotary, the spec's context as the caches' length)."""
+        return cls(n_layers=spec.n_layers, hidden=spec.hidden_size, intermediate=spec.intermediate_size,
+                   n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim, vocab=spec.vocab_size,
+                   rms_eps=1e-6, rotary_dim=spec.head_dim, max_positions=spec.context_length,
+                   attn_scale=spec.head_dim ** -0.5)
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How linear layers are stored: int4 blocks for MatMulNBits (one scheme), or f32 (a reference graph)."""
+
+    int4: bool = True
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 4  # MatMulNBits' activation precision: 4 = int8 dot products (CPU's fastest)
+    zero_correction: bool = False  # HQQ: uint8 zero points + an f32 correction per block (kernels/hqq.py)
+
+    @property
+    def name(self) -> str:
+        if not self.int4:
+            return "FP32"
+        if self.zero_correction:
+            return f"INT4_B{self.block_size}_HQQ"
+        return f"INT4_B{self.block_size}{'' if self.symmetric else '_ASYM'}"
+
+    @property
+    def algorithm(self) -> str:
+        return "hqq" if self.zero_correction else "rtn"
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage bits per weight of a linear layer whose width is a multiple of the block."""
+        if not self.int4:
+            return 32.0
+        zp = 0 if self.symmetric and not self.zero_correction else 4
+        return 4 + (32 + zp + (32 if self.zero_correction else 0)) / self.block_size
+
+    def linear_inits(self, layout: Layout, base: str, n: int, k: int) -> None:
+        """Declare the initializers of one linear layer with ``n`` outputs over ``k`` inputs."""
+        if not self.int4:
+            layout.add(f"{base}.weight", DType.FLOAT, (n, k))
+            return
+        nb = -(-k // self.block_size)
+        layout.add(f"{base}.weight_Q4", DType.UINT8, (n, nb, self.block_size // 2))
+        layout.add(f"{base}.weight_scales", DType.FLOAT, (n, nb))
+        if not self.symmetric or self.zero_correction:
+            layout.add(f"{base}.weight_zp", DType.UINT8, (n, -(-nb // 2)))
+        if self.zero_correction:
+            layout.add(f"{base}.weight_zc", DType.FLOAT, (n, nb))
+
+
+def _schemes() -> dict[str, WeightFormat]:
+    out = {}
+    for block in BLOCK_SIZES:
+        for w in (WeightFormat(block_size=block), WeightFormat(block_size=block, symmetric=False),
+                  WeightFormat(block_size=block, symmetric=False, zero_correction=True)):
+            out[w.name] = w
+    return out
+
+
+# Every int4 scheme a bundle can have (accuracy level 4; it changes the compute, not the bytes).
+SCHEMES: dict[str, WeightFormat] = _schemes()
+DEFAULT = "INT4_B32"
+
+
+@dataclass(frozen=True)
+class Declared:
+    """The initializers of one decoder, and how the embedding reads the lm_head's blocks."""
+
+    layout: Layout
+    embed_base: str | None  # the int4 linear whose blocks the embedding gathers (None: f32 embedding)
+    embed_zp: str | None
+
+
+def declare(d: Dims, fmt: WeightFormat, *, has_bias: bool, tied: bool, int4_embeddings: bool = True) -> Declared:
+    """Every initializer of the decoder graph, in file order (the converter writes these, the planner sums them)."""
+    layout = Layout()
+    f32 = DType.FLOAT
+    q_n, kv_n = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
+    for i in range(d.n_layers):
+        pre = f"model.layers.{i}"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            layout.add(f"{pre}.{norm}.weight", f32, (d.hidden,))
+        fmt.linear_inits(layout, f"{pre}.attn.qkv_proj", q_n + 2 * kv_n, d.hidden)
+        if has_bias:
+            layout.add(f"{pre}.attn.qkv_proj.bias", f32, (q_n + 2 * kv_n,))
+        fmt.linear_inits(layout, f"{pre}.attn.o_proj", d.hidden, q_n)
+        # gate and up read the same input: one MatMulNBits over their stacked rows quantizes the
+        # activations once and dispatches the thread pool once (benchmarks/onnx_speed.py).
+        fmt.linear_inits(layout, f"{pre}.mlp.gate_up_proj", 2 * d.intermediate, d.hidden)
+        fmt.linear_inits(layout, f"{pre}.mlp.down_proj", d.hidden, d.intermediate)
+    layout.add("model.norm.weight", f32, (d.hidden,))
+    fmt.linear_inits(layout, "lm_head", d.vocab, d.hidden)
+    embed_base = embed_zp = None
+    if fmt.int4 and int4_embeddings and d.hidden % fmt.block_size == 0:
+        embed_base = "lm_head"
+        if not tied:
+            embed_base = "model.embed_tokens"
+            fmt.linear_inits(layout, embed_base, d.vocab, d.hidden)
+        # GatherBlockQuantized reads the same bytes as rows of packed nibbles.
+        layout.add("model.embed_tokens.qdata", DType.UINT8, (d.vocab, d.hidden // 2), alias_of=f"{embed_base}.weight_Q4")
+        if fmt.symmetric and not fmt.zero_correction:  # MatMulNBits' implicit zero point (8), made explicit
+            embed_zp = "model.embed_tokens.zp"
+            layout.add(embed_zp, DType.UINT8, (d.vocab, -(-d.hidden // fmt.block_size // 2)))
+        else:  # HQQ too: its rounded zero points, and the graph adds its correction
+            embed_zp = f"{embed_base}.weight_zp"
+    else:
+        layout.add("model.embed_tokens.weight", f32, (d.vocab, d.hidden))
+    layout.add("cos_cache", f32, (d.max_positions, d.rotary_dim // 2))
+    layout.add("sin_cache", f32, (d.max_positions, d.rotary_dim // 2))
+    return Declared(layout, embed_base, embed_zp)
+
+
+def weight_layout(spec: ModelSpec, fmt: WeightFormat, *, has_bias: bool | None = None, tied: bool | None = None,
+                  dims: Dims | None = None) -> WeightLayout:
+    """Bytes of the ONNX model's weights, initializer by initializer, as :func:`declare` lays them out."""
+    d = dims or Dims.from_spec(spec)
+    decl = declare(d, fmt, has_bias=spec.attention_bias if has_bias is None else has_bias,
+                   tied=spec.tied_embeddings if tied is None else tied)
+    per_layer = [0] * spec.n_layers
+    embedding = output = other = largest = 0
+    for init in decl.layout.inits.values():
+        if init.name in decl.layout.aliases:
+            continue
+        n = init.nbytes
+        largest = max(largest, n)
+        if init.name.startswith("model.layers."):
+            per_layer[int(init.name.split(".")[2])] += n
+        elif init.name.startswith("model.embed_tokens."):
+            embedding += n
+        elif init.name.startswith(("lm_head.", "model.norm.")):
+            output += n
+        else:
+            other += n
+    # Decoding a token reads every layer, the lm_head and one embedding row.
+    per_token = sum(per_layer) + output + embedding // max(spec.vocab_size, 1)
+    return WeightLayout("onnx", tuple(per_layer), embedding, output, other, per_token, largest,
+                        file_bytes=decl.layout.size)
+
+
+# How onnxruntime-genai's process grows, measured (benchmarks/plan_calibration.py --format onnx):
+# the runtime and two tokenizers (the `tokenizers` library's and genai's own, each holding the
+# vocabulary and merges), and ONNX Runtime's MatMulNBits packed copies of the int4 weights beside
+# the initializers it loaded (the weights count PREPACK_FRACTION more).
+RUNTIME_BYTES = 70 << 20
+BYTES_PER_VOCAB = 1190
+PREPACK_FRACTION = 0.40
+KV_TYPE = "f32"  # the graph's KV cache (GroupQueryAttention over f32 past/present)
+PROMPT_CHUNK = 512  # the runtime appends a prompt this many tokens at a time
+
+
+def overhead_bytes(spec: ModelSpec, weights: int, *, cpu: bool = True) -> int:
+    """The runtime, its tokenizers and, on the CPU execution provider, ONNX Runtime's packed weight
+    copies (a GPU provider keeps its copies in device memory)."""
+    return RUNTIME_BYTES + BYTES_PER_VOCAB * spec.vocab_size + (int(PREPACK_FRACTION * weights) if cpu else 0)
+
+
+def compute_bytes(spec: ModelSpec, n_tokens: int) -> int:
+    """ONNX Runtime's arena for one call over ``n_tokens``: the graph returns every position's
+    logits (f32), and the FFN's activations (gate, up, their product, the int8 copy) beside them."""
+    return n_tokens * (spec.vocab_size + 4 * spec.intermediate_size) * 4

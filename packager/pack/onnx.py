@@ -1,0 +1,118 @@
+"""`pack model --format onnx`: an int4 ONNX bundle for onnxruntime-genai.
+
+    <name>-<target>/
+      manifest.json
+      model/model.onnx, model/model.onnx.data, model/genai_config.json,
+      model/tokenizer.json, model/tokenizer_config.json, ...   (genai reads them from one folder)
+      LICENSE, README.md
+
+pipeline.py calls :func:`pack_onnx` once the plan says ONNX; the graph itself is written by
+packager/convert/onnx/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from packager import __version__
+from packager.bundle.writer import BundleWriter
+from packager.convert.onnx.converter import GPTQ_REFUSAL, OnnxOptions, convert, execution_provider, onnx_exporter
+from packager.convert.onnx.optimum_export import convert_optimum, fallback_memory
+from packager.errors import UsageError
+from packager.formats.onnx import ALGORITHMS, BLOCK_SIZES
+from packager.pack.card import LICENSE_NAMES, generation_defaults, model_card
+from packager.pack.options import PackOptions, PackResult
+from packager.pack.preflight import check_disk, check_memory
+from packager.plan.planner import Overrides, plan
+from packager.plan.targets import Target
+from packager.progress import say
+from packager.source.resolver import Source
+from packager.spec.model import ModelSpec
+
+MODEL_DIR = "model"
+# What the streaming converter holds beyond mapped weights: row blocks in flight (measured on a
+# 3B model: benchmarks/onnx_pack.py) and the graph proto.
+CONVERTER_RSS = 1 << 30
+
+
+def onnx_options(opts: PackOptions, target: Target):
+    block = opts.onnx_block_size
+    if block not in BLOCK_SIZES:
+        raise UsageError(f"--block-size {block} is not supported; use {', '.join(map(str, BLOCK_SIZES))}")
+    hqq = opts.onnx_algorithm == "hqq"  # HQQ's zero points are its point: always asymmetric
+    return OnnxOptions(block_size=block, symmetric=not (opts.onnx_asymmetric or hqq),
+                       accuracy_level=opts.onnx_accuracy_level, algorithm=opts.onnx_algorithm,
+                       execution_provider=execution_provider(target.backends, target.name))
+
+
+def check_request(src: Source, opts: PackOptions) -> None:
+    """What --format onnx cannot do with this source or these options."""
+    if opts.onnx_algorithm == "gptq":
+        raise UsageError(GPTQ_REFUSAL)
+    if opts.onnx_algorithm not in ALGORITHMS:
+        raise UsageError(f"--algorithm {opts.onnx_algorithm} is not one of {', '.join(ALGORITHMS)}")
+    if opts.quant:
+        raise UsageError(f"--quant {opts.quant} picks a GGUF type; ONNX bundles are int4 (choose --block-size, "
+                         "--asymmetric, --accuracy-level, --algorithm), or pass --format gguf")
+    if src.kind != "hf":
+        raise UsageError(f"{src.path.name} is a GGUF file; ONNX bundles are built from a Hugging Face checkpoint "
+                         "(a directory or hub id), or pass --format gguf")
+    if not src.weight_files:
+        raise UsageError("ONNX bundles need safetensors weights; this source has pickle weights only")
+
+
+def pack_onnx(src: Source, spec: ModelSpec, tgt: Target, overrides: Overrides, opts: PackOptions,
+              warnings: list[str]) -> "PackResult":
+    """Convert ``src`` to an ONNX int4 bundle for ``tgt``; everything is checked before any work."""
+    check_request(src, opts)
+    # An unsupported architecture or target fails before any work.
+    exporter = onnx_exporter(spec.architecture, spec.model_type)
+    oo = onnx_options(opts, tgt)
+    p = plan(spec, tgt, replace(overrides, quant=oo.quant_name, format="onnx"))  # sized as written
+    final = Path(opts.output) / f"{src.name}-{tgt.name}"
+    check_disk(final.parent, p.memory.weights)
+    if exporter == "optimum":
+        check_memory(fallback_memory(spec.n_params), f"optimum-onnx's export of {spec.architecture} (edgepack's "
+                     "streaming ONNX converter lacks it; the fallback's peak is about 5x the f32 model)")
+        warnings.append(f"{spec.architecture} is exported by optimum-onnx, not edgepack's streaming converter: "
+                        "packing held the whole f32 model in memory")
+    else:
+        check_memory(CONVERTER_RSS, "the conversion")
+    with BundleWriter(final, force=opts.force) as bw:
+        say(f"converting {src.name} to ONNX {oo.quant_name} ({oo.execution_provider}) for {tgt.name}", quiet=opts.quiet)
+        model_dir = bw.path(f"{MODEL_DIR}/model.onnx").parent
+        if exporter == "optimum":
+            result = convert_optimum(src, model_dir, oo, n_ctx=p.n_ctx, quiet=opts.quiet)
+        else:
+            result = convert(src, model_dir, oo, n_ctx=p.n_ctx, n_threads=opts.n_threads, quiet=opts.quiet)
+        src = src.with_hashes(result.source_sha256)
+        for name in LICENSE_NAMES:
+            if (src.path / name).is_file():
+                bw.add_file(name, src.path / name)
+        model_rel = f"{MODEL_DIR}/model.onnx"
+        bw.add_text("README.md", model_card(src, tgt, p, model_rel))
+        manifest: dict[str, Any] = {
+            "edgepack_version": __version__,
+            "name": src.name,
+            "source": src.manifest(),
+            "spec": asdict(spec),  # what bench and quality plan with, without re-reading the weights
+            "target": {"name": tgt.name, "profile": tgt.as_dict()},
+            "format": "onnx",
+            "quant": oo.quant_name,
+            "model_file": model_rel,
+            "onnx": result.details["onnx"],
+            "runtime": {
+                "n_ctx": p.n_ctx, "n_threads": p.n_threads, "n_gpu_layers": 0, "kv_type": "f32",
+                "execution_provider": oo.execution_provider, "generation": generation_defaults(src.path),
+            },
+            "plan": p.as_dict(),
+            "predicted": {"memory_bytes": p.memory.total, "decode_tokens_per_s": p.predicted_decode_tps,
+                          "prefill_tokens_per_s": p.predicted_prefill_tps},
+            "tokenizer_check": {"status": "not applicable",
+                                "reason": "onnxruntime-genai runs the source's own tokenizer.json"},
+            "warnings": warnings,
+        }
+        path = bw.commit(manifest, quiet=opts.quiet)
+    return PackResult(path, bw.manifest, warnings)

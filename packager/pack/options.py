@@ -1,0 +1,40 @@
+"""What `pack model` is asked to do (PackOptions) and what it hands back (PackResult)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    target: str = "laptop"
+    quant: str | None = None
+    format: str | None = None
+    output: Path = Path("dist")
+    force: bool = False
+    revision: str | None = None
+    allow_pickle: bool = False
+    allow_requantize: bool = False
+    skip_tokenizer_check: bool = False
+    imatrix: Path | None = None  # a llama.cpp imatrix file
+    imatrix_text: Path | None = None  # calibration text to compute one from
+    n_ctx: int | None = None
+    ram_bytes: int | None = None
+    vram_bytes: int | None = None
+    n_threads: int | None = None
+    quiet: bool = False
+    onnx_block_size: int = 32  # --format onnx: int4 block size (32, 64, 128)
+    onnx_asymmetric: bool = False  # --format onnx: int4 with zero points
+    onnx_accuracy_level: int = 4  # --format onnx: MatMulNBits accuracy_level (4: int8 compute, fastest on CPU)
+    onnx_algorithm: str = "rtn"  # --format onnx: rtn or hqq (convert/onnx/converter.py's ALGORITHMS)
+    prebuilt: Any = None  # --quant auto: the quantized file it measured (autoquant.Prebuilt), bundled as it is
+    quality: dict[str, Any] | None = None  # --quant auto: its measured figures, for the manifest and card
+
+
+@dataclass(frozen=True)
+class PackResult:
+    path: Path
+    manifest: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)

@@ -1,0 +1,508 @@
+"""The planner: a pure function from (model spec, target, overrides) to a Plan.
+
+It walks the target's quant ladder (best first) and takes the first quant whose
+predicted memory fits what an app may use on the device, shrinking the context
+before giving up. On a discrete GPU it puts every layer in VRAM when it can,
+shrinking the context first (down to GPU_MIN_CONTEXT) and only then leaving
+layers on the CPU. Every number comes with the arithmetic behind it
+(``Plan.explain``), so a bench run can compare and the formulas can be corrected.
+
+The memory model is llama.cpp's, as measured by benchmarks/plan_calibration.py
+(llama-cpp-python on this machine's CPU backend, flash attention off, n_ubatch 512):
+
+- weights: each tensor's bytes at its own ggml type (packager.plan.sizes), mmap'd and
+  touched at load (ggml-cpu's repacked copies replace their mapped pages, which stay
+  in RSS as reclaimable page cache: ``Memory.page_cache``);
+- KV cache: 2 x layers x kv heads x head dim x n_ctx (padded to 256) x bytes of the type;
+- compute buffer: the ggml allocator's peak for one micro-batch, the largest of the
+  attention scores (n_tokens x n_kv x heads, f32, plus the mask), the FFN activations
+  and the logits; only the pages a graph uses become resident, so the planner
+  counts a full micro-batch at a full context (the worst case an app must survive);
+- overhead: the runtime (interpreter and library), the vocab's tables, the logits buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from packager.errors import DoesNotFit, UsageError
+from packager.formats import onnx
+from packager.formats.onnx import WeightFormat
+from packager.plan.sizes import Tensor, WEIGHT_LAYOUTS, WeightLayout
+from packager.plan.targets import Target
+from packager.quants import QUANTS, QuantType, get_quant
+from packager.spec.model import ModelSpec
+
+MiB = 1 << 20
+KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+N_UBATCH = 512  # llama.cpp's (and llama-cpp-python's) default micro-batch: sizes the compute buffer
+CTX_PAD = 256  # llama_context pads n_ctx to a multiple of 256 (src/llama-context.cpp)
+MIN_CONTEXT = 512  # the planner shrinks the context no further on its own
+GPU_MIN_CONTEXT = 2048  # on a discrete GPU, shrink to this before leaving layers on the CPU
+# Measured (benchmarks/plan_calibration.py): python + llama_cpp imported, and what loading a model
+# allocates besides its buffers (llama_vocab's token tables and merges grow with the vocab).
+RUNTIME_BYTES = 42 * MiB
+LOAD_BYTES = 8 * MiB
+LOAD_BYTES_PER_TOKEN = 286  # per vocab entry
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What the user forced on the command line; None means 'let the planner choose'."""
+
+    quant: str | None = None
+    format: str | None = None
+    n_ctx: int | None = None
+    ram_bytes: int | None = None
+    vram_bytes: int | None = None
+    n_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_ctx is not None and not 16 <= self.n_ctx <= 1 << 20:
+            raise UsageError(f"--ctx {self.n_ctx} is out of range; use 16..1048576")
+        if self.n_threads is not None and not 1 <= self.n_threads <= 1024:
+            raise UsageError(f"--threads {self.n_threads} is out of range; use 1..1024")
+        for key, low in (("ram_bytes", 64 * MiB), ("vram_bytes", 0)):
+            v = getattr(self, key)
+            if v is not None and (v < low or v > 1 << 44):  # 16 TiB: no device class has more
+                flag = "--" + key.split("_")[0]
+                raise UsageError(f"{flag} {v} bytes is not a plausible size; give one like 6GB (at least 64MB, at most 16TiB)")
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Predicted resident memory, in bytes, and how it adds up."""
+
+    weights: int
+    kv_cache: int
+    compute: int
+    overhead: int
+    # Clean file pages of the tensors ggml-cpu repacked: read from the mmap'd file to make the
+    # copy, they stay in RSS while memory is plentiful and are the first pages the OS reclaims,
+    # so they are not part of the budget (``total``) but are of the RSS a host measures (``rss``).
+    page_cache: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute + self.overhead
+
+    @property
+    def rss(self) -> int:
+        return self.total + self.page_cache
+
+
+@dataclass(frozen=True)
+class Shipping:
+    """How the model file reaches the device."""
+
+    channel: str
+    model_bytes: int
+    parts: int
+    part_bytes: int  # the channel's cap per part (0: none)
+    over_download_cap: bool  # bigger than the channel's cellular / base-download cap
+    how: str
+    setting: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    format: str
+    quant: str
+    n_ctx: int
+    kv_type: str
+    n_threads: int
+    n_gpu_layers: int
+    memory: Memory  # in RAM (all of it on CPU-only and unified-memory targets)
+    budget_bytes: int
+    predicted_decode_tps: float
+    predicted_prefill_tps: float
+    notes: tuple[str, ...] = field(default=())
+    vram: Memory | None = None  # on a discrete GPU
+    vram_budget_bytes: int = 0
+    n_layers: int = 0  # llama.cpp counts n_layers + 1 (the output layer) for full offload
+    requirements: tuple[str, ...] = field(default=())  # entitlements, manifest settings, WebGPU limits
+    shipping: Shipping | None = None
+    explain: tuple[str, ...] = field(default=())
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["memory"]["total"] = self.memory.total
+        if self.vram is not None:
+            d["vram"]["total"] = self.vram.total
+        for key in ("notes", "requirements", "explain"):
+            d[key] = list(getattr(self, key))
+        return d
+
+
+# --- the formulas ----------------------------------------------------------------------------
+
+
+def padded_ctx(n_ctx: int) -> int:
+    return -(-n_ctx // CTX_PAD) * CTX_PAD
+
+
+def kv_bytes(spec: ModelSpec, n_ctx: int, kv_type: str, n_layers: int | None = None) -> int:
+    """K and V for every layer: layers x kv heads x head dim x context x bytes, twice."""
+    layers = spec.n_layers if n_layers is None else n_layers
+    return int(2 * layers * spec.kv_dim * padded_ctx(n_ctx) * KV_BYTES[kv_type])
+
+
+def compute_bytes(spec: ModelSpec, n_tokens: int, n_kv: int, n_outputs: int = 1) -> int:
+    """Peak of the ggml allocator for one graph of ``n_tokens`` over ``n_kv`` cached tokens.
+
+    The largest of three phases (the allocator reuses memory between them): attention
+    scores (f32, in place through the softmax) with their mask, the FFN activations
+    (gate, up, their product and its quantized copy), and the logits of the outputs.
+    llama.cpp reserves it for n_tokens = n_ubatch, n_kv = n_ctx, n_outputs = n_tokens;
+    only the pages a graph touches become resident. Plus ggml-cpu's work buffer, outside the
+    allocator: the scores converted to f16 for their product with the f16 V cache
+    (ggml_compute_forward_mul_mat converts src1 to the weights' vec_dot_type); measured with a
+    full context (benchmarks/plan_calibration.py --fill) it was the 4-5% the allocator alone missed.
+    """
+    h, q = spec.hidden_size, spec.n_heads * spec.head_dim
+    n_kv = padded_ctx(max(n_kv, 1))
+    attention = n_tokens * n_kv * (spec.n_heads * 4 + 4) + n_tokens * (2 * h + q + 2 * spec.kv_dim) * 4
+    ffn = n_tokens * (4 * spec.intermediate_size + 2 * h) * 4
+    logits = n_outputs * spec.vocab_size * 4 + n_tokens * 2 * h * 4
+    work = n_tokens * n_kv * spec.n_heads * 2
+    return max(attention, ffn, logits) + work
+
+
+def overhead_bytes(spec: ModelSpec) -> int:
+    """The runtime itself, the vocab's tables and the logits buffer of one sequence."""
+    return RUNTIME_BYTES + LOAD_BYTES + LOAD_BYTES_PER_TOKEN * spec.vocab_size + 4 * spec.vocab_size
+
+
+def scheme(fmt: str, name: str) -> QuantType | WeightFormat:
+    """A quant by name in the format's own table: llama.cpp's types for GGUF, the int4 schemes for ONNX."""
+    if fmt == "onnx":
+        try:
+            return onnx.SCHEMES[name.upper()]
+        except KeyError:
+            raise UsageError(f"{name!r} is not an ONNX int4 scheme; use one of {', '.join(onnx.SCHEMES)}") from None
+    return get_quant(name)
+
+
+def memory(spec: ModelSpec, quant: QuantType | WeightFormat | None, n_ctx: int, kv_type: str, *, fmt: str = "gguf",
+           tensors: Sequence[Tensor] | None = None, arch: str = "", n_kv: int | None = None,
+           n_tokens: int | None = None, exact_types: dict[str, int] | None = None) -> Memory:
+    """Resident memory with everything on the CPU (or unified memory).
+
+    ``n_kv``/``n_tokens`` describe the graph at the peak (default: a full micro-batch at a full
+    context, the worst case); the calibration passes what it really ran. ``exact_types``: a GGUF's
+    own tensor types, used as they are.
+    """
+    layout = weight_layout(spec, quant, fmt, tensors, arch, exact_types)
+    return _cpu_memory(spec, layout, n_ctx, kv_type, n_kv, n_tokens)
+
+
+def _cpu_memory(spec: ModelSpec, layout: WeightLayout, n_ctx: int, kv_type: str, n_kv: int | None = None,
+                n_tokens: int | None = None, *, cpu_kernels: bool = True) -> Memory:
+    """Everything in RAM: llama.cpp's buffers for GGUF, onnxruntime-genai's for ONNX (formats.onnx);
+    ``cpu_kernels``: the ONNX model runs on the CPU execution provider (which packs the weights)."""
+    n_kv = n_ctx if n_kv is None else n_kv
+    if layout.format == "onnx":
+        n_tokens = min(onnx.PROMPT_CHUNK, n_ctx) if n_tokens is None else n_tokens
+        return Memory(layout.total, kv_bytes(spec, n_ctx, onnx.KV_TYPE), onnx.compute_bytes(spec, n_tokens),
+                      onnx.overhead_bytes(spec, layout.total, cpu=cpu_kernels))
+    n_tokens = min(N_UBATCH, n_ctx) if n_tokens is None else n_tokens
+    return Memory(layout.total, kv_bytes(spec, n_ctx, kv_type), compute_bytes(spec, n_tokens, n_kv),
+                  overhead_bytes(spec), layout.repacked)
+
+
+def weight_layout(spec: ModelSpec, quant: QuantType | WeightFormat | None, fmt: str = "gguf", tensors: Sequence[Tensor] | None = None,
+                  arch: str = "", exact_types: dict[str, int] | None = None) -> WeightLayout:
+    try:
+        fn = WEIGHT_LAYOUTS[fmt]
+    except KeyError:
+        raise UsageError(f"unknown format {fmt!r}; use one of {', '.join(WEIGHT_LAYOUTS)}") from None
+    return fn(spec, quant, tensors, arch=arch, exact_types=exact_types)
+
+
+def decode_tps(bytes_per_token_cpu: float, cpu_gbps: float, bytes_per_token_gpu: float = 0.0,
+               gpu_gbps: float = 0.0, fixed_s: float = 0.0) -> float:
+    """Roofline: decoding reads every weight and the cache once per token, at the bandwidth decode
+    sustains (profiles give sustained figures), plus a fixed cost per token (``fixed_s``: the graph's
+    per-layer thread barriers and launches, which dominate tiny models)."""
+    t = bytes_per_token_cpu / (cpu_gbps * 1e9) + fixed_s
+    if bytes_per_token_gpu:
+        t += bytes_per_token_gpu / (gpu_gbps * 1e9)
+    return 1.0 / t if t > 0 else 0.0
+
+
+def prefill_tps(spec: ModelSpec, n_ctx: int, gflops: float) -> float:
+    """Roofline: prefill is compute-bound, 2 flops per weight per token plus attention over half the context."""
+    flops = 2 * spec.n_params + 4 * spec.n_layers * spec.n_heads * spec.head_dim * n_ctx // 2
+    return gflops * 1e9 / flops
+
+
+# --- the search ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Budget:
+    ram: int
+    why: str
+    default_cap: int  # a cap that holds without special permission (iOS jetsam), 0: none
+    entitlement: str
+
+
+def _budget(target: Target, o: Overrides) -> _Budget:
+    ram = o.ram_bytes if o.ram_bytes is not None else target.ram_bytes
+    budget = int(ram * target.usable_ram_fraction)
+    why = f"{target.usable_ram_fraction:.0%} of {ram / 1e9:.1f} GB"
+    lim = target.limits
+    if lim.lmk_headroom_bytes and ram - lim.lmk_headroom_bytes < budget:
+        budget = max(ram - lim.lmk_headroom_bytes, 0)
+        why = f"{ram / 1e9:.1f} GB less {lim.lmk_headroom_bytes / 1e9:.1f} GB the system keeps before the low-memory killer acts"
+    cap = lim.app_memory_entitled_bytes or lim.app_memory_bytes
+    if cap and cap < budget:
+        budget = cap
+        why = (f"the per-app limit with {lim.memory_entitlement}" if lim.app_memory_entitled_bytes
+               else "the per-app memory limit")
+    if lim.gpu_working_set_bytes and target.unified_memory and lim.gpu_working_set_bytes < budget:
+        budget = lim.gpu_working_set_bytes
+        why = "Metal's recommended working set"
+    return _Budget(budget, why, lim.app_memory_bytes if lim.app_memory_entitled_bytes else 0, lim.memory_entitlement)
+
+
+def _contexts(want: int, floor: int) -> list[int]:
+    out = [want]
+    while out[-1] // 2 >= floor:
+        out.append(out[-1] // 2)
+    return out
+
+
+@dataclass(frozen=True)
+class _Fit:
+    ram: Memory
+    vram: Memory | None
+    n_gpu_layers: int
+
+
+def _split(spec: ModelSpec, layout: WeightLayout, n_ctx: int, kv_type: str, k: int) -> _Fit:
+    """llama.cpp's split for n_gpu_layers = k: the last k layers (k > n_layers: the output layer too) on the GPU."""
+    n = spec.n_layers
+    on_gpu = min(k, n)
+    gpu_layers = range(n - on_gpu, n)
+    cpu_w = sum(layout.per_layer[:n - on_gpu]) + layout.embedding + layout.other
+    gpu_w = sum(layout.per_layer[i] for i in gpu_layers)
+    if k > n:
+        gpu_w += layout.output
+    else:
+        cpu_w += layout.output
+    n_tok = min(N_UBATCH, n_ctx)
+    # The GPU runs the offloaded part of the graph: its compute buffer is the full one (worst case);
+    # the CPU keeps a small one for the embedding lookup and what stays there.
+    gpu_compute = compute_bytes(spec, n_tok, n_ctx) if k else 0
+    cpu_compute = compute_bytes(spec, n_tok, n_ctx) if on_gpu < n else n_tok * spec.hidden_size * 4 * 2
+    ram = Memory(cpu_w, kv_bytes(spec, n_ctx, kv_type, n - on_gpu), cpu_compute, overhead_bytes(spec),
+                 sum(layout.repacked_per_layer[:n - on_gpu]))
+    vram = Memory(gpu_w, kv_bytes(spec, n_ctx, kv_type, on_gpu), gpu_compute, 0) if k else None
+    return _Fit(ram, vram, k)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def plan(spec: ModelSpec, target: Target, overrides: Overrides | None = None, *, name: str = "the model",
+         tensors: Sequence[Tensor] | None = None, source_quant: str | None = None,
+         source_types: dict[str, int] | None = None) -> Plan:
+    """Choose format, quant, context and GPU layers so the model fits the target; raise DoesNotFit otherwise.
+
+    ``tensors`` are the GGUF tensors of the real checkpoint when known (else the config's);
+    ``source_types`` the ggml types of a GGUF source, used as they are when planning at
+    ``source_quant``.
+    """
+    o = overrides or Overrides()
+    fmt = o.format or target.formats[0]
+    if fmt not in WEIGHT_LAYOUTS:
+        raise UsageError(f"unknown format {fmt!r}; use one of {', '.join(WEIGHT_LAYOUTS)}")
+    if fmt not in target.formats:
+        raise UsageError(f"{target.name} runs {', '.join(target.formats)}, not {fmt}; drop --format or pick another target")
+    budget = _budget(target, o)
+    vram_total = o.vram_bytes if o.vram_bytes is not None else target.vram_bytes
+    discrete = vram_total > 0 and target.has_gpu and not target.unified_memory
+    vram_budget = int(vram_total * target.vram_usable_fraction) if discrete else 0
+    ladder = [o.quant] if o.quant else [onnx.DEFAULT] if fmt == "onnx" else list(target.quant_ladder)
+    want = o.n_ctx or min(target.max_context, spec.context_length)
+    contexts = [o.n_ctx] if o.n_ctx else _contexts(want, min(MIN_CONTEXT, want))
+    threads = o.n_threads or target.cpu_threads
+    smallest: tuple[int, str, int] | None = None  # (total, quant, n_ctx) of the least memory tried
+    too_big: list[str] = []  # quants whose largest tensor no device buffer can hold
+
+    for qname in ladder:
+        quant = scheme(fmt, qname)
+        qname = quant.name
+        exact = source_types if (source_types and source_quant == qname) else None
+        layout = weight_layout(spec, quant, fmt, tensors, target.arch, exact)
+        max_buffer = target.limits.gpu_max_buffer_bytes
+        if fmt == "onnx" and max_buffer and layout.largest > max_buffer:
+            # One tensor over WebGPU's maxBufferSize: the device cannot even create its buffer.
+            too_big.append(f"its largest tensor is {layout.largest / MiB:.0f} MiB at {qname}, over the "
+                           f"{max_buffer / MiB:.0f} MiB WebGPU maxBufferSize of {target.name}")
+            continue
+        fit, n_ctx, notes = None, want, []
+        if discrete:
+            full = spec.n_layers + 1
+            floor = want if o.n_ctx else min(GPU_MIN_CONTEXT, want)  # a user's --ctx is not shrunk
+            for c in (c for c in contexts if c >= floor):
+                f = _split(spec, layout, c, target.kv_cache_type, full)
+                if f.vram.total <= vram_budget and f.ram.total <= budget.ram:
+                    fit, n_ctx = f, c
+                    if c < want:
+                        notes.append(f"context shrunk from {want} to {c} so that all {full} layers fit in "
+                                     f"{_gb(vram_budget)} of VRAM (shrinking the context costs less speed than "
+                                     f"running layers on the CPU)")
+                    break
+            if fit is None:
+                # The context is already down to the floor: now leave layers on the CPU.
+                for c in (c for c in contexts if c <= floor):
+                    k = full
+                    while k > 0 and _split(spec, layout, c, target.kv_cache_type, k).vram.total > vram_budget:
+                        k -= 1
+                    f = _split(spec, layout, c, target.kv_cache_type, k)
+                    if f.ram.total <= budget.ram:
+                        fit, n_ctx = f, c
+                        if c < want:
+                            notes.append(f"context shrunk from {want} to {c} first (it costs less speed than "
+                                         f"running layers on the CPU)")
+                        notes.append(f"only {k} of {full} layers fit in {_gb(vram_budget)} of VRAM at {c} context; "
+                                     f"the other {full - k} run on the CPU from RAM")
+                        break
+                    smallest = _smaller(smallest, f.ram.total, qname, c)
+        else:
+            for c in contexts:
+                mem = _cpu_memory(spec, layout, c, target.kv_cache_type, cpu_kernels=target.backends[0] == "cpu")
+                if mem.total <= budget.ram:
+                    # Unified memory (Metal): llama.cpp's GPU runs every layer, output included.
+                    n_gpu = spec.n_layers + 1 if (target.has_gpu and fmt == "gguf") else 0
+                    fit, n_ctx = _Fit(mem, None, n_gpu), c
+                    if c < want:
+                        notes.append(f"context shrunk from {want} to {c} so that {qname} fits in {_gb(budget.ram)}")
+                    break
+                smallest = _smaller(smallest, mem.total, qname, c)
+        if fit is None:
+            continue
+        return _finish(spec, target, o, fmt, qname, layout, fit, n_ctx, threads, budget, vram_budget, notes, name)
+
+    if smallest is None:  # every quant was refused for its buffer sizes
+        raise DoesNotFit(f"{name} does not fit {target.name}: {too_big[-1]}. Try a smaller model.")
+    total, qname, c = smallest
+    raise DoesNotFit(f"{name} needs {_gb(total)} at {qname} with {c} context; {target.name} allows "
+                     f"{_gb(budget.ram)} ({budget.why}). {_advice(spec, target, o, fmt, tensors, budget.ram, ladder)}")
+
+
+def _smaller(best: tuple[int, str, int] | None, total: int, quant: str, n_ctx: int) -> tuple[int, str, int]:
+    return (total, quant, n_ctx) if best is None or total < best[0] else best
+
+
+def _advice(spec: ModelSpec, target: Target, o: Overrides, fmt: str, tensors, budget: int, ladder: list[str]) -> str:
+    """What would fit: a smaller context, a lower quant, or neither."""
+    for c in (1024, 512, 256):
+        if o.n_ctx and c >= o.n_ctx:
+            continue
+        for q in ladder:
+            if memory(spec, scheme(fmt, q), c, target.kv_cache_type, fmt=fmt, tensors=tensors, arch=target.arch).total <= budget:
+                return f"Try --ctx {c}{'' if o.quant else f' (at {q})'}, or a smaller model."
+    if fmt == "gguf":
+        for q in ("Q3_K_M", "IQ3_M", "Q2_K", "IQ2_M"):
+            if q not in ladder and memory(spec, QUANTS[q], MIN_CONTEXT, target.kv_cache_type, tensors=tensors,
+                                          arch=target.arch).total <= budget:
+                return f"Try --quant {q} --ctx {MIN_CONTEXT} (large quality loss), or a smaller model."
+    return "Try a smaller model or a bigger target."
+
+
+def _buffer_lines(spec: ModelSpec, layout: WeightLayout, n_ctx: int, ram: Memory) -> list[str]:
+    """The arithmetic of the compute buffer and the overhead, as the format's runtime allocates them."""
+    if layout.format == "onnx":
+        n = min(onnx.PROMPT_CHUNK, n_ctx)
+        return [f"compute: a prompt chunk of {n} tokens x (logits {spec.vocab_size} + FFN 4 x {spec.intermediate_size}) "
+                f"x 4 B = {_gb(ram.compute)}",
+                f"overhead: runtime {onnx.RUNTIME_BYTES / MiB:.0f} MiB + tokenizers {onnx.BYTES_PER_VOCAB} B x "
+                f"{spec.vocab_size} vocab + ONNX Runtime's packed weights on the CPU ({onnx.PREPACK_FRACTION:.0%} x "
+                f"{_gb(layout.total)}) = {_gb(ram.overhead)}"]
+    n = min(N_UBATCH, n_ctx)
+    return [f"compute: max(attention {n} x {padded_ctx(n_ctx)} x ({spec.n_heads} heads x 4 B + 4 B mask), "
+            f"FFN {n} x 4 x {spec.intermediate_size} x 4 B, logits {spec.vocab_size} x 4 B) + f16 scores "
+            f"{n} x {padded_ctx(n_ctx)} x {spec.n_heads} heads x 2 B = {_gb(compute_bytes(spec, n, n_ctx))}",
+            f"overhead: runtime {RUNTIME_BYTES / MiB:.0f} MiB + load {LOAD_BYTES / MiB:.0f} MiB + "
+            f"{LOAD_BYTES_PER_TOKEN + 4} B x {spec.vocab_size} vocab = {_gb(overhead_bytes(spec))}"]
+
+
+def _ship(target: Target, model_bytes: int) -> Shipping:
+    d = target.distribution
+    parts = -(-model_bytes // d.part_bytes) if d.part_bytes else 1
+    over = bool(d.download_cap_bytes and model_bytes > d.download_cap_bytes)
+    if parts > 1:
+        how = f"{parts} parts of at most {d.part_bytes / 1e6:.0f} MB: {d.delivery}"
+    elif d.download_cap_bytes and not over:
+        how = f"inside the app's own download (under {d.channel}'s {d.download_cap_bytes / 1e6:.0f} MB cap)"
+    else:
+        how = d.delivery or "one file"
+    return Shipping(d.channel, model_bytes, parts, d.part_bytes, over, how, d.setting)
+
+
+def _finish(spec, target, o, fmt, qname, layout, fit: _Fit, n_ctx, threads, budget: _Budget, vram_budget, notes, name) -> Plan:
+    req: list[str] = []
+    ram = fit.ram
+    if budget.default_cap and ram.total > budget.default_cap:
+        req.append(f"{budget.entitlement} (entitlement): {_gb(ram.total)} is over the {_gb(budget.default_cap)} "
+                   f"per-app limit without it")
+    lim = target.limits
+    if fmt == "onnx" and lim.gpu_max_binding_bytes:
+        req.append(f"WebGPU requiredLimits: maxStorageBufferBindingSize >= {layout.largest / MiB:.0f} MiB, "
+                   f"maxBufferSize >= {layout.largest / MiB:.0f} MiB (largest tensor)")
+        if layout.largest > lim.gpu_max_binding_bytes:
+            notes.append(f"the largest tensor ({layout.largest / MiB:.0f} MiB) is over the "
+                         f"{lim.gpu_max_binding_bytes / MiB:.0f} MiB storage-buffer binding some phones allow: "
+                         f"those devices cannot run it")
+    ship = _ship(target, layout.total)
+    if ship.over_download_cap:
+        notes.append(f"the model ({_gb(layout.total)}) is over {target.distribution.channel}'s "
+                     f"{target.distribution.download_cap_bytes / 1e6:.0f} MB download cap: it cannot ride in the app's "
+                     f"own download, ship it separately as planned")
+    if ship.setting and (ship.parts > 1 or ship.over_download_cap):
+        req.append(ship.setting)
+
+    kv_type = onnx.KV_TYPE if layout.format == "onnx" else target.kv_cache_type
+    # Roofline: bytes read per token (weights + half the cache on average) over bandwidth.
+    kv_avg_cpu = ram.kv_cache / 2
+    fixed = spec.n_layers * target.decode_layer_overhead_us * 1e-6
+    if fit.vram is not None:
+        gpu_frac = min(fit.n_gpu_layers, spec.n_layers) / spec.n_layers
+        gpu_bytes = layout.per_token * gpu_frac + fit.vram.kv_cache / 2
+        cpu_bytes = layout.per_token * (1 - gpu_frac) + kv_avg_cpu
+        decode = decode_tps(cpu_bytes, target.memory_bandwidth_gbps, gpu_bytes, target.vram_bandwidth_gbps, fixed)
+        gflops = target.compute_gflops * (1 - gpu_frac) + target.gpu_compute_gflops * gpu_frac
+    else:
+        decode = decode_tps(layout.per_token + kv_avg_cpu, target.memory_bandwidth_gbps, fixed_s=fixed)
+        gflops = target.gpu_compute_gflops if (target.has_gpu and target.gpu_compute_gflops) else target.compute_gflops
+    prefill = prefill_tps(spec, n_ctx, gflops)
+
+    explain = [
+        f"budget: {_gb(budget.ram)} = {budget.why}" + (f"; VRAM {_gb(vram_budget)} = {target.vram_usable_fraction:.0%} "
+                                                     f"of {_gb(o.vram_bytes or target.vram_bytes)}" if vram_budget else ""),
+        f"weights: {_gb(layout.total)} = sum of {sum((layout.tensor_types or {}).values()) or 'all'} tensors at their "
+        f"own types ({', '.join(f'{k} x{v}' for k, v in sorted((layout.tensor_types or {}).items())) or fmt})"
+        + (f" ({_gb(layout.repacked)} of them repacked for the CPU's kernels: their mapped pages stay in RSS "
+           f"as reclaimable page cache)" if layout.repacked else ""),
+        f"KV cache: 2 x {spec.n_layers} layers x {spec.n_kv_heads} kv heads x {spec.head_dim} head dim x "
+        f"{padded_ctx(n_ctx)} ctx x {KV_BYTES[kv_type]:g} B ({kv_type}) = {_gb(ram.kv_cache)}",
+        *_buffer_lines(spec, layout, n_ctx, ram),
+        f"RAM: {_gb(ram.total)} of {_gb(budget.ram)}" + (f"; VRAM: {_gb(fit.vram.total)} of {_gb(vram_budget)} "
+                                                        f"({fit.n_gpu_layers} of {spec.n_layers + 1} layers)"
+                                                        if fit.vram is not None else ""),
+        f"decode: {target.memory_bandwidth_gbps:g} GB/s / ({_gb(layout.per_token)} weights + {_gb(kv_avg_cpu)} "
+        f"half the KV cache) per token" + (f" + {spec.n_layers} layers x {target.decode_layer_overhead_us:g} us"
+                                           if fixed else "") + f" = {decode:.1f} tokens/s" if fit.vram is None else
+        f"decode: GPU part at {target.vram_bandwidth_gbps:g} GB/s + CPU part at {target.memory_bandwidth_gbps:g} GB/s "
+        f"= {decode:.1f} tokens/s",
+        f"prefill: {gflops:g} GFLOP/s / (2 x {spec.n_params / 1e9:.2f} B params + attention) = {prefill:.1f} tokens/s",
+        f"ships as: {ship.how}",
+    ]
+    return Plan(fmt, qname, n_ctx, kv_type, threads, fit.n_gpu_layers, ram, budget.ram,
+                round(decode, 1), round(prefill, 1), tuple(notes), fit.vram, vram_budget, spec.n_layers + 1,
+                tuple(req), ship, tuple(explain))

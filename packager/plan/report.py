@@ -1,0 +1,61 @@
+"""`pack plan`: read a model's shape, plan it for a target, and say what was decided and why."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any
+
+from packager.errors import DoesNotFit
+from packager.plan.inputs import PlanInput, plan_input
+from packager.plan.planner import Overrides, Plan, plan
+from packager.plan.targets import Target, load_target
+
+
+def plan_model(model: str | os.PathLike[str], target: str, overrides: Overrides, *, revision: str | None = None,
+               cache_dir: str | os.PathLike[str] | None = None) -> tuple[PlanInput, Target, Plan]:
+    """The plan for ``model`` (dir, .gguf or hub id) on ``target``; DoesNotFit when nothing fits."""
+    tgt = load_target(target)  # an unknown target fails before any download
+    inp = plan_input(model, revision=revision, cache_dir=cache_dir)
+    kw = dict(name=inp.name, tensors=inp.tensors, source_quant=inp.source_quant, source_types=inp.source_types)
+    if inp.source_quant and not overrides.quant and (overrides.format or tgt.formats[0]) == "gguf":
+        # As `pack model` does: a GGUF that fits is bundled as it is; otherwise walk the ladder.
+        try:
+            return inp, tgt, plan(inp.spec, tgt, replace(overrides, quant=inp.source_quant), **kw)
+        except DoesNotFit:
+            pass
+    return inp, tgt, plan(inp.spec, tgt, overrides, **kw)
+
+
+def as_json(inp: PlanInput, tgt: Target, p: Plan) -> dict[str, Any]:
+    return {"model": inp.name, "read": inp.origin, "target": tgt.name, "plan": p.as_dict()}
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def render(inp: PlanInput, tgt: Target, p: Plan, explain: bool = False) -> str:
+    """The plan for people: what fits, how fast, how it ships, what the app needs."""
+    m = p.memory
+    lines = [
+        f"{inp.name} on {tgt.name}: {p.format} {p.quant}, {p.n_ctx} context, KV cache {p.kv_type}, "
+        f"{p.n_threads} threads" + (f", {p.n_gpu_layers}/{p.n_layers} layers on the GPU" if p.n_gpu_layers else ""),
+        f"  memory  {_gb(m.total)} of {_gb(p.budget_bytes)}: weights {_gb(m.weights)}, KV {_gb(m.kv_cache)}, "
+        f"compute {_gb(m.compute)}, overhead {_gb(m.overhead)}",
+    ]
+    if p.vram is not None:
+        v = p.vram
+        lines.append(f"  VRAM    {_gb(v.total)} of {_gb(p.vram_budget_bytes)}: weights {_gb(v.weights)}, "
+                     f"KV {_gb(v.kv_cache)}, compute {_gb(v.compute)}")
+    lines.append(f"  speed   decode ~{p.predicted_decode_tps:g} tokens/s, prefill ~{p.predicted_prefill_tps:g} tokens/s")
+    if p.shipping is not None:
+        lines.append(f"  ships   {p.shipping.how}")
+    for r in p.requirements:
+        lines.append(f"  needs   {r}")
+    for n in p.notes:
+        lines.append(f"  note    {n}")
+    if explain:
+        lines.append(f"  read    {inp.origin}")
+        lines += [f"  how     {e}" for e in p.explain]
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""A .gguf file's ModelSpec and quant type, from its metadata alone (no tensor data read)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+
+from packager.errors import CorruptFileError
+from packager.quants import QUANTS
+from packager.source.gguf_check import check_layout
+from packager.spec.model import ModelSpec
+
+
+def open_gguf(path: Path) -> gguf.GGUFReader:
+    # GGUFReader trusts every count in the file (a lying array length makes it loop for
+    # ages): the layout is checked against the file's size first (packager.source.gguf_check).
+    check_layout(path)
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, OSError, KeyError, TypeError) as exc:
+        raise CorruptFileError(f"{path}: not a readable GGUF file ({exc}); re-download it") from None
+
+
+def _field(reader: gguf.GGUFReader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except (ValueError, IndexError, TypeError) as exc:  # e.g. a string that is not UTF-8
+        raise CorruptFileError(f"{reader.data.filename}: field {key} is unreadable ({exc}); re-download the GGUF") from None
+
+
+def _int(value, key: str, path: Path) -> int:
+    """A metadata value that must be an integer (per-layer arrays count by their largest entry)."""
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        value = max(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CorruptFileError(f"{path}: {key} must be an integer, got {value!r:.40}; the GGUF metadata is wrong")
+    return value
+
+
+def spec_from_gguf(path: Path) -> tuple[ModelSpec, str | None]:
+    """The model's spec and its quant name (None when the file type is one edgepack does not list)."""
+    r = open_gguf(path)
+    arch = _field(r, gguf.Keys.General.ARCHITECTURE)
+    if not isinstance(arch, str):
+        raise CorruptFileError(f"{path}: no general.architecture; not a model GGUF")
+
+    def hp(key: str, default=None) -> int:
+        value = _field(r, key.format(arch=arch), default)
+        if value is None:
+            raise CorruptFileError(f"{path}: missing {key.format(arch=arch)}; the GGUF is incomplete")
+        return _int(value, key.format(arch=arch), path)
+
+    n_heads = hp(gguf.Keys.Attention.HEAD_COUNT)
+    hidden = hp(gguf.Keys.LLM.EMBEDDING_LENGTH)
+    if n_heads <= 0:
+        raise CorruptFileError(f"{path}: {gguf.Keys.Attention.HEAD_COUNT.format(arch=arch)} must be positive, got {n_heads}")
+    tokens = r.fields.get(gguf.Keys.Tokenizer.LIST)
+    names = {t.name for t in r.tensors}
+    spec = ModelSpec(
+        architecture=arch, model_type=arch, n_layers=int(hp(gguf.Keys.LLM.BLOCK_COUNT)), hidden_size=hidden,
+        intermediate_size=int(hp(gguf.Keys.LLM.FEED_FORWARD_LENGTH)), n_heads=n_heads,
+        n_kv_heads=int(hp(gguf.Keys.Attention.HEAD_COUNT_KV, n_heads)),
+        head_dim=int(hp(gguf.Keys.Attention.KEY_LENGTH, hidden // n_heads)),
+        vocab_size=int(hp(gguf.Keys.LLM.VOCAB_SIZE, len(tokens.data) if tokens else 0)),
+        context_length=int(hp(gguf.Keys.LLM.CONTEXT_LENGTH, 2048)),
+        tied_embeddings="output.weight" not in names,
+        n_params=int(sum(int(t.n_elements) for t in r.tensors)),
+    )
+    ftype = _field(r, gguf.Keys.General.FILE_TYPE)
+    quant = None
+    if isinstance(ftype, int) and not isinstance(ftype, bool):
+        for q in QUANTS.values():
+            if int(q.ftype) == int(ftype):
+                quant = q.name
+    return spec, quant

@@ -1,0 +1,69 @@
+"""The exact tensor list of a checkpoint as llama.cpp names and types it: GGUF name, source tensor,
+shape and ggml type per tensor, from the checkpoint's header and config alone (no weights read).
+
+The GGUF converter writes these tensors; the planner sums their sizes, so both see one list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+
+from packager import quants
+from packager.archs import Arch
+from packager.errors import SourceError
+from packager.source.safetensors import Checkpoint
+from packager.spec.model import spec_from_config
+
+# HF buffers that are not weights and that llama.cpp recomputes itself.
+SKIP_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: where it comes from, its shape (numpy order) and type."""
+
+    name: str
+    src: str | None  # checkpoint tensor name; None for generated tensors
+    shape: tuple[int, ...]
+    qtype: gguf.GGMLQuantizationType
+    transform: str = ""  # "permute_q", "permute_k", "norm_offset" or ""
+
+
+def plan_tensors(ckpt: Checkpoint, cfg: dict, arch: Arch, quant: quants.QuantType,
+                 has_imatrix: bool = False) -> tuple[list[TensorJob], dict[str, np.ndarray]]:
+    """Map checkpoint tensors to GGUF names and types; the generated tensors come back as data."""
+    spec = spec_from_config(cfg)
+    tmap = gguf.get_tensor_name_map(arch.gguf_arch, spec.n_layers)
+    generated = dict(arch.extra_tensors(cfg))
+    entries: list[tuple[str, str | None, tuple[int, ...], str]] = [
+        (name, None, data.shape, "") for name, data in generated.items()
+    ]
+    # In file order: each shard is then read (and hashed) front to back, once.
+    for src, ref in sorted(ckpt.refs.items(), key=lambda kv: (str(kv[1].file), kv[1].start)):
+        if src.endswith(SKIP_SUFFIXES):
+            continue
+        if src == "lm_head.weight" and spec.tied_embeddings:
+            continue  # tied: llama.cpp reuses token_embd
+        name = tmap.get_name(src, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise SourceError(
+                f"tensor {src!r} in {ref.file.name} has no GGUF name for {arch.name}; "
+                "the checkpoint does not match its config's architecture"
+            )
+        transform = ""
+        if arch.permute_qk and name.endswith("attn_q.weight"):
+            transform = "permute_q"
+        elif arch.permute_qk and name.endswith("attn_k.weight"):
+            transform = "permute_k"
+        elif arch.norm_offset and name.endswith("norm.weight"):
+            transform = "norm_offset"
+        entries.append((name, src, ref.shape, transform))
+    types = quants.tensor_types(
+        quant, [(e[0], e[2]) for e in entries], n_head=spec.n_heads, n_head_kv=spec.n_kv_heads,
+        has_imatrix=has_imatrix, tied_embeddings=spec.tied_embeddings,
+    )
+    jobs = [TensorJob(name, src, tuple(shape), types[name], transform) for name, src, shape, transform in entries]
+    return jobs, generated
