@@ -310,6 +310,32 @@ targets = ["laptop"]
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
 
 
+def test_matrix_packs_and_benches_onnx_cells(tiny_qwen2, tmp_path):
+    mfile = tmp_path / "matrix.toml"
+    mfile.write_text(f"""
+[bench]
+n_prompt = 8
+n_gen = 4
+repetitions = 1
+n_threads = 1
+[[model]]
+name = "tiny-onnx"
+source = "{tiny_qwen2.as_posix()}"
+format = "onnx"
+targets = ["laptop"]
+""")
+    recs = run_matrix(load_matrix(mfile), results=tmp_path / "r.jsonl", work=tmp_path / "work", quiet=True)
+    assert [(r["status"], r["format"], r["quant"], r["test"]) for r in recs] == [
+        ("ok", "onnx", "INT4_B32", "pp8"), ("ok", "onnx", "INT4_B32", "tg4")]
+    assert recs[0]["matrix_model"] == "tiny-onnx" and recs[0]["model_n_params"] > 0
+
+
+def test_shipped_matrix_has_onnx_cells_on_the_targets_that_list_onnx():
+    m = load_matrix(ROOT / "benchmarks" / "matrix.toml")
+    onnx_cells = [(x.name, t) for x, t in m.cells() if x.format == "onnx"]
+    assert onnx_cells and all("onnx" in load_target(t).formats for _, t in onnx_cells)
+
+
 def test_shipped_matrix_is_valid_and_names_real_targets():
     m = load_matrix(ROOT / "benchmarks" / "matrix.toml")
     names = [x.name for x in m.models]
@@ -320,6 +346,7 @@ def test_shipped_matrix_is_valid_and_names_real_targets():
 
 
 @pytest.mark.parametrize("text, match", [
+    ('[[model]]\nname = "a"\nformat = "mlc"\ntargets = ["laptop"]', "format must be"),
     ('targets = ["laptop"]\n', "no \\[\\[model\\]\\] entries"),
     ('targets = "laptop"\n[[model]]\nname = "a"\n', "targets must be a list"),
     ('targets = ["laptop"]\n[[model]]\nname = "a"\nsorce = "x"\n', "unknown key\\(s\\) sorce"),

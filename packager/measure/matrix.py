@@ -14,6 +14,7 @@
     name = "qwen2.5-0.5b"
     source = "Qwen/Qwen2.5-0.5B-Instruct"
     quant = "Q4_K_M"              # optional; default: the target's ladder
+    format = "gguf"               # optional: gguf or onnx; default: the target's first format
     targets = ["laptop"]          # optional; default: the top-level list
 
 A model may instead name a prebuilt ``bundle = "path"`` (benched as it is).
@@ -46,6 +47,7 @@ class MatrixModel:
     bundle: str | None = None  # a prebuilt bundle, benched as it is
     quant: str | None = None
     targets: tuple[str, ...] | None = None
+    format: str | None = None  # gguf or onnx; None: each target's first
 
 
 @dataclass(frozen=True)
@@ -100,19 +102,22 @@ def load_matrix(path: str | os.PathLike[str]) -> Matrix:
         where = f"{p}: model[{i}]"
         if not isinstance(m, dict) or not isinstance(m.get("name"), str) or not m["name"]:
             raise MatrixError(f"{where} needs a name")
-        extra = set(m) - {"name", "source", "bundle", "quant", "targets"}
+        extra = set(m) - {"name", "source", "bundle", "quant", "format", "targets"}
         if extra:
-            raise MatrixError(f"{where}: unknown key(s) {', '.join(sorted(extra))}; use name, source, bundle, quant, targets")
-        for k in ("source", "bundle", "quant"):
+            raise MatrixError(f"{where}: unknown key(s) {', '.join(sorted(extra))}; "
+                              "use name, source, bundle, quant, format, targets")
+        for k in ("source", "bundle", "quant", "format"):
             if k in m and not isinstance(m[k], str):
                 raise MatrixError(f"{where}: {k} must be a string")
+        if m.get("format") not in (None, "gguf", "onnx"):
+            raise MatrixError(f"{where}: format must be \"gguf\" or \"onnx\", not {m['format']!r}")
         if m["name"] in names:
             raise MatrixError(f"{where}: the name {m['name']!r} is used twice")
         names.add(m["name"])
         mt = _strs(m["targets"], f"{where}.targets") if "targets" in m else None
         if not (mt or targets):
             raise MatrixError(f"{where} has no targets and the file has no top-level targets list")
-        models.append(MatrixModel(m["name"], m.get("source"), m.get("bundle"), m.get("quant"), mt))
+        models.append(MatrixModel(m["name"], m.get("source"), m.get("bundle"), m.get("quant"), mt, m.get("format")))
     return Matrix(tuple(models), targets, dict(bench), str(p))
 
 
