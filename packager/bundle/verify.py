@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from packager.bundle.manifest import Manifest
 from packager.errors import VerificationError
 from packager.progress import progress_bar
 from packager.source.resolver import sha256_file
@@ -52,6 +54,11 @@ class Bundle:
     @property
     def model_file(self) -> Path:
         return self.file(self.manifest["model_file"])
+
+    @cached_property
+    def meta(self) -> Manifest:
+        """The manifest's fields, typed and checked (a wrong field is a VerificationError naming it)."""
+        return Manifest.from_json(self.manifest, f"{self.path}/{MANIFEST}")
 
 
 def read_bundle(path: str | os.PathLike[str]) -> Bundle:

@@ -110,21 +110,18 @@ def bench_target(bundle: Bundle, name: str | None) -> Target:
     """The target to emulate: the one named, else the one the bundle was packed for."""
     if name:
         return load_target(name)
-    packed = bundle.manifest.get("target", {})
+    packed = bundle.meta.target
     try:
         return load_target(packed.get("name") or "laptop")
     except EdgepackError:  # packed for a profile this install lacks: use the values the manifest kept
-
         return target_from_toml(dict(packed.get("profile", {})), f"{bundle.path}/manifest.json: target.profile")
 
 
 def predict(bundle: Bundle, tgt: Target, n_ctx: int, n_threads: int) -> tuple[dict[str, Any] | None, str | None]:
     """The planner's memory and tokens/s for this bundle's quant and context on ``tgt``."""
-    fmt = bundle.manifest.get("format")
+    m = bundle.meta
     try:
-        spec = bundle_spec(bundle)
-        p = plan(spec, tgt, Overrides(quant=bundle.manifest.get("quant") if fmt == "gguf" else None, format=fmt,
-                                      n_ctx=n_ctx, n_threads=n_threads))
+        p = plan(bundle_spec(bundle), tgt, Overrides(quant=m.quant, format=m.format, n_ctx=n_ctx, n_threads=n_threads))
     except EdgepackError as exc:
         return None, f"no prediction: {exc}"
     return {"memory_bytes": p.memory.total, "memory": asdict(p.memory), "decode_ts": p.predicted_decode_tps,
@@ -133,13 +130,13 @@ def predict(bundle: Bundle, tgt: Target, n_ctx: int, n_threads: int) -> tuple[di
 
 def bundle_spec(bundle: Bundle) -> ModelSpec:
     """The model spec the manifest records; bundles packed before it did: the GGUF's own metadata."""
-    if isinstance(bundle.manifest.get("spec"), dict):
+    if bundle.meta.spec is not None:
         try:
-            return ModelSpec(**bundle.manifest["spec"])
-        except TypeError as exc:
+            return ModelSpec(**bundle.meta.spec)
+        except (TypeError, EdgepackError) as exc:
             raise VerificationError(f"{bundle.path}/manifest.json: spec is not a model spec ({exc}); "
                                     f"pack the bundle again") from None
-    if bundle.manifest.get("format") == "gguf":
+    if bundle.meta.format == "gguf":
         return spec_from_gguf(bundle.model_file)[0]
     raise VerificationError(f"{bundle.path}/manifest.json has no model spec; pack the bundle again")
 
@@ -229,8 +226,8 @@ def run_bench(bundle_path: str | os.PathLike[str], opts: BenchOptions | None = N
     bundle = verified(bundle_path, weights=True)  # a tampered bundle is refused before any run
     tgt = bench_target(bundle, opts.target)
     emu = plan_emulation(tgt, opts, host.performance_cpus())
-    runtime = bundle.manifest.get("runtime", {})
-    n_ctx = int(opts.n_ctx or runtime.get("n_ctx") or 2048)
+    runtime = bundle.meta.runtime
+    n_ctx = int(opts.n_ctx or runtime.n_ctx or 2048)
     if max(opts.n_prompt, opts.n_gen + 1) > n_ctx:
         whose = "--ctx" if opts.n_ctx else "the bundle's context"
         raise UsageError(f"-p {opts.n_prompt} / -n {opts.n_gen} exceed {whose} of {n_ctx} tokens; use smaller ones")
@@ -238,7 +235,7 @@ def run_bench(bundle_path: str | os.PathLike[str], opts: BenchOptions | None = N
     gpu_name = host.gpu_info()
     _, load_options = backend(bundle)
     cfg = {"bundle": str(bundle.path), "n_threads": emu.n_threads, "n_ctx": n_ctx,
-           "n_gpu_layers": runtime.get("n_gpu_layers", 0) if "n_gpu_layers" in load_options else None,
+           "n_gpu_layers": runtime.n_gpu_layers if "n_gpu_layers" in load_options else None,
            "n_prompt": opts.n_prompt, "n_gen": opts.n_gen,
            "cpus": list(emu.cpus) if emu.cpus else None, "mem_limit_bytes": emu.mem_limit_bytes,
            "enforce_mem_limit": opts.enforce_mem_limit, "warmup": opts.warmup}
@@ -275,7 +272,7 @@ def make_records(bundle: Bundle, tgt: Target, emu: Emulation, opts: BenchOptions
     if within is False:
         notes.append(f"peak RSS {peak / 1e9:.2f} GB exceeds {tgt.name}'s usable {emu.mem_limit_bytes / 1e9:.2f} GB: "
                      "this bundle would not fit there")
-    model_entry = next((f for f in bundle.files if f["path"] == bundle.manifest["model_file"]), {})
+    model_entry = next((f for f in bundle.files if f["path"] == bundle.meta.model_file), {})
     emulated = {
         "target": tgt.name, "threads": emu.n_threads, "cpus": applied.get("cpus"), "mem_limit_bytes": emu.mem_limit_bytes,
         "mem_limit_enforced": applied.get("mem_limit"), "mem_checked_after": True, "within_budget": within,
@@ -286,7 +283,7 @@ def make_records(bundle: Bundle, tgt: Target, emu: Emulation, opts: BenchOptions
     apps = [r["app_tg_ts"] for r in runs if r.get("app_tg_ts")]
     common = {
         "schema": SCHEMA, "edgepack_version": __version__, "engine": first.get("engine"),
-        "bundle": str(bundle.path), "model_name": bundle.manifest.get("name"),
+        "bundle": str(bundle.path), "model_name": bundle.meta.name,
         "model_filename": str(bundle.model_file), "model_type": first["model_type"], "model_size": first["model_size"],
         "model_n_params": first["model_n_params"], "backends": first["backends"], "cpu_info": host.cpu_info(),
         "gpu_info": gpu_name or "", "n_threads": first["n_threads"], "n_gpu_layers": first["n_gpu_layers"],
@@ -294,8 +291,8 @@ def make_records(bundle: Bundle, tgt: Target, emu: Emulation, opts: BenchOptions
         "flash_attn": first["flash_attn"], "n_ctx": first["n_ctx"],
         # The context the runs loaded with, and where it came from: the bundle's plan (what the app
         # loads) unless --ctx chose another (llama-bench's is -p + -n).
-        "n_ctx_from": "--ctx" if opts.n_ctx else "bundle", "bundle_n_ctx": bundle.manifest.get("runtime", {}).get("n_ctx"),
-        "target": tgt.name, "format": bundle.manifest.get("format"), "quant": bundle.manifest.get("quant"),
+        "n_ctx_from": "--ctx" if opts.n_ctx else "bundle", "bundle_n_ctx": bundle.meta.runtime.n_ctx,
+        "target": tgt.name, "format": bundle.meta.format, "quant": bundle.meta.quant,
         "model_bytes": model_entry.get("bytes"), "repetitions": len(runs), "warmup": opts.warmup,
         "load_s": statistics.mean(loads), "load_s_samples": loads,
         "ttft_s": statistics.mean(ttfts), "ttft_s_samples": ttfts,

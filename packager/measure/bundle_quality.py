@@ -104,7 +104,7 @@ def assess_bundle(bundle: str | os.PathLike[str], reference: str | os.PathLike[s
     check_ctx(n_ctx, n_chunks)
     b = verified(bundle)  # a changed bundle fails here, before minutes of work
     body, text_name = read_text(text)
-    settings = RunSettings.from_runtime(b.manifest.get("runtime", {}), n_threads)
+    settings = RunSettings.from_runtime(b.meta.runtime, n_threads)
     with reference_gguf(reference, n_threads=settings.n_threads, quiet=quiet) as ref_file, \
             tempfile.TemporaryDirectory(prefix="edgepack-quality-") as tmp:
         same_model(b.model_file, ref_file.path)  # from the files' headers, before minutes of work
@@ -112,12 +112,12 @@ def assess_bundle(bundle: str | os.PathLike[str], reference: str | os.PathLike[s
         ref = build_reference(ref_file.path, body, Path(tmp), n_ctx=n_ctx, n_chunks=n_chunks,
                               settings=RunSettings(settings.n_threads), text_name=text_name, quiet=quiet)
         result = measure(b.model_file, ref, settings=settings, text=body, quiet=quiet,
-                         desc=f"measuring {b.manifest.get('quant', '')}".strip())
+                         desc=f"measuring {b.meta.quant}".strip())
         quality = as_manifest(ref_file.label, ref, result.summary, n_ctx=n_ctx)
         del ref
     b = read_bundle(bundle)
     readme = b.file("README.md").read_text(encoding="utf-8") if b.file("README.md").is_file() else ""
     listed = any(f["path"] == "README.md" for f in b.files)
-    texts = {"README.md": with_card_section(readme, card_section(quality, b.manifest.get("quant", "?")))} if listed else {}
+    texts = {"README.md": with_card_section(readme, card_section(quality, b.meta.quant or "?"))} if listed else {}
     update_bundle(bundle, {"quality": quality}, texts)
     return quality

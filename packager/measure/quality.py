@@ -49,6 +49,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from packager.bundle.manifest import Runtime
 from packager.errors import QualityError, UsageError, missing_backend
 from packager.host import default_threads
 from packager.kernels.quality import QualityStats, Summary, log_softmax, score_block, stored
@@ -95,9 +96,9 @@ class RunSettings:
     kv_type: str = "f16"
 
     @classmethod
-    def from_runtime(cls, runtime: dict[str, Any], n_threads: int | None = None) -> "RunSettings":
-        return cls(n_threads=int(n_threads or default_threads()), n_gpu_layers=int(runtime.get("n_gpu_layers") or 0),
-                   kv_type=str(runtime.get("kv_type") or "f16"))
+    def from_runtime(cls, runtime: Runtime, n_threads: int | None = None) -> "RunSettings":
+        return cls(n_threads=int(n_threads or default_threads()), n_gpu_layers=runtime.n_gpu_layers,
+                   kv_type=runtime.kv_type or "f16")
 
 
 def _llama_cpp():

@@ -193,7 +193,6 @@ def pack_auto(source: str | os.PathLike[str] | None, opts, *, max_kld: float = D
     Path(opts.output).mkdir(parents=True, exist_ok=True)
     imatrix_state: dict[str, Any] = {}
     if opts.imatrix is not None:  # the user's file: read before any long work, so a bad one fails at once
-
         imatrix_state["data"], imatrix_state["info"] = user_imatrix(opts.imatrix)
     # Next to the output: the F16 file is as big as the model, /tmp is often a small tmpfs.
     with tempfile.TemporaryDirectory(prefix=".edgepack-auto-", dir=opts.output) as tmp:

@@ -1,16 +1,19 @@
-"""What a bundle carries besides the model: the model card, the source's licence files and the
-generation defaults, the same for every format."""
+"""What a bundle carries besides the model, the same for every format: its manifest, the model
+card, the source's licence files and the generation defaults."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from packager import __version__
+from packager.bundle.manifest import Manifest, Runtime
 from packager.plan.planner import Plan
 from packager.plan.targets import Target
 from packager.source.resolver import Source
+from packager.spec.model import ModelSpec
 
 LICENSE_NAMES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "NOTICE", "USE_POLICY.md")
 
@@ -52,3 +55,19 @@ with packager.load(".") as m:
 
 Model file: `{model_file}`. The original model's license applies (see LICENSE where present).
 """
+
+
+def bundle_manifest(src: Source, spec: ModelSpec, tgt: Target, p: Plan, *, quant: str, model_file: str,
+                    generation: dict[str, Any], warnings: list[str], execution_provider: str | None = None,
+                    **extras: Any) -> Manifest:
+    """The manifest of a bundle of ``src`` packed as planned; ``extras``: the format's own sections."""
+    return Manifest(
+        name=src.name, format=p.format, quant=quant, model_file=model_file,
+        runtime=Runtime(n_ctx=p.n_ctx, n_threads=p.n_threads, n_gpu_layers=p.n_gpu_layers, kv_type=p.kv_type,
+                        generation=generation, execution_provider=execution_provider),
+        source=src.manifest(), target={"name": tgt.name, "profile": tgt.as_dict()},
+        spec=asdict(spec),  # what bench and quality plan with, without re-reading the weights
+        plan=p.as_dict(),
+        predicted={"memory_bytes": p.memory.total, "decode_tokens_per_s": p.predicted_decode_tps,
+                   "prefill_tokens_per_s": p.predicted_prefill_tps},
+        warnings=warnings, edgepack_version=__version__, extras=extras)

@@ -12,17 +12,15 @@ packager/convert/onnx/.
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from packager import __version__
 from packager.bundle.writer import BundleWriter
 from packager.convert.onnx.converter import GPTQ_REFUSAL, OnnxOptions, convert, execution_provider, onnx_exporter
 from packager.convert.onnx.optimum_export import convert_optimum, fallback_memory
 from packager.errors import UsageError
 from packager.formats.onnx import ALGORITHMS, BLOCK_SIZES
-from packager.pack.card import LICENSE_NAMES, generation_defaults, model_card
+from packager.pack.card import LICENSE_NAMES, bundle_manifest, generation_defaults, model_card
 from packager.pack.options import PackOptions, PackResult
 from packager.pack.preflight import check_disk, check_memory
 from packager.plan.planner import Overrides, plan
@@ -93,26 +91,10 @@ def pack_onnx(src: Source, spec: ModelSpec, tgt: Target, overrides: Overrides, o
                 bw.add_file(name, src.path / name)
         model_rel = f"{MODEL_DIR}/model.onnx"
         bw.add_text("README.md", model_card(src, tgt, p, model_rel))
-        manifest: dict[str, Any] = {
-            "edgepack_version": __version__,
-            "name": src.name,
-            "source": src.manifest(),
-            "spec": asdict(spec),  # what bench and quality plan with, without re-reading the weights
-            "target": {"name": tgt.name, "profile": tgt.as_dict()},
-            "format": "onnx",
-            "quant": oo.quant_name,
-            "model_file": model_rel,
-            "onnx": result.details["onnx"],
-            "runtime": {
-                "n_ctx": p.n_ctx, "n_threads": p.n_threads, "n_gpu_layers": 0, "kv_type": "f32",
-                "execution_provider": oo.execution_provider, "generation": generation_defaults(src.path),
-            },
-            "plan": p.as_dict(),
-            "predicted": {"memory_bytes": p.memory.total, "decode_tokens_per_s": p.predicted_decode_tps,
-                          "prefill_tokens_per_s": p.predicted_prefill_tps},
-            "tokenizer_check": {"status": "not applicable",
-                                "reason": "onnxruntime-genai runs the source's own tokenizer.json"},
-            "warnings": warnings,
-        }
-        path = bw.commit(manifest, quiet=opts.quiet)
+        manifest = bundle_manifest(
+            src, spec, tgt, p, quant=oo.quant_name, model_file=model_rel, warnings=warnings,
+            generation=generation_defaults(src.path), execution_provider=oo.execution_provider,
+            onnx=result.details["onnx"],
+            tokenizer_check={"status": "not applicable", "reason": "onnxruntime-genai runs the source's own tokenizer.json"})
+        path = bw.commit(manifest.as_json(), quiet=opts.quiet)
     return PackResult(path, bw.manifest, warnings)

@@ -8,11 +8,10 @@ from __future__ import annotations
 import os
 import shutil
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from packager import __version__
 from packager.archs import arch_for
 from packager.bundle.writer import BundleWriter
 from packager.convert.gguf.converter import convert, packed_kv, write_vocab_gguf
@@ -20,15 +19,16 @@ from packager.convert.gguf.imatrix import calibration_text, compute_imatrix, use
 from packager.convert.gguf.requantize import requantize
 from packager.convert.gguf.tokenizer_gate import check_tokenizer
 from packager.convert.gguf.vocab import load_vocab
-from packager.errors import DoesNotFit, TokenizerMismatchError, UsageError
+from packager.errors import TokenizerMismatchError, UsageError
 from packager.host import default_threads
 from packager.measure.bundle_quality import card_section, with_card_section
-from packager.pack.card import LICENSE_NAMES, generation_defaults, model_card
+from packager.pack.card import LICENSE_NAMES, bundle_manifest, generation_defaults, model_card
 from packager.pack.onnx import check_request, pack_onnx
 from packager.pack.options import PackOptions, PackResult
 from packager.pack.preflight import check_disk, check_memory
 from packager.plan.inputs import plan_input
-from packager.plan.planner import Overrides, plan
+from packager.plan.planner import Overrides
+from packager.plan.report import plan_for
 from packager.plan.targets import load_target
 from packager.progress import say
 from packager.quants import QuantType, get_quant
@@ -68,32 +68,18 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
     src_quant = None
     if src.kind == "gguf":
         spec, src_quant = spec_from_gguf(src.path)
-
         check_gguf_template(src.path)  # a hostile or runaway chat template is refused, never bundled
     else:
         spec = load_spec(src.path)
-
         warnings += refuse_remote_code(src.path, spec.architecture)  # never runs the checkpoint's own code
-
         if opts.format != "onnx":  # --format onnx: pack_onnx checks its own converters (and optimum's)
             arch_for(spec.architecture)  # an unsupported architecture fails before any work
         if src.weight_files:
             Checkpoint.open(src.path).close()  # so does a corrupt or truncated shard (headers only)
-    overrides = Overrides(quant=opts.quant or (src_quant if src.kind == "gguf" else None), format=opts.format,
-                          n_ctx=opts.n_ctx, ram_bytes=opts.ram_bytes, vram_bytes=opts.vram_bytes,
-                          n_threads=opts.n_threads)
-
+    overrides = Overrides(quant=opts.quant, format=opts.format, n_ctx=opts.n_ctx, ram_bytes=opts.ram_bytes,
+                          vram_bytes=opts.vram_bytes, n_threads=opts.n_threads)
     inp = plan_input(src.path)  # the tensor list `pack plan` reads (headers only), so both plan alike
-    kw: dict[str, Any] = dict(name=src.name, tensors=inp.tensors, source_quant=inp.source_quant,
-                              source_types=inp.source_types)
-    if src.kind == "gguf" and not opts.quant and src_quant is not None:
-        # Bundle the file as it is when it fits; otherwise walk the target's ladder.
-        try:
-            p = plan(spec, tgt, overrides, **kw)
-        except DoesNotFit:
-            p = plan(spec, tgt, replace(overrides, quant=None), **kw)
-    else:
-        p = plan(spec, tgt, overrides, **kw)
+    p = plan_for(inp, tgt, overrides, name=src.name)  # a GGUF that fits is bundled as it is
     if p.format == "onnx":
         return pack_onnx(src, spec, tgt, overrides, opts, warnings)
     quant = get_quant(p.quant)
@@ -139,28 +125,11 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
             if src.kind == "hf" and (src.path / name).is_file():
                 bw.add_file(name, src.path / name)
         bw.add_text("README.md", _with_quality(model_card(src, tgt, p, model_rel), opts.quality, quant.name))
-        manifest = {
-            "edgepack_version": __version__,
-            "name": src.name,
-            "source": src.manifest(),
-            "spec": asdict(spec),  # what bench and quality plan with, without re-reading the weights
-            "target": {"name": tgt.name, "profile": tgt.as_dict()},
-            "format": "gguf",
-            "quant": quant.name,
-            "model_file": model_rel,
-            "runtime": {
-                "n_ctx": p.n_ctx, "n_threads": p.n_threads, "n_gpu_layers": p.n_gpu_layers, "kv_type": p.kv_type,
-                "generation": generation_defaults(src.path) if src.kind == "hf" else {},
-            },
-            "plan": p.as_dict(),
-            "predicted": {"memory_bytes": p.memory.total, "decode_tokens_per_s": p.predicted_decode_tps,
-                          "prefill_tokens_per_s": p.predicted_prefill_tps},
-            "tokenizer_check": tok_check,
-            "imatrix": imatrix_info,
-            "warnings": warnings,
-            **({"quality": opts.quality} if opts.quality is not None else {}),
-        }
-        path = bw.commit(manifest, quiet=opts.quiet)
+        manifest = bundle_manifest(
+            src, spec, tgt, p, quant=quant.name, model_file=model_rel, warnings=warnings,
+            generation=generation_defaults(src.path) if src.kind == "hf" else {},
+            tokenizer_check=tok_check, imatrix=imatrix_info, **({"quality": opts.quality} if opts.quality is not None else {}))
+        path = bw.commit(manifest.as_json(), quiet=opts.quiet)
     return PackResult(path, bw.manifest, warnings)
 
 

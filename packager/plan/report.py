@@ -17,14 +17,19 @@ def plan_model(model: str | os.PathLike[str], target: str, overrides: Overrides,
     """The plan for ``model`` (dir, .gguf or hub id) on ``target``; DoesNotFit when nothing fits."""
     tgt = load_target(target)  # an unknown target fails before any download
     inp = plan_input(model, revision=revision, cache_dir=cache_dir)
-    kw = dict(name=inp.name, tensors=inp.tensors, source_quant=inp.source_quant, source_types=inp.source_types)
+    return inp, tgt, plan_for(inp, tgt, overrides)
+
+
+def plan_for(inp: PlanInput, tgt: Target, overrides: Overrides, *, name: str | None = None) -> Plan:
+    """The plan `pack model` packs by: a GGUF source that fits is bundled as it is (no --quant);
+    otherwise the target's ladder is walked."""
+    kw = dict(name=name or inp.name, tensors=inp.tensors, source_quant=inp.source_quant, source_types=inp.source_types)
     if inp.source_quant and not overrides.quant and (overrides.format or tgt.formats[0]) == "gguf":
-        # As `pack model` does: a GGUF that fits is bundled as it is; otherwise walk the ladder.
         try:
-            return inp, tgt, plan(inp.spec, tgt, replace(overrides, quant=inp.source_quant), **kw)
+            return plan(inp.spec, tgt, replace(overrides, quant=inp.source_quant), **kw)
         except DoesNotFit:
             pass
-    return inp, tgt, plan(inp.spec, tgt, overrides, **kw)
+    return plan(inp.spec, tgt, overrides, **kw)
 
 
 def as_json(inp: PlanInput, tgt: Target, p: Plan) -> dict[str, Any]:

@@ -47,10 +47,10 @@ def load(bundle: str | os.PathLike[str] | Bundle, *, verify: bool = False, **ove
 
 def backend(bundle: Bundle) -> tuple[type[Model], tuple[str, ...]]:
     """The Model class that runs this bundle's format, and the load options it takes."""
-    fmt = bundle.manifest.get("format")
+    fmt = bundle.meta.format
     try:
         return BACKENDS[fmt]
-    except (KeyError, TypeError):
+    except KeyError:
         raise VerificationError(f"{bundle.path}: format {fmt!r} has no runtime in this edgepack; upgrade edgepack") from None
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import gguf
 
+from packager.bundle.manifest import Runtime
 from packager.bundle.verify import Bundle
 from packager.errors import BundleError, ChatTemplateError, UsageError, missing_backend
 from packager.host import default_threads
@@ -99,17 +100,17 @@ class LlamaModel(Model):
                  n_batch: int = 512, flash_attn: bool | None = None) -> None:
         super().__init__()
         llama_cpp = _llama_cpp()
-        runtime = bundle.manifest.get("runtime", {})
+        runtime = bundle.meta.runtime
         self.bundle = bundle
-        self.n_ctx = int(n_ctx or runtime.get("n_ctx") or 2048)
+        self.n_ctx = int(n_ctx or runtime.n_ctx or 2048)
         # The plan's thread count is the target device's; here we run on this machine.
         self.n_threads = int(n_threads or default_threads())
         if self.n_ctx < 16 or self.n_threads < 1:
             raise UsageError(f"n_ctx must be >= 16 and n_threads >= 1, got n_ctx={self.n_ctx}, n_threads={self.n_threads}")
-        self.defaults = dict(runtime.get("generation", {}))
+        self.defaults = dict(runtime.generation)
         self._seeds = random.Random(seed)  # a fresh sampling seed per call unless the call gives one
         self._llama_cpp = llama_cpp
-        kv_type = str(runtime.get("kv_type") or "f16").lower()
+        kv_type = (runtime.kv_type or "f16").lower()
         kv = getattr(llama_cpp, f"GGML_TYPE_{kv_type.upper()}", None)
         if kv is None:
             raise BundleError(f"{bundle.path}: manifest runtime.kv_type {kv_type!r} is unknown to llama.cpp; "
@@ -133,14 +134,14 @@ class LlamaModel(Model):
         self._formatter = None
 
     def _open(self, llama_cpp: Any, bundle: Bundle, seed: int | None, use_mmap: bool, n_batch: int,
-              n_gpu_layers: int | None, runtime: dict[str, Any], kv: dict[str, Any]) -> Any:
+              n_gpu_layers: int | None, runtime: Runtime, kv: dict[str, Any]) -> Any:
         return llama_cpp.Llama(
             model_path=str(bundle.model_file),
             n_ctx=self.n_ctx,
             n_batch=n_batch,
             n_threads=self.n_threads,
             n_threads_batch=self.n_threads,
-            n_gpu_layers=int(n_gpu_layers if n_gpu_layers is not None else runtime.get("n_gpu_layers", 0)),
+            n_gpu_layers=int(n_gpu_layers if n_gpu_layers is not None else runtime.n_gpu_layers),
             seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
             use_mmap=use_mmap,
             logits_all=False,  # logits of the last position only: no per-token copy of n_vocab floats
@@ -181,7 +182,6 @@ class LlamaModel(Model):
         if self._formatter is None:
             # edgepack's bounded sandbox (packager.spec.chat_template), not llama-cpp-python's
             # Jinja2ChatFormatter: a template from a stranger must not hang or exhaust the app.
-
             template = self._llm.metadata.get("tokenizer.chat_template")
             if not template:
                 raise UsageError(f"{self.bundle.path}: the model has no chat template; use generate() or stream() "

@@ -50,12 +50,12 @@ class OnnxEngine(Engine):
     def info(self) -> EngineInfo:
         m = self._m
         data = [f for f in m.model_dir.iterdir() if f.name.startswith("model.onnx")]
-        spec = m.bundle.manifest.get("spec") or {}
+        spec = m.bundle.meta.spec or {}
         n_params = int(spec.get("n_params") or 0)
         label = f"{n_params / 1e9:.1f}B" if n_params >= 1e9 else f"{n_params / 1e6:.0f}M"
         ep = m.execution_provider
         return EngineInfo(
-            model_type=f"{m.genai_type} {label} {m.bundle.manifest.get('quant')}",
+            model_type=f"{m.genai_type} {label} {m.bundle.meta.quant}",
             model_size=sum(f.stat().st_size for f in data), model_n_params=n_params, n_ctx=m.n_ctx,
             # genai runs a prompt as one batch: one graph call over all of its tokens
             n_batch=m.n_ctx, n_ubatch=m.n_ctx, type_k=m.kv_type, type_v=m.kv_type, n_threads=m.n_threads,
@@ -93,18 +93,18 @@ class OnnxModel(Model):
         og = _genai()
         from tokenizers import Tokenizer
 
-        runtime = bundle.manifest.get("runtime", {})
+        runtime = bundle.meta.runtime
         self.bundle = bundle
         self.model_dir = bundle.model_file.parent  # model/model.onnx: genai reads the whole folder
         genai_cfg = json.loads((self.model_dir / "genai_config.json").read_text(encoding="utf-8"))
         max_ctx = int(genai_cfg["model"]["context_length"])
-        self.n_ctx = int(n_ctx or runtime.get("n_ctx") or 2048)
+        self.n_ctx = int(n_ctx or runtime.n_ctx or 2048)
         self.n_threads = int(n_threads or default_threads())
         if self.n_ctx < 16 or self.n_threads < 1:
             raise UsageError(f"n_ctx must be >= 16 and n_threads >= 1, got n_ctx={self.n_ctx}, n_threads={self.n_threads}")
         if self.n_ctx > max_ctx:
             raise UsageError(f"n_ctx {self.n_ctx} is beyond the model's {max_ctx} positions; load with n_ctx <= {max_ctx}")
-        self.defaults = dict(runtime.get("generation", {}))
+        self.defaults = dict(runtime.generation)
         self._seeds = random.Random(seed)
         eos = genai_cfg["model"].get("eos_token_id")
         self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -113,9 +113,9 @@ class OnnxModel(Model):
         self.bos_token_id = int(bos) if isinstance(bos, int) and bos >= 0 else None
         self.genai_type = str(genai_cfg["model"].get("type", "onnx"))
         self.n_layers = int(genai_cfg["model"].get("decoder", {}).get("num_hidden_layers") or 0)
-        self.kv_type = str(runtime.get("kv_type") or "f32")
+        self.kv_type = runtime.kv_type or "f32"
         config = og.Config(str(self.model_dir))
-        ep = execution_provider or runtime.get("execution_provider", "cpu")
+        ep = execution_provider or runtime.execution_provider or "cpu"
         self.execution_provider = ep
         config.clear_providers()  # genai_config.json's provider goes; CPU is genai's default
         if ep != "cpu":
@@ -152,7 +152,7 @@ class OnnxModel(Model):
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
     def _chat_template(self) -> str:
-        template = self.bundle.manifest.get("runtime", {}).get("chat_template") or self._tok_config.get("chat_template")
+        template = self.bundle.meta.runtime.chat_template or self._tok_config.get("chat_template")
         if not template and (self.model_dir / "chat_template.jinja").is_file():
             template = (self.model_dir / "chat_template.jinja").read_text(encoding="utf-8")
         if isinstance(template, list):  # the named-templates form: take the default one

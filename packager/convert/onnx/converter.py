@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from packager.archs import rope_parameters
+from packager.archs import OnnxArch, onnx_arch_for, rope_parameters, supported
 from packager.convert.onnx.graph import GraphBuilder
 from packager.convert.onnx.optimum_export import optimum_exports, optimum_installed
-from packager.convert.onnx.output import ConvertResult, copy_tokenizer, read_json
+from packager.convert.onnx.output import ConvertResult, DecoderShape, copy_tokenizer, genai_config, read_json
 from packager.errors import BackendMissingError, ConversionError, SourceError, UnsupportedArchitectureError, UsageError
 from packager.formats.onnx import ALGORITHMS, Dims, WeightFormat, declare
 from packager.host import default_threads
@@ -52,49 +52,13 @@ GPTQ_REFUSAL = (
 )
 
 
-@dataclass(frozen=True)
-class OnnxArch:
-    """How one model family maps onto the decoder graph."""
-
-    genai_type: str  # genai_config.json's model.type
-    hf_names: tuple[str, ...]
-    fused_qkv: bool = False  # Phi-3 stores q/k/v as one qkv_proj
-    fused_gate_up: bool = False  # and gate/up as one gate_up_proj
-    rope_types: tuple[str, ...] = ("default", "linear", "llama3")
-
-
-ONNX_ARCHS: dict[str, OnnxArch] = {}
-
-
-def _register(arch: OnnxArch) -> None:
-    for name in arch.hf_names:
-        ONNX_ARCHS[name] = arch
-
-
-_register(OnnxArch("llama", ("LlamaForCausalLM",)))
-_register(OnnxArch("mistral", ("MistralForCausalLM",)))
-_register(OnnxArch("qwen2", ("Qwen2ForCausalLM",)))
-_register(OnnxArch("phi3", ("Phi3ForCausalLM",), fused_qkv=True, fused_gate_up=True, rope_types=("default",)))
-
-
-def onnx_arch_for(hf_name: str) -> OnnxArch:
-    try:
-        return ONNX_ARCHS[hf_name]
-    except KeyError:
-        raise UnsupportedArchitectureError(
-            f"architecture {hf_name!r} is not supported by edgepack's ONNX converter; supported: "
-            f"{', '.join(sorted(ONNX_ARCHS))}; pack it with --format gguf instead"
-        ) from None
-
-
 def onnx_exporter(hf_name: str, model_type: str) -> str:
     """"edgepack" (the streaming converter here) or "optimum" (optimum_export.py: holds the f32
     model) for this architecture; neither is one line saying what to do."""
-    if hf_name in ONNX_ARCHS:
+    if hf_name in supported("onnx"):
         return "edgepack"
-
     ours = (f"architecture {hf_name!r} is not supported by edgepack's ONNX converter; "
-            f"supported: {', '.join(sorted(ONNX_ARCHS))}")
+            f"supported: {', '.join(supported('onnx'))}")
     if not optimum_installed():
         raise UnsupportedArchitectureError(f"{ours}; the fallback for other architectures needs optimum-onnx: "
                                            "pip install 'edgepack[onnx-export]'; or pack it with --format gguf")
@@ -344,43 +308,9 @@ def write_weights(ckpt: Checkpoint, slots: dict[str, list[Slot]], writer: _Write
             f.result()
 
 
-def genai_config(cfg: dict[str, Any], arch: OnnxArch, d, gen: dict[str, Any], n_ctx: int, ep: str) -> dict[str, Any]:
-    """genai_config.json: what onnxruntime-genai needs to drive the graph."""
-    eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
-    bos = gen.get("bos_token_id", cfg.get("bos_token_id"))
-    pad = gen.get("pad_token_id", cfg.get("pad_token_id"))
-    if pad is None:
-        pad = eos[0] if isinstance(eos, list) else eos
-    provider_options = [] if ep == "cpu" else [{ep: {}}]
-    return {
-        "model": {
-            "bos_token_id": bos,
-            "context_length": d.max_positions,
-            "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": provider_options},
-                "filename": "model.onnx",
-                "head_size": d.head_dim,
-                "hidden_size": d.hidden,
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
-                "num_attention_heads": d.n_heads,
-                "num_hidden_layers": d.n_layers,
-                "num_key_value_heads": d.n_kv_heads,
-            },
-            "eos_token_id": eos,
-            "pad_token_id": pad,
-            "type": arch.genai_type,
-            "vocab_size": d.vocab,
-        },
-        "search": {
-            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
-            "max_length": min(n_ctx, d.max_positions), "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-            "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
-            "temperature": 1.0, "top_k": 1, "top_p": 1.0,
-        },
-    }
+def decoder_shape(d: Dims, arch: OnnxArch) -> DecoderShape:
+    return DecoderShape(arch.genai_type, d.max_positions, d.head_dim, d.hidden, d.n_heads, d.n_layers, d.n_kv_heads,
+                        d.vocab)
 
 
 def _onnx():
@@ -425,7 +355,8 @@ def convert(source: Source, out_dir: Path, opts: OnnxOptions = OnnxOptions(), *,
     onnx.save_model(model, str(out_dir / "model.onnx"))
     gen = read_json(source.path / "generation_config.json")
     (out_dir / "genai_config.json").write_text(
-        json.dumps(genai_config(cfg, arch, d, gen, n_ctx, opts.execution_provider), indent=4), encoding="utf-8")
+        json.dumps(genai_config(decoder_shape(d, arch), cfg, gen, n_ctx, opts.execution_provider), indent=4),
+        encoding="utf-8")
     copied = [out_dir / "model.onnx", data_path, out_dir / "genai_config.json", *copy_tokenizer(source.path, out_dir)]
     return ConvertResult(out_dir, copied, opts.quant_name, sha256s, sum(p.stat().st_size for p in copied),
                          {"onnx": {**opts.as_dict(), "exporter": "edgepack"}, "n_nodes": len(model.graph.node)})

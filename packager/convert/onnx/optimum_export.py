@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from packager.convert.onnx.output import ConvertResult, copy_tokenizer, read_json
+from packager.convert.onnx.output import ConvertResult, DecoderShape, copy_tokenizer, genai_config, read_json
 from packager.errors import ConversionError
 from packager.kernels.hqq import split_zero_points
 from packager.kernels.int4 import Int4Blocks
@@ -187,50 +187,21 @@ def _dim(value_info, axis: int) -> int:
     return int(value_info.type.tensor_type.shape.dim[axis].dim_value)
 
 
-def genai_config(graph, cfg: dict[str, Any], gen: dict[str, Any], n_ctx: int, ep: str) -> dict[str, Any]:
-    """genai_config.json for optimum's graph: names and KV shapes read from the graph itself."""
+def decoder_shape(graph, cfg: dict[str, Any], n_ctx: int) -> DecoderShape:
+    """What genai_config.json says of optimum's graph: names and KV shapes read from the graph itself."""
     inputs = {i.name: i for i in graph.input}
     n_layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
     past = inputs.get("past_key_values.0.key")
     if past is None or "input_ids" not in inputs or "attention_mask" not in inputs:
         raise ConversionError(f"optimum's export has inputs {sorted(inputs)}; onnxruntime-genai needs input_ids, "
                               "attention_mask and past_key_values.N.key/value")
-    n_kv, head = _dim(past, 1), _dim(past, 3)
     logits = next(o for o in graph.output if o.name == "logits")
-    vocab = _dim(logits, 2) or int(cfg["vocab_size"])
-    hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model"))
-    n_heads = int(cfg.get("num_attention_heads") or cfg.get("n_head"))
-    context = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or n_ctx)
-    eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
-    pad = gen.get("pad_token_id", cfg.get("pad_token_id"))
-    if pad is None:
-        pad = eos[0] if isinstance(eos, list) else eos
-    names = {"input_ids": "input_ids", "attention_mask": "attention_mask",
-             "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
-    if "position_ids" in inputs:
-        names["position_ids"] = "position_ids"
-    return {
-        "model": {
-            "bos_token_id": gen.get("bos_token_id", cfg.get("bos_token_id")),
-            "context_length": context,
-            "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai",
-                                    "provider_options": [] if ep == "cpu" else [{ep: {}}]},
-                "filename": "model.onnx", "head_size": head, "hidden_size": hidden, "inputs": names,
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
-                "num_attention_heads": n_heads, "num_hidden_layers": n_layers, "num_key_value_heads": n_kv,
-            },
-            "eos_token_id": eos, "pad_token_id": pad, "type": GENAI_TYPE, "vocab_size": vocab,
-        },
-        "search": {
-            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
-            "max_length": min(n_ctx, context), "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-            "num_return_sequences": 1,
-            "past_present_share_buffer": False,  # the graph concatenates past and new keys itself
-            "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
-        },
-    }
+    return DecoderShape(
+        GENAI_TYPE, context_length=int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or n_ctx),
+        head_size=_dim(past, 3), hidden_size=int(cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model")),
+        n_heads=int(cfg.get("num_attention_heads") or cfg.get("n_head")), n_layers=n_layers, n_kv_heads=_dim(past, 1),
+        vocab_size=_dim(logits, 2) or int(cfg["vocab_size"]), position_ids="position_ids" in inputs,
+        share_buffer=False)  # the graph concatenates past and new keys itself
 
 
 def convert_optimum(source: Source, out_dir: Path, opts, *, n_ctx: int = 4096, quiet: bool = False):
@@ -254,7 +225,8 @@ def convert_optimum(source: Source, out_dir: Path, opts, *, n_ctx: int = 4096, q
     graph = model.model.graph
     gen = read_json(source.path / "generation_config.json")
     (out_dir / "genai_config.json").write_text(
-        json.dumps(genai_config(graph, cfg, gen, n_ctx, opts.execution_provider), indent=4), encoding="utf-8")
+        json.dumps(genai_config(decoder_shape(graph, cfg, n_ctx), cfg, gen, n_ctx, opts.execution_provider), indent=4),
+        encoding="utf-8")
     copied = [out_dir / "model.onnx", out_dir / "model.onnx.data", out_dir / "genai_config.json",
               *copy_tokenizer(source.path, out_dir)]
     sha256s = {str(p.relative_to(source.path)): sha256_file(p) for p in source.weight_files}

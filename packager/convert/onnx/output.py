@@ -1,5 +1,5 @@
 """What both ONNX exporters (the streaming converter and the optimum fallback) hand back and
-write besides the graph: their result, and the tokenizer files onnxruntime-genai reads."""
+write besides the graph: their result, genai_config.json, and the tokenizer files onnxruntime-genai reads."""
 
 from __future__ import annotations
 
@@ -43,3 +43,61 @@ def read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """What genai_config.json says of a decoder graph."""
+
+    genai_type: str  # model.type: which of onnxruntime-genai's runners drives it
+    context_length: int
+    head_size: int
+    hidden_size: int
+    n_heads: int
+    n_layers: int
+    n_kv_heads: int
+    vocab_size: int
+    position_ids: bool = False  # the graph takes position_ids (optimum's do)
+    # genai keeps past and present in one buffer of max_length (our graph); optimum's graphs
+    # concatenate past and new keys themselves and need their own buffers.
+    share_buffer: bool = True
+
+
+def genai_config(shape: DecoderShape, cfg: dict[str, Any], gen: dict[str, Any], n_ctx: int, ep: str) -> dict[str, Any]:
+    """genai_config.json: what onnxruntime-genai needs to drive the graph (``gen``: generation_config.json)."""
+    eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
+    pad = gen.get("pad_token_id", cfg.get("pad_token_id"))
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) else eos
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask",
+              "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+    if shape.position_ids:
+        inputs["position_ids"] = "position_ids"
+    return {
+        "model": {
+            "bos_token_id": gen.get("bos_token_id", cfg.get("bos_token_id")),
+            "context_length": shape.context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": [] if ep == "cpu" else [{ep: {}}]},
+                "filename": "model.onnx",
+                "head_size": shape.head_size,
+                "hidden_size": shape.hidden_size,
+                "inputs": inputs,
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": shape.n_heads,
+                "num_hidden_layers": shape.n_layers,
+                "num_key_value_heads": shape.n_kv_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "type": shape.genai_type,
+            "vocab_size": shape.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+            "max_length": min(n_ctx, shape.context_length), "min_length": 0, "no_repeat_ngram_size": 0,
+            "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": shape.share_buffer,
+            "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
+    }

@@ -1,0 +1,66 @@
+"""What every family shares: head size, RoPE parameters, and the GGUF hyper-parameters most carry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gguf
+
+from packager.archs.registry import Arch, Config
+
+
+def head_dim(cfg: Config) -> int:
+    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+
+
+def write_hparams(arch: Arch, cfg: Config, w: gguf.GGUFWriter) -> None:
+    """All hyper-parameters llama.cpp reads for this architecture."""
+    if arch.common_hparams:
+        write_common_hparams(cfg, w)
+    else:
+        write_shape_hparams(cfg, w)
+        if cfg.get("rms_norm_eps") is not None:
+            w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
+    if arch.extra_hparams:
+        arch.extra_hparams(cfg, w)
+
+
+def write_shape_hparams(cfg: Config, w: gguf.GGUFWriter) -> None:
+    """Layers, widths and heads."""
+    w.add_block_count(int(cfg["num_hidden_layers"]))
+    if cfg.get("max_position_embeddings") is not None:
+        w.add_context_length(int(cfg["max_position_embeddings"]))
+    w.add_embedding_length(int(cfg["hidden_size"]))
+    w.add_feed_forward_length(int(cfg["intermediate_size"]))
+    w.add_head_count(int(cfg["num_attention_heads"]))
+    w.add_head_count_kv(int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]))
+
+
+def write_common_hparams(cfg: Config, w: gguf.GGUFWriter) -> None:
+    """Shape, RoPE and norm hyper-parameters, as most decoder-only architectures carry them."""
+    write_shape_hparams(cfg, w)
+    rope = rope_parameters(cfg)
+    scaling = rope.get("rope_type") or rope.get("type")
+    if scaling == "linear" and rope.get("factor") is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    elif scaling == "yarn" and rope.get("factor") is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    if rope.get("rope_theta") is not None:
+        w.add_rope_freq_base(float(rope["rope_theta"]))
+    if cfg.get("rms_norm_eps") is not None:
+        w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
+    if cfg.get("head_dim") is not None:
+        w.add_key_length(int(cfg["head_dim"]))
+        w.add_value_length(int(cfg["head_dim"]))
+
+
+def rope_parameters(cfg: Config) -> dict[str, Any]:
+    """rope_theta and rope scaling, wherever this transformers version put them."""
+    rope = dict(cfg.get("rope_scaling") or {})
+    rope.update(cfg.get("rope_parameters") or {})
+    if "rope_theta" not in rope and cfg.get("rope_theta") is not None:
+        rope["rope_theta"] = cfg["rope_theta"]
+    return rope

@@ -1,0 +1,93 @@
+"""The registry of model families: what each converter, the spec and tensor naming need of one.
+
+A family module (llama.py, qwen2.py, gemma2.py, phi3.py) registers a :class:`Family` for the
+Hugging Face class names it takes: its GGUF side (:class:`Arch`: llama.cpp's architecture, its
+hyper-parameters and tensor changes) and its ONNX side (:class:`OnnxArch`: the genai model type
+and which projections the checkpoint stores fused), either absent where that converter lacks it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import gguf
+import numpy as np
+
+from packager.errors import UnsupportedArchitectureError
+
+Config = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How one model family converts to GGUF."""
+
+    gguf_arch: gguf.MODEL_ARCH
+    # HF stores Llama's Q/K rows interleaved for its rotary layout; llama.cpp wants them un-permuted.
+    permute_qk: bool = False
+    # Gemma stores RMSNorm weights as (w - 1).
+    norm_offset: float = 0.0
+    extra_hparams: Callable[[Config, gguf.GGUFWriter], None] | None = None
+    # Gemma-2 writes no rope keys (llama.cpp's defaults are Gemma's) and its own head dims.
+    common_hparams: bool = True
+    extra_tensors: Callable[[Config], list[tuple[str, np.ndarray]]] = field(default=lambda cfg: [])
+
+    @property
+    def name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+
+
+@dataclass(frozen=True)
+class OnnxArch:
+    """How one model family maps onto edgepack's ONNX decoder graph."""
+
+    genai_type: str  # genai_config.json's model.type
+    fused_qkv: bool = False  # Phi-3 stores q/k/v as one qkv_proj
+    fused_gate_up: bool = False  # and gate/up as one gate_up_proj
+    rope_types: tuple[str, ...] = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family under the Hugging Face class names it takes, for each converter that has it."""
+
+    hf_names: tuple[str, ...]
+    gguf: Arch | None = None
+    onnx: OnnxArch | None = None
+
+
+FAMILIES: dict[str, Family] = {}  # by HF class name
+
+
+def register(family: Family) -> Family:
+    for hf_name in family.hf_names:
+        FAMILIES[hf_name] = family
+    return family
+
+
+def supported(fmt: str) -> list[str]:
+    """The HF class names one converter ("gguf" or "onnx") takes."""
+    return sorted(n for n, f in FAMILIES.items() if getattr(f, fmt) is not None)
+
+
+def arch_for(hf_name: str) -> Arch:
+    """The GGUF converter's entry for an HF architecture class name."""
+    family = FAMILIES.get(hf_name)
+    if family is None or family.gguf is None:
+        raise UnsupportedArchitectureError(
+            f"architecture {hf_name!r} is not supported by edgepack's GGUF converter; supported: "
+            f"{', '.join(supported('gguf'))}"
+        )
+    return family.gguf
+
+
+def onnx_arch_for(hf_name: str) -> OnnxArch:
+    """The ONNX converter's entry for an HF architecture class name."""
+    family = FAMILIES.get(hf_name)
+    if family is None or family.onnx is None:
+        raise UnsupportedArchitectureError(
+            f"architecture {hf_name!r} is not supported by edgepack's ONNX converter; supported: "
+            f"{', '.join(supported('onnx'))}; pack it with --format gguf instead"
+        )
+    return family.onnx
