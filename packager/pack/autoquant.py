@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +39,14 @@ from packager.host import default_threads
 from packager.kernels.quality import Summary
 from packager.measure.quality import (DEFAULT_CTX, Reference, RunSettings, as_manifest, build_reference, measure,
                                       read_text)
-from packager.pack.options import PackOptions
+from packager.pack.options import PackOptions, ReadyFile
 from packager.pack.pipeline import _safetensors_view, default_source, pack_model
 from packager.plan.planner import Overrides, plan
 from packager.plan.targets import load_target
 from packager.progress import say
 from packager.quants import QuantType, get_quant
 from packager.source.gguf_check import check_layout
-from packager.source.resolver import resolve, sha256_file
+from packager.source.resolver import resolve
 from packager.spec.gguf import spec_from_gguf
 from packager.spec.model import load_spec
 
@@ -76,25 +75,6 @@ class Row:
     measure_s: float | None = None
     imatrix: bool = False  # quantized with an importance matrix
     verdict: str = ""
-
-
-@dataclass(frozen=True)
-class Prebuilt:
-    """The candidate --quant auto chose: pack_model bundles this file instead of converting again."""
-
-    path: Path
-    source_sha256: dict[str, str]
-    imatrix_info: dict[str, Any] | None
-
-    def install(self, dst: Path) -> "Installed":
-        shutil.copyfile(self.path, dst)
-        return Installed(sha256_file(dst), self.source_sha256)
-
-
-@dataclass(frozen=True)
-class Installed:  # what pack_model reads from a conversion result
-    sha256: str
-    source_sha256: dict[str, str] = field(default_factory=dict)
 
 
 def describe_imatrix(info: dict[str, Any]) -> str:
@@ -236,9 +216,9 @@ def pack_auto(source: str | os.PathLike[str] | None, opts, *, max_kld: float = D
         # Which imatrix the rows marked imatrix were quantized with (even when the chosen file used none).
         quality["auto"] = {"max_kld": max_kld, "table": [asdict(r) for r in rows],
                            "imatrix": imatrix_state.get("info") if any(r.imatrix for r in rows) else None}
-        prebuilt = Prebuilt(path, source_sha256, imatrix_state.get("info") if chosen.imatrix else None)
+        ready = ReadyFile(path, source_sha256, imatrix_state.get("info") if chosen.imatrix else None)
         del ref
-        return pack_model(source, replace(opts, quant=chosen.quant, prebuilt=prebuilt, quality=quality))
+        return pack_model(source, replace(opts, quant=chosen.quant, ready=ready, quality=quality))
 
 
 def _check_user_imatrix(imatrix: dict[str, np.ndarray], f16: Path, path: Path) -> None:

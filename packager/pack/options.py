@@ -1,10 +1,29 @@
-"""What `pack model` is asked to do (PackOptions) and what it hands back (PackResult)."""
+"""What `pack model` is asked to do (PackOptions), a file made for it already (ReadyFile), and what it
+hands back (PackResult)."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from packager.convert.result import ConvertResult
+from packager.source.resolver import sha256_file
+
+
+@dataclass(frozen=True)
+class ReadyFile:
+    """A model file already made for this bundle (--quant auto's chosen candidate): bundled, not converted again."""
+
+    path: Path
+    source_sha256: dict[str, str]
+    imatrix_info: dict[str, Any] | None
+
+    def install(self, dst: Path) -> ConvertResult:
+        """Copy the file to ``dst``, as a converter would have written it there."""
+        shutil.copyfile(self.path, dst)
+        return ConvertResult(dst, dst.stat().st_size, self.source_sha256, sha256=sha256_file(dst), files=[dst])
 
 
 @dataclass(frozen=True)
@@ -29,7 +48,7 @@ class PackOptions:
     onnx_asymmetric: bool = False  # --format onnx: int4 with zero points
     onnx_accuracy_level: int = 4  # --format onnx: MatMulNBits accuracy_level (4: int8 compute, fastest on CPU)
     onnx_algorithm: str = "rtn"  # --format onnx: rtn or hqq (convert/onnx/converter.py's ALGORITHMS)
-    prebuilt: Any = None  # --quant auto: the quantized file it measured (autoquant.Prebuilt), bundled as it is
+    ready: ReadyFile | None = None  # --quant auto: the quantized file it measured, bundled as it is
     quality: dict[str, Any] | None = None  # --quant auto: its measured figures, for the manifest and card
 
 

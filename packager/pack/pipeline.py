@@ -94,9 +94,9 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
     with BundleWriter(final, force=opts.force) as bw:
         gguf_path = bw.path(model_rel)
         if src.kind == "gguf":
-            if opts.prebuilt is not None:  # --quant auto: the very file it measured
-                opts.prebuilt.install(gguf_path)
-                imatrix_info = opts.prebuilt.imatrix_info
+            if opts.ready is not None:  # --quant auto: the very file it measured
+                opts.ready.install(gguf_path)
+                imatrix_info = opts.ready.imatrix_info
             elif src_quant == quant.name:
                 say(f"bundling {src.path.name} as it is ({quant.name} fits {tgt.name})", quiet=opts.quiet)
                 shutil.copyfile(src.path, gguf_path)
@@ -109,11 +109,11 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
         else:
             vocab = load_vocab(src.path)  # read once: the gate and the converter share it
             tok_check, kv_block = _tokenizer_gate(src, quant, vocab, opts.skip_tokenizer_check, warnings)
-            say(f"bundling the {quant.name} file --quant auto measured" if opts.prebuilt is not None
+            say(f"bundling the {quant.name} file --quant auto measured" if opts.ready is not None
                 else f"converting {src.name} to {quant.name} for {tgt.name}", quiet=opts.quiet)
             with _safetensors_view(src, opts.quiet) as work:
-                if opts.prebuilt is not None:  # --quant auto: the very file it measured
-                    result, imatrix_info = opts.prebuilt.install(gguf_path), opts.prebuilt.imatrix_info
+                if opts.ready is not None:  # --quant auto: the very file it measured
+                    result, imatrix_info = opts.ready.install(gguf_path), opts.ready.imatrix_info
                 else:
                     imatrix, imatrix_info = _importance(work, quant, opts, threads)
                     result = convert(work, quant, gguf_path, imatrix=imatrix, n_threads=threads, quiet=opts.quiet,

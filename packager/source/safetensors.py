@@ -127,6 +127,17 @@ class Checkpoint:
         """The tensor (or a slice of its rows) as a new float32 array."""
         return to_f32(self.raw(name) if rows is None else self.raw(name)[rows], self.refs[name].dtype)
 
+    def read_rows(self, name: str, lo: int, hi: int, hasher: "FileHasher") -> np.ndarray:
+        """Rows lo..hi of a tensor (a 1-D tensor: all of it) as a new float32 array; the bytes read are
+        hashed, and released from this process, as they pass (both converters stream through this)."""
+        ref = self.refs[name]
+        raw = self.raw(name)
+        first = lo * (ref.nbytes // ref.shape[0]) if raw.ndim > 1 else 0
+        block = raw[lo:hi] if raw.ndim > 1 else raw
+        data = to_f32(block, ref.dtype)
+        hasher.read(ref.file, ref.start + first, ref.start + first + block.nbytes)
+        return data
+
     def close(self) -> None:
         self._maps.clear()
 
@@ -187,6 +198,15 @@ class FileHasher:
             h.update(self.ckpt.mapped(path)[self._pos[path]:])
             out[path] = h.hexdigest()
         return out
+
+
+def row_blocks(shape: tuple[int, ...], max_elements: int) -> list[tuple[int, int]]:
+    """Row ranges of about ``max_elements`` values each (a 1-D tensor is one block)."""
+    if len(shape) < 2:
+        return [(0, shape[0] if shape else 1)]
+    rows, cols = shape[0], int(np.prod(shape[1:]))
+    step = max(1, max_elements // max(cols, 1))
+    return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
 
 
 def to_f32(data: np.ndarray, dtype: str) -> np.ndarray:

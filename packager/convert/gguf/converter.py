@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -20,30 +19,20 @@ import gguf
 import numpy as np
 from gguf.gguf_writer import WriterState
 
-from packager import quants
-from packager import archs
+from packager import archs, quants
 from packager.convert.gguf.imatrix import check_imatrix
 from packager.convert.gguf.vocab import load_vocab
+from packager.convert.result import ConvertResult
 from packager.errors import ConversionError
 from packager.host import default_threads
 from packager.kernels import ggml
 from packager.progress import progress_bar
 from packager.source.resolver import Source
-from packager.source.safetensors import Checkpoint, FileHasher, to_f32
+from packager.source.safetensors import Checkpoint, FileHasher, row_blocks
 from packager.spec.model import read_config, spec_from_config
 from packager.spec.tensors import TensorJob, plan_tensors
 
 CHUNK_ELEMENTS = 8 << 20  # rows are quantized in blocks of about 32 MB of f32
-@dataclass(frozen=True)
-class ConvertResult:
-    path: Path
-    n_tensors: int
-    n_bytes: int
-    tensor_types: dict[str, int]  # ggml type name -> count
-    sha256: str  # of the GGUF written
-    source_sha256: dict[str, str]  # checkpoint file (relative path) -> sha256, hashed while read
-
-
 def _permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     # HF interleaves each head's rotary halves; llama.cpp expects them contiguous.
     shape = rows.shape
@@ -51,12 +40,9 @@ def _permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _row_blocks(job: TensorJob) -> list[slice]:
-    rows = job.shape[0] if len(job.shape) > 1 else 1
-    cols = int(np.prod(job.shape[1:])) if len(job.shape) > 1 else job.shape[0]
     if job.transform:  # permutations move rows across the whole tensor: take it whole
-        return [slice(0, rows)]
-    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
-    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+        return [slice(0, job.shape[0] if len(job.shape) > 1 else 1)]
+    return [slice(lo, hi) for lo, hi in row_blocks(job.shape, CHUNK_ELEMENTS)]
 
 
 def _load_block(ckpt: Checkpoint, job: TensorJob, block: slice, cfg: dict, generated: dict,
@@ -64,13 +50,7 @@ def _load_block(ckpt: Checkpoint, job: TensorJob, block: slice, cfg: dict, gener
     if job.src is None:
         data = generated[job.name].astype(np.float32)
     else:
-        ref = ckpt.refs[job.src]
-        raw = ckpt.raw(job.src)
-        first = block.start * (ref.nbytes // ref.shape[0]) if raw.ndim > 1 else 0
-        raw = raw[block] if raw.ndim > 1 else raw
-        data = to_f32(raw, ref.dtype)
-        # Hash the bytes just read, then let the kernel drop them from this process.
-        hasher.read(ref.file, ref.start + first, ref.start + first + raw.nbytes)
+        data = ckpt.read_rows(job.src, block.start, block.stop, hasher)
     if job.transform == "permute_q":
         data = _permute_rows(data, int(cfg["num_attention_heads"]))
     elif job.transform == "permute_k":
@@ -237,4 +217,5 @@ def convert(
     counts: dict[str, int] = {}
     for job in jobs:
         counts[job.qtype.name] = counts.get(job.qtype.name, 0) + 1
-    return ConvertResult(out_path, len(jobs), total, counts, out_hash.hexdigest(), sha256s)
+    return ConvertResult(out_path, total, sha256s, sha256=out_hash.hexdigest(), files=[out_path],
+                         details={"n_tensors": len(jobs), "tensor_types": counts})

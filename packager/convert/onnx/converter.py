@@ -27,7 +27,8 @@ import numpy as np
 from packager.archs import OnnxArch, onnx_arch_for, rope_parameters, supported
 from packager.convert.onnx.graph import GraphBuilder
 from packager.convert.onnx.optimum_export import optimum_exports, optimum_installed
-from packager.convert.onnx.output import ConvertResult, DecoderShape, copy_tokenizer, genai_config, read_json
+from packager.convert.onnx.output import DecoderShape, copy_tokenizer, genai_config, read_json
+from packager.convert.result import ConvertResult
 from packager.errors import BackendMissingError, ConversionError, SourceError, UnsupportedArchitectureError, UsageError
 from packager.formats.onnx import ALGORITHMS, Dims, WeightFormat, declare
 from packager.host import default_threads
@@ -35,7 +36,7 @@ from packager.kernels.hqq import quantize_int4_hqq, split_zero_points
 from packager.kernels.int4 import check_block_size, quantize_int4
 from packager.progress import progress_bar
 from packager.source.resolver import Source
-from packager.source.safetensors import Checkpoint, FileHasher, to_f32
+from packager.source.safetensors import Checkpoint, FileHasher, row_blocks
 from packager.spec.model import read_config, spec_from_config
 
 CHUNK_ELEMENTS = 4 << 20  # rows are quantized in blocks of about 16 MB of f32
@@ -264,14 +265,8 @@ class _Writer:
 def _jobs(ckpt: Checkpoint, slots: dict[str, list[Slot]]):
     """(source, row range) blocks in file order: each shard is read front to back once."""
     for src in sorted(slots, key=lambda s: (str(ckpt.refs[s].file), ckpt.refs[s].start)):
-        ref = ckpt.refs[src]
-        if len(ref.shape) == 1:
-            yield src, 0, ref.shape[0]
-            continue
-        rows, cols = ref.shape[0], int(np.prod(ref.shape[1:]))
-        step = max(1, CHUNK_ELEMENTS // max(cols, 1))
-        for lo in range(0, rows, step):
-            yield src, lo, min(lo + step, rows)
+        for lo, hi in row_blocks(ckpt.refs[src].shape, CHUNK_ELEMENTS):
+            yield src, lo, hi
 
 
 def write_weights(ckpt: Checkpoint, slots: dict[str, list[Slot]], writer: _Writer, hasher: FileHasher,
@@ -284,14 +279,8 @@ def write_weights(ckpt: Checkpoint, slots: dict[str, list[Slot]], writer: _Write
                          quiet=quiet) as bar:
         for src, lo, hi in _jobs(ckpt, slots):
             ref = ckpt.refs[src]
-            raw = ckpt.raw(src)
-            if raw.ndim == 1:
-                block, first = raw, 0
-            else:
-                block, first = raw[lo:hi], lo * (ref.nbytes // ref.shape[0])
-            data = to_f32(block, ref.dtype)
+            data = ckpt.read_rows(src, lo, hi, hasher)
             data = data.reshape(data.shape[0], -1) if data.ndim > 1 else data
-            hasher.read(ref.file, ref.start + first, ref.start + first + block.nbytes)
             for slot in slots[src]:
                 s_lo, s_hi = slot.src_rows or (0, ref.shape[0])
                 a, b = max(lo, s_lo), min(hi, s_hi)
@@ -300,7 +289,7 @@ def write_weights(ckpt: Checkpoint, slots: dict[str, list[Slot]], writer: _Write
                 part = data[a - lo:b - lo] if data.ndim > 1 else data
                 dst = slot.dst_row + (a - s_lo)
                 pending.append(pool.submit(writer.write, slot, part, dst))
-            bar.update(block.nbytes)
+            bar.update(data.size * ref.nbytes // max(int(np.prod(ref.shape)), 1))
             # Bound the blocks in flight: memory stays a few blocks, whatever the model's size.
             while len(pending) > 2 * max(1, n_threads):
                 pending.pop(0).result()
@@ -358,5 +347,5 @@ def convert(source: Source, out_dir: Path, opts: OnnxOptions = OnnxOptions(), *,
         json.dumps(genai_config(decoder_shape(d, arch), cfg, gen, n_ctx, opts.execution_provider), indent=4),
         encoding="utf-8")
     copied = [out_dir / "model.onnx", data_path, out_dir / "genai_config.json", *copy_tokenizer(source.path, out_dir)]
-    return ConvertResult(out_dir, copied, opts.quant_name, sha256s, sum(p.stat().st_size for p in copied),
-                         {"onnx": {**opts.as_dict(), "exporter": "edgepack"}, "n_nodes": len(model.graph.node)})
+    return ConvertResult(out_dir, sum(p.stat().st_size for p in copied), sha256s, files=copied,
+                         details={"onnx": {**opts.as_dict(), "exporter": "edgepack"}, "n_nodes": len(model.graph.node)})

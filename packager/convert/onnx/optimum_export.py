@@ -28,7 +28,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from packager.convert.onnx.output import ConvertResult, DecoderShape, copy_tokenizer, genai_config, read_json
+from packager.convert.onnx.output import DecoderShape, copy_tokenizer, genai_config, read_json
+from packager.convert.result import ConvertResult
 from packager.errors import ConversionError
 from packager.kernels.hqq import split_zero_points
 from packager.kernels.int4 import Int4Blocks
@@ -236,4 +237,4 @@ def convert_optimum(source: Source, out_dir: Path, opts, *, n_ctx: int = 4096, q
     exporter = f"{EXPORTER} {version('optimum-onnx')} (optimum {version('optimum')})"
     details = {"onnx": {**opts.as_dict(), "int4_embeddings": False, "exporter": exporter},
                "n_nodes": len(graph.node), "n_int4_matmuls": n_int4}
-    return ConvertResult(out_dir, copied, opts.quant_name, sha256s, sum(p.stat().st_size for p in copied), details)
+    return ConvertResult(out_dir, sum(p.stat().st_size for p in copied), sha256s, files=copied, details=details)

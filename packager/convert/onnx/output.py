@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +13,6 @@ from packager.errors import SourceError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
-
-
-@dataclass
-class ConvertResult:
-    path: Path
-    files: list[Path]
-    quant: str
-    source_sha256: dict[str, str]
-    n_bytes: int
-    details: dict[str, Any] = field(default_factory=dict)
 
 
 def copy_tokenizer(src_dir: Path, out_dir: Path) -> list[Path]:
