@@ -73,21 +73,19 @@ def supported(fmt: str) -> list[str]:
 
 def arch_for(hf_name: str) -> Arch:
     """The GGUF converter's entry for an HF architecture class name."""
-    family = FAMILIES.get(hf_name)
-    if family is None or family.gguf is None:
-        raise UnsupportedArchitectureError(
-            f"architecture {hf_name!r} is not supported by edgepack's GGUF converter; supported: "
-            f"{', '.join(supported('gguf'))}"
-        )
-    return family.gguf
+    return _side(hf_name, "gguf", "")
 
 
 def onnx_arch_for(hf_name: str) -> OnnxArch:
     """The ONNX converter's entry for an HF architecture class name."""
-    family = FAMILIES.get(hf_name)
-    if family is None or family.onnx is None:
+    return _side(hf_name, "onnx", "; pack it with --format gguf instead")
+
+
+def _side(hf_name: str, fmt: str, hint: str) -> Any:
+    side = getattr(FAMILIES.get(hf_name), fmt, None)
+    if side is None:
         raise UnsupportedArchitectureError(
-            f"architecture {hf_name!r} is not supported by edgepack's ONNX converter; supported: "
-            f"{', '.join(supported('onnx'))}; pack it with --format gguf instead"
+            f"architecture {hf_name!r} is not supported by edgepack's {fmt.upper()} converter; supported: "
+            f"{', '.join(supported(fmt))}{hint}"
         )
-    return family.onnx
+    return side
