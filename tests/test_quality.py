@@ -375,6 +375,48 @@ def test_auto_with_an_impossible_bar_fails_with_the_table_and_leaves_nothing(tin
 
 
 @pytest.mark.slow
+def test_auto_walks_gguf_and_onnx_candidates_together_by_size(tiny_qwen2, tmp_path):
+    """A target that runs both formats: GGUF types and ONNX schemes in one table, smallest weights first;
+    the first under the bar is bundled in its own format, as measured."""
+    out = tmp_path / "dist"
+    target = _target(tmp_path, ["Q8_0", "Q4_0"])
+    r = pack("model", tiny_qwen2, "--target", target, "--quant", "auto", "--max-kld", "50", "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    table = m["quality"]["auto"]["table"]
+    assert {row["format"] for row in table} == {"gguf", "onnx"}
+    assert {row["quant"] for row in table} == {"Q8_0", "Q4_0", "INT4_B32", "INT4_B128_HQQ", "INT4_B64_HQQ", "INT4_B32_HQQ"}
+    sizes = [row["predicted_memory"] for row in table]
+    chosen = table[0]  # the bar is loose: the smallest candidate qualifies
+    assert chosen["verdict"].startswith("chosen") and all(r["verdict"].startswith("not measured") for r in table[1:])
+    assert (m["format"], m["quant"]) == (chosen["format"], chosen["quant"])
+    assert m["quality"]["kld_mean"] == pytest.approx(chosen["kld_mean"], abs=1e-8)  # the manifest rounds to 8 digits
+    assert all(s is not None for s in sizes)
+    assert verify(Path(m["path"])) == []
+
+
+@pytest.mark.slow
+def test_auto_onnx_bundles_the_folder_it_measured(tiny_qwen2, tmp_path):
+    import packager
+    from packager.convert.onnx.converter import OnnxOptions, convert
+    from packager.source.resolver import resolve
+
+    r = pack("model", tiny_qwen2, "--format", "onnx", "--quant", "auto", "--max-kld", "50", "-o", tmp_path / "d",
+             "--json")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    bundle = Path(m["path"])
+    assert m["format"] == "onnx" and m["quant"] == "INT4_B128_HQQ" and m["onnx"]["algorithm"] == "hqq"
+    assert m["quality"]["auto"]["table"][0]["quant"] == "INT4_B128_HQQ" and "## Quality" in (bundle / "README.md").read_text()
+    # the bytes a plain conversion at that scheme writes: nothing was converted twice or differently
+    convert(resolve(tiny_qwen2, hash_files=False, quiet=True), tmp_path / "again",
+            OnnxOptions(block_size=128, symmetric=False, algorithm="hqq"), quiet=True)
+    assert (bundle / "model" / "model.onnx.data").read_bytes() == (tmp_path / "again" / "model.onnx.data").read_bytes()
+    with packager.load(bundle) as model:
+        assert model.generate("Hello", max_tokens=4)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["reference-logprobs.npy", "candidate-"])
 def test_auto_ctrl_c_removes_its_temporary_files(tiny_qwen2, tmp_path, when):
     """SIGINT while the reference pass writes its log-probabilities, or while a candidate is quantized or

@@ -20,7 +20,8 @@ from packager.quants import QUANTS
               help="Device class: a name from `pack targets`, an alias (android), or a path to a .toml profile.")
 @click.option("--quant", type=click.Choice(sorted(QUANTS) + ["auto"], case_sensitive=False),
               help="Quant type. Default: the best one on the target's ladder that fits. auto: the smallest "
-                   "one on the ladder that fits and whose measured mean KL divergence is under --max-kld.")
+                   "one that fits and whose measured mean KL divergence is under --max-kld, among the GGUF ladder "
+                   "and, where the target runs ONNX (and --format does not say otherwise), the ONNX int4 schemes.")
 @click.option("--max-kld", type=float,
               help="With --quant auto: the quality bar, mean KL divergence from F16 in nats (default 0.05).")
 @click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]),

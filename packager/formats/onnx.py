@@ -162,6 +162,9 @@ def _schemes() -> dict[str, WeightFormat]:
 # Every int4 scheme a bundle can have (accuracy level 4; it changes the compute, not the bytes).
 SCHEMES: dict[str, WeightFormat] = _schemes()
 DEFAULT = "INT4_B32"
+# What --quant auto tries for ONNX, walked smallest first: HQQ's lower error at bigger blocks
+# often buys the size of plain round-to-nearest at block 32 (benchmarks/quality_ladder.py).
+AUTO_LADDER = ("INT4_B32", "INT4_B128_HQQ", "INT4_B64_HQQ", "INT4_B32_HQQ")
 
 
 @dataclass(frozen=True)

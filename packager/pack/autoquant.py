@@ -1,5 +1,10 @@
 """`pack model --quant auto`: the smallest quant on the target's ladder that fits and keeps quality.
 
+Where the target runs both formats (and ``--format`` does not pick one), the candidates are the
+GGUF types of its ladder and the ONNX int4 schemes of formats.onnx.AUTO_LADDER, walked together
+by size: an ONNX candidate is converted from the checkpoint by the streaming converter and scored
+by ONNX Runtime against the same F16 reference (measure/quality.py), so both are on one scale.
+
 1. The source is converted once to F16 (a GGUF source that is F16/BF16/F32 is
    used as it is): the reference, and what every candidate is quantized from.
 2. The reference runs once over the evaluation text; its log-probabilities stay
@@ -23,18 +28,22 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from packager.archs import supported
 from packager.convert.gguf.converter import convert
 from packager.convert.gguf.imatrix import calibration_text, check_imatrix, compute_imatrix, user_imatrix
 from packager.convert.gguf.requantize import quantize_gguf
+from packager.convert.onnx.converter import OnnxOptions, convert as convert_onnx, execution_provider
 from packager.errors import DoesNotFit, QualityError, UsageError
+from packager.formats import onnx
 from packager.host import default_threads
 from packager.kernels.quality import Summary
 from packager.measure.quality import (DEFAULT_CTX, Reference, RunSettings, as_manifest, build_reference, measure,
@@ -42,7 +51,7 @@ from packager.measure.quality import (DEFAULT_CTX, Reference, RunSettings, as_ma
 from packager.pack.options import PackOptions, ReadyFile
 from packager.pack.pipeline import _safetensors_view, default_source, pack_model
 from packager.plan.planner import Overrides, plan
-from packager.plan.targets import load_target
+from packager.plan.targets import Target, load_target
 from packager.progress import say
 from packager.quants import QuantType, get_quant
 from packager.source.gguf_check import check_layout
@@ -65,7 +74,9 @@ class Row:
     """One line of the table: a quant on the ladder and what was found about it."""
 
     quant: str
+    format: str = "gguf"
     predicted_memory: int | None = None  # bytes; None: it does not fit
+    n_ctx: int | None = None  # the plan's context (an ONNX candidate's genai_config carries it)
     size: int | None = None  # bytes of the quantized file
     ppl: float | None = None
     kld_mean: float | None = None
@@ -91,7 +102,7 @@ def format_table(rows: list[Row], max_kld: float, imatrix_info: dict[str, Any] |
     for r in rows:
         def f(v: float | None, fmt: str) -> str:
             return "-" if v is None else format(v, fmt)
-        lines.append((r.quant, f(r.size and r.size / 1e6, ".1f"), f(r.predicted_memory and r.predicted_memory / 1e9, ".2f"),
+        lines.append((r.quant if r.format == "gguf" else f"{r.quant} (onnx)", f(r.size and r.size / 1e6, ".1f"), f(r.predicted_memory and r.predicted_memory / 1e9, ".2f"),
                       f(r.ppl, ".3f"), f(r.kld_mean, ".5f"), f(r.kld_p99, ".4f"),
                       f(r.top1 and 100 * r.top1, ".1f") + ("%" if r.top1 is not None else ""),
                       f(r.quantize_s, ".1f"), f(r.measure_s, ".1f"), r.verdict))
@@ -102,47 +113,54 @@ def format_table(rows: list[Row], max_kld: float, imatrix_info: dict[str, Any] |
             + (f"\n(imatrix: {describe_imatrix(imatrix_info)})" if used and imatrix_info else ""))
 
 
-def ladder_rows(spec, tgt, overrides: Overrides) -> list[Row]:
-    """Every quant on the target's ladder, smallest file first, with its predicted memory when it fits."""
-    fits, too_big = [], []
-    for name in dict.fromkeys(tgt.quant_ladder):
-        try:
-            p = plan(spec, tgt, replace(overrides, quant=name))
-        except DoesNotFit:
-            too_big.append(Row(name, verdict="does not fit"))
-            continue
-        gpu = p.vram.total if p.vram is not None else 0
-        weights = p.memory.weights + (p.vram.weights if p.vram is not None else 0)
-        fits.append((weights, Row(name, predicted_memory=p.memory.total + gpu)))
-    return [r for _, r in sorted(fits, key=lambda x: x[0])] + too_big
+def ladder_rows(spec, tgt, overrides: Overrides, *, onnx_from: str | None = None) -> list[Row]:
+    """Every candidate, smallest weights first, with its predicted memory when it fits: the target's GGUF
+    ladder, and the ONNX schemes where the target runs ONNX (``onnx_from``: why they cannot be made)."""
+    fits, other = [], []
+    formats = [overrides.format] if overrides.format else list(tgt.formats)
+    for fmt in formats:
+        names = tgt.quant_ladder if fmt == "gguf" else onnx.AUTO_LADDER
+        for name in dict.fromkeys(names):
+            if fmt == "onnx" and onnx_from:
+                other.append(Row(name, fmt, verdict=f"not tried: {onnx_from}"))
+                continue
+            try:
+                p = plan(spec, tgt, replace(overrides, quant=name, format=fmt))
+            except DoesNotFit:
+                other.append(Row(name, fmt, verdict="does not fit"))
+                continue
+            gpu = p.vram.total if p.vram is not None else 0
+            weights = p.memory.weights + (p.vram.weights if p.vram is not None else 0)
+            fits.append((weights, Row(name, fmt, predicted_memory=p.memory.total + gpu, n_ctx=p.n_ctx)))
+    return [r for _, r in sorted(fits, key=lambda x: x[0])] + other
 
 
-def walk(rows: list[Row], f16: Path, ref: Reference, workdir: Path, *, max_kld: float, settings: RunSettings,
-         imatrix_for, quiet: bool) -> tuple[Row | None, Path | None, Summary | None]:
-    """Quantize and measure the fitting rows, smallest first, until one is under the bar."""
+def walk(rows: list[Row], make: Callable[[Row], tuple[Path, Path]], ref: Reference, *, max_kld: float,
+         settings: RunSettings, quiet: bool) -> tuple[Row | None, Path | None, Summary | None]:
+    """Make and measure the fitting rows, smallest first, until one is under the bar.
+
+    ``make(row)`` writes the candidate: (what to keep if chosen, the model file to measure).
+    """
     for row in rows:
         if row.predicted_memory is None:
             continue
-        q = get_quant(row.quant)
-        out = workdir / f"candidate-{q.name}.gguf"
-        imatrix = imatrix_for(q)
-        row.imatrix = imatrix is not None
-        say(f"--quant auto: trying {q.name}", quiet=quiet)
+        say(f"--quant auto: trying {row.quant}" + (" (onnx)" if row.format == "onnx" else ""), quiet=quiet)
         t0 = time.perf_counter()
-        quantize_gguf(f16, q, out, imatrix=imatrix, n_threads=settings.n_threads)
+        out, model = make(row)
         row.quantize_s = time.perf_counter() - t0
-        row.size = out.stat().st_size
-        m = measure(out, ref, settings=settings, quiet=quiet, desc=f"measuring {q.name}")
+        row.size = sum(f.stat().st_size for f in out.iterdir()) if out.is_dir() else out.stat().st_size
+        m = measure(model, ref, settings=settings, quiet=quiet, desc=f"measuring {row.quant}")
         s = m.summary
         row.ppl, row.kld_mean, row.kld_p99, row.top1, row.measure_s = s.ppl, s.kld_mean, s.kld_p99, s.top1, m.seconds
+        imatrix = " (imatrix)" if row.imatrix else ""
         if s.kld_mean <= max_kld:
-            row.verdict = "chosen: smallest under the bar" + (" (imatrix)" if imatrix is not None else "")
+            row.verdict = "chosen: smallest under the bar" + imatrix
             for later in rows:
                 if later.predicted_memory is not None and later.kld_mean is None and later is not row:
                     later.verdict = "not measured: a smaller quant qualified"
             return row, out, s
-        row.verdict = "KLD over the bar" + (" (imatrix)" if imatrix is not None else "")
-        out.unlink()
+        row.verdict = "KLD over the bar" + imatrix
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
     return None, None, None
 
 
@@ -165,10 +183,13 @@ def pack_auto(source: str | os.PathLike[str] | None, opts, *, max_kld: float = D
         spec = load_spec(src.path)
     overrides = Overrides(format=opts.format, n_ctx=opts.n_ctx, ram_bytes=opts.ram_bytes, vram_bytes=opts.vram_bytes,
                           n_threads=opts.n_threads)
-    p = plan(spec, tgt, overrides)  # nothing fits: DoesNotFit with the numbers, before any work
-    if p.format != "gguf":
-        raise UsageError(f"--quant auto measures GGUF bundles; pass --format gguf (the target prefers {p.format})")
-    rows = ladder_rows(spec, tgt, overrides)
+    plan(spec, tgt, overrides)  # nothing fits: DoesNotFit with the numbers, before any work
+    onnx_from = None  # why ONNX candidates cannot be made here, if they cannot
+    if src.kind == "gguf":
+        onnx_from = "ONNX bundles are converted from the HF checkpoint, not a GGUF"
+    elif spec.architecture not in supported("onnx"):
+        onnx_from = f"edgepack's streaming ONNX converter lacks {spec.architecture}"
+    rows = ladder_rows(spec, tgt, overrides, onnx_from=onnx_from)
     threads = opts.n_threads or default_threads()
     Path(opts.output).mkdir(parents=True, exist_ok=True)
     imatrix_state: dict[str, Any] = {}
@@ -202,8 +223,24 @@ def pack_auto(source: str | os.PathLike[str] | None, opts, *, max_kld: float = D
                 say(f"--quant auto: importance matrix {describe_imatrix(imatrix_state['info'])}", quiet=opts.quiet)
             return imatrix_state["data"]
 
-        chosen, path, summary = walk(rows, f16, ref, work, max_kld=max_kld, settings=RunSettings(threads, 0, p.kv_type),
-                            imatrix_for=imatrix_for, quiet=opts.quiet)
+        def make(row: Row) -> tuple[Path, Path]:
+            if row.format == "onnx":  # converted from the checkpoint (the F16 file is llama.cpp's)
+                out = work / f"candidate-{row.quant}"
+                with _safetensors_view(src, opts.quiet) as view:
+                    result = convert_onnx(view, out, onnx_candidate(row.quant, opts, tgt), n_ctx=row.n_ctx or 4096,
+                                     n_threads=threads, quiet=opts.quiet)
+                onnx_details[row.quant] = result.details
+                return out, out / "model.onnx"
+            q = get_quant(row.quant)
+            out = work / f"candidate-{q.name}.gguf"
+            imatrix = imatrix_for(q)
+            row.imatrix = imatrix is not None
+            quantize_gguf(f16, q, out, imatrix=imatrix, n_threads=threads)
+            return out, out
+
+        onnx_details: dict[str, dict[str, Any]] = {}
+        chosen, path, summary = walk(rows, make, ref, max_kld=max_kld, settings=RunSettings(threads, 0, tgt.kv_cache_type),
+                                     quiet=opts.quiet)
         table = format_table(rows, max_kld, imatrix_state.get("info"))
         if chosen is None:
             raise QualityError(f"no quant on {tgt.name}'s ladder both fits and has a mean KLD <= {max_kld:g}; "
@@ -216,9 +253,22 @@ def pack_auto(source: str | os.PathLike[str] | None, opts, *, max_kld: float = D
         # Which imatrix the rows marked imatrix were quantized with (even when the chosen file used none).
         quality["auto"] = {"max_kld": max_kld, "table": [asdict(r) for r in rows],
                            "imatrix": imatrix_state.get("info") if any(r.imatrix for r in rows) else None}
-        ready = ReadyFile(path, source_sha256, imatrix_state.get("info") if chosen.imatrix else None)
+        ready = ReadyFile(path, source_sha256, imatrix_state.get("info") if chosen.imatrix else None,
+                          onnx_details.get(chosen.quant, {}))
         del ref
-        return pack_model(source, replace(opts, quant=chosen.quant, ready=ready, quality=quality))
+        if chosen.format == "onnx":
+            w = onnx.SCHEMES[chosen.quant]
+            return pack_model(source, replace(opts, format="onnx", quant=None, onnx_block_size=w.block_size,
+                                              onnx_asymmetric=not w.symmetric, onnx_algorithm=w.algorithm,
+                                              ready=ready, quality=quality))
+        return pack_model(source, replace(opts, format="gguf", quant=chosen.quant, ready=ready, quality=quality))
+
+
+def onnx_candidate(name: str, opts: PackOptions, tgt: Target) -> OnnxOptions:
+    """The converter's options for one ONNX scheme of the auto ladder, as pack model would set them."""
+    w = onnx.SCHEMES[name]
+    return OnnxOptions(block_size=w.block_size, symmetric=w.symmetric, algorithm=w.algorithm,
+                       accuracy_level=opts.onnx_accuracy_level, execution_provider=execution_provider(tgt.backends, tgt.name))
 
 
 def _check_user_imatrix(imatrix: dict[str, np.ndarray], f16: Path, path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from packager import __version__
 from packager.bundle.manifest import Manifest, Runtime
+from packager.measure.bundle_quality import card_section, with_card_section
 from packager.plan.planner import Plan
 from packager.plan.targets import Target
 from packager.source.resolver import Source
@@ -71,3 +72,8 @@ def bundle_manifest(src: Source, spec: ModelSpec, tgt: Target, p: Plan, *, quant
         predicted={"memory_bytes": p.memory.total, "decode_tokens_per_s": p.predicted_decode_tps,
                    "prefill_tokens_per_s": p.predicted_prefill_tps},
         warnings=warnings, edgepack_version=__version__, extras=extras)
+
+
+def with_quality(card: str, quality: dict[str, Any] | None, quant: str) -> str:
+    """The model card with --quant auto's quality section, when there is one."""
+    return card if quality is None else with_card_section(card, card_section(quality, quant))

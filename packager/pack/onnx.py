@@ -20,7 +20,7 @@ from packager.convert.onnx.converter import GPTQ_REFUSAL, OnnxOptions, convert, 
 from packager.convert.onnx.optimum_export import convert_optimum, fallback_memory
 from packager.errors import UsageError
 from packager.formats.onnx import ALGORITHMS, BLOCK_SIZES
-from packager.pack.card import LICENSE_NAMES, bundle_manifest, generation_defaults, model_card
+from packager.pack.card import LICENSE_NAMES, bundle_manifest, generation_defaults, model_card, with_quality
 from packager.pack.options import PackOptions, PackResult
 from packager.pack.preflight import check_disk, check_memory
 from packager.plan.planner import Overrides, plan
@@ -79,9 +79,12 @@ def pack_onnx(src: Source, spec: ModelSpec, tgt: Target, overrides: Overrides, o
     else:
         check_memory(CONVERTER_RSS, "the conversion")
     with BundleWriter(final, force=opts.force) as bw:
-        say(f"converting {src.name} to ONNX {oo.quant_name} ({oo.execution_provider}) for {tgt.name}", quiet=opts.quiet)
+        say(f"bundling the ONNX {oo.quant_name} model --quant auto measured" if opts.ready is not None else
+            f"converting {src.name} to ONNX {oo.quant_name} ({oo.execution_provider}) for {tgt.name}", quiet=opts.quiet)
         model_dir = bw.path(f"{MODEL_DIR}/model.onnx").parent
-        if exporter == "optimum":
+        if opts.ready is not None:  # --quant auto: the very folder it measured
+            result = opts.ready.install(model_dir)
+        elif exporter == "optimum":
             result = convert_optimum(src, model_dir, oo, n_ctx=p.n_ctx, quiet=opts.quiet)
         else:
             result = convert(src, model_dir, oo, n_ctx=p.n_ctx, n_threads=opts.n_threads, quiet=opts.quiet)
@@ -90,11 +93,12 @@ def pack_onnx(src: Source, spec: ModelSpec, tgt: Target, overrides: Overrides, o
             if (src.path / name).is_file():
                 bw.add_file(name, src.path / name)
         model_rel = f"{MODEL_DIR}/model.onnx"
-        bw.add_text("README.md", model_card(src, tgt, p, model_rel))
+        bw.add_text("README.md", with_quality(model_card(src, tgt, p, model_rel), opts.quality, oo.quant_name))
         manifest = bundle_manifest(
             src, spec, tgt, p, quant=oo.quant_name, model_file=model_rel, warnings=warnings,
             generation=generation_defaults(src.path), execution_provider=oo.execution_provider,
             onnx=result.details["onnx"],
-            tokenizer_check={"status": "not applicable", "reason": "onnxruntime-genai runs the source's own tokenizer.json"})
+            tokenizer_check={"status": "not applicable", "reason": "onnxruntime-genai runs the source's own tokenizer.json"},
+            **({"quality": opts.quality} if opts.quality is not None else {}))
         path = bw.commit(manifest.as_json(), quiet=opts.quiet)
     return PackResult(path, bw.manifest, warnings)

@@ -16,14 +16,21 @@ from packager.source.resolver import sha256_file
 class ReadyFile:
     """A model file already made for this bundle (--quant auto's chosen candidate): bundled, not converted again."""
 
-    path: Path
+    path: Path  # a GGUF file, or an ONNX model folder
     source_sha256: dict[str, str]
-    imatrix_info: dict[str, Any] | None
+    imatrix_info: dict[str, Any] | None = None
+    details: dict[str, Any] = field(default_factory=dict)  # the converter's own (ONNX: its options)
 
     def install(self, dst: Path) -> ConvertResult:
-        """Copy the file to ``dst``, as a converter would have written it there."""
+        """Copy the file (or the folder's files) to ``dst``, as the converter would have written them there."""
+        if self.path.is_dir():
+            dst.mkdir(parents=True, exist_ok=True)
+            files = [Path(shutil.copyfile(f, dst / f.name)) for f in sorted(self.path.iterdir()) if f.is_file()]
+            return ConvertResult(dst, sum(f.stat().st_size for f in files), self.source_sha256, files=files,
+                                 details=self.details)
         shutil.copyfile(self.path, dst)
-        return ConvertResult(dst, dst.stat().st_size, self.source_sha256, sha256=sha256_file(dst), files=[dst])
+        return ConvertResult(dst, dst.stat().st_size, self.source_sha256, sha256=sha256_file(dst), files=[dst],
+                             details=self.details)
 
 
 @dataclass(frozen=True)

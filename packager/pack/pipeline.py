@@ -21,8 +21,7 @@ from packager.convert.gguf.tokenizer_gate import check_tokenizer
 from packager.convert.gguf.vocab import load_vocab
 from packager.errors import TokenizerMismatchError, UsageError
 from packager.host import default_threads
-from packager.measure.bundle_quality import card_section, with_card_section
-from packager.pack.card import LICENSE_NAMES, bundle_manifest, generation_defaults, model_card
+from packager.pack.card import LICENSE_NAMES, bundle_manifest, generation_defaults, model_card, with_quality
 from packager.pack.onnx import check_request, pack_onnx
 from packager.pack.options import PackOptions, PackResult
 from packager.pack.preflight import check_disk, check_memory
@@ -124,7 +123,7 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
         for name in LICENSE_NAMES:
             if src.kind == "hf" and (src.path / name).is_file():
                 bw.add_file(name, src.path / name)
-        bw.add_text("README.md", _with_quality(model_card(src, tgt, p, model_rel), opts.quality, quant.name))
+        bw.add_text("README.md", with_quality(model_card(src, tgt, p, model_rel), opts.quality, quant.name))
         manifest = bundle_manifest(
             src, spec, tgt, p, quant=quant.name, model_file=model_rel, warnings=warnings,
             generation=generation_defaults(src.path) if src.kind == "hf" else {},
@@ -155,14 +154,6 @@ def _importance(src: Source, quant: QuantType, opts: PackOptions, threads: int) 
         model = convert(src, get_quant("Q8_0"), Path(tmp) / "imatrix-model.gguf", n_threads=threads, quiet=opts.quiet).path
         imatrix = compute_imatrix(model, text, n_threads=threads, quiet=opts.quiet)
     return imatrix, {"text": origin, "sha256": hashlib.sha256(text.encode()).hexdigest(), "model": "Q8_0"}
-
-
-def _with_quality(card: str, quality: dict[str, Any] | None, quant: str) -> str:
-    """The model card with --quant auto's quality section, when there is one."""
-    if quality is None:
-        return card
-
-    return with_card_section(card, card_section(quality, quant))
 
 
 @contextmanager
