@@ -228,7 +228,7 @@ def pack_auto(source: str | os.PathLike[str] | None, opts, *, max_kld: float = D
                 out = work / f"candidate-{row.quant}"
                 with _safetensors_view(src, opts.quiet) as view:
                     result = convert_onnx(view, out, onnx_candidate(row.quant, opts, tgt), n_ctx=row.n_ctx or 4096,
-                                     n_threads=threads, quiet=opts.quiet)
+                                          n_threads=threads, quiet=opts.quiet)
                 onnx_details[row.quant] = result.details
                 return out, out / "model.onnx"
             q = get_quant(row.quant)
@@ -239,8 +239,8 @@ def pack_auto(source: str | os.PathLike[str] | None, opts, *, max_kld: float = D
             return out, out
 
         onnx_details: dict[str, dict[str, Any]] = {}
-        chosen, path, summary = walk(rows, make, ref, max_kld=max_kld, settings=RunSettings(threads, 0, tgt.kv_cache_type),
-                                     quiet=opts.quiet)
+        settings = RunSettings(threads, 0, tgt.kv_cache_type)
+        chosen, path, summary = walk(rows, make, ref, max_kld=max_kld, settings=settings, quiet=opts.quiet)
         table = format_table(rows, max_kld, imatrix_state.get("info"))
         if chosen is None:
             raise QualityError(f"no quant on {tgt.name}'s ladder both fits and has a mean KLD <= {max_kld:g}; "
@@ -268,7 +268,8 @@ def onnx_candidate(name: str, opts: PackOptions, tgt: Target) -> OnnxOptions:
     """The converter's options for one ONNX scheme of the auto ladder, as pack model would set them."""
     w = onnx.SCHEMES[name]
     return OnnxOptions(block_size=w.block_size, symmetric=w.symmetric, algorithm=w.algorithm,
-                       accuracy_level=opts.onnx_accuracy_level, execution_provider=execution_provider(tgt.backends, tgt.name))
+                       accuracy_level=opts.onnx_accuracy_level,
+                       execution_provider=execution_provider(tgt.backends, tgt.name))
 
 
 def _check_user_imatrix(imatrix: dict[str, np.ndarray], f16: Path, path: Path) -> None:
