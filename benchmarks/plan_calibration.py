@@ -47,41 +47,27 @@ CONTEXTS = (512, 2048, 8192)
 N_GEN = 48
 WORK = models.CACHE / "plan-calibration"
 
-# Runs in the measured subprocess: load as edgepack's runtime does, evaluate a prompt, decode one
+# Runs in the measured subprocess: load as edgepack's runtime does (a GGUF through llama-cpp-python; an
+# ONNX bundle, whose path is given, through packager.load and its engine), evaluate a prompt, decode one
 # token at a time, then report the process's own peak RSS (VmHWM) and per-token decode times.
 CHILD = r"""
 import json, sys, time
-import llama_cpp
 path, n_ctx, n_threads, n_prompt, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-quiet = llama_cpp.llama_log_callback(lambda *a: None)  # kept referenced: llama.cpp calls it later
-llama_cpp.llama_log_set(quiet, None)
-llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=0,
-                      use_mmap=True, flash_attn=False, logits_all=False, verbose=False)
+if path.endswith(".gguf"):
+    import llama_cpp
+    quiet = llama_cpp.llama_log_callback(lambda *a: None)  # kept referenced: llama.cpp calls it later
+    llama_cpp.llama_log_set(quiet, None)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=0,
+                          use_mmap=True, flash_attn=False, logits_all=False, verbose=False)
+    evaluate = llm.eval
+else:
+    import packager
+    evaluate = packager.load(path, n_ctx=n_ctx, n_threads=n_threads).engine().eval
 tokens = [(i * 7919) % 20000 + 1000 for i in range(n_prompt)]
-t0 = time.perf_counter(); llm.eval(tokens); prefill_s = time.perf_counter() - t0
+t0 = time.perf_counter(); evaluate(tokens); prefill_s = time.perf_counter() - t0
 times, tok = [], 1000
 for _ in range(n_gen):
-    t = time.perf_counter(); llm.eval([tok]); times.append(time.perf_counter() - t)
-    tok = (tok * 31 + 7) % 20000 + 1000
-status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
-kib = lambda k: int(status[k].split()[0]) * 1024
-print(json.dumps({"prefill_s": prefill_s, "decode_times": times, "peak_rss_bytes": kib("VmHWM"),
-                  "rss_anon_bytes": kib("RssAnon"), "rss_file_bytes": kib("RssFile")}))
-"""
-
-
-# The same for an ONNX bundle, as edgepack's runtime loads it (its path is the first argument).
-CHILD_ONNX = r"""
-import json, sys, time
-import packager
-path, n_ctx, n_threads, n_prompt, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-m = packager.load(path, n_ctx=n_ctx, n_threads=n_threads)
-engine = m.engine()
-tokens = [(i * 7919) % 20000 + 1000 for i in range(n_prompt)]
-t0 = time.perf_counter(); engine.eval(tokens); prefill_s = time.perf_counter() - t0
-times, tok = [], 1000
-for _ in range(n_gen):
-    t = time.perf_counter(); engine.eval([tok]); times.append(time.perf_counter() - t)
+    t = time.perf_counter(); evaluate([tok]); times.append(time.perf_counter() - t)
     tok = (tok * 31 + 7) % 20000 + 1000
 status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
 kib = lambda k: int(status[k].split()[0]) * 1024
@@ -92,8 +78,7 @@ print(json.dumps({"prefill_s": prefill_s, "decode_times": times, "peak_rss_bytes
 
 def run_child(gguf: Path, n_ctx: int, threads: int, n_prompt: int, n_gen: int) -> dict[str, Any]:
     """One measurement in a fresh process (nothing cached from a previous load)."""
-    child = CHILD if gguf.suffix == ".gguf" else CHILD_ONNX
-    proc = subprocess.run([sys.executable, "-c", child, str(gguf), str(n_ctx), str(threads), str(n_prompt), str(n_gen)],
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(gguf), str(n_ctx), str(threads), str(n_prompt), str(n_gen)],
                           capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"measurement of {gguf.name} at ctx {n_ctx} failed (code {proc.returncode}): "
