@@ -117,9 +117,10 @@ class OnnxModel(Model):
         config = og.Config(str(self.model_dir))
         ep = execution_provider or runtime.execution_provider or "cpu"
         self.execution_provider = ep
-        config.clear_providers()  # genai_config.json's provider goes; CPU is genai's default
-        if ep != "cpu":
-            config.append_provider(ep)
+        if ep != (runtime.execution_provider or "cpu"):  # another provider than the bundle's genai_config names
+            config.clear_providers()  # CPU is genai's default
+            if ep != "cpu":
+                config.append_provider(ep)
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {
             "intra_op_num_threads": self.n_threads, "inter_op_num_threads": 1}}}}))
         try:
