@@ -7,6 +7,11 @@ propagate into C, so ctypes prints a traceback and drops it, and the run goes on
 as if Ctrl-C had never been pressed (found by tests/test_interrupted.py). Here a
 SIGINT that lands inside such a callback is sent again 50 ms later, when the
 callback has returned, so it reaches our code, which cleans up and exits 130.
+
+SIGTERM (what `docker stop`, systemd and CI runners send) is handled the same way: it raises
+:class:`Terminated`, a KeyboardInterrupt, so every cleanup that Ctrl-C runs (the bundle's
+``.partial-`` directory, temporary conversions) runs for it too, and the CLI exits 143
+(128 + SIGTERM), as a process killed by it would.
 """
 
 from __future__ import annotations
@@ -29,16 +34,30 @@ def _in_foreign_callback(frame: FrameType | None) -> bool:
     return False
 
 
-def _on_sigint(signum: int, frame: FrameType | None) -> None:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: stop like Ctrl-C (clean up), then exit 143."""
+
+    exit_code = 128 + int(getattr(signal, "SIGTERM", 15))
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
     if _in_foreign_callback(frame):
-        timer = threading.Timer(RETRY_S, os.kill, (os.getpid(), signal.SIGINT))
+        timer = threading.Timer(RETRY_S, os.kill, (os.getpid(), signum))
         timer.daemon = True
         timer.start()
         return
-    raise KeyboardInterrupt
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated
 
 
 def install() -> None:
-    """Use the handler above for SIGINT (the CLI calls this; a library leaves its host's handler alone)."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _on_sigint)
+    """Use the handler above for SIGINT and SIGTERM (the CLI calls this; a library leaves its host's
+    handlers alone). Only a signal still at its default is taken over."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_signal)
+    # Windows has SIGTERM in the signal module but never delivers it to a handler: harmless there.
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_signal)

@@ -208,6 +208,47 @@ def test_a_huge_manifest_is_refused_without_reading_it(bundle):
         packager.load(bundle)
 
 
+def _edit_manifest(bundle: Path, **runtime) -> dict:
+    man = json.loads((bundle / "manifest.json").read_text())
+    man["runtime"].update(runtime)
+    (bundle / "manifest.json").write_text(json.dumps(man))
+    return man
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("n_ctx", 10**9, "runtime.n_ctx = 1000000000 is over the model's own limit of 8192 tokens"),
+    ("n_ctx", 4, "runtime.n_ctx = 4 is below 16 tokens"),
+    ("n_threads", -3, "runtime.n_threads = -3 is outside 0..1024"),
+    ("kv_type", "q3_z", "runtime.kv_type = 'q3_z' is not one of"),
+])
+def test_a_manifest_asking_the_impossible_is_named_before_anything_is_allocated(bundle, field, value, says):
+    """An n_ctx of 10^9 used to make llama.cpp allocate for 47 s up to 20 GB of RSS, then blame the
+    weights: the manifest's runtime values are checked against the model's limits first."""
+    _edit_manifest(bundle, **{field: value})
+    r = subprocess.run([sys.executable, "-c", "import sys, packager\npackager.load(sys.argv[1])", str(bundle)],
+                       capture_output=True, text=True, env=ENV, timeout=60)
+    assert r.returncode == 1 and says in r.stderr and "pack verify" not in r.stderr, r.stderr[-800:]
+    # A load option the model cannot honour names the option (a usage error of the caller).
+    from packager.errors import UsageError
+    _edit_manifest(bundle, n_ctx=2048, n_threads=2, kv_type="f16")
+    with pytest.raises(UsageError, match="n_ctx=100000 is over the model's own limit of 8192"):
+        packager.load(bundle, n_ctx=100_000)
+
+
+def test_a_manifest_context_over_the_plans_memory_is_refused(bundle):
+    """Within the model's limit but over what the plan's budget holds: said with the context that fits."""
+    man = _edit_manifest(bundle, n_ctx=8192)
+    mem, planned = man["plan"]["memory"], man["plan"]["n_ctx"]
+    assert planned == 8192
+    small_kv = mem["kv_cache"] * 512 // planned  # the plan as it would read for 512 tokens
+    mem["total"] -= mem["kv_cache"] - small_kv
+    mem["kv_cache"] = small_kv
+    man["plan"].update(n_ctx=512, budget_bytes=mem["total"])  # what a 512-token plan needs, no more
+    (bundle / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(VerificationError, match=r"runtime.n_ctx = 8192 needs .* GB .* use at most \d+ \(planned: 512\)"):
+        packager.load(bundle)
+
+
 ONNX_ESCAPE = """
 import sys
 import numpy as np

@@ -196,3 +196,47 @@ def test_auto_map_beside_a_native_architecture_is_ignored_never_imported(tmp_pat
         (Path(json.loads(r.stdout)["path"]) / "manifest.json").read_text())
     assert any("never run" in w for w in man["warnings"])
     assert man["tokenizer_check"]["status"] == "passed"
+
+
+# -- a config that lies about its weights ---------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+@pytest.mark.parametrize("edit, needle", [
+    ({"num_hidden_layers": 1}, "config.json implies blk.{n}.attn_norm.weight ({m} layers), which the weights do not have"),
+    ({"intermediate_size": 2}, "in the weights but config.json implies"),
+])
+def test_a_config_that_disagrees_with_the_weights_writes_nothing(tmp_path, tiny_qwen2, fmt, edit, needle):
+    """More layers or another FFN width in config.json than in the weights: this used to give a bundle
+    that `pack verify` called verified and llama.cpp could not load. Now one line, exit 1, nothing written."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_qwen2, src)
+    cfg = json.loads((src / "config.json").read_text())
+    n = cfg["num_hidden_layers"]
+    for key, delta in edit.items():
+        cfg[key] = cfg[key] + delta if key == "num_hidden_layers" else cfg[key] * delta
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "dist"
+    r = pack("model", src, "--format", fmt, "-o", out, "-q")
+    assert_refused(r, out, needle.format(n=n, m=n + 1))
+
+
+def test_a_gguf_llama_cpp_cannot_load_is_never_published(tmp_path, tiny_qwen2, monkeypatch):
+    """The last gate before the rename: the written model is loaded by the bundle's own runtime."""
+    from packager.errors import ConversionError
+    from packager.pack import gguf as pack_gguf
+    from packager.pack.options import PackOptions
+    from packager.pack.pipeline import pack_model
+
+    real = pack_gguf.convert
+
+    def convert_then_damage(*args, **kw):
+        result = real(*args, **kw)
+        with open(result.path, "r+b") as f:  # a writer bug: the tensor data cut short
+            f.truncate(result.path.stat().st_size // 2)
+        return result
+
+    monkeypatch.setattr(pack_gguf, "convert", convert_then_damage)
+    out = tmp_path / "dist"
+    with pytest.raises(ConversionError, match="llama.cpp cannot load the GGUF just written; nothing was published"):
+        pack_model(str(tiny_qwen2), PackOptions(quant="Q8_0", output=out, quiet=True))
+    assert not [p for p in out.iterdir() if (p / "manifest.json").exists() or ".partial-" in p.name]

@@ -168,6 +168,19 @@ def test_many_killed_runs_never_leave_a_half_bundle(tiny_qwen2, tmp_path):
     assert sum(not r["finished_first"] for r in records) >= n // 2
 
 
+@pytest.mark.parametrize("event", [("model", 1), ("hashing",)])
+def test_sigterm_cleans_up_and_exits_143(tiny_qwen2, tmp_path, event):
+    """docker stop, systemd and CI runners send SIGTERM: the run stops as for Ctrl-C (its partial
+    directory removed, one line) and exits 143, as a process killed by SIGTERM reports."""
+    out = tmp_path / "dist"
+    rec = run_and_kill(tiny_qwen2, out, signal.SIGTERM, event=event)
+    assert not rec["finished_first"], rec
+    assert rec["returncode"] == 143, rec
+    assert rec["stderr"].startswith("terminated (SIGTERM)") and "Traceback" not in rec["stderr"], rec
+    assert not [d for d in out.iterdir() if PARTIAL in d.name], "SIGTERM left a partial directory"
+    assert not [d for d in out.iterdir() if (d / "manifest.json").exists()], "a bundle was published anyway"
+
+
 def _fsize_limit(limit: int):
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))

@@ -16,7 +16,7 @@ from packager.cli.plan import plan_cmd, targets_cmd
 from packager.cli.quality import quality_cmd
 from packager.cli.run import chat_cmd, run_cmd
 from packager.errors import EdgepackError
-from packager.interrupt import install
+from packager.interrupt import Terminated, install
 from packager.kernels.ggml import LibraryMissing
 
 DEBUG_ENV = "EDGEPACK_DEBUG"
@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     install()  # Ctrl-C must stop the run even while llama.cpp calls back into Python
     try:
         cli.main(args=argv, prog_name="pack", standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:  # click turns a KeyboardInterrupt it sees into Abort
+        if isinstance(exc.__context__, Terminated):
+            click.echo("terminated (SIGTERM): nothing was left half-written", err=True)
+            sys.exit(Terminated.exit_code)
         click.echo("interrupted", err=True)
         sys.exit(130)
     except click.UsageError as exc:  # bad input is one line, like our own errors (click's show() prints three)
@@ -77,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         click.echo(f"error: {exc}", err=True)
         sys.exit(getattr(exc, "exit_code", 1))
+    except Terminated:
+        click.echo("terminated (SIGTERM): nothing was left half-written", err=True)
+        sys.exit(Terminated.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted: nothing was left half-written", err=True)
         sys.exit(130)

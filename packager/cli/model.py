@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from packager.cli.options import quiet_option, size_callback as _size
+from packager.formats import FORMATS
 from packager.pack.autoquant import DEFAULT_MAX_KLD, pack_auto
 from packager.pack.options import PackOptions
 from packager.pack.pipeline import pack_model
@@ -24,7 +25,7 @@ from packager.quants import QUANTS
                    "and, where the target runs ONNX (and --format does not say otherwise), the ONNX int4 schemes.")
 @click.option("--max-kld", type=float,
               help="With --quant auto: the quality bar, mean KL divergence from F16 in nats (default 0.05).")
-@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]),
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
               help="Bundle format. Default: the target's first. onnx: int4 for onnxruntime-genai, streamed for "
                    "Llama, Mistral, Qwen2, Phi-3; other architectures go through optimum-onnx, which holds the "
                    "whole f32 model (peak about 5x its f32 size in RAM).")

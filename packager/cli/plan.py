@@ -8,11 +8,10 @@ import click
 
 from packager.cli.options import size_callback as _size
 from packager.errors import UsageError
-from packager.formats import onnx
+from packager.formats import FORMATS, all_schemes, format_of_scheme, get_format
 from packager.plan.planner import Overrides
 from packager.plan.report import as_json as plan_json, plan_model, render
 from packager.plan.targets import list_targets
-from packager.quants import QUANTS
 
 
 @click.command("targets")
@@ -35,10 +34,10 @@ def targets_cmd(as_json: bool) -> None:
 @click.argument("model")
 @click.option("-t", "--target", default="laptop", show_default=True,
               help="Device class: a name from `pack targets`, an alias, a .toml profile, or 'host' (this machine, probed).")
-@click.option("--quant", type=click.Choice(sorted(QUANTS) + list(onnx.SCHEMES), case_sensitive=False),
+@click.option("--quant", type=click.Choice(all_schemes(), case_sensitive=False),
               help="Plan at this quant only: a GGUF type, or an ONNX int4 scheme (INT4_B<block>[_ASYM|_HQQ], "
                    "which implies --format onnx). Default: the best one on the target's ladder that fits.")
-@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]), help="Bundle format. Default: the target's first.")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), help="Bundle format. Default: the target's first.")
 @click.option("--ctx", "n_ctx", type=int, help="Context length (not shrunk). Default: the target's maximum that fits.")
 @click.option("--ram", callback=_size, help="Override the target's RAM, e.g. 6GB.")
 @click.option("--vram", callback=_size, help="Override the target's VRAM, e.g. 4GB.")
@@ -63,12 +62,10 @@ def plan_cmd(model: str, target: str, quant: str | None, fmt: str | None, n_ctx:
       pack plan Qwen/Qwen2.5-0.5B-Instruct --target web --quant INT4_B64_HQQ
     """
     quant = quant.upper() if quant else None
-    if quant in onnx.SCHEMES:
-        if fmt == "gguf":
-            raise UsageError(f"--quant {quant} is an ONNX int4 scheme; drop --format gguf or pick a GGUF type")
-        fmt = "onnx"
-    elif quant and fmt == "onnx":
-        raise UsageError(f"--quant {quant} is a GGUF type; for --format onnx pick one of {', '.join(onnx.SCHEMES)}")
+    owner = format_of_scheme(quant) if quant else None
+    if owner is not None and fmt is not None and fmt != owner.name:
+        raise UsageError(f"--quant {quant} is {owner.noun}; drop --format {fmt} or pick {get_format(fmt).noun}")
+    fmt = fmt or (owner.name if owner is not None else None)  # a scheme implies its format
     overrides = Overrides(quant=quant, format=fmt, n_ctx=n_ctx, ram_bytes=ram,
                           vram_bytes=vram, n_threads=n_threads)
     inp, tgt, p = plan_model(model, target, overrides, revision=revision)

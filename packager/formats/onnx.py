@@ -15,10 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Sequence
 
 import numpy as np
 
-from packager.formats.weights import WeightLayout
+from packager.errors import UsageError
+from packager.formats.base import MiB, Format, Memory, gb, kv_bytes
+from packager.formats.weights import Tensor, WeightLayout
 from packager.spec.model import ModelSpec
 
 ALIGN = 4096  # page-aligned offsets let ONNX Runtime map large initializers from the file
@@ -263,3 +266,41 @@ def compute_bytes(spec: ModelSpec, n_tokens: int) -> int:
     """ONNX Runtime's arena for one call over ``n_tokens``: the graph returns every position's
     logits (f32), and the FFN's activations (gate, up, their product, the int8 copy) beside them."""
     return n_tokens * (spec.vocab_size + 4 * spec.intermediate_size) * 4
+
+
+def memory(spec: ModelSpec, layout: WeightLayout, n_ctx: int, kv_type: str = KV_TYPE, n_kv: int | None = None,
+           n_tokens: int | None = None, cpu_kernels: bool = True) -> Memory:
+    """Everything in RAM, as onnxruntime-genai allocates it (``cpu_kernels``: the CPU execution
+    provider, which packs the weights). Its KV cache is f32 whatever the target's llama.cpp type."""
+    n_tokens = min(PROMPT_CHUNK, n_ctx) if n_tokens is None else n_tokens
+    return Memory(layout.total, kv_bytes(spec, n_ctx, KV_TYPE), compute_bytes(spec, n_tokens),
+                  overhead_bytes(spec, layout.total, cpu=cpu_kernels))
+
+
+def explain(spec: ModelSpec, layout: WeightLayout, n_ctx: int, ram: Memory) -> list[str]:
+    n = min(PROMPT_CHUNK, n_ctx)
+    return [f"compute: a prompt chunk of {n} tokens x (logits {spec.vocab_size} + FFN 4 x {spec.intermediate_size}) "
+            f"x 4 B = {gb(ram.compute)}",
+            f"overhead: runtime {RUNTIME_BYTES / MiB:.0f} MiB + tokenizers {BYTES_PER_VOCAB} B x "
+            f"{spec.vocab_size} vocab + ONNX Runtime's packed weights on the CPU ({PREPACK_FRACTION:.0%} x "
+            f"{gb(layout.total)}) = {gb(ram.overhead)}"]
+
+
+def scheme(name: str) -> WeightFormat:
+    """An int4 scheme by name (case-insensitive)."""
+    try:
+        return SCHEMES[name.strip().upper()]
+    except KeyError:
+        raise UsageError(f"{name!r} is not an ONNX int4 scheme; use one of {', '.join(SCHEMES)}") from None
+
+
+def _layout(spec: ModelSpec, fmt: WeightFormat | None, tensors: Sequence[Tensor] | None, arch: str,
+            exact_types: dict[str, int] | None) -> WeightLayout:
+    # The ONNX converter writes its own initializers whatever the checkpoint's tensor list.
+    return weight_layout(spec, fmt or SCHEMES[DEFAULT])
+
+
+FORMAT = Format(
+    name="onnx", engine="onnxruntime-genai", noun="an ONNX int4 scheme", model_suffix=".onnx", scheme=scheme, schemes=tuple(SCHEMES),
+    default_ladder=(DEFAULT,), auto_ladder=AUTO_LADDER, weight_layout=_layout, memory=memory, explain=explain,
+    kv_type=KV_TYPE, per_tensor_buffers=True)

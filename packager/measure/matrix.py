@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from packager.errors import MatrixError
+from packager.formats import FORMATS
 
 BENCH_KEYS = {"n_prompt": int, "n_gen": int, "repetitions": int, "n_threads": int}
 
@@ -109,8 +110,8 @@ def load_matrix(path: str | os.PathLike[str]) -> Matrix:
         for k in ("source", "bundle", "quant", "format"):
             if k in m and not isinstance(m[k], str):
                 raise MatrixError(f"{where}: {k} must be a string")
-        if m.get("format") not in (None, "gguf", "onnx"):
-            raise MatrixError(f"{where}: format must be \"gguf\" or \"onnx\", not {m['format']!r}")
+        if m.get("format") not in (None, *FORMATS):
+            raise MatrixError(f"{where}: format must be one of {', '.join(map(repr, FORMATS))}, not {m['format']!r}")
         if m["name"] in names:
             raise MatrixError(f"{where}: the name {m['name']!r} is used twice")
         names.add(m["name"])

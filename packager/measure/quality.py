@@ -51,6 +51,7 @@ import numpy as np
 
 from packager.bundle.manifest import Runtime
 from packager.errors import QualityError, UsageError, missing_backend
+from packager.formats import format_of_file
 from packager.host import default_threads
 from packager.kernels.quality import QualityStats, Summary, log_softmax, score_block, stored
 from packager.progress import progress_bar, quiet_llama_log
@@ -133,8 +134,10 @@ def _info(lc: Any, model: Any, meta: Any) -> ModelInfo:
 def model_info(path: Path) -> tuple[ModelInfo, str | None]:
     """A model file's shape and quant name, without its weights: a GGUF from llama.cpp's header and
     vocabulary parse, an ONNX bundle's model.onnx from its genai_config.json and manifest."""
-    if Path(path).suffix == ".onnx":
-        return _onnx_info(Path(path))
+    return INFO[_format(path)](Path(path))
+
+
+def _gguf_info(path: Path) -> tuple[ModelInfo, str | None]:
     lc = _llama_cpp()
     mparams = lc.llama_model_default_params()
     mparams.vocab_only = True
@@ -325,9 +328,20 @@ class _OnnxRunner:
         self._sess = None
 
 
+# Where each format's logits come from, by the format's name (packager/formats): llama.cpp's for a
+# GGUF, ONNX Runtime's session over the bundle's graph for ONNX.
+LOGITS: dict[str, type[_Runner] | type[_OnnxRunner]] = {"gguf": _Runner, "onnx": _OnnxRunner}
+INFO = {"gguf": _gguf_info, "onnx": _onnx_info}  # a model's shape, without its weights
+
+
+def _format(path: Path) -> str:
+    f = format_of_file(str(path))
+    return f.name if f is not None else "gguf"  # llama.cpp says what is wrong with anything else
+
+
 @contextmanager
 def _runner(path: Path, n_ctx: int, settings: RunSettings) -> Iterator[_Runner | _OnnxRunner]:
-    r = _OnnxRunner(path, n_ctx, settings) if Path(path).suffix == ".onnx" else _Runner(path, n_ctx, settings)
+    r = LOGITS[_format(path)](path, n_ctx, settings)
     try:
         yield r
     finally:

@@ -43,13 +43,14 @@ from packager.convert.gguf.imatrix import calibration_text, check_imatrix, compu
 from packager.convert.gguf.requantize import quantize_gguf
 from packager.convert.onnx.converter import OnnxOptions, convert as convert_onnx, execution_provider
 from packager.errors import DoesNotFit, QualityError, UsageError
-from packager.formats import onnx
+from packager.formats import get_format, onnx
 from packager.host import default_threads
 from packager.kernels.quality import Summary
 from packager.measure.quality import (DEFAULT_CTX, Reference, RunSettings, as_manifest, build_reference, measure,
                                       read_text)
 from packager.pack.options import PackOptions, ReadyFile
-from packager.pack.pipeline import _safetensors_view, default_source, pack_model
+from packager.pack.gguf import safetensors_view, source_vocab
+from packager.pack.pipeline import default_source, pack_model
 from packager.plan.planner import Overrides, plan
 from packager.plan.targets import Target, load_target
 from packager.progress import say
@@ -119,7 +120,7 @@ def ladder_rows(spec, tgt, overrides: Overrides, *, onnx_from: str | None = None
     fits, other = [], []
     formats = [overrides.format] if overrides.format else list(tgt.formats)
     for fmt in formats:
-        names = tgt.quant_ladder if fmt == "gguf" else onnx.AUTO_LADDER
+        names = get_format(fmt).auto(tgt.quant_ladder)
         for name in dict.fromkeys(names):
             if fmt == "onnx" and onnx_from:
                 other.append(Row(name, fmt, verdict=f"not tried: {onnx_from}"))
@@ -203,9 +204,9 @@ def pack_auto(source: str | os.PathLike[str] | None, opts, *, max_kld: float = D
         else:
             say(f"--quant auto: converting {src.name} to F16 once (reference and source of every candidate)",
                 quiet=opts.quiet)
-            with _safetensors_view(src, opts.quiet) as view:
+            with safetensors_view(src, opts.quiet) as view:
                 result = convert(view, get_quant("F16"), work / f"{src.name}-F16.gguf", n_threads=threads,
-                                 quiet=opts.quiet)
+                                 quiet=opts.quiet, vocab=source_vocab(src)[0])  # eos as pack_model resolves it
             f16, source_sha256 = result.path, result.source_sha256 if view is src else {}
             label = f"{src.repo or src.name} (checkpoint, converted to F16)"
         if opts.imatrix is not None:
@@ -226,7 +227,7 @@ def pack_auto(source: str | os.PathLike[str] | None, opts, *, max_kld: float = D
         def make(row: Row) -> tuple[Path, Path]:
             if row.format == "onnx":  # converted from the checkpoint (the F16 file is llama.cpp's)
                 out = work / f"candidate-{row.quant}"
-                with _safetensors_view(src, opts.quiet) as view:
+                with safetensors_view(src, opts.quiet) as view:
                     result = convert_onnx(view, out, onnx_candidate(row.quant, opts, tgt), n_ctx=row.n_ctx or 4096,
                                           n_threads=threads, quiet=opts.quiet)
                 onnx_details[row.quant] = result.details

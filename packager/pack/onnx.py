@@ -6,14 +6,13 @@
       model/tokenizer.json, model/tokenizer_config.json, ...   (genai reads them from one folder)
       LICENSE, README.md
 
-pipeline.py calls :func:`pack_onnx` once the plan says ONNX; the graph itself is written by
+pipeline.py hands :func:`pack_onnx` a planned :class:`~packager.pack.options.PackJob`; the graph itself is written by
 packager/convert/onnx/.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 from packager.bundle.writer import BundleWriter
 from packager.convert.onnx.converter import GPTQ_REFUSAL, OnnxOptions, convert, execution_provider, onnx_exporter
@@ -21,12 +20,14 @@ from packager.convert.onnx.optimum_export import convert_optimum, fallback_memor
 from packager.errors import UsageError
 from packager.formats.onnx import ALGORITHMS, BLOCK_SIZES
 from packager.pack.card import LICENSE_NAMES, bundle_manifest, generation_defaults, model_card, with_quality
-from packager.pack.options import PackOptions, PackResult
+from packager.pack.options import PackJob, PackOptions, PackResult
 from packager.pack.preflight import check_disk, check_memory
-from packager.plan.planner import Overrides, plan
+from packager.plan.planner import plan
 from packager.plan.targets import Target
 from packager.progress import say
+from packager.runtime.onnx import check_loads
 from packager.source.resolver import Source
+from packager.spec.eos import resolve_eos
 from packager.spec.model import ModelSpec
 
 MODEL_DIR = "model"
@@ -45,8 +46,8 @@ def onnx_options(opts: PackOptions, target: Target):
                        execution_provider=execution_provider(target.backends, target.name))
 
 
-def check_request(src: Source, opts: PackOptions) -> None:
-    """What --format onnx cannot do with this source or these options."""
+def check_request(src: Source, spec: ModelSpec | None, opts: PackOptions) -> None:
+    """What --format onnx cannot do with this source or these options (``spec``: None before it is read)."""
     if opts.onnx_algorithm == "gptq":
         raise UsageError(GPTQ_REFUSAL)
     if opts.onnx_algorithm not in ALGORITHMS:
@@ -61,15 +62,15 @@ def check_request(src: Source, opts: PackOptions) -> None:
         raise UsageError("ONNX bundles need safetensors weights; this source has pickle weights only")
 
 
-def pack_onnx(src: Source, spec: ModelSpec, tgt: Target, overrides: Overrides, opts: PackOptions,
-              warnings: list[str]) -> "PackResult":
-    """Convert ``src`` to an ONNX int4 bundle for ``tgt``; everything is checked before any work."""
-    check_request(src, opts)
+def pack_onnx(job: PackJob) -> PackResult:
+    """Convert the job's source to an ONNX int4 bundle for its target; everything is checked before any work."""
+    src, spec, tgt, opts, warnings = job.src, job.spec, job.target, job.opts, job.warnings
+    check_request(src, spec, opts)
     # An unsupported architecture or target fails before any work.
     exporter = onnx_exporter(spec.architecture, spec.model_type)
     oo = onnx_options(opts, tgt)
-    p = plan(spec, tgt, replace(overrides, quant=oo.quant_name, format="onnx"))  # sized as written
-    final = Path(opts.output) / f"{src.name}-{tgt.name}"
+    p = plan(spec, tgt, replace(job.overrides, quant=oo.quant_name, format="onnx"))  # sized as written
+    final = job.final
     check_disk(final.parent, p.memory.weights)
     if exporter == "optimum":
         check_memory(fallback_memory(spec.n_params), f"optimum-onnx's export of {spec.architecture} (edgepack's "
@@ -78,6 +79,10 @@ def pack_onnx(src: Source, spec: ModelSpec, tgt: Target, overrides: Overrides, o
                         "packing held the whole f32 model in memory")
     else:
         check_memory(CONVERTER_RSS, "the conversion")
+    eos = resolve_eos(src.path)  # genai_config's eos list is the converter's (convert/onnx/output.eog_ids)
+    if eos is not None and eos.disagreed:
+        say(f"the checkpoint's eos sources disagree ({', '.join(eos.disagreed)} name another token): "
+            f"using {eos.describe()}", quiet=opts.quiet)
     with BundleWriter(final, force=opts.force) as bw:
         say(f"bundling the ONNX {oo.quant_name} model --quant auto measured" if opts.ready is not None else
             f"converting {src.name} to ONNX {oo.quant_name} ({oo.execution_provider}) for {tgt.name}", quiet=opts.quiet)
@@ -99,6 +104,9 @@ def pack_onnx(src: Source, spec: ModelSpec, tgt: Target, overrides: Overrides, o
             generation=generation_defaults(src.path), execution_provider=oo.execution_provider,
             onnx=result.details["onnx"],
             tokenizer_check={"status": "not applicable", "reason": "onnxruntime-genai runs the source's own tokenizer.json"},
+            **({"eos": eos.as_manifest()} if eos is not None else {}),
             **({"quality": opts.quality} if opts.quality is not None else {}))
+        say("checking that the runtime loads it", quiet=opts.quiet)
+        check_loads(model_dir)  # never publish a bundle its own runtime cannot open
         path = bw.commit(manifest.as_json(), quiet=opts.quiet)
     return PackResult(path, bw.manifest, warnings)

@@ -1,5 +1,5 @@
-"""What `pack model` is asked to do (PackOptions), a file made for it already (ReadyFile), and what it
-hands back (PackResult)."""
+"""What `pack model` is asked to do (PackOptions), a file made for it already (ReadyFile), what the
+pipeline hands a format's packer (PackJob), and what it hands back (PackResult)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from packager.convert.result import ConvertResult
-from packager.source.resolver import sha256_file
+from packager.plan.planner import Overrides, Plan
+from packager.plan.targets import Target
+from packager.source.resolver import Source, sha256_file
+from packager.spec.model import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -64,3 +67,21 @@ class PackResult:
     path: Path
     manifest: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PackJob:
+    """One bundle to write, as the pipeline has checked and planned it: what a format's packer gets."""
+
+    src: Source
+    spec: ModelSpec
+    target: Target
+    plan: Plan
+    overrides: Overrides
+    opts: PackOptions
+    warnings: list[str]
+    source_quant: str | None = None  # a GGUF source's own type
+
+    @property
+    def final(self) -> Path:
+        return Path(self.opts.output) / f"{self.src.name}-{self.target.name}"

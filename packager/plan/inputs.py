@@ -19,7 +19,8 @@ from typing import Any
 from packager.archs import arch_for
 from packager.errors import (GatedSourceError, IncompleteConfigError, SourceError, SourceNotFoundError,
                              UnsupportedArchitectureError)
-from packager.plan.sizes import Tensor, gguf_tensors
+from packager.formats.gguf import gguf_tensors
+from packager.formats.weights import Tensor
 from packager.quants import get_quant
 from packager.source.resolver import HUB_ID, _gguf_name
 from packager.source.safetensors import Checkpoint

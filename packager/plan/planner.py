@@ -7,18 +7,10 @@ shrinking the context first (down to GPU_MIN_CONTEXT) and only then leaving
 layers on the CPU. Every number comes with the arithmetic behind it
 (``Plan.explain``), so a bench run can compare and the formulas can be corrected.
 
-The memory model is llama.cpp's, as measured by benchmarks/plan_calibration.py
-(llama-cpp-python on this machine's CPU backend, flash attention off, n_ubatch 512):
-
-- weights: each tensor's bytes at its own ggml type (packager.plan.sizes), mmap'd and
-  touched at load (ggml-cpu's repacked copies replace their mapped pages, which stay
-  in RSS as reclaimable page cache: ``Memory.page_cache``);
-- KV cache: 2 x layers x kv heads x head dim x n_ctx (padded to 256) x bytes of the type;
-- compute buffer: the ggml allocator's peak for one micro-batch, the largest of the
-  attention scores (n_tokens x n_kv x heads, f32, plus the mask), the FFN activations
-  and the logits; only the pages a graph uses become resident, so the planner
-  counts a full micro-batch at a full context (the worst case an app must survive);
-- overhead: the runtime (interpreter and library), the vocab's tables, the logits buffer.
+Each format's memory model (what its runtime allocates around the weights, as measured by
+benchmarks/plan_calibration.py) and the layout of its weights come from its
+:class:`~packager.formats.base.Format` (packager/formats/gguf.py, onnx.py); the search here is
+the same for every format.
 """
 
 from __future__ import annotations
@@ -27,26 +19,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from packager.errors import DoesNotFit, UsageError
-from packager.formats import onnx
-from packager.formats.onnx import WeightFormat
-from packager.plan.sizes import Tensor, WEIGHT_LAYOUTS, WeightLayout
+from packager.formats import get_format
+from packager.formats.base import KV_BYTES, MiB, Format, Memory, Scheme, gb as _gb, kv_bytes, padded_ctx
+from packager.formats.gguf import N_UBATCH, compute_bytes, overhead_bytes
+from packager.formats.weights import Tensor, WeightLayout
 from packager.plan.targets import Target
-from packager.quants import QUANTS, QuantType, get_quant
+from packager.quants import QUANTS
 from packager.spec.model import ModelSpec
 
-MiB = 1 << 20
-KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
-N_UBATCH = 512  # llama.cpp's (and llama-cpp-python's) default micro-batch: sizes the compute buffer
-CTX_PAD = 256  # llama_context pads n_ctx to a multiple of 256 (src/llama-context.cpp)
+__all__ = ["Memory", "Overrides", "Plan", "Shipping", "decode_tps", "kv_bytes", "memory", "plan", "prefill_tps",
+           "scheme", "weight_layout"]
+
 MIN_CONTEXT = 512  # the planner shrinks the context no further on its own
 GPU_MIN_CONTEXT = 2048  # on a discrete GPU, shrink to this before leaving layers on the CPU
-# Measured (benchmarks/plan_calibration.py): python + llama_cpp imported, and what loading a model
-# allocates besides its buffers (llama_vocab's token tables and merges grow with the vocab).
-RUNTIME_BYTES = 42 * MiB
-LOAD_BYTES = 8 * MiB
-LOAD_BYTES_PER_TOKEN = 286  # per vocab entry
-
-
 @dataclass(frozen=True)
 class Overrides:
     """What the user forced on the command line; None means 'let the planner choose'."""
@@ -68,28 +53,6 @@ class Overrides:
             if v is not None and (v < low or v > 1 << 44):  # 16 TiB: no device class has more
                 flag = "--" + key.split("_")[0]
                 raise UsageError(f"{flag} {v} bytes is not a plausible size; give one like 6GB (at least 64MB, at most 16TiB)")
-
-
-@dataclass(frozen=True)
-class Memory:
-    """Predicted resident memory, in bytes, and how it adds up."""
-
-    weights: int
-    kv_cache: int
-    compute: int
-    overhead: int
-    # Clean file pages of the tensors ggml-cpu repacked: read from the mmap'd file to make the
-    # copy, they stay in RSS while memory is plentiful and are the first pages the OS reclaims,
-    # so they are not part of the budget (``total``) but are of the RSS a host measures (``rss``).
-    page_cache: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.kv_cache + self.compute + self.overhead
-
-    @property
-    def rss(self) -> int:
-        return self.total + self.page_cache
 
 
 @dataclass(frozen=True)
@@ -138,53 +101,12 @@ class Plan:
 # --- the formulas ----------------------------------------------------------------------------
 
 
-def padded_ctx(n_ctx: int) -> int:
-    return -(-n_ctx // CTX_PAD) * CTX_PAD
-
-
-def kv_bytes(spec: ModelSpec, n_ctx: int, kv_type: str, n_layers: int | None = None) -> int:
-    """K and V for every layer: layers x kv heads x head dim x context x bytes, twice."""
-    layers = spec.n_layers if n_layers is None else n_layers
-    return int(2 * layers * spec.kv_dim * padded_ctx(n_ctx) * KV_BYTES[kv_type])
-
-
-def compute_bytes(spec: ModelSpec, n_tokens: int, n_kv: int, n_outputs: int = 1) -> int:
-    """Peak of the ggml allocator for one graph of ``n_tokens`` over ``n_kv`` cached tokens.
-
-    The largest of three phases (the allocator reuses memory between them): attention
-    scores (f32, in place through the softmax) with their mask, the FFN activations
-    (gate, up, their product and its quantized copy), and the logits of the outputs.
-    llama.cpp reserves it for n_tokens = n_ubatch, n_kv = n_ctx, n_outputs = n_tokens;
-    only the pages a graph touches become resident. Plus ggml-cpu's work buffer, outside the
-    allocator: the scores converted to f16 for their product with the f16 V cache
-    (ggml_compute_forward_mul_mat converts src1 to the weights' vec_dot_type); measured with a
-    full context (benchmarks/plan_calibration.py --fill) it was the 4-5% the allocator alone missed.
-    """
-    h, q = spec.hidden_size, spec.n_heads * spec.head_dim
-    n_kv = padded_ctx(max(n_kv, 1))
-    attention = n_tokens * n_kv * (spec.n_heads * 4 + 4) + n_tokens * (2 * h + q + 2 * spec.kv_dim) * 4
-    ffn = n_tokens * (4 * spec.intermediate_size + 2 * h) * 4
-    logits = n_outputs * spec.vocab_size * 4 + n_tokens * 2 * h * 4
-    work = n_tokens * n_kv * spec.n_heads * 2
-    return max(attention, ffn, logits) + work
-
-
-def overhead_bytes(spec: ModelSpec) -> int:
-    """The runtime itself, the vocab's tables and the logits buffer of one sequence."""
-    return RUNTIME_BYTES + LOAD_BYTES + LOAD_BYTES_PER_TOKEN * spec.vocab_size + 4 * spec.vocab_size
-
-
-def scheme(fmt: str, name: str) -> QuantType | WeightFormat:
+def scheme(fmt: str, name: str) -> Scheme:
     """A quant by name in the format's own table: llama.cpp's types for GGUF, the int4 schemes for ONNX."""
-    if fmt == "onnx":
-        try:
-            return onnx.SCHEMES[name.upper()]
-        except KeyError:
-            raise UsageError(f"{name!r} is not an ONNX int4 scheme; use one of {', '.join(onnx.SCHEMES)}") from None
-    return get_quant(name)
+    return get_format(fmt).scheme(name)
 
 
-def memory(spec: ModelSpec, quant: QuantType | WeightFormat | None, n_ctx: int, kv_type: str, *, fmt: str = "gguf",
+def memory(spec: ModelSpec, quant: Scheme | None, n_ctx: int, kv_type: str, *, fmt: str = "gguf",
            tensors: Sequence[Tensor] | None = None, arch: str = "", n_kv: int | None = None,
            n_tokens: int | None = None, exact_types: dict[str, int] | None = None) -> Memory:
     """Resident memory with everything on the CPU (or unified memory).
@@ -193,31 +115,14 @@ def memory(spec: ModelSpec, quant: QuantType | WeightFormat | None, n_ctx: int, 
     context, the worst case); the calibration passes what it really ran. ``exact_types``: a GGUF's
     own tensor types, used as they are.
     """
-    layout = weight_layout(spec, quant, fmt, tensors, arch, exact_types)
-    return _cpu_memory(spec, layout, n_ctx, kv_type, n_kv, n_tokens)
+    f = get_format(fmt)
+    layout = f.weight_layout(spec, quant, tensors, arch, exact_types)
+    return f.memory(spec, layout, n_ctx, f.kv_type_for(kv_type), n_kv, n_tokens, True)
 
 
-def _cpu_memory(spec: ModelSpec, layout: WeightLayout, n_ctx: int, kv_type: str, n_kv: int | None = None,
-                n_tokens: int | None = None, *, cpu_kernels: bool = True) -> Memory:
-    """Everything in RAM: llama.cpp's buffers for GGUF, onnxruntime-genai's for ONNX (formats.onnx);
-    ``cpu_kernels``: the ONNX model runs on the CPU execution provider (which packs the weights)."""
-    n_kv = n_ctx if n_kv is None else n_kv
-    if layout.format == "onnx":
-        n_tokens = min(onnx.PROMPT_CHUNK, n_ctx) if n_tokens is None else n_tokens
-        return Memory(layout.total, kv_bytes(spec, n_ctx, onnx.KV_TYPE), onnx.compute_bytes(spec, n_tokens),
-                      onnx.overhead_bytes(spec, layout.total, cpu=cpu_kernels))
-    n_tokens = min(N_UBATCH, n_ctx) if n_tokens is None else n_tokens
-    return Memory(layout.total, kv_bytes(spec, n_ctx, kv_type), compute_bytes(spec, n_tokens, n_kv),
-                  overhead_bytes(spec), layout.repacked)
-
-
-def weight_layout(spec: ModelSpec, quant: QuantType | WeightFormat | None, fmt: str = "gguf", tensors: Sequence[Tensor] | None = None,
+def weight_layout(spec: ModelSpec, quant: Scheme | None, fmt: str = "gguf", tensors: Sequence[Tensor] | None = None,
                   arch: str = "", exact_types: dict[str, int] | None = None) -> WeightLayout:
-    try:
-        fn = WEIGHT_LAYOUTS[fmt]
-    except KeyError:
-        raise UsageError(f"unknown format {fmt!r}; use one of {', '.join(WEIGHT_LAYOUTS)}") from None
-    return fn(spec, quant, tensors, arch=arch, exact_types=exact_types)
+    return get_format(fmt).weight_layout(spec, quant, tensors, arch, exact_types)
 
 
 def decode_tps(bytes_per_token_cpu: float, cpu_gbps: float, bytes_per_token_gpu: float = 0.0,
@@ -303,10 +208,6 @@ def _split(spec: ModelSpec, layout: WeightLayout, n_ctx: int, kv_type: str, k: i
     return _Fit(ram, vram, k)
 
 
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
-
-
 def plan(spec: ModelSpec, target: Target, overrides: Overrides | None = None, *, name: str = "the model",
          tensors: Sequence[Tensor] | None = None, source_quant: str | None = None,
          source_types: dict[str, int] | None = None) -> Plan:
@@ -318,15 +219,14 @@ def plan(spec: ModelSpec, target: Target, overrides: Overrides | None = None, *,
     """
     o = overrides or Overrides()
     fmt = o.format or target.formats[0]
-    if fmt not in WEIGHT_LAYOUTS:
-        raise UsageError(f"unknown format {fmt!r}; use one of {', '.join(WEIGHT_LAYOUTS)}")
+    form = get_format(fmt)
     if fmt not in target.formats:
         raise UsageError(f"{target.name} runs {', '.join(target.formats)}, not {fmt}; drop --format or pick another target")
     budget = _budget(target, o)
     vram_total = o.vram_bytes if o.vram_bytes is not None else target.vram_bytes
     discrete = vram_total > 0 and target.has_gpu and not target.unified_memory
     vram_budget = int(vram_total * target.vram_usable_fraction) if discrete else 0
-    ladder = [o.quant] if o.quant else [onnx.DEFAULT] if fmt == "onnx" else list(target.quant_ladder)
+    ladder = [o.quant] if o.quant else form.ladder(target.quant_ladder)
     want = o.n_ctx or min(target.max_context, spec.context_length)
     contexts = [o.n_ctx] if o.n_ctx else _contexts(want, min(MIN_CONTEXT, want))
     threads = o.n_threads or target.cpu_threads
@@ -334,12 +234,12 @@ def plan(spec: ModelSpec, target: Target, overrides: Overrides | None = None, *,
     too_big: list[str] = []  # quants whose largest tensor no device buffer can hold
 
     for qname in ladder:
-        quant = scheme(fmt, qname)
+        quant = form.scheme(qname)
         qname = quant.name
         exact = source_types if (source_types and source_quant == qname) else None
-        layout = weight_layout(spec, quant, fmt, tensors, target.arch, exact)
+        layout = form.weight_layout(spec, quant, tensors, target.arch, exact)
         max_buffer = target.limits.gpu_max_buffer_bytes
-        if fmt == "onnx" and max_buffer and layout.largest > max_buffer:
+        if form.per_tensor_buffers and max_buffer and layout.largest > max_buffer:
             # One tensor over WebGPU's maxBufferSize: the device cannot even create its buffer.
             too_big.append(f"its largest tensor is {layout.largest / MiB:.0f} MiB at {qname}, over the "
                            f"{max_buffer / MiB:.0f} MiB WebGPU maxBufferSize of {target.name}")
@@ -375,10 +275,11 @@ def plan(spec: ModelSpec, target: Target, overrides: Overrides | None = None, *,
                     smallest = _smaller(smallest, f.ram.total, qname, c)
         else:
             for c in contexts:
-                mem = _cpu_memory(spec, layout, c, target.kv_cache_type, cpu_kernels=target.backends[0] == "cpu")
+                mem = form.memory(spec, layout, c, form.kv_type_for(target.kv_cache_type), None, None,
+                               target.backends[0] == "cpu")
                 if mem.total <= budget.ram:
                     # Unified memory (Metal): llama.cpp's GPU runs every layer, output included.
-                    n_gpu = spec.n_layers + 1 if (target.has_gpu and fmt == "gguf") else 0
+                    n_gpu = spec.n_layers + 1 if (target.has_gpu and form.offloads_layers) else 0
                     fit, n_ctx = _Fit(mem, None, n_gpu), c
                     if c < want:
                         notes.append(f"context shrunk from {want} to {c} so that {qname} fits in {_gb(budget.ram)}")
@@ -386,50 +287,34 @@ def plan(spec: ModelSpec, target: Target, overrides: Overrides | None = None, *,
                 smallest = _smaller(smallest, mem.total, qname, c)
         if fit is None:
             continue
-        return _finish(spec, target, o, fmt, qname, layout, fit, n_ctx, threads, budget, vram_budget, notes, name)
+        return _finish(spec, target, o, form, qname, layout, fit, n_ctx, threads, budget, vram_budget, notes, name)
 
     if smallest is None:  # every quant was refused for its buffer sizes
         raise DoesNotFit(f"{name} does not fit {target.name}: {too_big[-1]}. Try a smaller model.")
     total, qname, c = smallest
     raise DoesNotFit(f"{name} needs {_gb(total)} at {qname} with {c} context; {target.name} allows "
-                     f"{_gb(budget.ram)} ({budget.why}). {_advice(spec, target, o, fmt, tensors, budget.ram, ladder)}")
+                     f"{_gb(budget.ram)} ({budget.why}). {_advice(spec, target, o, form, tensors, budget.ram, ladder)}")
 
 
 def _smaller(best: tuple[int, str, int] | None, total: int, quant: str, n_ctx: int) -> tuple[int, str, int]:
     return (total, quant, n_ctx) if best is None or total < best[0] else best
 
 
-def _advice(spec: ModelSpec, target: Target, o: Overrides, fmt: str, tensors, budget: int, ladder: list[str]) -> str:
+def _advice(spec: ModelSpec, target: Target, o: Overrides, form: Format, tensors, budget: int, ladder: list[str]) -> str:
     """What would fit: a smaller context, a lower quant, or neither."""
     for c in (1024, 512, 256):
         if o.n_ctx and c >= o.n_ctx:
             continue
         for q in ladder:
-            if memory(spec, scheme(fmt, q), c, target.kv_cache_type, fmt=fmt, tensors=tensors, arch=target.arch).total <= budget:
+            if memory(spec, form.scheme(q), c, target.kv_cache_type, fmt=form.name, tensors=tensors,
+                      arch=target.arch).total <= budget:
                 return f"Try --ctx {c}{'' if o.quant else f' (at {q})'}, or a smaller model."
-    if fmt == "gguf":
+    if form.uses_target_ladder:  # llama.cpp's low-bit types beyond the target's ladder
         for q in ("Q3_K_M", "IQ3_M", "Q2_K", "IQ2_M"):
             if q not in ladder and memory(spec, QUANTS[q], MIN_CONTEXT, target.kv_cache_type, tensors=tensors,
                                           arch=target.arch).total <= budget:
                 return f"Try --quant {q} --ctx {MIN_CONTEXT} (large quality loss), or a smaller model."
     return "Try a smaller model or a bigger target."
-
-
-def _buffer_lines(spec: ModelSpec, layout: WeightLayout, n_ctx: int, ram: Memory) -> list[str]:
-    """The arithmetic of the compute buffer and the overhead, as the format's runtime allocates them."""
-    if layout.format == "onnx":
-        n = min(onnx.PROMPT_CHUNK, n_ctx)
-        return [f"compute: a prompt chunk of {n} tokens x (logits {spec.vocab_size} + FFN 4 x {spec.intermediate_size}) "
-                f"x 4 B = {_gb(ram.compute)}",
-                f"overhead: runtime {onnx.RUNTIME_BYTES / MiB:.0f} MiB + tokenizers {onnx.BYTES_PER_VOCAB} B x "
-                f"{spec.vocab_size} vocab + ONNX Runtime's packed weights on the CPU ({onnx.PREPACK_FRACTION:.0%} x "
-                f"{_gb(layout.total)}) = {_gb(ram.overhead)}"]
-    n = min(N_UBATCH, n_ctx)
-    return [f"compute: max(attention {n} x {padded_ctx(n_ctx)} x ({spec.n_heads} heads x 4 B + 4 B mask), "
-            f"FFN {n} x 4 x {spec.intermediate_size} x 4 B, logits {spec.vocab_size} x 4 B) + f16 scores "
-            f"{n} x {padded_ctx(n_ctx)} x {spec.n_heads} heads x 2 B = {_gb(compute_bytes(spec, n, n_ctx))}",
-            f"overhead: runtime {RUNTIME_BYTES / MiB:.0f} MiB + load {LOAD_BYTES / MiB:.0f} MiB + "
-            f"{LOAD_BYTES_PER_TOKEN + 4} B x {spec.vocab_size} vocab = {_gb(overhead_bytes(spec))}"]
 
 
 def _ship(target: Target, model_bytes: int) -> Shipping:
@@ -445,14 +330,14 @@ def _ship(target: Target, model_bytes: int) -> Shipping:
     return Shipping(d.channel, model_bytes, parts, d.part_bytes, over, how, d.setting)
 
 
-def _finish(spec, target, o, fmt, qname, layout, fit: _Fit, n_ctx, threads, budget: _Budget, vram_budget, notes, name) -> Plan:
+def _finish(spec, target, o, form: Format, qname, layout, fit: _Fit, n_ctx, threads, budget: _Budget, vram_budget, notes, name) -> Plan:
     req: list[str] = []
     ram = fit.ram
     if budget.default_cap and ram.total > budget.default_cap:
         req.append(f"{budget.entitlement} (entitlement): {_gb(ram.total)} is over the {_gb(budget.default_cap)} "
                    f"per-app limit without it")
     lim = target.limits
-    if fmt == "onnx" and lim.gpu_max_binding_bytes:
+    if form.per_tensor_buffers and lim.gpu_max_binding_bytes:
         req.append(f"WebGPU requiredLimits: maxStorageBufferBindingSize >= {layout.largest / MiB:.0f} MiB, "
                    f"maxBufferSize >= {layout.largest / MiB:.0f} MiB (largest tensor)")
         if layout.largest > lim.gpu_max_binding_bytes:
@@ -467,7 +352,7 @@ def _finish(spec, target, o, fmt, qname, layout, fit: _Fit, n_ctx, threads, budg
     if ship.setting and (ship.parts > 1 or ship.over_download_cap):
         req.append(ship.setting)
 
-    kv_type = onnx.KV_TYPE if layout.format == "onnx" else target.kv_cache_type
+    kv_type = form.kv_type_for(target.kv_cache_type)
     # Roofline: bytes read per token (weights + half the cache on average) over bandwidth.
     kv_avg_cpu = ram.kv_cache / 2
     fixed = spec.n_layers * target.decode_layer_overhead_us * 1e-6
@@ -486,12 +371,12 @@ def _finish(spec, target, o, fmt, qname, layout, fit: _Fit, n_ctx, threads, budg
         f"budget: {_gb(budget.ram)} = {budget.why}" + (f"; VRAM {_gb(vram_budget)} = {target.vram_usable_fraction:.0%} "
                                                      f"of {_gb(o.vram_bytes or target.vram_bytes)}" if vram_budget else ""),
         f"weights: {_gb(layout.total)} = sum of {sum((layout.tensor_types or {}).values()) or 'all'} tensors at their "
-        f"own types ({', '.join(f'{k} x{v}' for k, v in sorted((layout.tensor_types or {}).items())) or fmt})"
+        f"own types ({', '.join(f'{k} x{v}' for k, v in sorted((layout.tensor_types or {}).items())) or form.name})"
         + (f" ({_gb(layout.repacked)} of them repacked for the CPU's kernels: their mapped pages stay in RSS "
            f"as reclaimable page cache)" if layout.repacked else ""),
         f"KV cache: 2 x {spec.n_layers} layers x {spec.n_kv_heads} kv heads x {spec.head_dim} head dim x "
         f"{padded_ctx(n_ctx)} ctx x {KV_BYTES[kv_type]:g} B ({kv_type}) = {_gb(ram.kv_cache)}",
-        *_buffer_lines(spec, layout, n_ctx, ram),
+        *form.explain(spec, layout, n_ctx, ram),
         f"RAM: {_gb(ram.total)} of {_gb(budget.ram)}" + (f"; VRAM: {_gb(fit.vram.total)} of {_gb(vram_budget)} "
                                                         f"({fit.n_gpu_layers} of {spec.n_layers + 1} layers)"
                                                         if fit.vram is not None else ""),
@@ -503,6 +388,6 @@ def _finish(spec, target, o, fmt, qname, layout, fit: _Fit, n_ctx, threads, budg
         f"prefill: {gflops:g} GFLOP/s / (2 x {spec.n_params / 1e9:.2f} B params + attention) = {prefill:.1f} tokens/s",
         f"ships as: {ship.how}",
     ]
-    return Plan(fmt, qname, n_ctx, kv_type, threads, fit.n_gpu_layers, ram, budget.ram,
+    return Plan(form.name, qname, n_ctx, kv_type, threads, fit.n_gpu_layers, ram, budget.ram,
                 round(decode, 1), round(prefill, 1), tuple(notes), fit.vram, vram_budget, spec.n_layers + 1,
                 tuple(req), ship, tuple(explain))

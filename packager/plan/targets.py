@@ -24,6 +24,7 @@ from typing import Any
 import psutil
 
 from packager.errors import ProfileError, UnknownQuantError, UnknownTargetError
+from packager.formats import FORMATS
 from packager.host import default_threads
 from packager.plan import host_probe
 from packager.quants import get_quant
@@ -31,7 +32,6 @@ from packager.quants import get_quant
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 KV_TYPES = ("f16", "q8_0", "q4_0", "f32", "bf16")
 BACKENDS = ("cpu", "metal", "cuda", "vulkan", "webgpu", "opencl")
-FORMATS = ("gguf", "onnx")
 
 
 def parse_size(value: str | int | float, *, where: str = "size") -> int:

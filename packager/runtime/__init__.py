@@ -17,6 +17,7 @@ from typing import Any
 
 from packager.bundle.verify import Bundle, verified
 from packager.errors import UsageError, VerificationError
+from packager.runtime.limits import check_runtime
 from packager.runtime.llama import LlamaModel
 from packager.runtime.model import Model
 from packager.runtime.onnx import OnnxModel
@@ -42,7 +43,9 @@ def load(bundle: str | os.PathLike[str] | Bundle, *, verify: bool = False, **ove
     path = bundle.path if isinstance(bundle, Bundle) else bundle
     b = verified(path, weights=verify)
     cls, options = backend(b)
-    return cls(b, **_checked(overrides, options))
+    opts = _checked(overrides, options)
+    check_runtime(b.meta, str(b.path), opts)  # before the engine allocates anything
+    return cls(b, **opts)
 
 
 def backend(bundle: Bundle) -> tuple[type[Model], tuple[str, ...]]:

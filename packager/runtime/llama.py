@@ -14,14 +14,16 @@ from __future__ import annotations
 import codecs
 import ctypes
 import random
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import gguf
 
 from packager.bundle.manifest import Runtime
 from packager.bundle.verify import Bundle
-from packager.errors import BundleError, ChatTemplateError, UsageError, missing_backend
+from packager.errors import BundleError, ChatTemplateError, ConversionError, UsageError, missing_backend
 from packager.host import default_threads
+from packager.progress import quiet_llama_log
 from packager.runtime.model import Engine, EngineInfo, GenOptions, Message, Model
 from packager.spec.chat_template import ChatFormatter as Jinja2ChatFormatter
 
@@ -32,6 +34,21 @@ def _llama_cpp():
     except ImportError:
         raise missing_backend("llama-cpp-python", "gguf") from None
     return llama_cpp
+
+
+def check_loads(path: Path) -> None:
+    """Load a written GGUF in llama.cpp (weights mapped, no context) and free it: `pack` publishes no
+    bundle its own runtime cannot open (a config that disagrees with the weights, a writer bug)."""
+    lc = _llama_cpp()
+    params = lc.llama_model_default_params()
+    params.n_gpu_layers, params.use_mmap = 0, True
+    with quiet_llama_log():
+        model = lc.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise ConversionError(f"{path.name}: llama.cpp cannot load the GGUF just written; nothing was published "
+                              f"(run with EDGEPACK_DEBUG=1 and report it, with the source's config.json)")
+    with quiet_llama_log():
+        lc.llama_model_free(model)
 
 
 class LlamaEngine(Engine):

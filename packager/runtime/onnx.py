@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from packager.bundle.verify import Bundle
-from packager.errors import BackendMissingError, BundleError, UsageError, missing_backend
+from packager.errors import BackendMissingError, BundleError, ConversionError, UsageError, missing_backend
 from packager.formats.onnx import PROMPT_CHUNK
 from packager.host import default_threads
 from packager.runtime.model import Engine, EngineInfo, GenOptions, Message, Model
@@ -28,6 +29,21 @@ def _genai():
     except ImportError:
         raise missing_backend("onnxruntime-genai", "onnx") from None
     return og
+
+
+def check_loads(model_dir: Path) -> None:
+    """Load a written ONNX model in onnxruntime-genai on the CPU (whatever provider it targets) and
+    free it: `pack` publishes no bundle its own runtime cannot open."""
+    og = _genai()
+    config = og.Config(str(model_dir))
+    config.clear_providers()  # the CPU runs every graph; the target's GPU provider may be absent here
+    try:
+        model = og.Model(config)
+    except Exception as exc:  # onnxruntime's own error
+        reason = " ".join(str(exc).split())[:300]
+        raise ConversionError(f"{model_dir.name}: onnxruntime-genai cannot load the model just written ({reason}); "
+                              f"nothing was published") from None
+    del model
 
 
 def _token_text(value: Any) -> str:

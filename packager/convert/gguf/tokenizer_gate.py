@@ -33,6 +33,7 @@ import gguf
 from packager.errors import ChatTemplateError, TokenizerMismatchError, UnsafeChatTemplateError, missing_backend
 from packager.progress import quiet_llama_log
 from packager.spec.chat_template import render
+from packager.spec.eos import EosChoice
 
 SKIP_HINT = "pass --skip-tokenizer-check to pack it anyway"
 
@@ -95,11 +96,13 @@ class TokenizerReport:
     eog_ids: list[int] = field(default_factory=list)  # generation_config's eos ids, all EOG in llama.cpp
 
 
-def check_tokenizer(gguf_path: Path, model_dir: Path, *, texts: Sequence[str] | None = None) -> TokenizerReport:
+def check_tokenizer(gguf_path: Path, model_dir: Path, *, texts: Sequence[str] | None = None,
+                    eos: EosChoice | None = None) -> TokenizerReport:
     """Compare the GGUF's tokenizer with the HF tokenizer in ``model_dir``; raise on the first difference.
 
     ``texts`` replaces the built-in plain texts; the added tokens, the chat
-    rendering and the end-of-generation ids are always checked.
+    rendering and the end-of-generation ids are always checked: ``eos.eog_ids`` (what
+    spec/eos.py resolved from every source) or else generation_config.json's.
     """
     gguf_path, model_dir = Path(gguf_path), Path(model_dir)
     hf = _hf_tokenizer(model_dir)
@@ -115,7 +118,7 @@ def check_tokenizer(gguf_path: Path, model_dir: Path, *, texts: Sequence[str] | 
         if rendered is not None:
             n_tokens += _compare(rendered, hf.encode(rendered, add_special_tokens=False),
                                  lv.tokenize(rendered, False), hf, lv)
-        eog = _check_eog(model_dir, lv, _generation_header(hf))
+        eog = _check_eog(model_dir, lv, _generation_header(hf), eos)
         return TokenizerReport(
             n_texts=len(plain), n_special=len(specials), n_tokens=n_tokens, chat_checked=rendered is not None,
             pre=lv.meta(gguf.Keys.Tokenizer.PRE), add_bos=lv.add_bos, eos_id=lv.eos, eog_ids=eog,
@@ -293,13 +296,21 @@ def _short(message: str, limit: int = 160) -> str:
     return line if len(line) <= limit else line[:limit] + "..."
 
 
-def _check_eog(model_dir: Path, lv: _LlamaVocab, role_markers: set[int]) -> list[int]:
-    """generation_config's eos ids must all stop llama.cpp (role markers that open a turn
-    excepted), and the GGUF's eos must be one of them."""
-    source, ids = _generation_eos(model_dir)
+def _check_eog(model_dir: Path, lv: _LlamaVocab, role_markers: set[int], resolved: EosChoice | None = None) -> list[int]:
+    """generation_config's eos ids (or every ``resolved`` one) must all stop llama.cpp (role markers
+    that open a turn excepted), and the GGUF's eos must be one of them."""
+    source, ids = ("the resolved eos ids", list(resolved.eog_ids)) if resolved else _generation_eos(model_dir)
     if not ids:
         return []
     not_eog = [i for i in ids if not lv.is_eog(i) and i not in role_markers]
+    if not_eog and resolved is not None:
+        # Named only as a bare id by a config, and ended by nothing else: the config is what is wrong.
+        i = not_eog[0]
+        files = resolved.named_by(i)
+        raise TokenizerMismatchError(
+            f"{' and '.join(files)} end generation at {i} ({lv.text(i)!r}), which nothing else ends a turn or a text "
+            f"with (the chat template ends a turn with {resolved.eos_text!r}) and llama.cpp would not stop at; remove "
+            f"{i} from eos_token_id in {' and '.join(files)}, or {SKIP_HINT}")
     if not_eog:
         named = ", ".join(f"{i} ({lv.text(i)!r})" for i in not_eog)
         raise TokenizerMismatchError(

@@ -20,7 +20,7 @@ convert_hf_to_gguf.py writes for the same files (tests/test_vocab.py compares th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -205,6 +205,19 @@ class GGUFVocab:
             writer.add_chat_template(self.chat_template)
         if self.add_space_prefix is not None:
             writer.add_add_space_prefix(self.add_space_prefix)
+
+
+def with_eos(vocab: GGUFVocab, eos_id: int, eog_ids: list[int]) -> GGUFVocab:
+    """``vocab`` with ``eos_id`` as its eos and the other end-of-generation ids in GGUF's eot and eom
+    slots (where the source left them free): llama.cpp ends generation at eos, eot, eom and the
+    tokens its own list of end texts names, so this makes up to three chosen ids certain."""
+    special = {**vocab.special_ids, "eos": eos_id}
+    free = [k for k in ("eot", "eom") if k not in special]
+    for i in (i for i in eog_ids if i not in special.values()):
+        if not free:
+            break
+        special[free.pop(0)] = i
+    return replace(vocab, special_ids=special)
 
 
 def load_vocab(model_dir: Path) -> GGUFVocab:

@@ -27,7 +27,7 @@ import numpy as np
 from packager.archs import OnnxArch, onnx_arch_for, rope_parameters, supported
 from packager.convert.onnx.graph import GraphBuilder
 from packager.convert.onnx.optimum_export import optimum_exports, optimum_installed
-from packager.convert.onnx.output import DecoderShape, copy_tokenizer, genai_config, read_json
+from packager.convert.onnx.output import DecoderShape, copy_tokenizer, eog_ids, genai_config, read_json
 from packager.convert.result import ConvertResult
 from packager.errors import BackendMissingError, ConversionError, SourceError, UnsupportedArchitectureError, UsageError
 from packager.formats.onnx import ALGORITHMS, Dims, WeightFormat, declare
@@ -344,7 +344,8 @@ def convert(source: Source, out_dir: Path, opts: OnnxOptions = OnnxOptions(), *,
     onnx.save_model(model, str(out_dir / "model.onnx"))
     gen = read_json(source.path / "generation_config.json")
     (out_dir / "genai_config.json").write_text(
-        json.dumps(genai_config(decoder_shape(d, arch), cfg, gen, n_ctx, opts.execution_provider), indent=4),
+        json.dumps(genai_config(decoder_shape(d, arch), cfg, gen, n_ctx, opts.execution_provider,
+                                eos_ids=eog_ids(source.path)), indent=4),
         encoding="utf-8")
     copied = [out_dir / "model.onnx", data_path, out_dir / "genai_config.json", *copy_tokenizer(source.path, out_dir)]
     return ConvertResult(out_dir, sum(p.stat().st_size for p in copied), sha256s, files=copied,

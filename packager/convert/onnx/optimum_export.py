@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from packager.convert.onnx.output import DecoderShape, copy_tokenizer, genai_config, read_json
+from packager.convert.onnx.output import DecoderShape, copy_tokenizer, eog_ids, genai_config, read_json
 from packager.convert.result import ConvertResult
 from packager.errors import ConversionError
 from packager.kernels.hqq import split_zero_points
@@ -226,7 +226,8 @@ def convert_optimum(source: Source, out_dir: Path, opts, *, n_ctx: int = 4096, q
     graph = model.model.graph
     gen = read_json(source.path / "generation_config.json")
     (out_dir / "genai_config.json").write_text(
-        json.dumps(genai_config(decoder_shape(graph, cfg, n_ctx), cfg, gen, n_ctx, opts.execution_provider), indent=4),
+        json.dumps(genai_config(decoder_shape(graph, cfg, n_ctx), cfg, gen, n_ctx, opts.execution_provider,
+                                eos_ids=eog_ids(source.path)), indent=4),
         encoding="utf-8")
     copied = [out_dir / "model.onnx", out_dir / "model.onnx.data", out_dir / "genai_config.json",
               *copy_tokenizer(source.path, out_dir)]

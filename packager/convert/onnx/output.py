@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from packager.errors import SourceError
+from packager.spec.eos import resolve_eos
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
@@ -53,9 +54,17 @@ class DecoderShape:
     share_buffer: bool = True
 
 
-def genai_config(shape: DecoderShape, cfg: dict[str, Any], gen: dict[str, Any], n_ctx: int, ep: str) -> dict[str, Any]:
-    """genai_config.json: what onnxruntime-genai needs to drive the graph (``gen``: generation_config.json)."""
-    eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
+def eog_ids(model_dir: Path) -> list[int] | None:
+    """Every id that ends generation, the end of the assistant's turn first (spec/eos.py)."""
+    choice = resolve_eos(model_dir)
+    return choice.eog_ids if choice is not None else None
+
+
+def genai_config(shape: DecoderShape, cfg: dict[str, Any], gen: dict[str, Any], n_ctx: int, ep: str,
+                 eos_ids: list[int] | None = None) -> dict[str, Any]:
+    """genai_config.json: what onnxruntime-genai needs to drive the graph (``gen``: generation_config.json;
+    ``eos_ids``: the resolved end-of-generation ids, else generation_config's)."""
+    eos = eos_ids or gen.get("eos_token_id", cfg.get("eos_token_id"))
     pad = gen.get("pad_token_id", cfg.get("pad_token_id"))
     if pad is None:
         pad = eos[0] if isinstance(eos, list) else eos

@@ -1,0 +1,169 @@
+"""`pack model` for GGUF: the checkpoint converted (or a GGUF source bundled or re-quantized) for llama.cpp.
+
+    <name>-<target>/
+      manifest.json, model/<name>-<QUANT>.gguf, LICENSE, README.md
+
+pipeline.py hands :func:`pack_gguf` a planned :class:`~packager.pack.options.PackJob`; the file
+itself is written by packager/convert/gguf/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+
+from packager.archs import arch_for
+from packager.bundle.writer import BundleWriter
+from packager.convert.gguf.converter import convert, packed_kv, write_vocab_gguf
+from packager.convert.gguf.imatrix import calibration_text, compute_imatrix, user_imatrix
+from packager.convert.gguf.requantize import requantize
+from packager.convert.gguf.tokenizer_gate import check_tokenizer
+from packager.convert.gguf.vocab import GGUFVocab, load_vocab, with_eos
+from packager.errors import TokenizerMismatchError
+from packager.host import default_threads
+from packager.pack.card import LICENSE_NAMES, bundle_manifest, generation_defaults, model_card, with_quality
+from packager.pack.options import PackJob, PackOptions, PackResult
+from packager.pack.preflight import check_disk, check_memory
+from packager.progress import say
+from packager.runtime.llama import check_loads
+from packager.quants import QuantType, get_quant
+from packager.source.pickle import to_safetensors
+from packager.source.resolver import Source
+from packager.spec.eos import EosChoice, resolve_eos
+from packager.spec.model import ModelSpec
+
+# Memory the streaming converter itself needs beyond the mapped weights (row blocks in flight).
+CONVERTER_RSS = 1 << 30
+
+
+def check_request(src: Source, spec: ModelSpec, opts: PackOptions) -> None:
+    """What GGUF cannot do with this source: an architecture the converter lacks fails before any work."""
+    if src.kind == "hf":
+        arch_for(spec.architecture)
+
+
+def pack_gguf(job: PackJob) -> PackResult:
+    """Write the GGUF bundle ``job`` plans."""
+    src, spec, tgt, p, opts, warnings, src_quant = (job.src, job.spec, job.target, job.plan, job.opts, job.warnings,
+                                                   job.source_quant)
+    quant = get_quant(p.quant)
+    final = job.final
+    check_disk(final.parent, p.memory.weights)
+    if src.kind == "hf":
+        check_memory(CONVERTER_RSS, "the conversion")
+    model_rel = f"model/{src.name}-{quant.name}.gguf"
+    threads = opts.n_threads or default_threads()
+    tok_check: dict[str, Any]
+    imatrix_info: dict[str, Any] | None = None
+    with BundleWriter(final, force=opts.force) as bw:
+        gguf_path = bw.path(model_rel)
+        if src.kind == "gguf":
+            if opts.ready is not None:  # --quant auto: the very file it measured
+                opts.ready.install(gguf_path)
+                imatrix_info = opts.ready.imatrix_info
+            elif src_quant == quant.name:
+                say(f"bundling {src.path.name} as it is ({quant.name} fits {tgt.name})", quiet=opts.quiet)
+                shutil.copyfile(src.path, gguf_path)
+            else:
+                say(f"re-quantizing {src.path.name} to {quant.name}", quiet=opts.quiet)
+
+                warnings += requantize(src.path, src_quant, quant, gguf_path,
+                                       allow_requantize=opts.allow_requantize, n_threads=threads)
+            tok_check = {"status": "not applicable", "reason": "GGUF source carries its own tokenizer"}
+            eos = None
+        else:
+            vocab, eos = source_vocab(src)  # read once: the gate and the converter share it
+            if eos is not None and eos.disagreed:
+                say(f"the checkpoint's eos sources disagree ({', '.join(eos.disagreed)} name another token): "
+                    f"using {eos.describe()}", quiet=opts.quiet)
+            tok_check, kv_block = _tokenizer_gate(src, quant, vocab, eos, opts.skip_tokenizer_check, warnings)
+            say(f"bundling the {quant.name} file --quant auto measured" if opts.ready is not None
+                else f"converting {src.name} to {quant.name} for {tgt.name}", quiet=opts.quiet)
+            with safetensors_view(src, opts.quiet) as work:
+                if opts.ready is not None:  # --quant auto: the very file it measured
+                    result, imatrix_info = opts.ready.install(gguf_path), opts.ready.imatrix_info
+                else:
+                    imatrix, imatrix_info = _importance(work, quant, opts, threads)
+                    result = convert(work, quant, gguf_path, imatrix=imatrix, n_threads=threads, quiet=opts.quiet,
+                                     vocab=vocab, kv_block=kv_block)
+            bw.record_hash(model_rel, result.sha256)
+            if work is src:
+                src = src.with_hashes(result.source_sha256)
+        for name in LICENSE_NAMES:
+            if src.kind == "hf" and (src.path / name).is_file():
+                bw.add_file(name, src.path / name)
+        bw.add_text("README.md", with_quality(model_card(src, tgt, p, model_rel), opts.quality, quant.name))
+        manifest = bundle_manifest(
+            src, spec, tgt, p, quant=quant.name, model_file=model_rel, warnings=warnings,
+            generation=generation_defaults(src.path) if src.kind == "hf" else {},
+            tokenizer_check=tok_check, imatrix=imatrix_info, **({"eos": eos.as_manifest()} if eos is not None else {}),
+            **({"quality": opts.quality} if opts.quality is not None else {}))
+        say("checking that the runtime loads it", quiet=opts.quiet)
+        check_loads(gguf_path)  # never publish a bundle its own runtime cannot open
+        path = bw.commit(manifest.as_json(), quiet=opts.quiet)
+    return PackResult(path, bw.manifest, warnings)
+
+
+def _importance(src: Source, quant: QuantType, opts: PackOptions, threads: int) -> tuple[dict | None, dict | None]:
+    """The importance matrix to quantize with, and what the manifest says about it.
+
+    A user's llama.cpp imatrix file, or one computed by running a Q8_0 copy of the
+    model over a calibration text: the user's, or the one edgepack ships, which is
+    used by default for the types llama.cpp calls unusable without one.
+    """
+    if opts.imatrix is not None:
+        return user_imatrix(opts.imatrix)
+    if opts.imatrix_text is None and not quant.needs_imatrix:
+        return None, None
+    text, origin = calibration_text(opts.imatrix_text)
+
+    say(f"computing an importance matrix from {origin}", quiet=opts.quiet)
+    with tempfile.TemporaryDirectory(prefix="edgepack-imatrix-", dir=opts.output if Path(opts.output).is_dir() else None) as tmp:
+        model = convert(src, get_quant("Q8_0"), Path(tmp) / "imatrix-model.gguf", n_threads=threads, quiet=opts.quiet).path
+        imatrix = compute_imatrix(model, text, n_threads=threads, quiet=opts.quiet)
+    return imatrix, {"text": origin, "sha256": hashlib.sha256(text.encode()).hexdigest(), "model": "Q8_0"}
+
+
+@contextmanager
+def safetensors_view(src: Source, quiet: bool) -> Iterator[Source]:
+    """The source itself, or (pickle weights, allowed by the user) a temporary safetensors copy."""
+    if src.weight_files:
+        yield src
+        return
+    say("rewriting pickle weights as safetensors (--allow-pickle)", quiet=quiet)
+    with tempfile.TemporaryDirectory(prefix="edgepack-pickle-") as tmp:
+        yield replace(src, path=to_safetensors(src.path, Path(tmp)))
+
+
+def source_vocab(src: Source) -> tuple[GGUFVocab, EosChoice | None]:
+    """The checkpoint's vocabulary as the GGUF gets it: its eos resolved from every source (spec/eos.py)."""
+    vocab, eos = load_vocab(src.path), resolve_eos(src.path)
+    if eos is not None:
+        vocab = with_eos(vocab, eos.eos_id, eos.tokenizer_ids)
+    return vocab, eos
+
+
+def _tokenizer_gate(src: Source, quant: QuantType, vocab: Any, eos: EosChoice | None, skip: bool,
+                    warnings: list[str]) -> tuple[dict[str, Any], bytes]:
+    """Check the GGUF's tokenizer against the source's before converting (it takes seconds).
+
+    Returns the manifest's record of the check and the packed metadata of the
+    vocab-only GGUF it ran on, which the model file reuses as it is.
+    """
+    with tempfile.TemporaryDirectory(prefix="edgepack-vocab-") as tmp:
+        vocab_gguf = write_vocab_gguf(src, quant, Path(tmp) / "vocab.gguf", vocab=vocab)
+        kv_block = packed_kv(vocab_gguf)
+        try:
+            report = check_tokenizer(vocab_gguf, src.path, eos=eos)
+        except TokenizerMismatchError as exc:
+            if not skip:
+                raise
+            warnings.append(f"tokenizer check failed and was skipped: {exc}")
+            return {"status": "skipped", "error": str(exc)}, kv_block
+    return {"status": "passed", **{k: v for k, v in report.__dict__.items() if isinstance(v, (int, str, list))}}, kv_block
+
