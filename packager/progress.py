@@ -30,6 +30,24 @@ def progress_bar(*, total: int, desc: str, unit: str = "it", quiet: bool = False
         bar.close()
 
 
+@contextmanager
+def hub_progress(quiet: bool = False) -> Iterator[None]:
+    """huggingface_hub's download bars follow ours: off with --quiet or EDGEPACK_NO_PROGRESS=1
+    (its own HF_HUB_DISABLE_PROGRESS_BARS still applies), restored afterwards."""
+    if not _disabled(quiet):
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was:
+            enable_progress_bars()
+
+
 def say(message: str, *, quiet: bool = False) -> None:
     """A line for people, on stderr."""
     if not quiet:

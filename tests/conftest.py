@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -10,6 +11,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import models  # noqa: E402
+
+# Started as a shell's background job (or under nohup), this process inherits SIGINT ignored, and
+# so would every child: the Ctrl-C tests would send signals nobody receives. A Python handler here
+# makes this process receive it, and exec resets a handled signal to its default in every child
+# (an ignored one would stay ignored), so the children's Python installs its own KeyboardInterrupt.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

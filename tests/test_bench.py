@@ -359,3 +359,83 @@ def test_malformed_matrix_names_the_key(tmp_path, text, match):
     f.write_text(text)
     with pytest.raises(MatrixError, match=match):
         load_matrix(f)
+
+
+def test_report_labels_where_each_figure_was_measured(tmp_path):
+    """Two runners: one is the device itself (a host-profile bundle), one emulates raspberry-pi-5 on an
+    x86 CPU. The report must not show the emulated runner's speed as the device's, must put the
+    device prediction beside it, and must compare memory at the run's fill."""
+    from packager.measure.bench import SCHEMA
+    from packager.measure.matrix_report import CAPTIONS, markdown, measured_on
+
+    def rec(runner: str, target: str, not_emulated: list[str], avg: float, pred: float) -> dict:
+        return {"schema": SCHEMA, "status": "ok", "runner": runner, "matrix_model": "smollm2", "target": target,
+                "quant": "Q4_1", "test": "tg16", "avg_ts": avg, "stddev_ts": 1.0, "predicted_ts": pred,
+                "peak_rss_bytes": 270_000_000, "predicted_rss_bytes": 380_000_000,
+                "predicted_rss_at_run_bytes": 262_000_000, "n_threads": 4, "load_s": 0.2, "ttft_s": 0.01,
+                "emulated": {"target": target, "within_budget": True, "not_emulated": not_emulated},
+                "test_time": "2026-12-02T10:00:00Z", "run_id": runner}
+
+    emulated = rec("x86-runner", "raspberry-pi-5", ["memory bandwidth (target 17 GB/s; the host's own was used)"],
+                   98.0, 62.6)
+    device = rec("pi-runner", "host", [], 60.0, 62.6)
+    assert measured_on(emulated) == "x86-runner emulating raspberry-pi-5 (4 threads pinned, memory capped)"
+    assert measured_on(device) == "pi-runner (the device itself)"
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (emulated, device)))
+    md, pngs = report([tmp_path / "r.jsonl"], tmp_path / "out")
+    text = md.read_text()
+    assert text == markdown(latest(load_results([tmp_path / "r.jsonl"]))) + "".join(
+        f"\n![{p.stem}]({p.name})\n\n{CAPTIONS[p.stem]}\n" for p in pngs)
+    row = next(line for line in text.splitlines() if line.startswith("| x86-runner"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    # the emulated speed sits beside the device's prediction, and says where it was measured
+    assert cells[5].startswith("98.00") and cells[6] == "62.6" and cells[-1].startswith("x86-runner emulating")
+    assert cells[15] == "0.26" and cells[8] == "0.27"  # peak RSS beside the prediction at the same fill
+    assert "1 of the measurements ran on a runner emulating a device class" in text
+    assert "not the device's" in CAPTIONS["tokens_per_s"] and "hatched bar beside each" in CAPTIONS["tokens_per_s"]
+    assert "same fill" in CAPTIONS["peak_memory"] and "both at the run's fill" in CAPTIONS["predicted_vs_measured"]
+
+
+@pytest.mark.slow
+def test_pack_bench_agrees_with_llama_bench_and_the_host_plan(tmp_path):
+    """pack bench against llama.cpp's own llama-bench (built from the vendored source, as the other
+    oracles are) on the SmolLM2 fixture packed for this host: the same GGUF, threads and CPUs,
+    alternating sides. The tolerance (25%) is what this shared machine's noise cannot break; the
+    figures to 10-15% are benchmarks/bench_honesty.py's. And the host plan's decode prediction
+    against the measurement: the roofline has no term for tiny models' fixed costs beyond the
+    profile's per-layer overhead, so a factor of two is the claim."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.llama_tools import llama_tool
+
+    tool = llama_tool("llama-bench")  # ~6 min to build once per machine
+    r = _pack(["model", "--target", "host", "-o", str(tmp_path), "--json", "-q"], timeout=600)
+    assert r.returncode == 0, r.stderr
+    bundle = Path(json.loads(r.stdout)["path"])
+    gguf = next((bundle / "model").glob("*.gguf"))
+    threads = min(2, len(performance_cpus()))
+    cpus = performance_cpus()[:threads]
+    ours: dict[str, list[float]] = {"pp64": [], "tg32": []}
+    ref: dict[str, list[float]] = {"pp64": [], "tg32": []}
+    predicted = None
+    for i in range(2):
+        for side in (("ref", "ours") if i % 2 == 0 else ("ours", "ref")):
+            if side == "ours":
+                p = _pack(["bench", str(bundle), "-p", "64", "-n", "32", "-r", "3", "--threads", str(threads),
+                           "--ctx", "96", "-o", "json", "-q"], timeout=600)
+                assert p.returncode == 0, p.stderr
+                for rec in json.loads(p.stdout):
+                    ours[rec["test"]].append(rec["avg_ts"])
+                    if rec["test"] == "tg32":
+                        predicted = rec["predicted_ts"]
+            else:
+                q = subprocess.run([str(tool), "-m", str(gguf), "-p", "64", "-n", "32", "-r", "3", "-t", str(threads),
+                                    "-fa", "off", "-o", "json"], capture_output=True, text=True, timeout=600,
+                                   preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if hasattr(os, "sched_setaffinity") else None)
+                assert q.returncode == 0, q.stderr[-1000:]
+                for rec in json.loads(q.stdout):
+                    ref["pp64" if rec["n_prompt"] else "tg32"].append(rec["avg_ts"])
+    for test in ("pp64", "tg32"):
+        ratio = statistics.mean(ours[test]) / statistics.mean(ref[test])
+        assert 0.75 <= ratio <= 1.25, (test, ours[test], ref[test])
+    measured = statistics.mean(ours["tg32"])
+    assert predicted and 0.5 <= measured / predicted <= 2.0, (predicted, ours["tg32"])

@@ -83,6 +83,41 @@ def test_the_render_thread_really_stops():
     assert not [t for t in threading.enumerate() if t.name == "edgepack-chat-template"]
 
 
+# Work that runs in C holding the GIL: an exception sent to the render thread waits until the C
+# call returns, and every other thread (the watchdog's too) is frozen until then: minutes here.
+GIL_BOUND = {
+    "power-chain": "{% set a = 99999 ** 64 %}{% set b = a ** 64 %}{% set c = b ** 64 %}{% set d = c ** 64 %}{{ d > 5 }}",
+    "squaring": "{% set ns = namespace(x=99999) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}{% endfor %}"
+                "{{ ns.x > 5 }}",
+}
+WATCH = r"""
+import json, sys, threading, time
+from packager.spec.chat_template import render
+t0 = time.monotonic()
+try:
+    render(sys.argv[1], [{"role": "user", "content": "hi"}], time_limit=1.0)
+    error = None
+except Exception as exc:
+    error = type(exc).__name__ + ": " + str(exc)
+returned = time.monotonic() - t0
+cpu = time.process_time()
+time.sleep(1.0)
+print(json.dumps({"error": error, "returned_s": returned, "cpu_after_s": time.process_time() - cpu,
+                  "threads": [t.name for t in threading.enumerate()]}))
+"""
+
+
+@pytest.mark.parametrize("name", list(GIL_BOUND))
+def test_a_runaway_in_c_is_stopped_and_nothing_keeps_running(name):
+    r = subprocess.run([sys.executable, "-c", WATCH, GIL_BOUND[name]], capture_output=True, text=True, env=ENV,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr[-1000:]
+    out = json.loads(r.stdout)
+    assert out["error"].startswith("UnsafeChatTemplateError") and "limit" in out["error"], out
+    assert out["returned_s"] < 2.0 and out["threads"] == ["MainThread"], out
+    assert out["cpu_after_s"] < 0.2, out  # no render left computing in the background
+
+
 def test_legitimate_large_work_still_renders():
     long = "word " * 200_000  # a 1 MB message: far below the limits
     out = render("{% for m in messages %}{{ m['content'] }}{% endfor %}", [{"role": "user", "content": long}])

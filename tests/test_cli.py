@@ -65,7 +65,12 @@ def test_pack_verify_reports_tampering(qwen_bundle, tmp_path):
 def test_pack_run_streams_text(qwen_bundle):
     r = pack("run", qwen_bundle, "Hello", "-n", "8", "--temperature", "0")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip()
+    import packager
+
+    with packager.load(qwen_bundle) as m:  # the same greedy reply through the Python API
+        s = m.chat([{"role": "user", "content": "Hello"}], stream=True, max_tokens=8, temperature=0.0)
+        reply = "".join(s)
+    assert s.n_generated >= 1 and r.stdout == reply + "\n"
 
 
 def test_existing_output_refused_without_force(qwen_bundle, tiny_qwen2):

@@ -295,8 +295,10 @@ def test_onnx_bundle_generates_through_packager_load(qwen_onnx):
         text = "".join(s)
         assert text and s.n_generated == 8 and s.finish_reason == "length"
         assert m.generate("The quick brown fox", max_tokens=8) == text  # greedy: the same again
-        reply = m.chat([{"role": "user", "content": "Hi"}], max_tokens=4)
-        assert isinstance(reply, str) and reply
+        reply = m.chat([{"role": "user", "content": "Hi"}], stream=True, max_tokens=4)
+        text = "".join(reply)
+        assert reply.n_generated >= 1 and reply.n_prompt > len(m.tokenize("Hi", add_special=False)) + 2
+        assert m.chat([{"role": "user", "content": "Hi"}], max_tokens=4) == text  # greedy: the same again
         a = m.generate("Once", max_tokens=6, temperature=1.0, seed=7)
         assert a == m.generate("Once", max_tokens=6, temperature=1.0, seed=7)  # seeded sampling repeats
 
@@ -383,8 +385,9 @@ def test_engine_is_the_loaded_model_and_refuses_an_open_stream(qwen_onnx):
         for _ in range(2):  # reset empties the cache: the same 40 tokens fit a 64-token context again
             engine.reset()
             engine.eval(list(range(1, 41)))
-        # the model still generates after measuring, as an app would use it next
-        assert m.generate("The quick brown fox", max_tokens=4)
+        # the model still generates after measuring, as an app would use it next: as it did before
+        s = m.stream("The quick brown fox", max_tokens=4)
+        assert "".join(s) and s.n_generated == 4
 
 
 def test_bench_measures_an_onnx_bundle_with_the_records_gguf_gets(qwen_onnx):
@@ -418,7 +421,8 @@ def test_pack_onnx_cli_with_options(tiny_llama, tmp_path):
     import packager
 
     with packager.load(man["path"]) as m:
-        assert m.generate("Hello", max_tokens=4)
+        s = m.stream("Hello", max_tokens=4)
+        assert "".join(s) and (s.n_generated, s.finish_reason) == (4, "length")
 
 
 def test_hqq_bundle_generates_and_records_its_algorithm(tiny_qwen2, tmp_path):
@@ -497,7 +501,8 @@ def test_target_preferring_onnx_gets_an_onnx_bundle_for_its_provider(tiny_qwen2,
     except BackendMissingError as exc:  # the usual CPU-only wheel
         assert "execution_provider='cpu'" in str(exc) and "\n" not in str(exc)
     with packager.load(bundle, execution_provider="cpu") as m:
-        assert m.generate("Hello", max_tokens=4)
+        s = m.stream("Hello", max_tokens=4)
+        assert "".join(s) and (s.n_generated, s.finish_reason) == (4, "length")
 
 
 # -- bad input: clear errors, no bundle -----------------------------------------------------------

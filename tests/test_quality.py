@@ -455,10 +455,7 @@ def test_auto_quantizes_with_the_users_imatrix_and_names_it(f16_ref, user_imatri
     """--quant auto --imatrix FILE: the low-bit candidate is quantized with that file (the bundled bytes are
     llama.cpp's with it), none is computed, and the table, manifest and quality record name it with its sha256."""
     from packager.pack.autoquant import pack_auto
-    from packager.convert.gguf.requantize import quantize_gguf
-    from packager.convert.gguf.imatrix import load_imatrix
     from packager.pack.options import PackOptions
-    from packager.quants import get_quant
     from packager.source.resolver import sha256_file
 
     monkeypatch.setenv("EDGEPACK_NO_PROGRESS", "1")
@@ -475,9 +472,11 @@ def test_auto_quantizes_with_the_users_imatrix_and_names_it(f16_ref, user_imatri
     assert "computing an importance matrix" not in err, err
     assert verify(res.path) == []
     bundled = sha256_file(res.path / m["model_file"])
-    with_users, without = tmp_path / "with.gguf", tmp_path / "without.gguf"
-    quantize_gguf(f16_ref, get_quant("Q3_K_S"), with_users, imatrix=load_imatrix(user_imatrix_file), n_threads=2)
-    quantize_gguf(f16_ref, get_quant("Q3_K_S"), without, n_threads=2)
+    # The oracle: llama.cpp's quantizer called directly with the file, as llama-quantize --imatrix does.
+    import oracle
+
+    with_users = oracle.llama_quantize(f16_ref, "Q3_K_S", tmp_path / "with.gguf", imatrix_file=user_imatrix_file)
+    without = oracle.llama_quantize(f16_ref, "Q3_K_S", tmp_path / "without.gguf")
     assert bundled == sha256_file(with_users) != sha256_file(without)
     assert [p.name for p in (tmp_path / "dist").iterdir() if p.name.startswith(".edgepack-auto-")] == []
 

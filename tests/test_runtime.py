@@ -47,6 +47,49 @@ def test_generate_stream_and_chat_agree(model):
     assert streamed.n_prompt > len(model.tokenize(QUESTION[0]["content"], add_special=False)) + 10
 
 
+def _decode_batches(m):
+    """Record every llama_decode batch of a LlamaModel as (position of its first token, size)."""
+    llm, seen = m._llm, []
+    real = llm._ctx.decode
+
+    def spy(batch):
+        seen.append((llm.n_tokens, batch.n_tokens()))
+        return real(batch)
+
+    llm._ctx.decode = spy
+    return seen
+
+
+def test_the_same_prompt_gives_the_same_tokens_whatever_came_before(smollm2_bundle):
+    """The promise: the same prompt and settings give the same output on a fresh load and on a model
+    that generated before. llama.cpp's logits depend on how the prompt is cut into batches, so the
+    test holds the mechanism, not one machine's rounding: a later call evaluates its prompt only in
+    batches a fresh load evaluates too (it may skip whole cached blocks from position 0)."""
+    long = STORY + " " + " ".join(f"Chapter {i}: the wizard walked on." for i in range(60))
+    with packager.load(smollm2_bundle, n_threads=1, n_ctx=2048) as m:
+        ids = m.tokenize(long)
+        assert 512 + 16 < len(ids) < 1024 - 64  # two blocks of n_batch = 512: the first can be kept
+        for prompt in (m.tokenize(STORY), ids):
+            with packager.load(smollm2_bundle, n_threads=1, n_ctx=2048) as fresh_model:
+                fresh_batches = _decode_batches(fresh_model)
+                first = fresh_model.generate(prompt, max_tokens=6)
+            fresh = [b for b in fresh_batches if b[0] < len(prompt)]
+            m.generate(prompt, max_tokens=3)  # something before
+            later_batches = _decode_batches(m)
+            again = m.generate(prompt, max_tokens=6)
+            later = [b for b in later_batches if b[0] < len(prompt)]
+            assert again == first
+            skipped = fresh[:len(fresh) - len(later)]
+            assert fresh[len(skipped):] == later, (later, fresh)
+            assert all(size == 512 for _, size in skipped)
+        assert skipped == [(0, 512)]  # the long prompt kept its first block
+        # a conversation that grows: the reply was decoded token by token, so only the block is kept
+        grown = ids + m.tokenize(again + " And then?", add_special=False)
+        batches = _decode_batches(m)
+        m.generate(grown, max_tokens=2)
+        assert [b for b in batches if b[0] < len(grown)][0] == (512, len(grown) - 512)
+
+
 def test_tokenize_detokenize_round_trip(model):
     text = "Héllo, wörld! 世界 🙂 tabs\tand\nnewlines"
     ids = model.tokenize(text, add_special=False)
@@ -71,7 +114,12 @@ def test_max_tokens_stop_and_seed(model):
     # top_k=1 is greedy at any temperature; repeat_penalty and top_p are accepted and change sampling
     assert model.generate(STORY, max_tokens=16, temperature=1.5, top_k=1, seed=1) == model.generate(STORY, max_tokens=16)
     assert model.generate(STORY, max_tokens=40, repeat_penalty=2.0) != model.generate(STORY, max_tokens=40)
-    model.generate(STORY, max_tokens=4, temperature=0.7, top_p=0.9, top_k=40, seed=0)
+    def sampled(**opts) -> list[str]:
+        return [model.generate(STORY, max_tokens=12, temperature=1.5, seed=s, **opts) for s in range(4)]
+
+    free = sampled()
+    assert sampled() == free  # seeded: the comparisons below are the options' doing
+    assert sampled(top_p=0.3) != free and sampled(top_k=3) != free
 
 
 def test_bad_options_are_usage_errors(model):
@@ -165,7 +213,9 @@ def test_context_overflow_names_tokens_and_n_ctx(smollm2_bundle):
         with pytest.raises(ContextOverflowError, match=f"has {n} tokens but the context holds 64"):
             m.generate(long)
         s = m.stream(long, max_tokens=8, truncate="left")
-        assert "".join(s) is not None and s.n_prompt == 64 - 8 and s.finish_reason in ("stop", "length")
+        text = "".join(s)
+        assert s.n_prompt == 64 - 8 and (s.finish_reason, s.n_generated) in (("length", 8), ("stop", s.n_generated))
+        assert text == m.generate(m.tokenize(long)[-(64 - 8):], max_tokens=8)  # the last 56 tokens were kept
         # a prompt that fits but leaves little room ends at the context's edge, never beyond it
         edge = m.stream("word " * 55, max_tokens=50)
         "".join(edge)
@@ -249,7 +299,7 @@ def test_second_stream_in_the_same_thread_is_refused_not_deadlocked(model):
     with pytest.raises(UsageError, match="still open in this thread"):
         next(b)
     a.close()
-    assert "".join(b) is not None and b.finish_reason in ("stop", "length")
+    assert "".join(b) == model.generate("Hello", max_tokens=3) and b.finish_reason in ("stop", "length")
 
 
 def test_an_abandoned_stream_frees_the_model(model):
@@ -258,7 +308,9 @@ def test_an_abandoned_stream_frees_the_model(model):
         next(s)  # dropped without close
 
     start()
-    assert model.generate("Hi", max_tokens=2) is not None
+    s = model.stream("Hi", max_tokens=2)
+    "".join(s)
+    assert (s.finish_reason, s.n_generated) == ("length", 2) or (s.finish_reason == "stop" and s.n_generated < 2)
 
 
 # -- threads ---------------------------------------------------------------------------------

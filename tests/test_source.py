@@ -72,3 +72,28 @@ def test_gguf_file_source(smollm2_gguf):
 def test_nonexistent_path_is_not_mistaken_for_a_hub_id(tmp_path):
     with pytest.raises(SourceNotFoundError, match="no such file or directory"):
         resolve(str(tmp_path / "nope"), quiet=True)
+
+
+@pytest.mark.parametrize("quiet, env, silenced", [(True, None, True), (False, "1", True), (False, None, False)])
+def test_quiet_silences_the_hub_download_bars_too(tmp_path, tiny_qwen2, offline, monkeypatch, quiet, env, silenced):
+    """--quiet and EDGEPACK_NO_PROGRESS=1 used to leave huggingface_hub's own bars on stderr."""
+    import huggingface_hub
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    make_hub_cache(tmp_path, "edgepack-test/tiny-qwen2", tiny_qwen2)
+    seen = []
+    real = huggingface_hub.snapshot_download
+
+    def spy(*args, **kwargs):
+        seen.append(are_progress_bars_disabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
+    if env is None:
+        monkeypatch.delenv("EDGEPACK_NO_PROGRESS", raising=False)
+    else:
+        monkeypatch.setenv("EDGEPACK_NO_PROGRESS", env)
+    before = are_progress_bars_disabled()
+    resolve("edgepack-test/tiny-qwen2", cache_dir=tmp_path, quiet=quiet)
+    assert seen == [silenced or before]
+    assert are_progress_bars_disabled() == before  # restored for the host application

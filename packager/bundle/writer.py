@@ -23,6 +23,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import psutil
+from filelock import FileLock, Timeout
+
 from packager.bundle.verify import MANIFEST, SCHEMA_VERSION, Bundle, read_bundle, safe_path, verified
 from packager.errors import BundleError, BundleExistsError
 from packager.progress import progress_bar
@@ -30,6 +33,10 @@ from packager.source.resolver import sha256_file
 
 PARTIAL = ".partial-"  # marks a temporary directory; never a bundle
 
+
+
+# A full disk, a file-size limit, a quota (EDQUOT: not on Windows).
+_DISK_FULL = {e for e in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", None)) if e is not None}
 
 
 class _State(enum.Enum):
@@ -55,7 +62,7 @@ class BundleWriter:
             raise BundleError(f"cannot create output directory {parent}: {exc.strerror}; choose another with -o") from None
         if not os.access(parent, os.W_OK | os.X_OK):
             raise BundleError(f"output directory {parent} is not writable; choose another with -o")
-        self._lock_fd = self._lock(parent / f".{self.final.name}.lock")
+        self._held = self._lock(parent / f".{self.final.name}.lock")
         if self.final.exists() and not force:
             self._unlock()
             raise BundleExistsError(f"{self.final} already exists; pass --force to replace it")
@@ -66,21 +73,19 @@ class BundleWriter:
         self._known: dict[str, str] = {}
         self.state = _State.OPEN
 
-    def _lock(self, path: Path) -> int:
-        import fcntl
-
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    def _lock(self, path: Path) -> FileLock:
+        # filelock: flock on POSIX, msvcrt.locking on Windows; released by the OS if the process dies.
+        lock = FileLock(path)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
+            lock.acquire(timeout=0)
+        except Timeout:
             raise BundleError(f"another edgepack run is writing {self.final}; wait for it or choose another -o") from None
-        return fd
+        return lock
 
     def _unlock(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)  # closing releases the flock; the lock file may stay
-            self._lock_fd = -1
+        if self._held is not None:
+            self._held.release()  # the lock file may stay
+            self._held = None
 
     def path(self, rel: str) -> Path:
         """Where to write ``rel`` (a POSIX relative path) inside the bundle being built."""
@@ -176,7 +181,7 @@ class BundleWriter:
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         self.abort()  # no-op after a commit
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
             # A full disk (or a file-size limit) mid-write: the partial bundle is gone already.
             raise BundleError(f"ran out of space writing {self.final} ({exc.strerror}); nothing was left behind: "
                               "free some disk space or choose another output directory with -o") from None
@@ -240,6 +245,8 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    if sys.platform == "win32":  # os.kill(pid, 0) would terminate the process there
+        return psutil.pid_exists(pid)
     try:
         os.kill(pid, 0)
     except OSError as exc:
@@ -248,7 +255,8 @@ def _alive(pid: int) -> bool:
 
 
 def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    # Windows' fsync (_commit) needs a descriptor open for writing.
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0) if sys.platform == "win32" else os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

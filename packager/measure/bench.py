@@ -33,7 +33,7 @@ from typing import Any
 from packager import __version__, host
 from packager.bundle.verify import Bundle, verified
 from packager.errors import BenchError, BenchOutOfMemory, EdgepackError, UsageError, VerificationError
-from packager.plan.planner import Overrides, plan
+from packager.plan.planner import Overrides, memory, plan, scheme
 from packager.plan.targets import Target, load_target, target_from_toml
 from packager.progress import progress_bar
 from packager.runtime import backend
@@ -117,15 +117,24 @@ def bench_target(bundle: Bundle, name: str | None) -> Target:
         return target_from_toml(dict(packed.get("profile", {})), f"{bundle.path}/manifest.json: target.profile")
 
 
-def predict(bundle: Bundle, tgt: Target, n_ctx: int, n_threads: int) -> tuple[dict[str, Any] | None, str | None]:
-    """The planner's memory and tokens/s for this bundle's quant and context on ``tgt``."""
+def predict(bundle: Bundle, tgt: Target, n_ctx: int, n_threads: int, n_prompt: int = 0,
+            n_gen: int = 0) -> tuple[dict[str, Any] | None, str | None]:
+    """The planner's memory and tokens/s for this bundle's quant and context on ``tgt``.
+
+    ``memory_bytes`` is the plan's: the whole context in use (the worst case an app must survive);
+    ``memory_bytes_at_run`` is the same model at the fill a run of ``n_prompt`` + ``n_gen`` tokens
+    reaches, the figure its peak RSS compares with.
+    """
     m = bundle.meta
     try:
-        p = plan(bundle_spec(bundle), tgt, Overrides(quant=m.quant, format=m.format, n_ctx=n_ctx, n_threads=n_threads))
+        spec = bundle_spec(bundle)
+        p = plan(spec, tgt, Overrides(quant=m.quant, format=m.format, n_ctx=n_ctx, n_threads=n_threads))
+        at_run = memory(spec, scheme(m.format, m.quant), n_ctx, p.kv_type, fmt=m.format, arch=tgt.arch,
+                        n_kv=max(n_prompt + n_gen, 1), n_tokens=max(min(n_prompt, 512), 1))
     except EdgepackError as exc:
         return None, f"no prediction: {exc}"
-    return {"memory_bytes": p.memory.total, "memory": asdict(p.memory), "decode_ts": p.predicted_decode_tps,
-            "prefill_ts": p.predicted_prefill_tps}, None
+    return {"memory_bytes": p.memory.total, "memory": asdict(p.memory), "memory_bytes_at_run": at_run.total,
+            "decode_ts": p.predicted_decode_tps, "prefill_ts": p.predicted_prefill_tps}, None
 
 
 def bundle_spec(bundle: Bundle) -> ModelSpec:
@@ -231,7 +240,7 @@ def run_bench(bundle_path: str | os.PathLike[str], opts: BenchOptions | None = N
     if max(opts.n_prompt, opts.n_gen + 1) > n_ctx:
         whose = "--ctx" if opts.n_ctx else "the bundle's context"
         raise UsageError(f"-p {opts.n_prompt} / -n {opts.n_gen} exceed {whose} of {n_ctx} tokens; use smaller ones")
-    predicted, predict_note = predict(bundle, tgt, n_ctx, emu.n_threads)
+    predicted, predict_note = predict(bundle, tgt, n_ctx, emu.n_threads, opts.n_prompt, opts.n_gen)
     gpu_name = host.gpu_info()
     _, load_options = backend(bundle)
     cfg = {"bundle": str(bundle.path), "n_threads": emu.n_threads, "n_ctx": n_ctx,
@@ -298,7 +307,8 @@ def make_records(bundle: Bundle, tgt: Target, emu: Emulation, opts: BenchOptions
         "ttft_s": statistics.mean(ttfts), "ttft_s_samples": ttfts,
         "peak_rss_bytes": peak, "peak_rss_samples": [r["peak_rss_bytes"] for r in runs],
         "peak_vram_bytes": max(vram) if vram else None,
-        "predicted_rss_bytes": predicted["memory_bytes"] if predicted else None,
+        "predicted_rss_bytes": predicted["memory_bytes"] if predicted else None,  # the planned context, full
+        "predicted_rss_at_run_bytes": predicted["memory_bytes_at_run"] if predicted else None,  # this run's fill
         "predicted_memory": predicted["memory"] if predicted else None,
         "emulated": emulated, "fallback": fallback, "host": host.host(),
         "readings": [{"before": r.get("readings_before"), "after": r.get("readings_after")} for r in runs],

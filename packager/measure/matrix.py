@@ -30,10 +30,14 @@ from __future__ import annotations
 
 import os
 import platform
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (declared for < 3.11)
+    import tomli as tomllib
 
 from packager.errors import MatrixError
 from packager.formats import FORMATS

@@ -4,6 +4,8 @@ Where the target runs both formats (and ``--format`` does not pick one), the can
 GGUF types of its ladder and the ONNX int4 schemes of formats.onnx.AUTO_LADDER, walked together
 by size: an ONNX candidate is converted from the checkpoint by the streaming converter and scored
 by ONNX Runtime against the same F16 reference (measure/quality.py), so both are on one scale.
+Each format makes its own candidates (pack/gguf.py and pack/onnx.py, through pipeline.PACKERS):
+this module only walks, measures and chooses.
 
 1. The source is converted once to F16 (a GGUF source that is F16/BF16/F32 is
    used as it is): the reference, and what every candidate is quantized from.
@@ -37,22 +39,19 @@ from typing import Any, Callable
 
 import numpy as np
 
-from packager.archs import supported
 from packager.convert.gguf.converter import convert
 from packager.convert.gguf.imatrix import calibration_text, check_imatrix, compute_imatrix, user_imatrix
-from packager.convert.gguf.requantize import quantize_gguf
-from packager.convert.onnx.converter import OnnxOptions, convert as convert_onnx, execution_provider
 from packager.errors import DoesNotFit, QualityError, UsageError
-from packager.formats import get_format, onnx
+from packager.formats import FORMATS, get_format
 from packager.host import default_threads
 from packager.kernels.quality import Summary
 from packager.measure.quality import (DEFAULT_CTX, Reference, RunSettings, as_manifest, build_reference, measure,
                                       read_text)
-from packager.pack.options import PackOptions, ReadyFile
+from packager.pack.options import AutoJob, PackOptions, ReadyFile
 from packager.pack.gguf import safetensors_view, source_vocab
-from packager.pack.pipeline import default_source, pack_model
+from packager.pack.pipeline import PACKERS, default_source, pack_model
 from packager.plan.planner import Overrides, plan
-from packager.plan.targets import Target, load_target
+from packager.plan.targets import load_target
 from packager.progress import say
 from packager.quants import QuantType, get_quant
 from packager.source.gguf_check import check_layout
@@ -64,6 +63,7 @@ DEFAULT_MAX_KLD = 0.05
 DEFAULT_CHUNKS = 8
 REFERENCE_TYPES = ("F32", "F16", "BF16")
 LOW_BIT = ("IQ", "Q2_K", "Q3_K")  # llama.cpp: poor or unusable without an importance matrix
+FIRST_FORMAT = next(iter(FORMATS))  # its rows are unlabelled in the table; the others say their format
 
 
 def wants_imatrix(q: QuantType) -> bool:
@@ -103,7 +103,7 @@ def format_table(rows: list[Row], max_kld: float, imatrix_info: dict[str, Any] |
     for r in rows:
         def f(v: float | None, fmt: str) -> str:
             return "-" if v is None else format(v, fmt)
-        lines.append((r.quant if r.format == "gguf" else f"{r.quant} (onnx)", f(r.size and r.size / 1e6, ".1f"), f(r.predicted_memory and r.predicted_memory / 1e9, ".2f"),
+        lines.append((r.quant if r.format == FIRST_FORMAT else f"{r.quant} ({r.format})", f(r.size and r.size / 1e6, ".1f"), f(r.predicted_memory and r.predicted_memory / 1e9, ".2f"),
                       f(r.ppl, ".3f"), f(r.kld_mean, ".5f"), f(r.kld_p99, ".4f"),
                       f(r.top1 and 100 * r.top1, ".1f") + ("%" if r.top1 is not None else ""),
                       f(r.quantize_s, ".1f"), f(r.measure_s, ".1f"), r.verdict))
@@ -114,16 +114,18 @@ def format_table(rows: list[Row], max_kld: float, imatrix_info: dict[str, Any] |
             + (f"\n(imatrix: {describe_imatrix(imatrix_info)})" if used and imatrix_info else ""))
 
 
-def ladder_rows(spec, tgt, overrides: Overrides, *, onnx_from: str | None = None) -> list[Row]:
-    """Every candidate, smallest weights first, with its predicted memory when it fits: the target's GGUF
-    ladder, and the ONNX schemes where the target runs ONNX (``onnx_from``: why they cannot be made)."""
+def ladder_rows(spec, tgt, overrides: Overrides, *, unavailable: dict[str, str | None] | None = None) -> list[Row]:
+    """Every candidate, smallest weights first, with its predicted memory when it fits: each format's
+    auto ladder where the target runs it (the target's GGUF ladder, formats.onnx.AUTO_LADDER);
+    ``unavailable``: why a format's candidates cannot be made from this source."""
     fits, other = [], []
     formats = [overrides.format] if overrides.format else list(tgt.formats)
     for fmt in formats:
         names = get_format(fmt).auto(tgt.quant_ladder)
+        why = (unavailable or {}).get(fmt)
         for name in dict.fromkeys(names):
-            if fmt == "onnx" and onnx_from:
-                other.append(Row(name, fmt, verdict=f"not tried: {onnx_from}"))
+            if why:
+                other.append(Row(name, fmt, verdict=f"not tried: {why}"))
                 continue
             try:
                 p = plan(spec, tgt, replace(overrides, quant=name, format=fmt))
@@ -145,7 +147,7 @@ def walk(rows: list[Row], make: Callable[[Row], tuple[Path, Path]], ref: Referen
     for row in rows:
         if row.predicted_memory is None:
             continue
-        say(f"--quant auto: trying {row.quant}" + (" (onnx)" if row.format == "onnx" else ""), quiet=quiet)
+        say(f"--quant auto: trying {row.quant}" + (f" ({row.format})" if row.format != FIRST_FORMAT else ""), quiet=quiet)
         t0 = time.perf_counter()
         out, model = make(row)
         row.quantize_s = time.perf_counter() - t0
@@ -185,12 +187,8 @@ def pack_auto(source: str | os.PathLike[str] | None, opts, *, max_kld: float = D
     overrides = Overrides(format=opts.format, n_ctx=opts.n_ctx, ram_bytes=opts.ram_bytes, vram_bytes=opts.vram_bytes,
                           n_threads=opts.n_threads)
     plan(spec, tgt, overrides)  # nothing fits: DoesNotFit with the numbers, before any work
-    onnx_from = None  # why ONNX candidates cannot be made here, if they cannot
-    if src.kind == "gguf":
-        onnx_from = "ONNX bundles are converted from the HF checkpoint, not a GGUF"
-    elif spec.architecture not in supported("onnx"):
-        onnx_from = f"edgepack's streaming ONNX converter lacks {spec.architecture}"
-    rows = ladder_rows(spec, tgt, overrides, onnx_from=onnx_from)
+    unavailable = {fmt: packer.auto_unavailable(src, spec) for fmt, packer in PACKERS.items()}
+    rows = ladder_rows(spec, tgt, overrides, unavailable=unavailable)
     threads = opts.n_threads or default_threads()
     Path(opts.output).mkdir(parents=True, exist_ok=True)
     imatrix_state: dict[str, Any] = {}
@@ -224,22 +222,14 @@ def pack_auto(source: str | os.PathLike[str] | None, opts, *, max_kld: float = D
                 say(f"--quant auto: importance matrix {describe_imatrix(imatrix_state['info'])}", quiet=opts.quiet)
             return imatrix_state["data"]
 
-        def make(row: Row) -> tuple[Path, Path]:
-            if row.format == "onnx":  # converted from the checkpoint (the F16 file is llama.cpp's)
-                out = work / f"candidate-{row.quant}"
-                with safetensors_view(src, opts.quiet) as view:
-                    result = convert_onnx(view, out, onnx_candidate(row.quant, opts, tgt), n_ctx=row.n_ctx or 4096,
-                                          n_threads=threads, quiet=opts.quiet)
-                onnx_details[row.quant] = result.details
-                return out, out / "model.onnx"
-            q = get_quant(row.quant)
-            out = work / f"candidate-{q.name}.gguf"
-            imatrix = imatrix_for(q)
-            row.imatrix = imatrix is not None
-            quantize_gguf(f16, q, out, imatrix=imatrix, n_threads=threads)
-            return out, out
+        job = AutoJob(src, opts, tgt, work, threads, f16, imatrix_for)
+        details: dict[tuple[str, str], dict[str, Any]] = {}
 
-        onnx_details: dict[str, dict[str, Any]] = {}
+        def make(row: Row) -> tuple[Path, Path]:
+            made = PACKERS[row.format].auto_candidate(job, row.quant, row.n_ctx)
+            row.imatrix, details[(row.format, row.quant)] = made.imatrix, made.details
+            return made.keep, made.model
+
         settings = RunSettings(threads, 0, tgt.kv_cache_type)
         chosen, path, summary = walk(rows, make, ref, max_kld=max_kld, settings=settings, quiet=opts.quiet)
         table = format_table(rows, max_kld, imatrix_state.get("info"))
@@ -255,22 +245,9 @@ def pack_auto(source: str | os.PathLike[str] | None, opts, *, max_kld: float = D
         quality["auto"] = {"max_kld": max_kld, "table": [asdict(r) for r in rows],
                            "imatrix": imatrix_state.get("info") if any(r.imatrix for r in rows) else None}
         ready = ReadyFile(path, source_sha256, imatrix_state.get("info") if chosen.imatrix else None,
-                          onnx_details.get(chosen.quant, {}))
+                          details.get((chosen.format, chosen.quant), {}))
         del ref
-        if chosen.format == "onnx":
-            w = onnx.SCHEMES[chosen.quant]
-            return pack_model(source, replace(opts, format="onnx", quant=None, onnx_block_size=w.block_size,
-                                              onnx_asymmetric=not w.symmetric, onnx_algorithm=w.algorithm,
-                                              ready=ready, quality=quality))
-        return pack_model(source, replace(opts, format="gguf", quant=chosen.quant, ready=ready, quality=quality))
-
-
-def onnx_candidate(name: str, opts: PackOptions, tgt: Target) -> OnnxOptions:
-    """The converter's options for one ONNX scheme of the auto ladder, as pack model would set them."""
-    w = onnx.SCHEMES[name]
-    return OnnxOptions(block_size=w.block_size, symmetric=w.symmetric, algorithm=w.algorithm,
-                       accuracy_level=opts.onnx_accuracy_level,
-                       execution_provider=execution_provider(tgt.backends, tgt.name))
+        return pack_model(source, PACKERS[chosen.format].auto_options(opts, chosen.quant, ready, quality))
 
 
 def _check_user_imatrix(imatrix: dict[str, np.ndarray], f16: Path, path: Path) -> None:

@@ -21,17 +21,17 @@ from packager.archs import arch_for
 from packager.bundle.writer import BundleWriter
 from packager.convert.gguf.converter import convert, packed_kv, write_vocab_gguf
 from packager.convert.gguf.imatrix import calibration_text, compute_imatrix, user_imatrix
-from packager.convert.gguf.requantize import requantize
+from packager.convert.gguf.requantize import quantize_gguf, requantize
 from packager.convert.gguf.tokenizer_gate import check_tokenizer
 from packager.convert.gguf.vocab import GGUFVocab, load_vocab, with_eos
 from packager.errors import TokenizerMismatchError
 from packager.host import default_threads
 from packager.pack.card import LICENSE_NAMES, bundle_manifest, generation_defaults, model_card, with_quality
-from packager.pack.options import PackJob, PackOptions, PackResult
+from packager.pack.options import AutoJob, Candidate, PackJob, PackOptions, PackResult, ReadyFile
 from packager.pack.preflight import check_disk, check_memory
 from packager.progress import say
-from packager.runtime.llama import check_loads
 from packager.quants import QuantType, get_quant
+from packager.runtime.llama import check_loads
 from packager.source.pickle import to_safetensors
 from packager.source.resolver import Source
 from packager.spec.eos import EosChoice, resolve_eos
@@ -45,6 +45,25 @@ def check_request(src: Source, spec: ModelSpec, opts: PackOptions) -> None:
     """What GGUF cannot do with this source: an architecture the converter lacks fails before any work."""
     if src.kind == "hf":
         arch_for(spec.architecture)
+
+
+def auto_unavailable(src: Source, spec: ModelSpec) -> str | None:
+    """Why --quant auto cannot make GGUF candidates of this source (never: any source converts or is a GGUF)."""
+    return None
+
+
+def auto_candidate(job: AutoJob, name: str, n_ctx: int | None) -> Candidate:
+    """One GGUF type, quantized from the F16 reference by llama.cpp's quantizer."""
+    q = get_quant(name)
+    out = job.work / f"candidate-{q.name}.gguf"
+    imatrix = job.imatrix_for(q)
+    quantize_gguf(job.f16, q, out, imatrix=imatrix, n_threads=job.n_threads)
+    return Candidate(out, out, imatrix is not None)
+
+
+def auto_options(opts: PackOptions, name: str, ready: ReadyFile, quality: dict[str, Any]) -> PackOptions:
+    """What pack_model is asked to bundle the chosen GGUF type as measured."""
+    return replace(opts, format="gguf", quant=name, ready=ready, quality=quality)
 
 
 def pack_gguf(job: PackJob) -> PackResult:
@@ -71,7 +90,6 @@ def pack_gguf(job: PackJob) -> PackResult:
                 shutil.copyfile(src.path, gguf_path)
             else:
                 say(f"re-quantizing {src.path.name} to {quant.name}", quiet=opts.quiet)
-
                 warnings += requantize(src.path, src_quant, quant, gguf_path,
                                        allow_requantize=opts.allow_requantize, n_threads=threads)
             tok_check = {"status": "not applicable", "reason": "GGUF source carries its own tokenizer"}

@@ -13,14 +13,16 @@ packager/convert/onnx/.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
+from packager.archs import supported
 from packager.bundle.writer import BundleWriter
 from packager.convert.onnx.converter import GPTQ_REFUSAL, OnnxOptions, convert, execution_provider, onnx_exporter
 from packager.convert.onnx.optimum_export import convert_optimum, fallback_memory
 from packager.errors import UsageError
-from packager.formats.onnx import ALGORITHMS, BLOCK_SIZES
+from packager.formats.onnx import ALGORITHMS, BLOCK_SIZES, SCHEMES
 from packager.pack.card import LICENSE_NAMES, bundle_manifest, generation_defaults, model_card, with_quality
-from packager.pack.options import PackJob, PackOptions, PackResult
+from packager.pack.options import AutoJob, Candidate, PackJob, PackOptions, PackResult, ReadyFile
 from packager.pack.preflight import check_disk, check_memory
 from packager.plan.planner import plan
 from packager.plan.targets import Target
@@ -60,6 +62,40 @@ def check_request(src: Source, spec: ModelSpec | None, opts: PackOptions) -> Non
                          "(a directory or hub id), or pass --format gguf")
     if not src.weight_files:
         raise UsageError("ONNX bundles need safetensors weights; this source has pickle weights only")
+
+
+def auto_unavailable(src: Source, spec: ModelSpec) -> str | None:
+    """Why --quant auto cannot make ONNX candidates of this source, if it cannot."""
+    if src.kind == "gguf":
+        return "ONNX bundles are converted from the HF checkpoint, not a GGUF"
+    if spec.architecture not in supported("onnx"):
+        return f"edgepack's streaming ONNX converter lacks {spec.architecture}"
+    if not src.weight_files:
+        return "ONNX bundles need safetensors weights; this source has pickle weights only"
+    return None
+
+
+def auto_options_for(name: str, opts: PackOptions, tgt: Target) -> OnnxOptions:
+    """The converter's options for one ONNX scheme of the auto ladder, as pack model would set them."""
+    w = SCHEMES[name]
+    return OnnxOptions(block_size=w.block_size, symmetric=w.symmetric, algorithm=w.algorithm,
+                       accuracy_level=opts.onnx_accuracy_level,
+                       execution_provider=execution_provider(tgt.backends, tgt.name))
+
+
+def auto_candidate(job: AutoJob, name: str, n_ctx: int | None) -> Candidate:
+    """One int4 scheme, converted from the checkpoint (the F16 reference is llama.cpp's, not ONNX)."""
+    out = job.work / f"candidate-{name}"
+    result = convert(job.src, out, auto_options_for(name, job.opts, job.target), n_ctx=n_ctx or 4096,
+                     n_threads=job.n_threads, quiet=job.opts.quiet)
+    return Candidate(out, out / "model.onnx", details=result.details)
+
+
+def auto_options(opts: PackOptions, name: str, ready: ReadyFile, quality: dict[str, Any]) -> PackOptions:
+    """What pack_model is asked to bundle the chosen scheme as measured."""
+    w = SCHEMES[name]
+    return replace(opts, format="onnx", quant=None, onnx_block_size=w.block_size, onnx_asymmetric=not w.symmetric,
+                   onnx_algorithm=w.algorithm, ready=ready, quality=quality)
 
 
 def pack_onnx(job: PackJob) -> PackResult:

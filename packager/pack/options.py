@@ -1,16 +1,18 @@
 """What `pack model` is asked to do (PackOptions), a file made for it already (ReadyFile), what the
-pipeline hands a format's packer (PackJob), and what it hands back (PackResult)."""
+pipeline hands a format's packer (PackJob), and what it hands back (PackResult); what --quant auto
+hands a format to make one candidate (AutoJob) and gets back (Candidate)."""
 
 from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from packager.convert.result import ConvertResult
 from packager.plan.planner import Overrides, Plan
 from packager.plan.targets import Target
+from packager.quants import QuantType
 from packager.source.resolver import Source, sha256_file
 from packager.spec.model import ModelSpec
 
@@ -85,3 +87,26 @@ class PackJob:
     @property
     def final(self) -> Path:
         return Path(self.opts.output) / f"{self.src.name}-{self.target.name}"
+
+
+@dataclass(frozen=True)
+class AutoJob:
+    """What --quant auto gives a format's packer to make its candidates."""
+
+    src: Source
+    opts: PackOptions
+    target: Target
+    work: Path  # a temporary directory beside the output
+    n_threads: int
+    f16: Path  # the F16 GGUF every candidate is measured against (GGUF candidates are quantized from it)
+    imatrix_for: Callable[[QuantType], Any]  # the importance matrix a GGUF type is quantized with, or None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate --quant auto made: what to bundle if chosen, and the model file to measure."""
+
+    keep: Path
+    model: Path
+    imatrix: bool = False  # quantized with an importance matrix
+    details: dict[str, Any] = field(default_factory=dict)  # the converter's own (ONNX: its options)

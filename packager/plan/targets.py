@@ -14,12 +14,16 @@ from __future__ import annotations
 import os
 import platform
 import re
-import tomllib
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (declared for < 3.11)
+    import tomli as tomllib
 
 import psutil
 

@@ -10,7 +10,7 @@ model cannot honour a UsageError naming the option.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from packager.bundle.manifest import Manifest
 from packager.errors import UsageError, VerificationError
@@ -35,20 +35,20 @@ def check_runtime(meta: Manifest, where: str, overrides: dict[str, Any]) -> None
     rt, spec = meta.runtime, _spec(meta)
     limit = spec.context_length if spec is not None else None
     for key, value in (("n_ctx", rt.n_ctx), ("n_threads", rt.n_threads), ("n_gpu_layers", rt.n_gpu_layers)):
-        _check(key, value, limit, spec, lambda msg, key=key: VerificationError(
+        _check(key, value, limit, lambda msg, key=key: VerificationError(
             f"{where}/manifest.json: runtime.{key} = {getattr(rt, key)} {msg}; fix it or pack the bundle again"))
     if rt.kv_type not in KV_BYTES:
         raise VerificationError(f"{where}/manifest.json: runtime.kv_type = {rt.kv_type!r} is not one of "
                                 f"{', '.join(KV_BYTES)}; fix it or pack the bundle again")
     for key in ("n_ctx", "n_threads", "n_gpu_layers"):
         if overrides.get(key) is not None:
-            _check(key, overrides[key], limit, spec, lambda msg, key=key: UsageError(
+            _check(key, overrides[key], limit, lambda msg, key=key: UsageError(
                 f"{key}={overrides[key]} {msg}"))
     if spec is not None and "n_ctx" not in overrides:
         _check_memory(meta, spec, where)
 
 
-def _check(key: str, value: Any, limit: int | None, spec: ModelSpec | None, error) -> None:
+def _check(key: str, value: Any, limit: int | None, error: Callable[[str], Exception]) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise error("is not an integer")
     if key == "n_ctx":

@@ -56,7 +56,7 @@ class LlamaEngine(Engine):
     batch, no sampling, then llama_synchronize)."""
 
     def __init__(self, model: "LlamaModel") -> None:
-        self._lc, self._llm = model._llama_cpp, model._llm
+        self._model, self._lc, self._llm = model, model._llama_cpp, model._llm
 
     @property
     def info(self) -> EngineInfo:
@@ -81,11 +81,13 @@ class LlamaEngine(Engine):
         return bos if bos is not None and bos >= 0 else None
 
     def reset(self) -> None:
+        self._model._blocks = []  # what generation cached is gone
         self._llm.reset()
 
     def eval(self, tokens: Sequence[int]) -> None:
         # llama_decode may return before a GPU backend (Metal, CUDA) has finished; Llama.eval reads no
         # logits, so nothing waits for it. Wait here, as llama-bench does after every decode.
+        self._model._blocks = []
         self._llm.eval(list(tokens))
         self._lc.llama_synchronize(self._llm._ctx.ctx)
 
@@ -149,6 +151,7 @@ class LlamaModel(Model):
         self.n_vocab = self._llm.n_vocab()
         self._buf = ctypes.create_string_buffer(256)
         self._formatter = None
+        self._blocks: list[int] = []  # the cached prompt's whole n_batch blocks (see _keep_blocks)
 
     def _open(self, llama_cpp: Any, bundle: Bundle, seed: int | None, use_mmap: bool, n_batch: int,
               n_gpu_layers: int | None, runtime: Runtime, kv: dict[str, Any]) -> Any:
@@ -218,6 +221,7 @@ class LlamaModel(Model):
         llm, lc = self._llm, self._llama_cpp
         max_tokens = min(opts.max_tokens, self.n_ctx - len(ids))
         llm.set_seed(opts.seed if opts.seed is not None else self._seeds.randrange(2**31))
+        self._keep_blocks(ids)
         tokens = llm.generate(
             ids, top_k=opts.top_k, top_p=opts.top_p, min_p=0.0, typical_p=1.0, temp=opts.temperature,
             repeat_penalty=opts.repeat_penalty,
@@ -227,6 +231,8 @@ class LlamaModel(Model):
         n = 0
         try:
             for token in tokens:
+                if n == 0:  # the prompt is in the cache now, in whole blocks from position 0
+                    self._blocks = list(ids[:len(ids) // llm.n_batch * llm.n_batch])
                 if not tick():
                     return "cancelled"
                 if lc.llama_vocab_is_eog(self._vocab, token):
@@ -246,6 +252,31 @@ class LlamaModel(Model):
         if tail:
             yield tail
         return "stop"
+
+    def _keep_blocks(self, ids: list[int]) -> None:
+        """Keep only the cached prompt blocks a fresh load would compute the same way.
+
+        The promise: the same prompt and settings give the same tokens, whatever this model
+        generated before. llama.cpp's results depend on how a prompt is cut into batches (a
+        near-tie between two tokens can flip), and llama-cpp-python reuses any cached prefix,
+        so a prompt seen before was evaluated as 1 token where a fresh load evaluates it as n.
+        Here the cache is reused only in whole n_batch blocks from position 0 of an earlier
+        prompt (evaluated from a block boundary, as on a fresh load); the rest of the prompt is
+        evaluated in the same batches as on a fresh load. Long conversations keep most of their
+        cache; a short prompt is evaluated afresh.
+        """
+        llm, block = self._llm, self._llm.n_batch
+        common = 0
+        for a, b in zip(self._blocks, ids):
+            if a != b:
+                break
+            common += 1
+        keep = max(0, min(common, len(ids) - 1)) // block * block
+        self._blocks = []  # until this call's prompt is in the cache
+        if keep == 0:
+            llm.reset()
+        else:
+            llm.n_tokens = keep  # llama-cpp-python's generate() drops the cache after this prefix
 
     def _engine(self) -> LlamaEngine:
         return LlamaEngine(self)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from packager.errors import GatedSourceError, PickleRefusedError, SourceError, SourceNotFoundError
-from packager.progress import progress_bar
+from packager.progress import hub_progress, progress_bar
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a conversion needs from a hub repository, and nothing else (no consolidated
@@ -190,10 +190,11 @@ def _download(repo: str, revision: str | None, allow_pickle: bool, token: str | 
 
     patterns = ALLOW_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
     try:
-        path = snapshot_download(
-            repo, revision=revision, allow_patterns=patterns, ignore_patterns=IGNORE_PATTERNS,
-            token=token, cache_dir=cache_dir,
-        )
+        with hub_progress(quiet):
+            path = snapshot_download(
+                repo, revision=revision, allow_patterns=patterns, ignore_patterns=IGNORE_PATTERNS,
+                token=token, cache_dir=cache_dir,
+            )
     except GatedRepoError:  # subclass of RepositoryNotFoundError: check it first
         raise GatedSourceError(
             f"{repo} is gated: accept its terms on the hub, then log in (huggingface-cli login) or set HF_TOKEN"

@@ -38,6 +38,10 @@ TIME_LIMIT = 5.0  # seconds; real templates render in milliseconds
 MAX_OUTPUT = 8 << 20  # characters of rendered prompt (a full 128k-token context is ~0.5M)
 MAX_STRING = 8 << 20  # characters of any intermediate string or list
 MAX_INT_ARG = 100_000  # what Jinja's sandbox allows range() (MAX_RANGE)
+# Big-integer arithmetic runs in C holding the GIL: one ``a ** b`` of a million digits freezes
+# every thread of the app (the time limit's watchdog included) for minutes. Bounding each
+# operation's result keeps every step short, so the time limit can stop the loop around them.
+MAX_INT_BITS = 4096
 _FORMAT_WIDTH = re.compile(r"%[-#0 +]*(\d+)?(?:\.(\d+))?|\{[^{}]*?:[^{}]*?(\d+)")
 
 
@@ -64,7 +68,19 @@ def _check_args(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
 def _check_result(value: Any) -> Any:
     if _size(value) > MAX_STRING:
         raise _Limit(f"a value of {_size(value)} characters is above the limit of {MAX_STRING}")
+    if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+        raise _Limit(f"an integer of {value.bit_length()} bits is above the limit of {MAX_INT_BITS}")
     return value
+
+
+def _check_int_op(operator: str, left: Any, right: Any) -> None:
+    """Refuse integer arithmetic whose result would exceed MAX_INT_BITS before C computes it."""
+    if not (isinstance(left, int) and isinstance(right, int)):
+        return
+    if operator == "*" and left.bit_length() + right.bit_length() > MAX_INT_BITS + 1:
+        raise _Limit(f"a product of {left.bit_length() + right.bit_length()} bits is above the limit of {MAX_INT_BITS}")
+    if operator == "**" and right > 0 and abs(left) > 1 and (abs(left).bit_length() - 1) * right > MAX_INT_BITS:
+        raise _Limit(f"a power of about {(abs(left).bit_length() - 1) * right} bits is above the limit of {MAX_INT_BITS}")
 
 
 def _check_replace(s: Any, old: Any, new: Any) -> None:
@@ -147,6 +163,7 @@ def _environment():
             return _check_result(super().call(__context, __obj, *args, **kwargs))
 
         def call_binop(self, context, operator, left, right):
+            _check_int_op(operator, left, right)
             if operator == "*":
                 for seq, n in ((left, right), (right, left)):
                     if _size(seq) and isinstance(n, int) and _size(seq) * n > MAX_STRING:
