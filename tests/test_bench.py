@@ -402,8 +402,8 @@ def test_pack_bench_agrees_with_llama_bench_and_the_host_plan(tmp_path):
     oracles are) on the SmolLM2 fixture packed for this host: the same GGUF, threads and CPUs,
     alternating sides. The tolerance (25%) is what this shared machine's noise cannot break; the
     figures to 10-15% are benchmarks/bench_honesty.py's. And the host plan's decode prediction
-    against the measurement: the roofline has no term for tiny models' fixed costs beyond the
-    profile's per-layer overhead, so a factor of two is the claim."""
+    against the measurement: within -33%/+50% (measured here: predicted 122-125 t/s, measured
+    110-119, 0.90-0.95x; the host probe's bandwidth is itself measured at plan time, so noisy)."""
     sys.path.insert(0, str(ROOT))
     from benchmarks.llama_tools import llama_tool
 
@@ -438,4 +438,4 @@ def test_pack_bench_agrees_with_llama_bench_and_the_host_plan(tmp_path):
         ratio = statistics.mean(ours[test]) / statistics.mean(ref[test])
         assert 0.75 <= ratio <= 1.25, (test, ours[test], ref[test])
     measured = statistics.mean(ours["tg32"])
-    assert predicted and 0.5 <= measured / predicted <= 2.0, (predicted, ours["tg32"])
+    assert predicted and 0.67 <= measured / predicted <= 1.5, (predicted, ours["tg32"])

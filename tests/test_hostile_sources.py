@@ -240,3 +240,25 @@ def test_a_gguf_llama_cpp_cannot_load_is_never_published(tmp_path, tiny_qwen2, m
     with pytest.raises(ConversionError, match="llama.cpp cannot load the GGUF just written; nothing was published"):
         pack_model(str(tiny_qwen2), PackOptions(quant="Q8_0", output=out, quiet=True))
     assert not [p for p in out.iterdir() if (p / "manifest.json").exists() or ".partial-" in p.name]
+
+
+def test_an_onnx_model_onnx_runtime_cannot_load_is_never_published(tmp_path, tiny_qwen2, monkeypatch):
+    from packager.errors import ConversionError
+    from packager.pack import onnx as pack_onnx
+    from packager.pack.options import PackOptions
+    from packager.pack.pipeline import pack_model
+
+    real = pack_onnx.convert
+
+    def convert_then_damage(src, out_dir, *args, **kw):
+        result = real(src, out_dir, *args, **kw)
+        data = out_dir / "model.onnx.data"
+        with open(data, "r+b") as f:  # a writer bug: the weights cut short
+            f.truncate(data.stat().st_size // 2)
+        return result
+
+    monkeypatch.setattr(pack_onnx, "convert", convert_then_damage)
+    out = tmp_path / "dist"
+    with pytest.raises(ConversionError, match="ONNX Runtime cannot load the model just written.*nothing was published"):
+        pack_model(str(tiny_qwen2), PackOptions(format="onnx", output=out, quiet=True))
+    assert not [p for p in out.iterdir() if (p / "manifest.json").exists() or ".partial-" in p.name]
