@@ -40,12 +40,30 @@ class Terminated(KeyboardInterrupt):
     exit_code = 128 + int(getattr(signal, "SIGTERM", 15))
 
 
+_pending: dict[int, threading.Timer] = {}  # signals to re-send because they landed in a C callback
+
+
+def raise_pending() -> None:
+    """Raise a signal still waiting for its retry: a step that must not start after it (publishing a
+    bundle) asks first, since the process may finish before the retry fires."""
+    if _pending:
+        signum, timer = _pending.popitem()
+        timer.cancel()  # raised here, once: a second copy must not interrupt the cleanup it starts
+        _raise(signum)
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     if _in_foreign_callback(frame):
         timer = threading.Timer(RETRY_S, os.kill, (os.getpid(), signum))
         timer.daemon = True
+        _pending[signum] = timer
         timer.start()
         return
+    _pending.pop(signum, None)
+    _raise(signum)
+
+
+def _raise(signum: int) -> None:
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise Terminated

@@ -28,6 +28,7 @@ from filelock import FileLock, Timeout
 
 from packager.bundle.verify import MANIFEST, SCHEMA_VERSION, Bundle, read_bundle, safe_path, verified
 from packager.errors import BundleError, BundleExistsError
+from packager.interrupt import raise_pending
 from packager.progress import progress_bar
 from packager.source.resolver import sha256_file
 
@@ -134,6 +135,7 @@ class BundleWriter:
         os.rename(half, man)
         for d in {p.parent for p in files} | {self.tmp}:
             _fsync_dir(d)
+        raise_pending()  # a Ctrl-C or SIGTERM that landed in a llama.cpp callback: do not publish
         with _signals_deferred():
             self._swap_into_place()
         self._unlock()
