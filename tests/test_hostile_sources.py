@@ -220,45 +220,32 @@ def test_a_config_that_disagrees_with_the_weights_writes_nothing(tmp_path, tiny_
     assert_refused(r, out, needle.format(n=n, m=n + 1))
 
 
-def test_a_gguf_llama_cpp_cannot_load_is_never_published(tmp_path, tiny_qwen2, monkeypatch):
-    """The last gate before the rename: the written model is loaded by the bundle's own runtime."""
+@pytest.mark.parametrize("fmt, written, says", [
+    ("gguf", lambda result: result.path, "llama.cpp cannot load the GGUF just written; nothing was published"),
+    ("onnx", lambda result: result.path / "model.onnx.data",
+     "ONNX Runtime cannot load the model just written.*nothing was published"),
+])
+def test_a_model_its_runtime_cannot_load_is_never_published(tmp_path, tiny_qwen2, monkeypatch, fmt, written, says):
+    """The last gate before the rename: the written model is opened by the bundle's own runtime."""
+    import importlib
+
     from packager.errors import ConversionError
-    from packager.pack import gguf as pack_gguf
     from packager.pack.options import PackOptions
     from packager.pack.pipeline import pack_model
 
-    real = pack_gguf.convert
+    packer = importlib.import_module(f"packager.pack.{fmt}")
+    real = packer.convert
 
     def convert_then_damage(*args, **kw):
         result = real(*args, **kw)
-        with open(result.path, "r+b") as f:  # a writer bug: the tensor data cut short
-            f.truncate(result.path.stat().st_size // 2)
+        damaged = written(result)
+        with open(damaged, "r+b") as f:  # a writer bug: the weights cut short
+            f.truncate(damaged.stat().st_size // 2)
         return result
 
-    monkeypatch.setattr(pack_gguf, "convert", convert_then_damage)
+    monkeypatch.setattr(packer, "convert", convert_then_damage)
     out = tmp_path / "dist"
-    with pytest.raises(ConversionError, match="llama.cpp cannot load the GGUF just written; nothing was published"):
-        pack_model(str(tiny_qwen2), PackOptions(quant="Q8_0", output=out, quiet=True))
-    assert not [p for p in out.iterdir() if (p / "manifest.json").exists() or ".partial-" in p.name]
-
-
-def test_an_onnx_model_onnx_runtime_cannot_load_is_never_published(tmp_path, tiny_qwen2, monkeypatch):
-    from packager.errors import ConversionError
-    from packager.pack import onnx as pack_onnx
-    from packager.pack.options import PackOptions
-    from packager.pack.pipeline import pack_model
-
-    real = pack_onnx.convert
-
-    def convert_then_damage(src, out_dir, *args, **kw):
-        result = real(src, out_dir, *args, **kw)
-        data = out_dir / "model.onnx.data"
-        with open(data, "r+b") as f:  # a writer bug: the weights cut short
-            f.truncate(data.stat().st_size // 2)
-        return result
-
-    monkeypatch.setattr(pack_onnx, "convert", convert_then_damage)
-    out = tmp_path / "dist"
-    with pytest.raises(ConversionError, match="ONNX Runtime cannot load the model just written.*nothing was published"):
-        pack_model(str(tiny_qwen2), PackOptions(format="onnx", output=out, quiet=True))
+    with pytest.raises(ConversionError, match=says):
+        pack_model(str(tiny_qwen2), PackOptions(quant="Q8_0" if fmt == "gguf" else None, format=fmt, output=out,
+                                                quiet=True))
     assert not [p for p in out.iterdir() if (p / "manifest.json").exists() or ".partial-" in p.name]

@@ -115,7 +115,8 @@ def pack_onnx(job: PackJob) -> PackResult:
                         "packing held the whole f32 model in memory")
     else:
         check_memory(CONVERTER_RSS, "the conversion")
-    eos = resolve_eos(src.path)  # genai_config's eos list is the converter's (convert/onnx/output.eog_ids)
+    eos = resolve_eos(src.path)  # once: the converter writes its ids into genai_config.json
+    eos_ids = eos.eog_ids if eos is not None else []  # []: generation_config's, as the converter would
     if eos is not None and eos.disagreed:
         say(f"the checkpoint's eos sources disagree ({', '.join(eos.disagreed)} name another token): "
             f"using {eos.describe()}", quiet=opts.quiet)
@@ -126,9 +127,10 @@ def pack_onnx(job: PackJob) -> PackResult:
         if opts.ready is not None:  # --quant auto: the very folder it measured
             result = opts.ready.install(model_dir)
         elif exporter == "optimum":
-            result = convert_optimum(src, model_dir, oo, n_ctx=p.n_ctx, quiet=opts.quiet)
+            result = convert_optimum(src, model_dir, oo, n_ctx=p.n_ctx, quiet=opts.quiet, eos_ids=eos_ids)
         else:
-            result = convert(src, model_dir, oo, n_ctx=p.n_ctx, n_threads=opts.n_threads, quiet=opts.quiet)
+            result = convert(src, model_dir, oo, n_ctx=p.n_ctx, n_threads=opts.n_threads, quiet=opts.quiet,
+                             eos_ids=eos_ids)
         src = src.with_hashes(result.source_sha256)
         for name in LICENSE_NAMES:
             if (src.path / name).is_file():

@@ -20,7 +20,7 @@ from packager.errors import BackendMissingError, BundleError, ConversionError, U
 from packager.formats.onnx import PROMPT_CHUNK
 from packager.host import default_threads
 from packager.runtime.model import Engine, EngineInfo, GenOptions, Message, Model
-from packager.spec.chat_template import render
+from packager.spec.chat_template import render, source_template, token_text
 
 
 def _genai():
@@ -54,13 +54,6 @@ def check_loads(model_dir: Path) -> None:
         raise ConversionError(f"{model_dir.name}: ONNX Runtime cannot load the model just written ({reason}); "
                               f"nothing was published") from None
     del session
-
-
-def _token_text(value: Any) -> str:
-    """tokenizer_config.json writes special tokens as strings or as AddedToken dicts."""
-    if isinstance(value, dict):
-        return str(value.get("content") or "")
-    return value if isinstance(value, str) else ""
 
 
 class OnnxEngine(Engine):
@@ -179,20 +172,16 @@ class OnnxModel(Model):
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
     def _chat_template(self) -> str:
-        template = self.bundle.meta.runtime.chat_template or self._tok_config.get("chat_template")
-        if not template and (self.model_dir / "chat_template.jinja").is_file():
-            template = (self.model_dir / "chat_template.jinja").read_text(encoding="utf-8")
-        if isinstance(template, list):  # the named-templates form: take the default one
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        template = self.bundle.meta.runtime.chat_template or source_template(self._tok_config, self.model_dir)
         if not template:
             raise UsageError(f"{self.bundle.path}: the model has no chat template; use generate() or stream() "
                              f"with a raw prompt")
         return template
 
     def _chat_prompt(self, messages: list[Message]) -> tuple[list[int], tuple[str, ...]]:
-        eos = _token_text(self._tok_config.get("eos_token"))
+        eos = token_text(self._tok_config.get("eos_token"))
         text = render(self._chat_template(), messages, add_generation_prompt=True, eos_token=eos,
-                      bos_token=_token_text(self._tok_config.get("bos_token")))
+                      bos_token=token_text(self._tok_config.get("bos_token")))
         # The template writes every special token itself, as transformers' apply_chat_template assumes.
         return self._encode(text, add_special=False), ((eos,) if eos else ())
 

@@ -29,6 +29,7 @@ import re
 import threading
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from packager.errors import ChatTemplateError, UnsafeChatTemplateError
@@ -311,6 +312,24 @@ SAMPLE_CHAT = (
     {"role": "assistant", "content": "Hi! How can I help?"},
     {"role": "user", "content": "Tell me a joke."},
 )
+
+
+def token_text(value: Any) -> str:
+    """tokenizer_config.json writes special tokens as strings or as AddedToken dicts."""
+    if isinstance(value, dict):
+        return str(value.get("content") or "")
+    return value if isinstance(value, str) else ""
+
+
+def source_template(tok_config: Mapping[str, Any], model_dir: Path) -> str | None:
+    """An HF checkpoint's (or ONNX bundle's) chat template: tokenizer_config.json's (its default one
+    when it names several), else chat_template.jinja beside it."""
+    t = tok_config.get("chat_template")
+    if not t and (model_dir / "chat_template.jinja").is_file():
+        t = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(t, list):  # the named-templates form: take the default one
+        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+    return t if isinstance(t, str) and t else None
 
 
 def check_template(template: str | None, where: str, **context: Any) -> None:

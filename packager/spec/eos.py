@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from packager.errors import ChatTemplateError, SourceError
-from packager.spec.chat_template import render
+from packager.spec.chat_template import render, source_template, token_text
 
 MARK = "EDGEPACKREPLYMARK7"  # an assistant message no template alters and no tokenizer merges with its end
 
@@ -78,12 +78,6 @@ def _ids(value: Any) -> list[int]:
     return []
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else ""
-
-
 class _Vocab:
     """Token text <-> id from tokenizer.json (added tokens first: they are what eos names)."""
 
@@ -103,16 +97,6 @@ class _Vocab:
 
     def text(self, i: int) -> str:
         return self.by_id.get(i, "")
-
-
-def _template(model_dir: Path, tok_config: dict[str, Any]) -> str | None:
-    t = tok_config.get("chat_template")
-    if isinstance(t, list):  # named templates: the default one
-        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
-    if isinstance(t, str) and t:
-        return t
-    f = model_dir / "chat_template.jinja"
-    return f.read_text(encoding="utf-8") if f.is_file() else None
 
 
 def turn_end(template: str, added: dict[str, int], **context: Any) -> int | None:
@@ -146,13 +130,13 @@ def resolve_eos(model_dir: Path) -> EosChoice | None:
             sources[name] = ids
     for name, data in (("tokenizer_config.json", tok_config), ("special_tokens_map.json",
                                                                _json(model_dir / "special_tokens_map.json") or {})):
-        text = _text(data.get("eos_token")) if isinstance(data, dict) else ""
+        text = token_text(data.get("eos_token")) if isinstance(data, dict) else ""
         if text and text in vocab.by_text:
             sources[name] = [vocab.by_text[text]]
-    template = _template(model_dir, tok_config)
+    template = source_template(tok_config, model_dir)
     if template:
-        bos = _text(tok_config.get("bos_token"))
-        end = turn_end(template, vocab.added, bos_token=bos, eos_token=_text(tok_config.get("eos_token")))
+        bos = token_text(tok_config.get("bos_token"))
+        end = turn_end(template, vocab.added, bos_token=bos, eos_token=token_text(tok_config.get("eos_token")))
         if end is not None:
             sources["chat template"] = [end]
     if not sources:

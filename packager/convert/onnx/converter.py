@@ -311,7 +311,8 @@ def _onnx():
 
 
 def convert(source: Source, out_dir: Path, opts: OnnxOptions = OnnxOptions(), *, n_ctx: int = 4096,
-            n_threads: int | None = None, quiet: bool = False) -> ConvertResult:
+            n_threads: int | None = None, quiet: bool = False,
+            eos_ids: list[int] | None = None) -> ConvertResult:
     """Write model.onnx, model.onnx.data, genai_config.json and the tokenizer files into ``out_dir``."""
     onnx = _onnx()
     cfg = read_config(source.path)
@@ -345,7 +346,7 @@ def convert(source: Source, out_dir: Path, opts: OnnxOptions = OnnxOptions(), *,
     gen = read_json(source.path / "generation_config.json")
     (out_dir / "genai_config.json").write_text(
         json.dumps(genai_config(decoder_shape(d, arch), cfg, gen, n_ctx, opts.execution_provider,
-                                eos_ids=eog_ids(source.path)), indent=4),
+                                eos_ids=eog_ids(source.path) if eos_ids is None else eos_ids), indent=4),
         encoding="utf-8")
     copied = [out_dir / "model.onnx", data_path, out_dir / "genai_config.json", *copy_tokenizer(source.path, out_dir)]
     return ConvertResult(out_dir, sum(p.stat().st_size for p in copied), sha256s, files=copied,

@@ -205,7 +205,8 @@ def decoder_shape(graph, cfg: dict[str, Any], n_ctx: int) -> DecoderShape:
         share_buffer=False)  # the graph concatenates past and new keys itself
 
 
-def convert_optimum(source: Source, out_dir: Path, opts, *, n_ctx: int = 4096, quiet: bool = False):
+def convert_optimum(source: Source, out_dir: Path, opts, *, n_ctx: int = 4096, quiet: bool = False,
+                    eos_ids: list[int] | None = None):
     """Export with optimum, quantize to MatMulNBits, write model.onnx(.data), genai_config.json, tokenizer."""
     cfg = read_config(source.path)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +228,7 @@ def convert_optimum(source: Source, out_dir: Path, opts, *, n_ctx: int = 4096, q
     gen = read_json(source.path / "generation_config.json")
     (out_dir / "genai_config.json").write_text(
         json.dumps(genai_config(decoder_shape(graph, cfg, n_ctx), cfg, gen, n_ctx, opts.execution_provider,
-                                eos_ids=eog_ids(source.path)), indent=4),
+                                eos_ids=eog_ids(source.path) if eos_ids is None else eos_ids), indent=4),
         encoding="utf-8")
     copied = [out_dir / "model.onnx", out_dir / "model.onnx.data", out_dir / "genai_config.json",
               *copy_tokenizer(source.path, out_dir)]
