@@ -1,4 +1,4 @@
-"""llama.cpp's own tools (llama-bench, llama-perplexity), built from the source
+"""llama.cpp's own tools (llama-bench, llama-perplexity, llama-gguf-split), built from the source
 vendored in the installed llama-cpp-python's sdist: the reference our benchmarks
 compare against.
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.models import CACHE, llama_cpp_src  # noqa: E402
 
-TOOLS = ("llama-bench", "llama-perplexity")
+TOOLS = ("llama-bench", "llama-perplexity", "llama-gguf-split")
 
 
 def tools_dir() -> Path:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 from pack_speed import MODELS  # noqa: E402  (the same random checkpoints as the GGUF packing benchmark)
-from procmon import run  # noqa: E402
+from procmon import run, warm_page_cache  # noqa: E402
 IMPORTS = ("import time, numpy, onnx, packager.pack.pipeline, packager.pack.onnx, packager.convert.onnx.converter, "
            "packager.convert.onnx.graph, packager.kernels.int4, packager.bundle.writer; time.sleep(1)")
 LIMIT = 8 * 10**9
@@ -79,10 +79,7 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="edgepack-onnx-pack-"))
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, EDGEPACK_NO_PROGRESS="1")
-    for f in model_dir.glob("*.safetensors"):  # warm the page cache: both sides then read from memory
-        with open(f, "rb") as fh:
-            while fh.read(64 << 20):
-                pass
+    warm_page_cache(model_dir)  # neither side pays the first read from disk
     floor = run([sys.executable, "-c", IMPORTS], env=env)
     out = work / "dist"
     shutil.rmtree(out, ignore_errors=True)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 import models  # noqa: E402
-from procmon import run  # noqa: E402
+from procmon import report_checks, run, warm_page_cache  # noqa: E402
 
 MODELS = {k: models.BENCH_MODELS[k] for k in ("qwen2.5-0.5b", "qwen2.5-3b", "smollm2", "tiny-qwen2")}
 QUANTIZE = """
@@ -54,11 +54,7 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="edgepack-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, EDGEPACK_NO_PROGRESS="1")
-    # Warm the page cache so neither side pays the first read from disk.
-    for f in model_dir.glob("*.safetensors"):
-        with open(f, "rb") as fh:
-            while fh.read(64 << 20):
-                pass
+    warm_page_cache(model_dir)  # neither side pays the first read from disk
 
     f16 = work / "ref-f16.gguf"
     conv = run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "f16",
@@ -96,11 +92,9 @@ def main() -> int:
     for name, s in (("convert_hf_to_gguf (f16)", conv), ("llama_model_quantize", quant), ("edgepack pack model", ours)):
         print(f"| {name} | {s.wall_s:.1f} | {s.peak_rss_bytes / 1e9:.2f} | {s.peak_rss_anon_bytes / 1e9:.2f} |")
     print(f"\nwall ratio {record['wall_ratio']:.2f}x, RSS ratio {record['rss_ratio']:.2f}x")
-    for name, ok in checks.items():
-        print(f"{'PASS' if ok else 'FAIL'}: {name}")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
-    return 0 if all(checks.values()) else 1
+    return report_checks(checks)
 
 
 if __name__ == "__main__":

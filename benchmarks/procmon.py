@@ -55,3 +55,18 @@ def run(cmd: list[str], *, env: dict | None = None, interval: float = 0.02, log:
     if log:
         out.close()
     return RunStats(wall, peak["rss"], peak["anon"], rc)
+
+
+def warm_page_cache(model_dir: Path) -> None:
+    """Read the checkpoint once so that every side measured reads it from memory, not the disk."""
+    for f in Path(model_dir).glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+
+
+def report_checks(checks: dict[str, bool]) -> int:
+    """Print PASS/FAIL per check; the benchmark's exit code."""
+    for name, ok in checks.items():
+        print(f"{'PASS' if ok else 'FAIL'}: {name}")
+    return 0 if all(checks.values()) else 1

@@ -33,6 +33,10 @@ class UnknownQuantError(UsageError):
     """A quant type name edgepack does not know."""
 
 
+class PartSizeError(UsageError):
+    """A part size (--part-size, or the target's) too small for the model's largest tensor."""
+
+
 class ProfileError(UsageError):
     """A target profile TOML file is malformed (names file, key, expected type)."""
 

@@ -121,7 +121,7 @@ def test_survival_limits_are_profile_data():
     assert ios.limits.memory_entitlement == "com.apple.developer.kernel.increased-memory-limit"
     for name in ("android-entry", "android-midrange", "android-flagship"):
         t = load_target(name)
-        assert 0 < t.limits.lmk_headroom_bytes < t.ram_bytes and t.distribution.part_bytes == 512 * 10**6
+        assert 0 < t.limits.lmk_headroom_bytes < t.ram_bytes and t.distribution.part_bytes == 1500 * 10**6  # Play AI packs
     assert web.limits.gpu_max_binding_bytes == 128 << 20 and web.limits.gpu_max_buffer_bytes == 256 << 20
     assert ios.distribution.download_cap_bytes == 200 * 10**6
 

@@ -105,6 +105,17 @@ class BundleWriter:
         """The sha256 of a file the caller hashed as it wrote it: commit will not read it again."""
         self._known[safe_path(rel).as_posix()] = sha256
 
+    def file_sha256(self, rel: str) -> str:
+        """The sha256 of a file written into the bundle: recorded, or hashed now and recorded for commit."""
+        key = safe_path(rel).as_posix()
+        if key not in self._known:
+            self._known[key] = sha256_file(self.path(rel))
+        return self._known[key]
+
+    def forget_hash(self, rel: str) -> None:
+        """A file recorded with record_hash was removed or replaced."""
+        self._known.pop(safe_path(rel).as_posix(), None)
+
     def add_text(self, rel: str, text: str) -> Path:
         dst = self.path(rel)
         dst.write_text(text, encoding="utf-8")

@@ -58,6 +58,11 @@ from packager.quants import QUANTS
 @click.option("--imatrix-text", type=click.Path(dir_okay=False, path_type=Path),
               help="Compute an importance matrix from this calibration text first (used by default, with "
                    "edgepack's own text, for IQ1-IQ3 and Q2_K_S).")
+@click.option("--part-size", callback=_size,
+              help="Largest model file in the bundle, e.g. 512MB: a larger model is written as llama.cpp's split "
+                   "GGUF (name-00001-of-0000N.gguf, ...; llama.cpp loads the first part). Default: the target's "
+                   "[distribution] part_size (a store's asset-pack limit), if any.")
+@click.option("--no-split", is_flag=True, help="Write one model file even where the target's part size is smaller.")
 @click.option("--json", "as_json", is_flag=True, help="Print the bundle's manifest as JSON on stdout.")
 @quiet_option
 def model_cmd(source: str | None, target: str, quant: str | None, fmt: str | None, output: Path, force: bool,
@@ -65,7 +70,7 @@ def model_cmd(source: str | None, target: str, quant: str | None, fmt: str | Non
               allow_pickle: bool, allow_requantize: bool, skip_tokenizer_check: bool, imatrix: Path | None,
               imatrix_text: Path | None, as_json: bool, quiet: bool, max_kld: float | None = None,
               onnx_block_size: str = "32", onnx_asymmetric: bool = False, onnx_accuracy_level: int = 4,
-              onnx_algorithm: str = "rtn") -> None:
+              onnx_algorithm: str = "rtn", part_size: int | None = None, no_split: bool = False) -> None:
     """Pack SOURCE into a verified bundle for a target.
 
     SOURCE is a local Hugging Face checkpoint directory, a hub id (downloaded through
@@ -82,10 +87,13 @@ def model_cmd(source: str | None, target: str, quant: str | None, fmt: str | Non
       pack model ./Qwen2.5-3B-Instruct --target android --quant auto --max-kld 0.05
       pack model ./Qwen2.5-3B-Instruct --format onnx --block-size 32     # int4 for onnxruntime-genai
       pack model ./Qwen2.5-3B-Instruct --format onnx --algorithm hqq     # int4, lower error, no calibration
+      pack model ./Qwen2.5-3B-Instruct --target android --part-size 1GB  # parts of at most 1 GB
     """
     auto = quant is not None and quant.lower() == "auto"
     if max_kld is not None and not auto:
         raise click.UsageError("--max-kld applies to --quant auto only")
+    if part_size is not None and no_split:
+        raise click.UsageError("--part-size and --no-split contradict each other; pass one")
 
     opts = PackOptions(
         target=target, quant=quant.upper() if quant and not auto else None, format=fmt, output=output, force=force,
@@ -93,7 +101,7 @@ def model_cmd(source: str | None, target: str, quant: str | None, fmt: str | Non
         skip_tokenizer_check=skip_tokenizer_check, n_ctx=n_ctx, ram_bytes=ram, vram_bytes=vram,
         n_threads=n_threads, imatrix=imatrix, imatrix_text=imatrix_text, quiet=quiet,
         onnx_block_size=int(onnx_block_size), onnx_asymmetric=onnx_asymmetric, onnx_accuracy_level=onnx_accuracy_level,
-        onnx_algorithm=onnx_algorithm,
+        onnx_algorithm=onnx_algorithm, part_size=part_size, no_split=no_split,
     )
     if auto:
         result = pack_auto(source, opts, max_kld=DEFAULT_MAX_KLD if max_kld is None else max_kld)

@@ -13,7 +13,7 @@ def size_callback(ctx: click.Context, param: click.Parameter, value: str | None)
         return None
 
     try:
-        return parse_size(value, where=f"--{param.name}")
+        return parse_size(value, where=param.opts[0] if param.opts else f"--{param.name}")
     except ValueError as exc:
         raise click.BadParameter(str(exc).split(": ", 1)[-1]) from None
 

@@ -11,16 +11,31 @@ from packager.errors import UsageError
 from packager.formats import FORMATS, all_schemes, format_of_scheme, get_format
 from packager.plan.planner import Overrides
 from packager.plan.report import as_json as plan_json, plan_model, render
-from packager.plan.targets import list_targets
+from packager.plan.targets import list_targets, profile_sources
 
 
 @click.command("targets")
 @click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON on stdout.")
-def targets_cmd(as_json: bool) -> None:
-    """List the device classes edgepack can pack for."""
+@click.option("--explain", is_flag=True,
+              help="Print each target's app and store limits (download cap, part size, whole-app cap, delivery) "
+                   "with the source each profile cites.")
+def targets_cmd(as_json: bool, explain: bool = False) -> None:
+    """List the device classes edgepack can pack for.
+
+    With --explain, also each target's app limits and store limits (download cap, part size,
+    whole-app cap, how parts are delivered), each with the source the profile cites.
+    """
     targets = list_targets()
     if as_json:
         click.echo(json.dumps([t.as_dict() for t in targets], indent=2))
+        return
+    if explain:
+        for t in targets:
+            click.echo(f"{t.name} ({t.distribution.channel}): {t.description}")
+            for _table, key, value, source in profile_sources(t):
+                shown = f"{value / 1e6:,.0f} MB" if isinstance(value, int) else str(value)
+                click.echo(f"  {key:<24} {shown}" + (f"\n  {'':<24} source: {source}" if source else ""))
+            click.echo("")
         return
     rows = [(t.name, ",".join(t.aliases) or "-", f"{t.ram_bytes / 2**30:.0f} GiB", f"{t.usable_ram_fraction:.0%}",
              ",".join(t.formats), t.quant_ladder[0], t.description) for t in targets]
@@ -43,10 +58,14 @@ def targets_cmd(as_json: bool) -> None:
 @click.option("--vram", callback=_size, help="Override the target's VRAM, e.g. 4GB.")
 @click.option("--threads", "n_threads", type=int, help="Override the target's thread count.")
 @click.option("--revision", help="Hub branch, tag or commit (hub ids only).")
+@click.option("--part-size", callback=_size, help="Plan the model in files of at most this size (as pack model "
+              "--part-size). Default: the target's [distribution] part_size.")
+@click.option("--no-split", is_flag=True, help="Plan one model file whatever the target's part size.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
 @click.option("--explain", is_flag=True, help="Also print the arithmetic behind every number.")
 def plan_cmd(model: str, target: str, quant: str | None, fmt: str | None, n_ctx: int | None, ram: int | None,
-             vram: int | None, n_threads: int | None, revision: str | None, as_json: bool, explain: bool) -> None:
+             vram: int | None, n_threads: int | None, revision: str | None, as_json: bool, explain: bool,
+             part_size: int | None = None, no_split: bool = False) -> None:
     """Will MODEL fit TARGET? Plan quant, context and GPU layers before converting anything.
 
     MODEL is a local checkpoint directory, a .gguf file, or a hub id: for a hub id only
@@ -66,8 +85,10 @@ def plan_cmd(model: str, target: str, quant: str | None, fmt: str | None, n_ctx:
     if owner is not None and fmt is not None and fmt != owner.name:
         raise UsageError(f"--quant {quant} is {owner.noun}; drop --format {fmt} or pick {get_format(fmt).noun}")
     fmt = fmt or (owner.name if owner is not None else None)  # a scheme implies its format
-    overrides = Overrides(quant=quant, format=fmt, n_ctx=n_ctx, ram_bytes=ram,
-                          vram_bytes=vram, n_threads=n_threads)
+    if part_size is not None and no_split:
+        raise UsageError("--part-size and --no-split contradict each other; pass one")
+    overrides = Overrides(quant=quant, format=fmt, n_ctx=n_ctx, ram_bytes=ram, vram_bytes=vram, n_threads=n_threads,
+                          part_bytes=0 if no_split else part_size)
     inp, tgt, p = plan_model(model, target, overrides, revision=revision)
     if as_json:
         click.echo(json.dumps(plan_json(inp, tgt, p), indent=2))

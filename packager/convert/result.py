@@ -17,3 +17,4 @@ class ConvertResult:
     sha256: str | None = None  # of a single-file model, hashed as it was written (GGUF)
     files: list[Path] = field(default_factory=list)  # every file written
     details: dict[str, Any] = field(default_factory=dict)  # the format's own: tensor types (GGUF), options (ONNX)
+    file_sha256: dict[str, str] = field(default_factory=dict)  # file name -> sha256, for files hashed as written

@@ -19,10 +19,12 @@ The memory model is llama.cpp's, as measured by benchmarks/plan_calibration.py
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 from gguf import GGMLQuantizationType
 
+from packager.errors import PartSizeError
 from packager.formats.base import MiB, Format, Memory, gb, kv_bytes, padded_ctx
 from packager.formats.weights import Tensor, WeightLayout
 from packager.quants import QUANTS, QuantType, get_quant, tensor_bytes, tensor_types
@@ -197,6 +199,59 @@ def explain(spec: ModelSpec, layout: WeightLayout, n_ctx: int, ram: Memory) -> l
             f"{n} x {padded_ctx(n_ctx)} x {spec.n_heads} heads x 2 B = {gb(compute_bytes(spec, n, n_ctx))}",
             f"overhead: runtime {RUNTIME_BYTES / MiB:.0f} MiB + load {LOAD_BYTES / MiB:.0f} MiB + "
             f"{LOAD_BYTES_PER_TOKEN + 4} B x {spec.vocab_size} vocab = {gb(overhead_bytes(spec))}"]
+
+
+
+# llama.cpp's split GGUF (tools/gguf-split): each part a GGUF of its own, the first holding every
+# metadata key, all carrying split.no / split.count / split.tensors.count; tensor data padded to 32.
+GGUF_ALIGNMENT = 32
+SPLIT_UNIT = 1000 * 1000  # gguf-split's --split-max-size takes whole M (10^6 bytes) or G
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """Which tensors go into which part, by gguf-split's own rule, so that no file exceeds ``part_bytes``."""
+
+    part_bytes: int  # the largest file the channel takes
+    max_tensor_bytes: int  # tensor data per part: what `llama-gguf-split --split-max-size` is given
+    parts: tuple[tuple[str, ...], ...]  # tensor names of each part, in file order
+
+    @property
+    def gguf_split_command(self) -> str:
+        """The llama.cpp command that writes the same parts from the unsplit file."""
+        return f"llama-gguf-split --split --split-max-size {self.max_tensor_bytes // SPLIT_UNIT}M MODEL.gguf PREFIX"
+
+
+def padded(n: int, align: int = GGUF_ALIGNMENT) -> int:
+    return -(-n // align) * align
+
+
+def split_layout(tensors: Sequence[tuple[str, int]], part_bytes: int, meta_bytes: int) -> SplitLayout:
+    """The parts of a GGUF whose files stay within ``part_bytes``.
+
+    ``tensors`` are (name, data bytes) in file order; ``meta_bytes`` bounds the first part's
+    metadata (header, every key, every tensor's info). gguf-split caps only the tensor data of a
+    part, so the cap is what the part size leaves after that metadata, rounded down to the whole
+    megabytes gguf-split accepts: its own rule then gives these very parts.
+    """
+    cap = (part_bytes - meta_bytes) // SPLIT_UNIT * SPLIT_UNIT
+    name, largest = max(((n, padded(b)) for n, b in tensors), key=lambda t: t[1])
+    if cap < largest:  # gguf-split would leave a part without tensors
+        need = meta_bytes + -(-largest // SPLIT_UNIT) * SPLIT_UNIT
+        raise PartSizeError(
+            f"part size {part_bytes / 1e6:.1f} MB is too small: tensor {name} alone is {largest / 1e6:.1f} MB and the "
+            f"first part also holds {meta_bytes / 1e6:.1f} MB of metadata; the smallest part size that works is "
+            f"{-(-need // SPLIT_UNIT)}MB (pass --part-size {-(-need // SPLIT_UNIT)}MB or more, or --no-split)")
+    parts: list[list[str]] = [[]]
+    size = 0
+    for n, b in tensors:
+        b = padded(b)
+        if size + b > cap:  # gguf-split's should_split: the part would grow past the cap
+            parts.append([])
+            size = 0
+        parts[-1].append(n)
+        size += b
+    return SplitLayout(part_bytes, cap, tuple(tuple(p) for p in parts))
 
 
 def _layout(spec: ModelSpec, quant: QuantType, tensors: Sequence[Tensor] | None, arch: str,

@@ -13,13 +13,13 @@ zero point and an f32 correction per block: block 32 symmetric is 5.0 bits per w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Sequence
 
 import numpy as np
 
-from packager.errors import UsageError
+from packager.errors import PartSizeError, UsageError
 from packager.formats.base import MiB, Format, Memory, gb, kv_bytes
 from packager.formats.weights import Tensor, WeightLayout
 from packager.spec.model import ModelSpec
@@ -51,6 +51,7 @@ class Init:
     dtype: int  # TensorProto data type
     shape: tuple[int, ...]
     offset: int = -1
+    file: int = 0  # which of the layout's data files holds it (Layout.data_files)
 
     @property
     def nbytes(self) -> int:
@@ -64,7 +65,46 @@ class Layout:
     data_file: str = "model.onnx.data"
     inits: dict[str, Init] = field(default_factory=dict)
     aliases: set[str] = field(default_factory=set)  # second views of another initializer's bytes
-    size: int = 0
+    size: int = 0  # bytes of all data files together
+    file_sizes: tuple[int, ...] = ()  # each data file's bytes, once split (empty: one file of `size` bytes)
+
+    @property
+    def data_files(self) -> list[str]:
+        """model.onnx.data, then model.onnx.data.2, ... (ONNX Runtime reads each initializer's own location)."""
+        return [self.data_file] + [f"{self.data_file}.{i + 1}" for i in range(1, len(self.file_sizes))]
+
+    @property
+    def sizes(self) -> list[int]:
+        return list(self.file_sizes) or [self.size]
+
+    def split(self, part_bytes: int) -> "Layout":
+        """The same initializers, in file order, in data files of at most ``part_bytes`` each.
+
+        A file ends where the next initializer would cross the limit; an alias stays with its base.
+        """
+        largest = max((i for n, i in self.inits.items() if n not in self.aliases), key=lambda i: i.nbytes)
+        if largest.nbytes > part_bytes:
+            need = -(-largest.nbytes // 10**6)
+            raise PartSizeError(f"part size {part_bytes / 1e6:.1f} MB is too small: initializer {largest.name} alone "
+                                f"is {largest.nbytes / 1e6:.1f} MB; the smallest part size that works is {need}MB "
+                                f"(pass --part-size {need}MB or more, or --no-split)")
+        out = Layout(self.data_file, aliases=set(self.aliases))
+        sizes = [0]
+        moved: dict[int, tuple[int, int]] = {}  # old offset -> (file, offset): where an alias's base went
+        for name, init in self.inits.items():
+            if name in self.aliases:
+                file, offset = moved[init.offset]
+            else:
+                offset = sizes[-1] + (-sizes[-1] % ALIGN)
+                if offset + init.nbytes > part_bytes and sizes[-1]:
+                    sizes.append(0)
+                    offset = 0
+                file = len(sizes) - 1
+                sizes[-1] = offset + init.nbytes
+                moved[init.offset] = (file, offset)
+            out.inits[name] = replace(init, offset=offset, file=file)
+        out.file_sizes, out.size = tuple(sizes), sum(sizes)
+        return out
 
     def add(self, name: str, dtype: int, shape: tuple[int, ...], *, alias_of: str | None = None) -> Init:
         """Declare an initializer; ``alias_of`` makes it a second view (other shape) of another's bytes."""

@@ -1,7 +1,11 @@
 """`pack model` for GGUF: the checkpoint converted (or a GGUF source bundled or re-quantized) for llama.cpp.
 
     <name>-<target>/
-      manifest.json, model/<name>-<QUANT>.gguf, LICENSE, README.md
+      manifest.json, model/<name>-<QUANT>.gguf, LICENSE, README.md, SHIPPING.md, ship/<channel>/...
+
+A model larger than the target's part size (a store's asset-pack limit, or --part-size) is written
+as llama.cpp's split GGUF instead, model/<name>-<QUANT>-00001-of-0000N.gguf, ... (convert/gguf/parts.py),
+and ``model_file`` names the first part. SHIPPING.md and ship/ hold the store glue (pack/shipping.py).
 
 pipeline.py hands :func:`pack_gguf` a planned :class:`~packager.pack.options.PackJob`; the file
 itself is written by packager/convert/gguf/.
@@ -20,6 +24,7 @@ from typing import Any, Iterator
 from packager.archs import arch_for
 from packager.bundle.writer import BundleWriter
 from packager.convert.gguf.converter import convert, packed_kv, write_vocab_gguf
+from packager.convert.gguf.parts import split_gguf, split_record
 from packager.convert.gguf.imatrix import calibration_text, compute_imatrix, user_imatrix
 from packager.convert.gguf.requantize import quantize_gguf, requantize
 from packager.convert.gguf.tokenizer_gate import check_tokenizer
@@ -29,6 +34,7 @@ from packager.host import default_threads
 from packager.pack.card import LICENSE_NAMES, bundle_manifest, generation_defaults, model_card, with_quality
 from packager.pack.options import AutoJob, Candidate, PackJob, PackOptions, PackResult, ReadyFile
 from packager.pack.preflight import check_disk, check_memory
+from packager.pack.shipping import add_shipping
 from packager.progress import say
 from packager.quants import QuantType, get_quant
 from packager.runtime.llama import check_loads
@@ -77,8 +83,10 @@ def pack_gguf(job: PackJob) -> PackResult:
         check_memory(CONVERTER_RSS, "the conversion")
     model_rel = f"model/{src.name}-{quant.name}.gguf"
     threads = opts.n_threads or default_threads()
+    part_bytes = job.part_bytes
     tok_check: dict[str, Any]
     imatrix_info: dict[str, Any] | None = None
+    split: dict[str, Any] | None = None
     with BundleWriter(final, force=opts.force) as bw:
         gguf_path = bw.path(model_rel)
         if src.kind == "gguf":
@@ -94,6 +102,7 @@ def pack_gguf(job: PackJob) -> PackResult:
                                        allow_requantize=opts.allow_requantize, n_threads=threads)
             tok_check = {"status": "not applicable", "reason": "GGUF source carries its own tokenizer"}
             eos = None
+            model_rel, split = _split_file(bw, model_rel, part_bytes, opts.quiet)
         else:
             vocab, eos = source_vocab(src)  # read once: the gate and the converter share it
             if eos is not None and eos.disagreed:
@@ -105,26 +114,54 @@ def pack_gguf(job: PackJob) -> PackResult:
             with safetensors_view(src, opts.quiet) as work:
                 if opts.ready is not None:  # --quant auto: the very file it measured
                     result, imatrix_info = opts.ready.install(gguf_path), opts.ready.imatrix_info
+                    bw.record_hash(model_rel, result.sha256)
+                    model_rel, split = _split_file(bw, model_rel, part_bytes, opts.quiet)
                 else:
                     imatrix, imatrix_info = _importance(work, quant, opts, threads)
                     result = convert(work, quant, gguf_path, imatrix=imatrix, n_threads=threads, quiet=opts.quiet,
-                                     vocab=vocab, kv_block=kv_block)
-            bw.record_hash(model_rel, result.sha256)
+                                     vocab=vocab, kv_block=kv_block, part_bytes=part_bytes)
+                    for name, digest in result.file_sha256.items():
+                        bw.record_hash(f"model/{name}", digest)
+                    model_rel, split = f"model/{result.path.name}", result.details.get("split")
             if work is src:
                 src = src.with_hashes(result.source_sha256)
+        if split is not None:
+            say(f"wrote the model as {len(split['parts'])} parts of at most {part_bytes / 1e6:.0f} MB "
+                f"(llama.cpp loads {split['parts'][0]})", quiet=opts.quiet)
         for name in LICENSE_NAMES:
             if src.kind == "hf" and (src.path / name).is_file():
                 bw.add_file(name, src.path / name)
         bw.add_text("README.md", with_quality(model_card(src, tgt, p, model_rel), opts.quality, quant.name))
+        add_shipping(bw, src.name, tgt, p, "gguf", model_rel,
+                     [f"model/{n}" for n in split["parts"]] if split is not None else [model_rel])
         manifest = bundle_manifest(
             src, spec, tgt, p, quant=quant.name, model_file=model_rel, warnings=warnings,
             generation=generation_defaults(src.path) if src.kind == "hf" else {},
             tokenizer_check=tok_check, imatrix=imatrix_info, **({"eos": eos.as_manifest()} if eos is not None else {}),
+            **({"split": split} if split is not None else {}),
             **({"quality": opts.quality} if opts.quality is not None else {}))
         say("checking that the runtime loads it", quiet=opts.quiet)
-        check_loads(gguf_path)  # never publish a bundle its own runtime cannot open
+        check_loads(bw.path(model_rel))  # never publish a bundle its own runtime cannot open
         path = bw.commit(manifest.as_json(), quiet=opts.quiet)
     return PackResult(path, bw.manifest, warnings)
+
+
+def _split_file(bw: BundleWriter, model_rel: str, part_bytes: int | None, quiet: bool) -> tuple[str, dict | None]:
+    """Split a GGUF already in the bundle into parts of at most ``part_bytes``; its new model_file and split record.
+
+    For files made whole (a GGUF source bundled or re-quantized, --quant auto's candidate); a
+    checkpoint is converted straight into its parts.
+    """
+    whole = bw.path(model_rel)
+    done = split_gguf(whole, whole, part_bytes, quiet=quiet) if part_bytes else None
+    if done is None:
+        return model_rel, None
+    parts, layout = done
+    whole.unlink()
+    bw.forget_hash(model_rel)
+    for p in parts.paths:
+        bw.record_hash(f"model/{p.name}", parts.sha256[p])
+    return f"model/{parts.paths[0].name}", split_record(layout, parts.paths)
 
 
 def _importance(src: Source, quant: QuantType, opts: PackOptions, threads: int) -> tuple[dict | None, dict | None]:

@@ -4,7 +4,10 @@
       manifest.json
       model/model.onnx, model/model.onnx.data, model/genai_config.json,
       model/tokenizer.json, model/tokenizer_config.json, ...   (genai reads them from one folder)
-      LICENSE, README.md
+      LICENSE, README.md, SHIPPING.md, ship/<channel>/...
+      web/index.html, app.js, ...                                (the web target's chat page)
+
+Weights over the target's part size (or --part-size) go into model.onnx.data, model.onnx.data.2, ...
 
 pipeline.py hands :func:`pack_onnx` a planned :class:`~packager.pack.options.PackJob`; the graph itself is written by
 packager/convert/onnx/.
@@ -13,9 +16,11 @@ packager/convert/onnx/.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from packager.archs import supported
+from packager.bundle.web import chat_prompt_parts, web_page_files
 from packager.bundle.writer import BundleWriter
 from packager.convert.onnx.converter import GPTQ_REFUSAL, OnnxOptions, convert, execution_provider, onnx_exporter
 from packager.convert.onnx.optimum_export import convert_optimum, fallback_memory
@@ -24,10 +29,11 @@ from packager.formats.onnx import ALGORITHMS, BLOCK_SIZES, SCHEMES
 from packager.pack.card import LICENSE_NAMES, bundle_manifest, generation_defaults, model_card, with_quality
 from packager.pack.options import AutoJob, Candidate, PackJob, PackOptions, PackResult, ReadyFile
 from packager.pack.preflight import check_disk, check_memory
-from packager.plan.planner import plan
+from packager.pack.shipping import add_shipping
+from packager.plan.planner import Plan, plan
 from packager.plan.targets import Target
 from packager.progress import say
-from packager.runtime.onnx import check_loads
+from packager.runtime.onnx import chat_renderer, check_loads, tokenizer_config
 from packager.source.resolver import Source
 from packager.spec.eos import resolve_eos
 from packager.spec.model import ModelSpec
@@ -86,8 +92,9 @@ def auto_options_for(name: str, opts: PackOptions, tgt: Target) -> OnnxOptions:
 def auto_candidate(job: AutoJob, name: str, n_ctx: int | None) -> Candidate:
     """One int4 scheme, converted from the checkpoint (the F16 reference is llama.cpp's, not ONNX)."""
     out = job.work / f"candidate-{name}"
+    part_bytes = None if job.opts.no_split else (job.opts.part_size or job.target.distribution.part_bytes or None)
     result = convert(job.src, out, auto_options_for(name, job.opts, job.target), n_ctx=n_ctx or 4096,
-                     n_threads=job.n_threads, quiet=job.opts.quiet)
+                     n_threads=job.n_threads, quiet=job.opts.quiet, part_bytes=part_bytes)
     return Candidate(out, out / "model.onnx", details=result.details)
 
 
@@ -96,6 +103,15 @@ def auto_options(opts: PackOptions, name: str, ready: ReadyFile, quality: dict[s
     w = SCHEMES[name]
     return replace(opts, format="onnx", quant=None, onnx_block_size=w.block_size, onnx_asymmetric=not w.symmetric,
                    onnx_algorithm=w.algorithm, ready=ready, quality=quality)
+
+
+def _add_web_page(bw: BundleWriter, model_dir: Path, name: str, p: Plan) -> None:
+    """The static chat page (packager/data/web/) and its config, prompt rendered as packager.load renders it."""
+    renderer = chat_renderer(tokenizer_config(model_dir), model_dir)
+    prompt = chat_prompt_parts(renderer) if renderer is not None else ("", "")  # no template: raw completion
+    for rel, data in web_page_files(model_dir, name=name, prompt=prompt, n_ctx=p.n_ctx, kv_type=p.kv_type,
+                                    model_rel=MODEL_DIR).items():
+        bw.path(rel).write_bytes(data)
 
 
 def pack_onnx(job: PackJob) -> PackResult:
@@ -130,13 +146,21 @@ def pack_onnx(job: PackJob) -> PackResult:
             result = convert_optimum(src, model_dir, oo, n_ctx=p.n_ctx, quiet=opts.quiet, eos_ids=eos_ids)
         else:
             result = convert(src, model_dir, oo, n_ctx=p.n_ctx, n_threads=opts.n_threads, quiet=opts.quiet,
-                             eos_ids=eos_ids)
+                             eos_ids=eos_ids, part_bytes=job.part_bytes)
         src = src.with_hashes(result.source_sha256)
+        too_big = [f.name for f in model_dir.iterdir() if job.part_bytes and f.stat().st_size > job.part_bytes]
+        if too_big:  # optimum's export, or --quant auto's candidate, writes one data file
+            warnings.append(f"{', '.join(too_big)} is over the {job.part_bytes / 1e6:.0f} MB part size of "
+                            f"{tgt.name}'s channel and was not split (only edgepack's streaming converter splits)")
         for name in LICENSE_NAMES:
             if (src.path / name).is_file():
                 bw.add_file(name, src.path / name)
         model_rel = f"{MODEL_DIR}/model.onnx"
         bw.add_text("README.md", with_quality(model_card(src, tgt, p, model_rel), opts.quality, oo.quant_name))
+        model_files = sorted(f"{MODEL_DIR}/{f.name}" for f in model_dir.iterdir() if f.is_file())
+        if tgt.distribution.channel == "web":
+            _add_web_page(bw, model_dir, src.name, p)
+        add_shipping(bw, src.name, tgt, p, "onnx", model_rel, model_files)
         manifest = bundle_manifest(
             src, spec, tgt, p, quant=oo.quant_name, model_file=model_rel, warnings=warnings,
             generation=generation_defaults(src.path), execution_provider=oo.execution_provider,

@@ -60,6 +60,8 @@ class PackOptions:
     onnx_asymmetric: bool = False  # --format onnx: int4 with zero points
     onnx_accuracy_level: int = 4  # --format onnx: MatMulNBits accuracy_level (4: int8 compute, fastest on CPU)
     onnx_algorithm: str = "rtn"  # --format onnx: rtn or hqq (convert/onnx/converter.py's ALGORITHMS)
+    part_size: int | None = None  # --part-size: largest file in the bundle (default: the target's part size)
+    no_split: bool = False  # --no-split: one model file whatever the target's part size
     ready: ReadyFile | None = None  # --quant auto: the quantized file it measured, bundled as it is
     quality: dict[str, Any] | None = None  # --quant auto: its measured figures, for the manifest and card
 
@@ -87,6 +89,11 @@ class PackJob:
     @property
     def final(self) -> Path:
         return Path(self.opts.output) / f"{self.src.name}-{self.target.name}"
+
+    @property
+    def part_bytes(self) -> int | None:
+        """The largest model file the bundle may hold (None: no limit): --part-size, else the target's channel's."""
+        return (self.plan.shipping.part_bytes if self.plan.shipping else 0) or None
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,8 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
         if src.weight_files:
             Checkpoint.open(src.path).close()  # so does a corrupt or truncated shard (headers only)
     overrides = Overrides(quant=opts.quant, format=opts.format, n_ctx=opts.n_ctx, ram_bytes=opts.ram_bytes,
-                          vram_bytes=opts.vram_bytes, n_threads=opts.n_threads)
+                          vram_bytes=opts.vram_bytes, n_threads=opts.n_threads,
+                          part_bytes=0 if opts.no_split else opts.part_size)
     inp = plan_input(src.path)  # the tensor list `pack plan` reads (headers only), so both plan alike
     if src.kind == "hf" and inp.tensors is not None:
         mismatch = first_mismatch(inp.tensors, spec)  # a config that lies about the weights: nothing written

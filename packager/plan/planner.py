@@ -15,7 +15,7 @@ the same for every format.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 from packager.errors import DoesNotFit, UsageError
@@ -42,6 +42,7 @@ class Overrides:
     ram_bytes: int | None = None
     vram_bytes: int | None = None
     n_threads: int | None = None
+    part_bytes: int | None = None  # the largest model file (--part-size); 0: one file (--no-split)
 
     def __post_init__(self) -> None:
         if self.n_ctx is not None and not 16 <= self.n_ctx <= 1 << 20:
@@ -317,8 +318,11 @@ def _advice(spec: ModelSpec, target: Target, o: Overrides, form: Format, tensors
     return "Try a smaller model or a bigger target."
 
 
-def _ship(target: Target, model_bytes: int) -> Shipping:
+def _ship(target: Target, model_bytes: int, part_override: int | None = None) -> Shipping:
     d = target.distribution
+    if part_override is not None:
+        d = replace(d, part_bytes=part_override)
+    # At least this many: `pack model` splits at tensor boundaries and the first part holds the metadata.
     parts = -(-model_bytes // d.part_bytes) if d.part_bytes else 1
     over = bool(d.download_cap_bytes and model_bytes > d.download_cap_bytes)
     if parts > 1:
@@ -344,11 +348,15 @@ def _finish(spec, target, o, form: Format, qname, layout, fit: _Fit, n_ctx, thre
             notes.append(f"the largest tensor ({layout.largest / MiB:.0f} MiB) is over the "
                          f"{lim.gpu_max_binding_bytes / MiB:.0f} MiB storage-buffer binding some phones allow: "
                          f"those devices cannot run it")
-    ship = _ship(target, layout.total)
+    ship = _ship(target, layout.total, o.part_bytes)
     if ship.over_download_cap:
         notes.append(f"the model ({_gb(layout.total)}) is over {target.distribution.channel}'s "
                      f"{target.distribution.download_cap_bytes / 1e6:.0f} MB download cap: it cannot ride in the app's "
                      f"own download, ship it separately as planned")
+    cap = target.distribution.total_cap_bytes
+    if cap and layout.total > cap:
+        notes.append(f"the model ({_gb(layout.total)}) is over the {cap / 1e9:.1f} GB {target.distribution.channel} "
+                     f"accepts for a whole app: it cannot ship through that store; use a smaller quant or model")
     if ship.setting and (ship.parts > 1 or ship.over_download_cap):
         req.append(ship.setting)
 

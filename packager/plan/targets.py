@@ -85,6 +85,7 @@ class Distribution:
     channel: str = "direct"  # direct, play, app-store, web
     download_cap_bytes: int = 0  # largest download without Wi-Fi / user consent (cellular cap)
     part_bytes: int = 0  # largest single file or asset pack the channel accepts
+    total_cap_bytes: int = 0  # largest app (all its packs together) the channel accepts
     delivery: str = ""  # how the parts ship (asset packs, on-demand resources, HTTP range fetches)
     setting: str = ""  # the manifest / build setting the app needs for that delivery
 
@@ -182,6 +183,7 @@ _LIMITS: dict[str, tuple[str, str]] = {
 }
 _DISTRIBUTION: dict[str, tuple[str, str]] = {
     "channel": ("channel", "str"), "download_cap": ("download_cap_bytes", "size"), "part_size": ("part_bytes", "size"),
+    "total_cap": ("total_cap_bytes", "size"),
     "delivery": ("delivery", "str"), "setting": ("setting", "str"),
 }
 _KIND_NAMES = {"str": "a string", "float": "a number", "int": "an integer", "list": "a list of strings",
@@ -261,6 +263,39 @@ def _read(path: Path) -> Target:
     except (OSError, UnicodeDecodeError) as exc:
         raise ProfileError(f"{path}: cannot read ({exc})") from None
     return target_from_toml(data, str(path))
+
+
+_KEY_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*(?:#\s*(.*))?$")
+
+
+def profile_sources(target: Target) -> list[tuple[str, str, Any, str]]:
+    """Each [limits] / [distribution] value of a profile: (table, key, value, the source its comment gives).
+
+    The profiles cite a source for every figure in a comment on, or just above, its key
+    (tests/test_profiles.py holds them to it); this reads those comments back, so that
+    `pack targets --explain` shows where each store limit comes from. Empty for a probed host.
+    """
+    try:
+        lines = Path(target.path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    tables = {"limits": (_LIMITS, target.limits), "distribution": (_DISTRIBUTION, target.distribution)}
+    out = []
+    table, comment = "", []
+    for raw in lines:
+        line = raw.strip()
+        if line.startswith("["):
+            table, comment = line.strip("[]").strip(), []
+        elif line.startswith("#"):
+            comment.append(line.lstrip("#").strip())
+        elif not line:
+            comment = []
+        elif table in tables and (m := _KEY_LINE.match(line)) and m.group(1) in tables[table][0]:
+            keys, values = tables[table]
+            out.append((table, m.group(1), getattr(values, keys[m.group(1)][0]),
+                        " ".join(comment + ([m.group(3)] if m.group(3) else []))))
+            comment = []
+    return out
 
 
 def list_targets() -> list[Target]:

@@ -31,6 +31,28 @@ def _genai():
     return og
 
 
+def tokenizer_config(model_dir: Path) -> dict[str, Any]:
+    """The model folder's tokenizer_config.json ({} where it is missing or not a JSON object)."""
+    try:
+        cfg = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def chat_renderer(tok_config: dict[str, Any], model_dir: Path,
+                  override: str | None = None) -> Callable[[list[Message]], str] | None:
+    """How a chat is rendered for this ONNX model (its template, its bos/eos text); None without a template.
+
+    One function for packager.load and for the web page's prompt (pack/onnx.py), so both see the same text.
+    """
+    template = override or source_template(tok_config, model_dir)
+    if not template:
+        return None
+    bos, eos = token_text(tok_config.get("bos_token")), token_text(tok_config.get("eos_token"))
+    return lambda messages: render(template, messages, add_generation_prompt=True, eos_token=eos, bos_token=bos)
+
+
 def check_loads(model_dir: Path) -> None:
     """Open a written ONNX model as its runtime would, and free it: `pack` publishes no bundle its own
     runtime cannot open. onnxruntime-genai parses genai_config.json; ONNX Runtime builds a CPU
@@ -155,14 +177,7 @@ class OnnxModel(Model):
         self._og = og
         self._genai_tok = og.Tokenizer(self._model)
         self._tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
-        self._tok_config = self._read_tok_config()
-
-    def _read_tok_config(self) -> dict[str, Any]:
-        try:
-            cfg = json.loads((self.model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return cfg if isinstance(cfg, dict) else {}
+        self._tok_config = tokenizer_config(self.model_dir)
 
     # -- tokens -------------------------------------------------------------------------
     def _encode(self, text: str, *, add_special: bool) -> list[int]:
@@ -171,19 +186,14 @@ class OnnxModel(Model):
     def _decode_ids(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
-    def _chat_template(self) -> str:
-        template = self.bundle.meta.runtime.chat_template or source_template(self._tok_config, self.model_dir)
-        if not template:
+    def _chat_prompt(self, messages: list[Message]) -> tuple[list[int], tuple[str, ...]]:
+        renderer = chat_renderer(self._tok_config, self.model_dir, self.bundle.meta.runtime.chat_template)
+        if renderer is None:
             raise UsageError(f"{self.bundle.path}: the model has no chat template; use generate() or stream() "
                              f"with a raw prompt")
-        return template
-
-    def _chat_prompt(self, messages: list[Message]) -> tuple[list[int], tuple[str, ...]]:
         eos = token_text(self._tok_config.get("eos_token"))
-        text = render(self._chat_template(), messages, add_generation_prompt=True, eos_token=eos,
-                      bos_token=token_text(self._tok_config.get("bos_token")))
         # The template writes every special token itself, as transformers' apply_chat_template assumes.
-        return self._encode(text, add_special=False), ((eos,) if eos else ())
+        return self._encode(renderer(messages), add_special=False), ((eos,) if eos else ())
 
     # -- generation -----------------------------------------------------------------------
     def _generate(self, ids: list[int], opts: GenOptions, tick: Callable[[], bool]) -> Iterator[str]:

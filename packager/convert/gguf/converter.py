@@ -4,26 +4,24 @@ Tensors are read one at a time from memory-mapped safetensors, widened to f32 a
 block of rows at a time, quantized by ggml's own routines (kernels/ggml.py) into
 the type llama.cpp's quantizer would choose for that tensor (packager.quants),
 and written straight to the output: no F16 intermediate file, and memory that
-does not grow with the model. Metadata is written with gguf-py's GGUFWriter.
+does not grow with the model. Metadata keys are packed by gguf-py's GGUFWriter; the
+file (or llama.cpp's split parts, for a store's part size) is laid out by parts.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
 import gguf
 import numpy as np
-from gguf.gguf_writer import WriterState
 
 from packager import archs, quants
 from packager.convert.gguf.imatrix import check_imatrix
+from packager.convert.gguf.parts import GGUFParts, TensorInfo, plan_parts, split_record
 from packager.convert.gguf.vocab import load_vocab
 from packager.convert.result import ConvertResult
-from packager.errors import ConversionError
 from packager.host import default_threads
 from packager.kernels import ggml
 from packager.progress import progress_bar
@@ -87,23 +85,13 @@ def write_general_metadata(w: gguf.GGUFWriter, source: Source, n_params: int) ->
         w.add_string("general.source.revision", source.revision)
 
 
-class _Writer(gguf.GGUFWriter):
-    """A GGUFWriter that can write a KV block packed earlier instead of packing it again.
-
-    The vocab-only GGUF of the tokenizer gate has exactly the model file's keys;
-    packing a 150k-token vocabulary takes seconds, so the model file reuses them.
-    """
-
-    packed_kv: bytes | None = None
-
-    def write_kv_data_to_file(self) -> None:
-        if self.packed_kv is None or len(self.fout or ()) != 1:
-            return super().write_kv_data_to_file()
-        if self.state is not WriterState.HEADER:
-            raise ValueError(f"Expected output file to contain the header, got {self.state}")
-        self.fout[0].write(self.packed_kv)
-        self.flush()
-        self.state = WriterState.KV_DATA
+def _pack_kv(w: gguf.GGUFWriter) -> bytes:
+    """The writer's keys packed as GGUFWriter.write_kv_data_to_file packs them."""
+    out = bytearray()
+    for key, val in w.kv_data[0].items():
+        out += w._pack_val(key, gguf.GGUFValueType.STRING, add_vtype=False)
+        out += w._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type)
+    return bytes(out)
 
 
 def packed_kv(vocab_gguf: Path) -> bytes:
@@ -114,11 +102,11 @@ def packed_kv(vocab_gguf: Path) -> bytes:
     return data[24:]
 
 
-def _metadata_writer(path: Path, source: Source, cfg: dict, quant: quants.QuantType, vocab) -> _Writer:
+def _metadata_writer(path: Path, source: Source, cfg: dict, quant: quants.QuantType, vocab) -> gguf.GGUFWriter:
     """A GGUFWriter holding every key the model file will have, no tensors yet."""
     spec = spec_from_config(cfg)
     arch = archs.arch_for(spec.architecture)
-    w = _Writer(path, arch.name)
+    w = gguf.GGUFWriter(path, arch.name)
     write_general_metadata(w, source, spec.n_params)
     archs.write_hparams(arch, cfg, w)
     w.add_file_type(int(quant.ftype))
@@ -152,11 +140,15 @@ def convert(
     quiet: bool = False,
     vocab=None,
     kv_block: bytes | None = None,
+    part_bytes: int | None = None,
 ) -> ConvertResult:
-    """Convert an HF checkpoint directory to one GGUF file at ``out_path``.
+    """Convert an HF checkpoint directory to one GGUF file at ``out_path``, or to parts beside it.
 
     ``vocab`` (from load_vocab) and ``kv_block`` (packed_kv of the write_vocab_gguf
     file made from the same source and quant) save reading and packing them again.
+    With ``part_bytes``, a model whose file would be larger is written as llama.cpp's split
+    GGUF (out_path's stem-00001-of-0000N.gguf, ...), no file over ``part_bytes``: the result's
+    path is the first part, which llama.cpp loads.
     """
     cfg = read_config(source.path)
     spec = spec_from_config(cfg)
@@ -169,53 +161,33 @@ def convert(
         check_imatrix(imatrix, {job.name: job.shape for job in jobs}, "imatrix")
 
     w = _metadata_writer(out_path, source, cfg, quant, vocab)
-    w.packed_kv = kv_block
-
-    sizes = {job.name: quants.tensor_bytes(job.qtype, job.shape) for job in jobs}
-    for job in jobs:
-        w.add_tensor_info(job.name, job.shape, np.dtype(np.float32), sizes[job.name], raw_dtype=job.qtype)
-    total = sum(sizes.values())
+    kv_block = kv_block if kv_block is not None else _pack_kv(w)
+    tensors = [TensorInfo(job.name, tuple(job.shape), int(job.qtype), quants.tensor_bytes(job.qtype, job.shape))
+               for job in jobs]
+    layout = plan_parts(kv_block, tensors, part_bytes)
+    out = GGUFParts(out_path, kv_block, len(w.kv_data[0]), tensors, layout)
+    total = sum(t.nbytes for t in tensors)
     hasher = FileHasher(ckpt)
+    desc = f"converting to {quant.name}" + (f" ({len(layout.parts)} parts)" if layout else "")
     try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        fout = w.fout[0]
-        fout.flush()
-        # The output's sha256, computed as it is written: the bundle need not read it back.
-        out_hash = hashlib.sha256(Path(out_path).read_bytes()[: fout.tell()])
-        align = w.data_alignment
-
-        def emit(data: bytes | np.ndarray) -> None:
-            out_hash.update(data)
-            fout.write(data)
-
-        written: dict[str, int] = {}
-        with progress_bar(total=total, desc=f"converting to {quant.name}", unit="B", quiet=quiet) as bar:
+        with progress_bar(total=total, desc=desc, unit="B", quiet=quiet) as bar:
             for job, rows in _blocks(ckpt, jobs, cfg, generated, hasher):
-                if job.name not in written:
-                    emit(bytes(-fout.tell() % align))
-                    written[job.name] = 0
                 im = imatrix.get(job.name) if imatrix else None
                 data = ggml.quantize_rows(job.qtype, rows, imatrix=im, n_threads=n_threads)
-                emit(data)
-                written[job.name] += data.nbytes
-                if written[job.name] == sizes[job.name]:
-                    emit(bytes(-sizes[job.name] % align))
+                out.write(job.name, data)
                 bar.update(data.nbytes)
-        for job in jobs:
-            if written.get(job.name) != sizes[job.name]:
-                raise ConversionError(
-                    f"{job.name}: wrote {written.get(job.name)} bytes, expected {sizes[job.name]}; this is a bug, please report it"
-                )
-        fout.flush()
-        os.fsync(fout.fileno())
+        out.close()  # checks that every tensor was written in full
         sha256s = {str(path.relative_to(source.path)): digest for path, digest in hasher.digests().items()}
+    except BaseException:
+        out.abort()
+        raise
     finally:
-        w.close()
         ckpt.close()
     counts: dict[str, int] = {}
     for job in jobs:
         counts[job.qtype.name] = counts.get(job.qtype.name, 0) + 1
-    return ConvertResult(out_path, total, sha256s, sha256=out_hash.hexdigest(), files=[out_path],
-                         details={"n_tensors": len(jobs), "tensor_types": counts})
+    details = {"n_tensors": len(jobs), "tensor_types": counts}
+    if layout is not None:
+        details["split"] = split_record(layout, out.paths)
+    return ConvertResult(out.paths[0], total, sha256s, sha256=out.sha256[out.paths[0]], files=out.paths,
+                         details=details, file_sha256={p.name: out.sha256[p] for p in out.paths})

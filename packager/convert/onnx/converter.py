@@ -177,7 +177,7 @@ def rope_caches(cfg: dict[str, Any], arch: OnnxArch, rotary_dim: int, max_positi
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
 
-def plan_slots(ckpt: Checkpoint, cfg: dict[str, Any], arch: OnnxArch, opts: OnnxOptions):
+def plan_slots(ckpt: Checkpoint, cfg: dict[str, Any], arch: OnnxArch, opts: OnnxOptions, part_bytes: int | None = None):
     """Every initializer's place in the data file (formats.onnx.declare, as the planner sizes it), and
     where each checkpoint tensor's rows go."""
     d = _dims(cfg)
@@ -222,20 +222,23 @@ def plan_slots(ckpt: Checkpoint, cfg: dict[str, Any], arch: OnnxArch, opts: Onnx
         put("model.embed_tokens.weight", Slot("linear", "model.embed_tokens"))
     elif decl.embed_base is None:
         put("model.embed_tokens.weight", Slot("float", "model.embed_tokens.weight"))
-    return d, fmt, decl.layout, slots, has_bias, decl.embed_base, decl.embed_zp
+    layout = decl.layout
+    if part_bytes and layout.size > part_bytes:  # a channel's part size: the data in several files
+        layout = layout.split(part_bytes)
+    return d, fmt, layout, slots, has_bias, decl.embed_base, decl.embed_zp
 
 
 class _Writer:
     """Writes row blocks at their precomputed offsets (pwrite: blocks may finish in any order)."""
 
-    def __init__(self, fd: int, layout, fmt) -> None:
-        self.fd, self.layout, self.fmt = fd, layout, fmt
+    def __init__(self, fds: list[int], layout, fmt) -> None:
+        self.fds, self.layout, self.fmt = fds, layout, fmt  # one descriptor per data file
 
     def _put(self, name: str, row: int, data: np.ndarray) -> None:
         init = self.layout.inits[name]
         row_bytes = init.nbytes // init.shape[0] if len(init.shape) > 1 else np.dtype(data.dtype).itemsize
         buf = np.ascontiguousarray(data)
-        n = os.pwrite(self.fd, memoryview(buf).cast("B"), init.offset + row * row_bytes)
+        n = os.pwrite(self.fds[init.file], memoryview(buf).cast("B"), init.offset + row * row_bytes)
         if n != buf.nbytes:
             raise ConversionError(f"short write to the ONNX data file ({n} of {buf.nbytes} bytes); is the disk full?")
 
@@ -312,22 +315,28 @@ def _onnx():
 
 def convert(source: Source, out_dir: Path, opts: OnnxOptions = OnnxOptions(), *, n_ctx: int = 4096,
             n_threads: int | None = None, quiet: bool = False,
-            eos_ids: list[int] | None = None) -> ConvertResult:
-    """Write model.onnx, model.onnx.data, genai_config.json and the tokenizer files into ``out_dir``."""
+            eos_ids: list[int] | None = None, part_bytes: int | None = None) -> ConvertResult:
+    """Write model.onnx, model.onnx.data, genai_config.json and the tokenizer files into ``out_dir``.
+
+    With ``part_bytes``, weights larger than that go into several data files (model.onnx.data,
+    model.onnx.data.2, ...) of at most ``part_bytes`` each, the graph naming each initializer's file.
+    """
     onnx = _onnx()
     cfg = read_config(source.path)
     spec = spec_from_config(cfg)
     arch = onnx_arch_for(spec.architecture)
     ckpt = Checkpoint.open(source.path)
     try:
-        d, fmt, layout, slots, has_bias, embed_base, embed_zp = plan_slots(ckpt, cfg, arch, opts)
+        d, fmt, layout, slots, has_bias, embed_base, embed_zp = plan_slots(ckpt, cfg, arch, opts, part_bytes)
         cos, sin = rope_caches(cfg, arch, d.rotary_dim, d.max_positions)
         out_dir.mkdir(parents=True, exist_ok=True)
-        data_path = out_dir / layout.data_file
-        fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        data_paths = [out_dir / f for f in layout.data_files]
+        fds: list[int] = []
         try:
-            os.ftruncate(fd, layout.size)
-            writer = _Writer(fd, layout, fmt)
+            for path, size in zip(data_paths, layout.sizes):
+                fds.append(os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644))
+                os.ftruncate(fds[-1], size)
+            writer = _Writer(fds, layout, fmt)
             writer._put("cos_cache", 0, cos)
             writer._put("sin_cache", 0, sin)
             if embed_zp == "model.embed_tokens.zp":
@@ -335,9 +344,11 @@ def convert(source: Source, out_dir: Path, opts: OnnxOptions = OnnxOptions(), *,
                 writer._put(embed_zp, 0, np.full(zp.shape, 0x88, dtype=np.uint8))
             hasher = FileHasher(ckpt)
             write_weights(ckpt, slots, writer, hasher, n_threads or default_threads(), quiet)
-            os.fsync(fd)
+            for fd in fds:
+                os.fsync(fd)
         finally:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
         sha256s = {str(path.relative_to(source.path)): digest for path, digest in hasher.digests().items()}
     finally:
         ckpt.close()
@@ -348,6 +359,6 @@ def convert(source: Source, out_dir: Path, opts: OnnxOptions = OnnxOptions(), *,
         json.dumps(genai_config(decoder_shape(d, arch), cfg, gen, n_ctx, opts.execution_provider,
                                 eos_ids=eog_ids(source.path) if eos_ids is None else eos_ids), indent=4),
         encoding="utf-8")
-    copied = [out_dir / "model.onnx", data_path, out_dir / "genai_config.json", *copy_tokenizer(source.path, out_dir)]
+    copied = [out_dir / "model.onnx", *data_paths, out_dir / "genai_config.json", *copy_tokenizer(source.path, out_dir)]
     return ConvertResult(out_dir, sum(p.stat().st_size for p in copied), sha256s, files=copied,
                          details={"onnx": {**opts.as_dict(), "exporter": "edgepack"}, "n_nodes": len(model.graph.node)})

@@ -43,7 +43,8 @@ def tensor_protos(layout: Layout) -> list[onnx.TensorProto]:
         t.name, t.data_type = init.name, init.dtype
         t.dims.extend(init.shape)
         t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", layout.data_file), ("offset", str(init.offset)), ("length", str(init.nbytes))):
+        location = layout.data_files[init.file]
+        for key, value in (("location", location), ("offset", str(init.offset)), ("length", str(init.nbytes))):
             entry = t.external_data.add()
             entry.key, entry.value = key, value
         out.append(t)

@@ -1,0 +1,311 @@
+// edgepack's chat page: the bundle's ONNX model in onnxruntime-web, greedy decoding with a KV cache,
+// the reply streamed into the page. WebGPU where the browser gives an adapter, WASM otherwise.
+//
+// edgepack-web.json (written by packager/bundle/web.py; paths relative to this page):
+//   schema            1
+//   name              model name shown in the header
+//   model             {graph, external_data: [{path, url}], tokenizer, bytes}
+//   io                graph input/output names; past_*/present_* hold %d for the layer; attention_mask and
+//                     position_ids may be null (the graph lacks them)
+//   kv                {n_layers, n_kv_heads, head_dim, dtype: "float32" | "float16"}
+//   vocab_size, context_length, eos_token_ids
+//   chat              {prefix, suffix}: the chat template rendered around one user message
+//   generation        {max_new_tokens}
+//   prefill_chunk     prompt tokens per pass of the graph
+//   ort               {version, base_url}: where onnxruntime-web's dist/ files come from
+// Query parameters: ?ort=<base url> (instead of ort.base_url), ?backend=wasm|webgpu, ?max_tokens=N,
+// ?prefill_chunk=N.
+//
+// For tests and tools: window.edgepackReady (a promise of {backend}), window.edgepackTokenizer, and after
+// each reply window.edgepackLastRun = {backend, prompt_ids, tokens, text, tps, prefill_ms, top, done}
+// (top: the 8 best [token id, logit] of each step, in order).
+
+import { BPETokenizer } from "./tokenizer.js";
+
+const params = new URLSearchParams(location.search);
+const $ = (id) => document.getElementById(id);
+const TOP_K = 8;
+
+function setStatus(text, isError = false) {
+  const el = $("status");
+  el.textContent = text;
+  el.classList.toggle("error", isError);
+}
+
+function fmtMB(n) { return `${(n / 1e6).toFixed(1)} MB`; }
+
+function layerNames(pattern, n) { return Array.from({ length: n }, (_, i) => pattern.replace("%d", String(i))); }
+
+async function fetchJSON(url) {
+  const r = await fetch(url);
+  if (!r.ok) throw new Error(`${url}: HTTP ${r.status}`);
+  return r.json();
+}
+
+// The whole file, reporting progress; into one preallocated buffer when the size is known.
+async function fetchBytes(url, onBytes, integrity = "") {
+  // integrity (SRI, from ship/web/parts.json): the browser refuses bytes that do not match it.
+  const r = await fetch(url, integrity ? { integrity } : {});
+  if (!r.ok) throw new Error(`${url}: HTTP ${r.status}`);
+  const total = Number(r.headers.get("content-length")) || 0;
+  if (!r.body) return new Uint8Array(await r.arrayBuffer());
+  const reader = r.body.getReader();
+  let buf = new Uint8Array(total), off = 0, chunks = null;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    if (!chunks && off + value.length > buf.length) chunks = [buf.subarray(0, off)];  // compressed or unknown size
+    if (chunks) chunks.push(value); else buf.set(value, off);
+    off += value.length;
+    onBytes(value.length);
+  }
+  if (!chunks) return off === buf.length ? buf : buf.subarray(0, off);
+  buf = new Uint8Array(off);
+  let at = 0;
+  for (const c of chunks) { buf.set(c, at); at += c.length; }
+  return buf;
+}
+
+async function webgpuAdapter() {
+  if (!("gpu" in navigator)) return [null, "this browser has no WebGPU"];
+  try {
+    const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
+    return adapter ? [adapter, ""] : [null, "no WebGPU adapter"];
+  } catch (e) {
+    return [null, `WebGPU adapter request failed: ${e.message || e}`];
+  }
+}
+
+async function importOrt(base, file) {
+  const ort = await import(base + file);
+  ort.env.wasm.wasmPaths = base;
+  // More than one thread needs SharedArrayBuffer, i.e. a cross-origin isolated page (COOP/COEP headers).
+  ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
+  ort.env.logLevel = "error";
+  return ort;
+}
+
+// float16 logits arrive as raw halves (Uint16Array) where the engine has no Float16Array.
+function halfToFloat(h) {
+  const s = h & 0x8000 ? -1 : 1, e = (h >> 10) & 0x1f, f = h & 0x3ff;
+  if (e === 0) return s * 2 ** -14 * (f / 1024);
+  if (e === 31) return f ? NaN : s * Infinity;
+  return s * 2 ** (e - 15) * (1 + f / 1024);
+}
+
+// The TOP_K best [id, logit] of one row of logits, best first. Ties go to the lower id, as argmax does.
+function topK(row, isHalf) {
+  const best = [];
+  for (let i = 0; i < row.length; i++) {
+    const v = isHalf ? halfToFloat(row[i]) : row[i];
+    if (best.length === TOP_K && v <= best[TOP_K - 1][1]) continue;
+    let j = best.length;
+    while (j > 0 && best[j - 1][1] < v) j--;
+    best.splice(j, 0, [i, v]);
+    if (best.length > TOP_K) best.pop();
+  }
+  return best;
+}
+
+class Chat {
+  constructor(cfg, ort, session, tokenizer, backend) {
+    Object.assign(this, { cfg, ort, session, tokenizer, backend });
+    const { io, kv } = cfg;
+    this.pastNames = [...layerNames(io.past_key, kv.n_layers), ...layerNames(io.past_value, kv.n_layers)];
+    this.presentNames = [...layerNames(io.present_key, kv.n_layers), ...layerNames(io.present_value, kv.n_layers)];
+    this.eos = new Set(cfg.eos_token_ids);
+  }
+
+  emptyPast() {
+    const { n_kv_heads, head_dim, dtype } = this.cfg.kv;
+    const empty = dtype === "float16" ? new Uint16Array(0) : new Float32Array(0);
+    const past = {};
+    for (const name of this.pastNames) past[name] = new this.ort.Tensor(dtype, empty, [1, n_kv_heads, 0, head_dim]);
+    return past;
+  }
+
+  int64(values, dims) {
+    return new this.ort.Tensor("int64", BigInt64Array.from(values, (v) => BigInt(v)), dims);
+  }
+
+  // Greedy reply to one user message; onText(run) after each token.
+  async reply(message, maxTokens, onText) {
+    const { cfg, tokenizer, session } = this;
+    const { io } = cfg;
+    const promptIds = tokenizer.encode(cfg.chat.prefix + message + cfg.chat.suffix);
+    const maxNew = Math.min(maxTokens, cfg.context_length - promptIds.length);
+    if (maxNew < 1) {
+      throw new Error(`the message takes ${promptIds.length} tokens; the context holds ${cfg.context_length}`);
+    }
+    const run = {
+      backend: this.backend, prompt_ids: promptIds, tokens: [], text: "", tps: 0, prefill_ms: 0, top: [], done: false,
+    };
+    window.edgepackLastRun = run;
+    const decoder = tokenizer.streamDecoder();
+    let past = this.emptyPast(), pos = 0;
+
+    // One pass of the graph over `ids` after the cache; the best logits of the last position.
+    const forward = async (ids) => {
+      const feeds = { ...past };
+      const total = pos + ids.length;
+      feeds[io.input_ids] = this.int64(ids, [1, ids.length]);
+      if (io.attention_mask) feeds[io.attention_mask] = this.int64(new Array(total).fill(1), [1, total]);
+      if (io.position_ids) feeds[io.position_ids] = this.int64(ids.map((_, i) => pos + i), [1, ids.length]);
+      const out = await session.run(feeds);
+      for (const name of this.pastNames) if (feeds[name].location === "gpu-buffer") feeds[name].dispose();
+      past = {};
+      this.presentNames.forEach((name, i) => { past[this.pastNames[i]] = out[name]; });
+      pos = total;
+      const logits = out[io.logits];
+      const V = logits.dims[logits.dims.length - 1], n = logits.dims[logits.dims.length - 2];
+      return topK(logits.data.subarray((n - 1) * V, n * V), logits.type === "float16");
+    };
+
+    try {
+      const t0 = performance.now();
+      // The prompt a chunk at a time, as packager.load's runtime feeds it: one pass returns every
+      // position's logits, which for a long prompt would be prompt x vocabulary floats.
+      const chunk = Number(params.get("prefill_chunk")) || cfg.prefill_chunk || promptIds.length;
+      let top;
+      for (let i = 0; i < promptIds.length; i += chunk) top = await forward(promptIds.slice(i, i + chunk));
+      const tFirst = performance.now();
+      run.prefill_ms = tFirst - t0;
+      for (;;) {
+        run.top.push(top);
+        const next = top[0][0];
+        if (this.eos.has(next)) break;
+        run.tokens.push(next);
+        run.text += decoder.push(next);
+        // Decode speed: the passes after the prompt's, over their time.
+        if (run.tokens.length > 1) run.tps = (run.tokens.length - 1) / ((performance.now() - tFirst) / 1000);
+        onText(run);
+        if (run.tokens.length >= maxNew) break;
+        await new Promise((r) => setTimeout(r, 0));  // let the page paint the new text
+        top = await forward([next]);
+      }
+      run.text += decoder.flush();
+    } finally {
+      for (const t of Object.values(past)) if (t.location === "gpu-buffer") t.dispose();
+    }
+    run.done = true;
+    onText(run);
+    return run;
+  }
+}
+
+async function start() {
+  const cfg = await fetchJSON("edgepack-web.json");
+  if (cfg.schema !== 1) throw new Error(`edgepack-web.json schema ${cfg.schema} is newer than this page`);
+  $("model-name").textContent = cfg.name;
+  document.title = `${cfg.name} · edgepack chat`;
+  const base = (params.get("ort") || cfg.ort.base_url).replace(/\/?$/, "/");
+  const wanted = params.get("backend");
+
+  setStatus("loading the tokenizer…");
+  const tokenizer = await BPETokenizer.load(cfg.model.tokenizer);
+  window.edgepackTokenizer = tokenizer;
+
+  let [adapter, why] = wanted === "wasm" ? [null, "?backend=wasm"] : await webgpuAdapter();
+  if (wanted === "webgpu" && !adapter) throw new Error(`WebGPU was asked for but ${why}`);
+
+  // The bundle's parts manifest (pack/shipping.py) gives each model file's SRI hash; a page copied
+  // without it still loads, unchecked. Its paths are the bundle's; this page sits in web/.
+  const sri = {};
+  try {
+    for (const p of (await fetchJSON("../ship/web/parts.json")).parts) sri["../" + p.path] = p.integrity;
+  } catch (e) { console.warn(`no parts manifest (${e.message || e}): model files are not integrity-checked`); }
+  let loaded = 0;
+  const progress = (n) => { loaded += n; setStatus(`loading the model: ${fmtMB(loaded)} of ${fmtMB(cfg.model.bytes)}`); };
+  const graph = await fetchBytes(cfg.model.graph, progress, sri[cfg.model.graph]);
+  const external = [];
+  for (const d of cfg.model.external_data) {
+    external.push({ path: d.path, data: await fetchBytes(d.url, progress, sri[d.url]) });
+  }
+  window.edgepackIntegrity = Object.keys(sri).length;  // how many files the page could check (tests)
+
+  // The same bytes serve a second try on WASM after WebGPU failed: onnxruntime-web copies them in.
+  async function session(ort, backend) {
+    const io = cfg.io, n = cfg.kv.n_layers;
+    const opts = { executionProviders: [backend], graphOptimizationLevel: "all", externalData: external };
+    if (backend === "webgpu") {
+      // The KV cache stays on the GPU between steps; only the logits come back.
+      const present = [...layerNames(io.present_key, n), ...layerNames(io.present_value, n)];
+      opts.preferredOutputLocation = Object.fromEntries(present.map((p) => [p, "gpu-buffer"]));
+    }
+    setStatus(`starting onnxruntime-web (${backend})…`);
+    return ort.InferenceSession.create(graph, opts);
+  }
+
+  let ort, sess, backend = "wasm";
+  if (adapter) {
+    try {
+      ort = await importOrt(base, "ort.webgpu.min.mjs");
+      ort.env.webgpu.adapter = adapter;
+      sess = await session(ort, "webgpu");
+      backend = "webgpu";
+    } catch (e) {
+      why = `WebGPU failed: ${e.message || e}`;
+      console.warn(why);
+      sess = undefined;
+    }
+  }
+  if (!sess) {
+    ort = ort || (await importOrt(base, "ort.wasm.min.mjs"));
+    sess = await session(ort, "wasm");
+  }
+  const chat = new Chat(cfg, ort, sess, tokenizer, backend);
+  $("backend").textContent = `backend: ${backend}` + (backend === "wasm" && why ? ` (${why})` : "");
+  setStatus(`ready · onnxruntime-web ${cfg.ort.version}`);
+  return chat;
+}
+
+function addMessage(role, text) {
+  const el = document.createElement("div");
+  el.className = `msg ${role}`;
+  el.textContent = text;
+  $("log").append(el);
+  el.scrollIntoView({ block: "end" });
+  return el;
+}
+
+const ready = start();
+window.edgepackReady = ready.then((chat) => ({ backend: chat.backend }));
+
+ready.then((chat) => {
+  const input = $("input"), send = $("send");
+  const maxTokens = Number(params.get("max_tokens")) || chat.cfg.generation.max_new_tokens;
+  input.disabled = send.disabled = false;
+  input.focus();
+  input.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
+  });
+  $("composer").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const message = input.value.trim();
+    if (!message || send.disabled) return;
+    input.value = "";
+    input.disabled = send.disabled = true;
+    addMessage("user", message);
+    const el = addMessage("assistant", "");
+    el.classList.add("streaming");
+    setStatus("generating…");
+    try {
+      await chat.reply(message, maxTokens, (run) => {
+        el.textContent = run.text;
+        if (run.tps) $("tps").textContent = `${run.tps.toFixed(1)} tokens/s`;
+      });
+      setStatus("ready");
+    } catch (err) {
+      setStatus(`error: ${err.message || err}`, true);
+      window.edgepackError = String(err.message || err);
+    } finally {
+      el.classList.remove("streaming");
+      input.disabled = send.disabled = false;
+      input.focus();
+    }
+  });
+}, (err) => {
+  console.error(err);
+  window.edgepackError = String(err.message || err);
+  setStatus(`error: ${err.message || err}`, true);
+});
