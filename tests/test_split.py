@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import packager
-from packager.bundle.verify import verify
+from packager.bundle.verify import read_bundle, verify
 from packager.convert.gguf.parts import GGUFParts, TensorInfo, part_paths
 from packager.errors import ConversionError, PartSizeError
 from packager.formats.gguf import SPLIT_UNIT, padded, split_layout
@@ -108,6 +108,7 @@ def test_split_bundle_holds_parts_within_the_size_and_decodes_as_the_whole(whole
     assert all(f.stat().st_size <= part for f in files), [f.stat().st_size for f in files]
     assert sum(f.stat().st_size for f in files) > model_files(whole)[0].stat().st_size  # each part has a header
     assert verify(split) == []
+    assert read_bundle(split).model_bytes == sum(f.stat().st_size for f in files)  # what pack bench reports
     assert greedy(split) == greedy(whole)
 
 
@@ -216,6 +217,8 @@ def test_onnx_data_in_parts_loads_and_decodes_as_one_file(tiny_qwen2, tmp_path):
     # The same bytes, less the page-alignment padding a file's start does not need.
     assert 0 <= (whole / "model" / "model.onnx.data").stat().st_size - sum(p.stat().st_size for p in data) < 4096 * len(data)
     assert verify(split) == []
+    graph = (split / "model" / "model.onnx").stat().st_size
+    assert read_bundle(split).model_bytes == graph + sum(p.stat().st_size for p in data)
 
     def chat(bundle: Path) -> str:
         with packager.load(bundle, execution_provider="cpu") as m:

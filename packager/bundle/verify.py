@@ -55,6 +55,20 @@ class Bundle:
     def model_file(self) -> Path:
         return self.file(self.manifest["model_file"])
 
+    @property
+    def model_bytes(self) -> int:
+        """Bytes of the model proper, as the manifest lists them: its file and the files it loads with it
+        (a split GGUF's other parts, an ONNX graph's external data: model.onnx.data, model.onnx.data.2, ...)."""
+        rel = self.manifest["model_file"]
+        folder, _, name = rel.rpartition("/")
+        parts = set((self.manifest.get("split") or {}).get("parts") or ())
+
+        def belongs(path: str) -> bool:
+            d, _, n = path.rpartition("/")
+            return d == folder and (n == name or n in parts or n.startswith(name + "."))
+
+        return sum(int(e.get("bytes") or 0) for e in self.files if belongs(e["path"]))
+
     @cached_property
     def meta(self) -> Manifest:
         """The manifest's fields, typed and checked (a wrong field is a VerificationError naming it)."""

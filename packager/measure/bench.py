@@ -281,7 +281,6 @@ def make_records(bundle: Bundle, tgt: Target, emu: Emulation, opts: BenchOptions
     if within is False:
         notes.append(f"peak RSS {peak / 1e9:.2f} GB exceeds {tgt.name}'s usable {emu.mem_limit_bytes / 1e9:.2f} GB: "
                      "this bundle would not fit there")
-    model_entry = next((f for f in bundle.files if f["path"] == bundle.meta.model_file), {})
     emulated = {
         "target": tgt.name, "threads": emu.n_threads, "cpus": applied.get("cpus"), "mem_limit_bytes": emu.mem_limit_bytes,
         "mem_limit_enforced": applied.get("mem_limit"), "mem_checked_after": True, "within_budget": within,
@@ -302,7 +301,7 @@ def make_records(bundle: Bundle, tgt: Target, emu: Emulation, opts: BenchOptions
         # loads) unless --ctx chose another (llama-bench's is -p + -n).
         "n_ctx_from": "--ctx" if opts.n_ctx else "bundle", "bundle_n_ctx": bundle.meta.runtime.n_ctx,
         "target": tgt.name, "format": bundle.meta.format, "quant": bundle.meta.quant,
-        "model_bytes": model_entry.get("bytes"), "repetitions": len(runs), "warmup": opts.warmup,
+        "model_bytes": bundle.model_bytes, "repetitions": len(runs), "warmup": opts.warmup,
         "load_s": statistics.mean(loads), "load_s_samples": loads,
         "ttft_s": statistics.mean(ttfts), "ttft_s_samples": ttfts,
         "peak_rss_bytes": peak, "peak_rss_samples": [r["peak_rss_bytes"] for r in runs],
