@@ -60,8 +60,9 @@ from packager.quants import QUANTS
                    "edgepack's own text, for IQ1-IQ3 and Q2_K_S).")
 @click.option("--part-size", callback=_size,
               help="Largest model file in the bundle, e.g. 512MB: a larger model is written as llama.cpp's split "
-                   "GGUF (name-00001-of-0000N.gguf, ...; llama.cpp loads the first part). Default: the target's "
-                   "[distribution] part_size (a store's asset-pack limit), if any.")
+                   "GGUF (name-00001-of-0000N.gguf, ...; llama.cpp loads the first part), or its ONNX weights as "
+                   "model.onnx.data, model.onnx.data.2, ... Default: the target's [distribution] part_size (a "
+                   "store's asset-pack limit), if any.")
 @click.option("--no-split", is_flag=True, help="Write one model file even where the target's part size is smaller.")
 @click.option("--json", "as_json", is_flag=True, help="Print the bundle's manifest as JSON on stdout.")
 @quiet_option
