@@ -232,3 +232,18 @@ def test_onnx_part_size_below_the_largest_initializer_is_one_line_exit_2(tiny_qw
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and "lm_head.weight_Q4" in lines[-1] and "smallest part size that works is" in lines[-1]
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_onnx_data_written_without_pwrite_is_the_same(tiny_qwen2, tmp_path, monkeypatch):
+    """Windows has no os.pwrite: the converter's seek-and-write under a lock writes the same bytes, in parts too."""
+    from packager.convert.onnx.converter import convert
+    from packager.source.resolver import resolve
+
+    src = resolve(str(tiny_qwen2), quiet=True)
+    with_pwrite = convert(src, tmp_path / "a", quiet=True, part_bytes=20 * SPLIT_UNIT)
+    monkeypatch.delattr(os, "pwrite")
+    without = convert(src, tmp_path / "b", quiet=True, part_bytes=20 * SPLIT_UNIT)
+    names = sorted(p.name for p in with_pwrite.files)
+    assert names == sorted(p.name for p in without.files) and any(n.endswith(".data.2") for n in names)
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

@@ -231,11 +231,16 @@ enum {cls} {{
     static func partPaths(completion: @escaping ([String]?, [NSBundleResourceRequest]) -> Void) {{
         let requests = tags.map {{ NSBundleResourceRequest(tags: [$0]) }}
         let group = DispatchGroup()
+        let lock = NSLock()  // the completion handlers run on any thread
         var failed = false
         for request in requests {{
             group.enter()
             request.beginAccessingResources {{ error in
-                if error != nil {{ failed = true }}
+                if error != nil {{
+                    lock.lock()
+                    failed = true
+                    lock.unlock()
+                }}
                 group.leave()
             }}
         }}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,12 +234,20 @@ class _Writer:
 
     def __init__(self, fds: list[int], layout, fmt) -> None:
         self.fds, self.layout, self.fmt = fds, layout, fmt  # one descriptor per data file
+        self._lock = threading.Lock()  # Windows: seek + write must not interleave
+
+    def _pwrite(self, fd: int, data: memoryview, offset: int) -> int:
+        if hasattr(os, "pwrite"):
+            return os.pwrite(fd, data, offset)
+        with self._lock:  # Windows has no pwrite
+            os.lseek(fd, offset, os.SEEK_SET)
+            return os.write(fd, data)
 
     def _put(self, name: str, row: int, data: np.ndarray) -> None:
         init = self.layout.inits[name]
         row_bytes = init.nbytes // init.shape[0] if len(init.shape) > 1 else np.dtype(data.dtype).itemsize
         buf = np.ascontiguousarray(data)
-        n = os.pwrite(self.fds[init.file], memoryview(buf).cast("B"), init.offset + row * row_bytes)
+        n = self._pwrite(self.fds[init.file], memoryview(buf).cast("B"), init.offset + row * row_bytes)
         if n != buf.nbytes:
             raise ConversionError(f"short write to the ONNX data file ({n} of {buf.nbytes} bytes); is the disk full?")
 
