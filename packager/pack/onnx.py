@@ -27,7 +27,7 @@ from packager.convert.onnx.optimum_export import convert_optimum, fallback_memor
 from packager.errors import UsageError
 from packager.formats.onnx import ALGORITHMS, BLOCK_SIZES, SCHEMES
 from packager.pack.card import LICENSE_NAMES, bundle_manifest, generation_defaults, model_card, with_quality
-from packager.pack.options import AutoJob, Candidate, PackJob, PackOptions, PackResult, ReadyFile
+from packager.pack.options import AutoJob, Candidate, PackJob, PackOptions, PackResult, ReadyFile, part_limit
 from packager.pack.preflight import check_disk, check_memory
 from packager.pack.shipping import add_shipping
 from packager.plan.planner import Plan, plan
@@ -92,9 +92,8 @@ def auto_options_for(name: str, opts: PackOptions, tgt: Target) -> OnnxOptions:
 def auto_candidate(job: AutoJob, name: str, n_ctx: int | None) -> Candidate:
     """One int4 scheme, converted from the checkpoint (the F16 reference is llama.cpp's, not ONNX)."""
     out = job.work / f"candidate-{name}"
-    part_bytes = None if job.opts.no_split else (job.opts.part_size or job.target.distribution.part_bytes or None)
     result = convert(job.src, out, auto_options_for(name, job.opts, job.target), n_ctx=n_ctx or 4096,
-                     n_threads=job.n_threads, quiet=job.opts.quiet, part_bytes=part_bytes)
+                     n_threads=job.n_threads, quiet=job.opts.quiet, part_bytes=part_limit(job.opts, job.target))
     return Candidate(out, out / "model.onnx", details=result.details)
 
 

@@ -66,6 +66,14 @@ class PackOptions:
     quality: dict[str, Any] | None = None  # --quant auto: its measured figures, for the manifest and card
 
 
+def part_limit(opts: PackOptions, target: Target) -> int | None:
+    """The largest model file a bundle may hold (None: no limit): --part-size, else the target channel's part
+    size; none with --no-split. The planner's shipping (plan.Overrides.part_bytes) reads the same options."""
+    if opts.no_split:
+        return None
+    return opts.part_size or target.distribution.part_bytes or None
+
+
 @dataclass(frozen=True)
 class PackResult:
     path: Path
@@ -92,8 +100,7 @@ class PackJob:
 
     @property
     def part_bytes(self) -> int | None:
-        """The largest model file the bundle may hold (None: no limit): --part-size, else the target's channel's."""
-        return (self.plan.shipping.part_bytes if self.plan.shipping else 0) or None
+        return part_limit(self.opts, self.target)
 
 
 @dataclass(frozen=True)

@@ -145,13 +145,14 @@ class GGUFParts:
         if self._next >= len(self._order):
             raise ConversionError(f"{name}: written after the last tensor; this is a bug, please report it")
         part, t = self._order[self._next]
-        if t.name != name or self._written + len(memoryview(data).cast("B")) > t.nbytes:
+        n = memoryview(data).nbytes
+        if t.name != name or self._written + n > t.nbytes:
             raise ConversionError(f"{name}: bytes arrived out of order (expected {t.name}, "
                                   f"{t.nbytes - self._written} bytes left); this is a bug, please report it")
         if part != self._part:
             self._open_part(part)
         self._emit(data)
-        self._written += len(memoryview(data).cast("B"))
+        self._written += n
         if self._written == t.nbytes:
             self._emit(bytes(padded(t.nbytes) - t.nbytes))
             self._next += 1
