@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
+from packager.errors import PartSizeError
 from packager.formats.weights import Tensor, WeightLayout
 from packager.spec.model import ModelSpec
 
@@ -59,6 +60,15 @@ def kv_bytes(spec: ModelSpec, n_ctx: int, kv_type: str, n_layers: int | None = N
     """K and V for every layer: layers x kv heads x head dim x context x bytes, twice."""
     layers = spec.n_layers if n_layers is None else n_layers
     return int(2 * layers * spec.kv_dim * padded_ctx(n_ctx) * KV_BYTES[kv_type])
+
+
+def part_too_small(part_bytes: int, what: str, size: int, need_bytes: int, also: str = "") -> PartSizeError:
+    """The one-line refusal of a part size below the largest tensor, naming it and the smallest size that works
+    (whole MB, 10^6 bytes: what --part-size and llama-gguf-split take)."""
+    need = -(-need_bytes // 10**6)
+    return PartSizeError(f"part size {part_bytes / 1e6:.1f} MB is too small: {what} alone is {size / 1e6:.1f} MB{also}; "
+                         f"the smallest part size that works is {need}MB (pass --part-size {need}MB or more, "
+                         f"or --no-split)")
 
 
 def gb(n: float) -> str:

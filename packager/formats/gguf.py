@@ -24,8 +24,7 @@ from typing import Sequence
 
 from gguf import GGMLQuantizationType
 
-from packager.errors import PartSizeError
-from packager.formats.base import MiB, Format, Memory, gb, kv_bytes, padded_ctx
+from packager.formats.base import MiB, Format, Memory, gb, kv_bytes, padded_ctx, part_too_small
 from packager.formats.weights import Tensor, WeightLayout
 from packager.quants import QUANTS, QuantType, get_quant, tensor_bytes, tensor_types
 from packager.spec.model import ModelSpec
@@ -238,10 +237,8 @@ def split_layout(tensors: Sequence[tuple[str, int]], part_bytes: int, meta_bytes
     name, largest = max(((n, padded(b)) for n, b in tensors), key=lambda t: t[1])
     if cap < largest:  # gguf-split would leave a part without tensors
         need = meta_bytes + -(-largest // SPLIT_UNIT) * SPLIT_UNIT
-        raise PartSizeError(
-            f"part size {part_bytes / 1e6:.1f} MB is too small: tensor {name} alone is {largest / 1e6:.1f} MB and the "
-            f"first part also holds {meta_bytes / 1e6:.1f} MB of metadata; the smallest part size that works is "
-            f"{-(-need // SPLIT_UNIT)}MB (pass --part-size {-(-need // SPLIT_UNIT)}MB or more, or --no-split)")
+        raise part_too_small(part_bytes, f"tensor {name}", largest, need,
+                             f" and the first part also holds {meta_bytes / 1e6:.1f} MB of metadata")
     parts: list[list[str]] = [[]]
     size = 0
     for n, b in tensors:

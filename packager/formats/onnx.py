@@ -19,8 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from packager.errors import PartSizeError, UsageError
-from packager.formats.base import MiB, Format, Memory, gb, kv_bytes
+from packager.errors import UsageError
+from packager.formats.base import MiB, Format, Memory, gb, kv_bytes, part_too_small
 from packager.formats.weights import Tensor, WeightLayout
 from packager.spec.model import ModelSpec
 
@@ -84,10 +84,7 @@ class Layout:
         """
         largest = max((i for n, i in self.inits.items() if n not in self.aliases), key=lambda i: i.nbytes)
         if largest.nbytes > part_bytes:
-            need = -(-largest.nbytes // 10**6)
-            raise PartSizeError(f"part size {part_bytes / 1e6:.1f} MB is too small: initializer {largest.name} alone "
-                                f"is {largest.nbytes / 1e6:.1f} MB; the smallest part size that works is {need}MB "
-                                f"(pass --part-size {need}MB or more, or --no-split)")
+            raise part_too_small(part_bytes, f"initializer {largest.name}", largest.nbytes, largest.nbytes)
         out = Layout(self.data_file, aliases=set(self.aliases))
         sizes = [0]
         moved: dict[int, tuple[int, int]] = {}  # old offset -> (file, offset): where an alias's base went
