@@ -36,6 +36,7 @@ __all__ = [
     "QUANTIZABLE",
     "bf16_to_f32",
     "block_size",
+    "dequantize_rows",
     "quantize_rows",
     "requires_imatrix",
     "row_size",
@@ -59,6 +60,20 @@ class LibraryMissing(ImportError):
     An ImportError of the kernels' own (they import nothing else of edgepack); the CLI prints it
     as one line, like edgepack's BackendMissingError.
     """
+
+
+class _TypeTraits(ctypes.Structure):
+    """ggml.h's struct ggml_type_traits (the fields up to to_float are all we read)."""
+
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
 
 
 _ggml_initialized: set[QT] = set()
@@ -99,6 +114,8 @@ def _lib() -> ctypes.CDLL:
     lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
     lib.ggml_quantize_init.restype = None
     lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
     lib.ggml_validate_row_data.restype = ctypes.c_bool
     lib.ggml_validate_row_data.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
     return lib
@@ -276,6 +293,32 @@ def _run_slices(work: Callable[[int, int], None], slices: list[tuple[int, int]])
         raise
     if errors:
         raise errors[0]
+
+
+def dequantize_rows(qtype: QT, data: np.ndarray, n_per_row: int, *, n_threads: int = 1) -> np.ndarray:
+    """GGUF bytes of ``qtype`` back to float32 rows (nrows, n_per_row), by ggml's own ``to_float``:
+    the weights llama.cpp computes with, so a quantization's error is measured on what runs."""
+    qtype = _check_type(qtype)
+    rsize = row_size(qtype, n_per_row)
+    raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+    if raw.nbytes % rsize:
+        raise ValueError(f"{raw.nbytes} bytes are not whole rows of {n_per_row} {qtype.name} weights ({rsize} bytes each)")
+    nrows = raw.nbytes // rsize
+    out = np.empty((nrows, n_per_row), dtype=np.float32)
+    if nrows == 0:
+        return out
+    to_float = _lib().ggml_get_type_traits(int(qtype)).contents.to_float
+    if not to_float:
+        raise ValueError(f"ggml has no to_float for {qtype.name}")
+    src, dst = raw.ctypes.data, out.ctypes.data
+
+    def work(first: int, count: int) -> None:
+        to_float(src + first * rsize, dst + first * n_per_row * 4, count * n_per_row)
+
+    n_threads = max(1, min(int(n_threads), nrows))
+    bounds = [nrows * i // n_threads for i in range(n_threads + 1)]
+    _run_slices(work, [(a, b - a) for a, b in zip(bounds, bounds[1:]) if b > a])
+    return out
 
 
 def validate_rows(qtype: QT, data: np.ndarray) -> bool:

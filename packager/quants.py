@@ -31,7 +31,9 @@ __all__ = [
     "QUANTS",
     "QuantType",
     "bits_per_weight",
+    "category",
     "get_quant",
+    "quantizable",
     "tensor_bytes",
     "tensor_types",
 ]
@@ -327,6 +329,17 @@ class _Mixer:
         if f in (FT.MOSTLY_Q4_0, FT.MOSTLY_Q5_0) and self.has_imatrix and i < n // 8:
             return QT.Q4_1 if f == FT.MOSTLY_Q4_0 else QT.Q5_1
         return t
+
+
+def category(name: str) -> str:
+    """A GGUF tensor's role as llama.cpp's mixtures group it: attn_q, attn_k, attn_v, attn_output, ffn_gate,
+    ffn_up, ffn_down, token_embd, output, or other."""
+    return _category(name)
+
+
+def quantizable(name: str, shape: Sequence[int]) -> bool:
+    """llama.cpp quantizes this tensor (a 2-D weight that is not a norm and the like); the rest keep their type."""
+    return _allows_quantization(name, _ne(shape))
 
 
 def _layer(name: str) -> int:

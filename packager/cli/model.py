@@ -10,6 +10,7 @@ import click
 from packager.cli.options import quiet_option, size_callback as _size
 from packager.formats import FORMATS
 from packager.pack.autoquant import DEFAULT_MAX_KLD, pack_auto
+from packager.pack.mixquant import pack_mix
 from packager.pack.options import PackOptions
 from packager.pack.pipeline import pack_model
 from packager.quants import QUANTS
@@ -19,12 +20,18 @@ from packager.quants import QUANTS
 @click.argument("source", required=False)
 @click.option("-t", "--target", default="laptop", show_default=True,
               help="Device class: a name from `pack targets`, an alias (android), or a path to a .toml profile.")
-@click.option("--quant", type=click.Choice(sorted(QUANTS) + ["auto"], case_sensitive=False),
+@click.option("--quant", type=click.Choice(sorted(QUANTS) + ["auto", "mix"], case_sensitive=False),
               help="Quant type. Default: the best one on the target's ladder that fits. auto: the smallest "
                    "one that fits and whose measured mean KL divergence is under --max-kld, among the GGUF ladder "
-                   "and, where the target runs ONNX (and --format does not say otherwise), the ONNX int4 schemes.")
+                   "and, where the target runs ONNX (and --format does not say otherwise), the ONNX int4 schemes. "
+                   "mix: a GGUF type per tensor, the lowest measured KLD that fits --max-size (default: what the "
+                   "target leaves for weights), or with --max-kld the smallest mix under that bar.")
 @click.option("--max-kld", type=float,
-              help="With --quant auto: the quality bar, mean KL divergence from F16 in nats (default 0.05).")
+              help="With --quant auto or mix: the quality bar, mean KL divergence from F16 in nats (auto's "
+                   "default 0.05; mix has none unless given).")
+@click.option("--max-size", callback=_size,
+              help="With --quant mix: the largest model file, e.g. 1.8GB (default: the target's RAM budget less "
+                   "KV cache, compute buffers and overhead at the planned context).")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
               help="Bundle format. Default: the target's first. onnx: int4 for onnxruntime-genai, streamed for "
                    "Llama, Mistral, Qwen2, Phi-3; other architectures go through optimum-onnx, which holds the "
@@ -70,6 +77,7 @@ def model_cmd(source: str | None, target: str, quant: str | None, fmt: str | Non
               revision: str | None, n_ctx: int | None, ram: int | None, vram: int | None, n_threads: int | None,
               allow_pickle: bool, allow_requantize: bool, skip_tokenizer_check: bool, imatrix: Path | None,
               imatrix_text: Path | None, as_json: bool, quiet: bool, max_kld: float | None = None,
+              max_size: int | None = None,
               onnx_block_size: str = "32", onnx_asymmetric: bool = False, onnx_accuracy_level: int = 4,
               onnx_algorithm: str = "rtn", part_size: int | None = None, no_split: bool = False) -> None:
     """Pack SOURCE into a verified bundle for a target.
@@ -86,18 +94,23 @@ def model_cmd(source: str | None, target: str, quant: str | None, fmt: str | Non
       pack model model-f16.gguf --quant Q4_0 -o out/
       pack model ./Qwen2.5-0.5B-Instruct --quant IQ4_NL --imatrix-text my-domain.txt
       pack model ./Qwen2.5-3B-Instruct --target android --quant auto --max-kld 0.05
+      pack model ./Qwen2.5-3B-Instruct --target android --quant mix      # per-tensor types for the phone
+      pack model ./Qwen2.5-3B-Instruct --quant mix --max-size 1.9GB      # the lowest KLD in 1.9 GB
       pack model ./Qwen2.5-3B-Instruct --format onnx --block-size 32     # int4 for onnxruntime-genai
       pack model ./Qwen2.5-3B-Instruct --format onnx --algorithm hqq     # int4, lower error, no calibration
       pack model ./Qwen2.5-3B-Instruct --target android --part-size 1GB  # parts of at most 1 GB
     """
     auto = quant is not None and quant.lower() == "auto"
-    if max_kld is not None and not auto:
-        raise click.UsageError("--max-kld applies to --quant auto only")
+    mix = quant is not None and quant.lower() == "mix"
+    if max_kld is not None and not (auto or mix):
+        raise click.UsageError("--max-kld applies to --quant auto and --quant mix only")
+    if max_size is not None and not mix:
+        raise click.UsageError("--max-size applies to --quant mix only")
     if part_size is not None and no_split:
         raise click.UsageError("--part-size and --no-split contradict each other; pass one")
 
     opts = PackOptions(
-        target=target, quant=quant.upper() if quant and not auto else None, format=fmt, output=output, force=force,
+        target=target, quant=quant.upper() if quant and not (auto or mix) else None, format=fmt, output=output, force=force,
         revision=revision, allow_pickle=allow_pickle, allow_requantize=allow_requantize,
         skip_tokenizer_check=skip_tokenizer_check, n_ctx=n_ctx, ram_bytes=ram, vram_bytes=vram,
         n_threads=n_threads, imatrix=imatrix, imatrix_text=imatrix_text, quiet=quiet,
@@ -106,6 +119,8 @@ def model_cmd(source: str | None, target: str, quant: str | None, fmt: str | Non
     )
     if auto:
         result = pack_auto(source, opts, max_kld=DEFAULT_MAX_KLD if max_kld is None else max_kld)
+    elif mix:
+        result = pack_mix(source, opts, max_size=max_size, max_kld=max_kld)
     else:
         result = pack_model(source, opts)
     for w in result.warnings:
@@ -115,5 +130,6 @@ def model_cmd(source: str | None, target: str, quant: str | None, fmt: str | Non
     elif not quiet:
         m = result.manifest
         size = sum(f["bytes"] for f in m["files"])
-        click.echo(f"wrote {result.path} ({m['quant']}, {size / 1e6:.1f} MB, "
+        quant = f"mix, nearest uniform {m['quant']}" if "mix" in (m.get("quality") or {}) else m["quant"]
+        click.echo(f"wrote {result.path} ({quant}, {size / 1e6:.1f} MB, "
                    f"predicted {m['predicted']['memory_bytes'] / 1e9:.2f} GB in memory)", err=True)

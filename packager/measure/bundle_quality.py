@@ -85,8 +85,20 @@ of {q['n_ctx']} tokens, each scored on its second half, as llama.cpp's `llama-pe
 | KL divergence from the reference, mean | {q['kld_mean']:.6f} | 0 |
 | KL divergence, 99th percentile | {q['kld_p99']:.6f} | 0 |
 | top-1 token agreement | {100 * q['top1']:.2f}% | 100% |
-{CARD_END}
+{_mix_lines(q.get('mix'))}{CARD_END}
 """
+
+
+def _mix_lines(mix: dict[str, Any] | None) -> str:
+    """--quant mix: its size-KLD point against the uniform types it was measured with, and how it was chosen."""
+    if not mix:
+        return ""
+    rows = [r for r in mix.get("table", []) if r.get("text") == "evaluation" and r.get("kld") is not None]
+    lines = ["", f"A per-tensor mix ({', '.join(f'{k} x{v}' for k, v in mix['counts'].items())}), chosen on "
+             f"{mix['decision_text']['name']}; the figures above are from a text no decision saw.", "",
+             "| on the same text | size MB | mean KLD |", "|---|---|---|"]
+    lines += [f"| {r['what']} | {r['size'] / 1e6:.2f} | {r['kld']:.6f} |" for r in sorted(rows, key=lambda r: r["size"])]
+    return "\n".join(lines) + "\n"
 
 
 def with_card_section(readme: str, section: str) -> str:

@@ -45,7 +45,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -62,13 +62,17 @@ __all__ = [
     "Reference",
     "RunSettings",
     "Summary",
+    "Estimate",
     "build_reference",
+    "decision_text",
     "default_evaluation_text",
+    "estimate",
     "measure",
     "read_text",
 ]
 
 DEFAULT_TEXT = "evaluation.txt"  # in packager/data/, shipped in the wheel
+DECISION_TEXT = "decision.txt"  # --quant mix decides on this one; neither calibrates nor reports
 DEFAULT_CTX = 512  # llama-perplexity's usual -c
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}  # ggml_type ids
 
@@ -76,6 +80,49 @@ KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}  # ggml_type i
 def default_evaluation_text() -> str:
     """The evaluation text edgepack ships (original prose, CC0; see its header line)."""
     return (importlib.resources.files("packager") / "data" / DEFAULT_TEXT).read_text(encoding="utf-8")
+
+
+def decision_text() -> tuple[str, str]:
+    """The text quantization decisions are made on (original prose, CC0), apart from calibration and evaluation."""
+    body = (importlib.resources.files("packager") / "data" / DECISION_TEXT).read_text(encoding="utf-8")
+    return body, f"edgepack {DECISION_TEXT}"
+
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96).
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Mean KLD over the chunks measured so far, and the half-width of its 95% confidence interval.
+
+    Tokens of one chunk share their context, so the chunks (not the tokens) are the independent samples.
+    """
+
+    mean: float
+    half: float
+    n_chunks: int
+
+    @property
+    def low(self) -> float:
+        return self.mean - self.half
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.half
+
+    def __str__(self) -> str:
+        return f"{self.mean:.5f} ± {self.half:.5f}" if self.half < float("inf") else f"{self.mean:.5f}"
+
+
+def estimate(chunk_means: list[float]) -> Estimate:
+    n = len(chunk_means)
+    m = float(np.mean(chunk_means)) if n else float("nan")
+    if n < 2:
+        return Estimate(m, float("inf"), n)
+    sd = float(np.std(chunk_means, ddof=1))
+    return Estimate(m, (_T95[n - 2] if n - 1 <= len(_T95) else 1.96) * sd / np.sqrt(n), n)
 
 
 def read_text(path: Path | None) -> tuple[str, str]:
@@ -428,13 +475,18 @@ def check_compatible(ref_info: ModelInfo, ref_path: Path, info: ModelInfo, path:
 class Measured:
     summary: Summary
     seconds: float
+    kld: Estimate | None = None  # the mean KLD with its interval over the chunks measured
 
 
 def measure(path: Path, ref: Reference, *, settings: RunSettings, text: str | None = None, quiet: bool = False,
-            desc: str = "measuring") -> Measured:
+            desc: str = "measuring", decided: Callable[[Estimate], bool] | None = None,
+            min_chunks: int = 2) -> Measured:
     """Stream ``path``'s logits chunk by chunk against the reference's; the figures of the comparison.
 
     With ``text`` (the one the reference ran over), first check that ``path`` tokenizes it the same way.
+    With ``decided``, stop as soon as it returns True for the running estimate (after ``min_chunks``
+    chunks): the comparison at hand is settled; the reference's chunks are the cap. The progress
+    bar shows the running estimate.
     """
     t0 = time.perf_counter()
     stats = QualityStats()
@@ -442,15 +494,23 @@ def measure(path: Path, ref: Reference, *, settings: RunSettings, text: str | No
         check_compatible(ref.info, ref.path, r.info, Path(path))
         if text is not None:
             _tokens_agree(r.tokenize(text)[:len(ref.tokens)], ref, Path(path))
+        chunk_means: list[float] = []
         with progress_bar(total=ref.n_chunks, desc=desc, unit="chunk", quiet=quiet) as bar:
             for c in range(ref.n_chunks):
                 logits = r.logits(ref.tokens[c * ref.n_ctx:(c + 1) * ref.n_ctx])[:ref.rows]  # a view: no copy
                 targets = ref.targets(c)
+                first = len(stats.klds)
                 for lo in range(0, ref.rows, _BLOCK):
                     hi = min(lo + _BLOCK, ref.rows)
                     stats.add(score_block(logits[lo:hi], ref.logp[c, lo:hi], ref.top[c, lo:hi], targets[lo:hi]))
+                chunk_means.append(float(np.concatenate(stats.klds[first:]).mean()))
+                est = estimate(chunk_means)
                 bar.update(1)
-    return Measured(stats.summary(), time.perf_counter() - t0)
+                if decided is not None:
+                    bar.set_postfix_str(f"KLD {est}")
+                    if len(chunk_means) >= min_chunks and decided(est):
+                        break
+    return Measured(stats.summary(), time.perf_counter() - t0, estimate(chunk_means))
 
 
 def _tokens_agree(mine: np.ndarray, ref: Reference, path: Path) -> None:
@@ -467,7 +527,7 @@ def as_manifest(ref_label: str, ref: Reference, summary: Summary, *, n_ctx: int)
         "text": ref.text_name,
         "text_sha256": ref.text_sha256,
         "n_ctx": n_ctx,
-        "n_chunks": ref.n_chunks,
+        "n_chunks": summary.n_tokens // ref.rows,  # those measured (an adaptive measurement may stop early)
         "n_tokens": summary.n_tokens,
         "ppl": round(summary.ppl, 6),
         "ppl_ref": round(summary.ppl_ref, 6),

@@ -18,7 +18,9 @@ this module only walks, measures and chooses.
    is used instead, for every candidate as plain ``pack model`` does, after a
    check against the model's tensors), measured, and kept as soon as its mean
    KL divergence is under the bar. The first one under the bar is the smallest
-   that qualifies.
+   that qualifies. Each measurement is adaptive: it stops at the first chunk where
+   the 95% interval of the mean KLD lies wholly under or over the bar (the
+   reference's DEFAULT_CHUNKS chunks are the cap), so a clear verdict costs two chunks.
 4. That very file is bundled by ``pack_model`` with the figures in its manifest;
    the table and the manifest name the importance matrix and its sha256.
 
@@ -152,7 +154,9 @@ def walk(rows: list[Row], make: Callable[[Row], tuple[Path, Path]], ref: Referen
         out, model = make(row)
         row.quantize_s = time.perf_counter() - t0
         row.size = sum(f.stat().st_size for f in out.iterdir()) if out.is_dir() else out.stat().st_size
-        m = measure(model, ref, settings=settings, quiet=quiet, desc=f"measuring {row.quant}")
+        # Adaptive: stop as soon as the interval is wholly under or over the bar (the reference's chunks cap it).
+        m = measure(model, ref, settings=settings, quiet=quiet, desc=f"measuring {row.quant}",
+                    decided=lambda e: e.high <= max_kld or e.low > max_kld)
         s = m.summary
         row.ppl, row.kld_mean, row.kld_p99, row.top1, row.measure_s = s.ppl, s.kld_mean, s.kld_p99, s.top1, m.seconds
         imatrix = " (imatrix)" if row.imatrix else ""
@@ -175,15 +179,7 @@ def pack_auto(source: str | os.PathLike[str] | None, opts, *, max_kld: float = D
         raise UsageError(f"--max-kld {max_kld}: give a positive bar such as 0.05 (mean KL divergence in nats)")
     body, text_name = read_text(text)
     tgt = load_target(opts.target)
-    src = resolve(source if source is not None else default_source(), revision=opts.revision,
-                  allow_pickle=opts.allow_pickle, hash_weights=False, quiet=opts.quiet)
-    if src.kind == "gguf":
-        spec, src_quant = spec_from_gguf(src.path)
-        if src_quant not in REFERENCE_TYPES:
-            raise UsageError(f"--quant auto needs a high-precision source to measure against; {src.path.name} is "
-                             f"{src_quant or 'of an unknown type'}: give the F16/BF16 GGUF or the HF checkpoint")
-    else:
-        spec = load_spec(src.path)
+    src, spec = reference_source(source, opts, "--quant auto")
     overrides = Overrides(format=opts.format, n_ctx=opts.n_ctx, ram_bytes=opts.ram_bytes, vram_bytes=opts.vram_bytes,
                           n_threads=opts.n_threads)
     plan(spec, tgt, overrides)  # nothing fits: DoesNotFit with the numbers, before any work
@@ -197,18 +193,9 @@ def pack_auto(source: str | os.PathLike[str] | None, opts, *, max_kld: float = D
     # Next to the output: the F16 file is as big as the model, /tmp is often a small tmpfs.
     with tempfile.TemporaryDirectory(prefix=".edgepack-auto-", dir=opts.output) as tmp:
         work = Path(tmp)
-        if src.kind == "gguf":
-            f16, source_sha256, label = src.path, {}, src.path.name
-        else:
-            say(f"--quant auto: converting {src.name} to F16 once (reference and source of every candidate)",
-                quiet=opts.quiet)
-            with safetensors_view(src, opts.quiet) as view:
-                result = convert(view, get_quant("F16"), work / f"{src.name}-F16.gguf", n_threads=threads,
-                                 quiet=opts.quiet, vocab=source_vocab(src)[0])  # eos as pack_model resolves it
-            f16, source_sha256 = result.path, result.source_sha256 if view is src else {}
-            label = f"{src.repo or src.name} (checkpoint, converted to F16)"
+        f16, source_sha256, label = f16_reference(src, work, threads, opts.quiet, "--quant auto")
         if opts.imatrix is not None:
-            _check_user_imatrix(imatrix_state["data"], f16, opts.imatrix)
+            check_user_imatrix(imatrix_state["data"], f16, opts.imatrix)
         ref = build_reference(f16, body, work, n_ctx=n_ctx, n_chunks=n_chunks, settings=RunSettings(threads),
                               text_name=text_name, quiet=opts.quiet)
 
@@ -250,7 +237,33 @@ def pack_auto(source: str | os.PathLike[str] | None, opts, *, max_kld: float = D
         return pack_model(source, PACKERS[chosen.format].auto_options(opts, chosen.quant, ready, quality))
 
 
-def _check_user_imatrix(imatrix: dict[str, np.ndarray], f16: Path, path: Path) -> None:
+def reference_source(source: str | os.PathLike[str] | None, opts: PackOptions, flag: str):
+    """The source resolved, and its spec; a GGUF source must be high precision (it is the reference)."""
+    src = resolve(source if source is not None else default_source(), revision=opts.revision,
+                  allow_pickle=opts.allow_pickle, hash_weights=False, quiet=opts.quiet)
+    if src.kind != "gguf":
+        return src, load_spec(src.path)
+    spec, src_quant = spec_from_gguf(src.path)
+    if src_quant not in REFERENCE_TYPES:
+        raise UsageError(f"{flag} needs a high-precision source to measure against; {src.path.name} is "
+                         f"{src_quant or 'of an unknown type'}: give the F16/BF16 GGUF or the HF checkpoint")
+    return src, spec
+
+
+def f16_reference(src, work: Path, threads: int, quiet: bool, flag: str) -> tuple[Path, dict[str, str], str]:
+    """The F16 GGUF every candidate is measured against (a high-precision GGUF source is used as it is): its
+    path, the checkpoint's sha256s hashed while converting, and its label for the manifest."""
+    if src.kind == "gguf":
+        return src.path, {}, src.path.name
+    say(f"{flag}: converting {src.name} to F16 once (the reference, and the source of every candidate)", quiet=quiet)
+    with safetensors_view(src, quiet) as view:
+        result = convert(view, get_quant("F16"), work / f"{src.name}-F16.gguf", n_threads=threads,
+                         quiet=quiet, vocab=source_vocab(src)[0])  # eos as pack_model resolves it
+    return (result.path, result.source_sha256 if view is src else {},
+            f"{src.repo or src.name} (checkpoint, converted to F16)")
+
+
+def check_user_imatrix(imatrix: dict[str, np.ndarray], f16: Path, path: Path) -> None:
     """The user's imatrix is for this model (else llama.cpp's quantizer fails with a bare error code)."""
     # The header walk alone (fast): GGUFReader would also decode the whole vocabulary.
     shapes = {t.name: tuple(reversed(t.shape)) for t in check_layout(f16).tensors}

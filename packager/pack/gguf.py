@@ -109,7 +109,8 @@ def pack_gguf(job: PackJob) -> PackResult:
                 say(f"the checkpoint's eos sources disagree ({', '.join(eos.disagreed)} name another token): "
                     f"using {eos.describe()}", quiet=opts.quiet)
             tok_check, kv_block = _tokenizer_gate(src, quant, vocab, eos, opts.skip_tokenizer_check, warnings)
-            say(f"bundling the {quant.name} file --quant auto measured" if opts.ready is not None
+            how = "mix" if opts.ready is not None and opts.ready.types else "auto"
+            say(f"bundling the {quant.name} file --quant {how} measured" if opts.ready is not None
                 else f"converting {src.name} to {quant.name} for {tgt.name}", quiet=opts.quiet)
             with safetensors_view(src, opts.quiet) as work:
                 if opts.ready is not None:  # --quant auto: the very file it measured
@@ -131,7 +132,8 @@ def pack_gguf(job: PackJob) -> PackResult:
         for name in LICENSE_NAMES:
             if src.kind == "hf" and (src.path / name).is_file():
                 bw.add_file(name, src.path / name)
-        bw.add_text("README.md", with_quality(model_card(src, tgt, p, model_rel), opts.quality, quant.name))
+        label = f"mix ~{quant.name}" if opts.ready is not None and opts.ready.types else quant.name
+        bw.add_text("README.md", with_quality(model_card(src, tgt, p, model_rel), opts.quality, label))
         add_shipping(bw, src.name, tgt, p, "gguf", model_rel,
                      [f"model/{n}" for n in split["parts"]] if split is not None else [model_rel])
         manifest = bundle_manifest(

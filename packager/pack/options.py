@@ -25,6 +25,7 @@ class ReadyFile:
     source_sha256: dict[str, str]
     imatrix_info: dict[str, Any] | None = None
     details: dict[str, Any] = field(default_factory=dict)  # the converter's own (ONNX: its options)
+    types: dict[str, int] | None = None  # --quant mix: every tensor's ggml type, which the planner sizes as they are
 
     def install(self, dst: Path) -> ConvertResult:
         """Copy the file (or the folder's files) to ``dst``, as the converter would have written them there."""

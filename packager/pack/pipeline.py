@@ -8,7 +8,7 @@ in :data:`PACKERS` under its format's name (packager/formats).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -94,6 +94,8 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
         if mismatch:
             raise SourceError(f"{src.name}: {mismatch}; the config and the weights are not the same model, "
                               f"fix config.json or re-download the checkpoint")
+    if opts.ready is not None and opts.ready.types:  # --quant mix: planned at its own per-tensor types
+        inp = replace(inp, source_quant=get_quant(opts.quant or "").name, source_types=dict(opts.ready.types))
     p = plan_for(inp, tgt, overrides, name=src.name)  # a GGUF that fits is bundled as it is
     packer = PACKERS[p.format]
     return packer.pack(PackJob(src, spec, tgt, p, overrides, opts, warnings, src_quant))

@@ -49,6 +49,7 @@ class Layout:
     data_offset: int
     tensors: tuple[TensorInfo, ...]
     strings: dict[str, str]  # the string fields asked for (``want``), decoded
+    table_offset: int = 0  # where the keys end and the tensor table begins
 
 
 class _Cursor:
@@ -155,6 +156,7 @@ def _walk(c: _Cursor, size: int, want: frozenset[str]) -> Layout:
             if vtype != 4 or not value or int(value) & (int(value) - 1):
                 raise c.fail("general.alignment must be a power of two stored as uint32")
             alignment = int(value)
+    table_offset = c.pos
     infos = []
     names: set[bytes] = set()
     for _ in range(n_tensors):
@@ -196,4 +198,4 @@ def _walk(c: _Cursor, size: int, want: frozenset[str]) -> Layout:
                                    "the GGUF is truncated or lies about its sizes, re-download it")
         tensors.append(TensorInfo(name, shape, int(qtype), start, nbytes))
         expected = offset + nbytes + (-nbytes % alignment)
-    return Layout(version, n_kv, alignment, data_offset, tuple(tensors), strings)
+    return Layout(version, n_kv, alignment, data_offset, tuple(tensors), strings, table_offset)

@@ -60,7 +60,7 @@ def _split_keys(i: int, n_parts: int, n_tensors: int) -> bytes:
             + _string(Keys.Split.LLM_KV_SPLIT_COUNT) + struct.pack("<IH", GGUFValueType.UINT16, n_parts))
 
 
-def _tensor_table(tensors: Sequence[TensorInfo]) -> bytes:
+def tensor_table(tensors: Sequence[TensorInfo]) -> bytes:
     out = bytearray()
     offset = 0
     for t in tensors:
@@ -76,14 +76,14 @@ def _tensor_table(tensors: Sequence[TensorInfo]) -> bytes:
 
 def meta_bytes(kv_block: bytes, tensors: Sequence[TensorInfo]) -> int:
     """An upper bound of the first part's metadata: header, every key and split key, every tensor's entry, padding."""
-    return HEADER_BYTES + len(kv_block) + len(_split_keys(0, 1, 0)) + len(_tensor_table(tensors)) + GGUF_ALIGNMENT
+    return HEADER_BYTES + len(kv_block) + len(_split_keys(0, 1, 0)) + len(tensor_table(tensors)) + GGUF_ALIGNMENT
 
 
 def plan_parts(kv_block: bytes, tensors: Sequence[TensorInfo], part_bytes: int | None) -> SplitLayout | None:
     """The split layout for files of at most ``part_bytes``, or None where one file fits (or no limit)."""
     if not part_bytes:
         return None
-    whole = padded(HEADER_BYTES + len(kv_block) + len(_tensor_table(tensors))) + sum(padded(t.nbytes) for t in tensors)
+    whole = padded(HEADER_BYTES + len(kv_block) + len(tensor_table(tensors))) + sum(padded(t.nbytes) for t in tensors)
     if whole <= part_bytes:
         return None
     return split_layout([(t.name, t.nbytes) for t in tensors], part_bytes, meta_bytes(kv_block, tensors))
@@ -129,7 +129,7 @@ class GGUFParts:
         self._hash = hashlib.sha256()
         self._emit(struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(self.parts[i]), n_kv))
         self._emit(kv + (_split_keys(i, n, len(self.tensors)) if split else b""))
-        self._emit(_tensor_table(self.parts[i]))
+        self._emit(tensor_table(self.parts[i]))
         self._emit(bytes(-self._out.tell() % GGUF_ALIGNMENT))
 
     def _finish_part(self) -> None:
@@ -173,6 +173,12 @@ class GGUFParts:
             self._out.close()
             self._out = None
 
+    def discard(self) -> None:
+        """Abort and remove every file written so far: a failed or interrupted write leaves nothing."""
+        self.abort()
+        for p in self.paths:
+            p.unlink(missing_ok=True)
+
 
 def split_record(layout: SplitLayout, paths: Sequence[Path]) -> dict[str, object]:
     """The manifest's record of a split: what each part holds and how llama.cpp's tool would make the same."""
@@ -187,7 +193,7 @@ def split_gguf(src: Path, dst: Path, part_bytes: int, *, quiet: bool = False) ->
 
     The tensor data is copied piece by piece from the mapped file: memory stays flat.
     """
-    kv_block, n_kv, tensors, offsets, data = _read_table(src)
+    kv_block, n_kv, tensors, offsets, data = read_table(src)
     layout = plan_parts(kv_block, tensors, part_bytes)
     if layout is None:
         return None
@@ -202,16 +208,14 @@ def split_gguf(src: Path, dst: Path, part_bytes: int, *, quiet: bool = False) ->
                     bar.update(len(piece))
         out.close()
     except BaseException:
-        out.abort()
-        for p in out.paths:
-            p.unlink(missing_ok=True)
+        out.discard()
         raise
     finally:
         del data  # unmaps src: the caller may remove it (Windows refuses to remove a mapped file)
     return out, layout
 
 
-def _read_table(path: Path) -> tuple[bytes, int, list[TensorInfo], list[int], np.memmap]:
+def read_table(path: Path) -> tuple[bytes, int, list[TensorInfo], list[int], np.memmap]:
     """A GGUF's packed metadata, key count, tensor table and data offsets (gguf-py's reader; nothing copied)."""
     reader = open_gguf(path)
     if reader.alignment != GGUF_ALIGNMENT:
