@@ -323,7 +323,26 @@ def make_records(bundle: Bundle, tgt: Target, emu: Emulation, opts: BenchOptions
                         **_stats([r["tg_ns"] for r in runs], opts.n_gen),
                         "predicted_ts": predicted["decode_ts"] if predicted else None,
                         "app_tg_ts": statistics.mean(apps) if apps else None})
+    drafted = [r["sg"] for r in runs if r.get("sg")]
+    if drafted:
+        records.append({**common, "test": f"sg{opts.n_gen}", "n_prompt": 0, "n_gen": opts.n_gen, **_drafted(drafted),
+                        "predicted_ts": None})
     return records
+
+
+def _drafted(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sg test: greedy decode with the bundle's draft (avg_ts) beside the same reply from the bundle
+    loaded without it (plain_ts). ``identical``: the drafted model gave the same text with drafts off."""
+    with_draft = [r["draft_n"] * 1e9 / r["draft_ns"] for r in runs if r["draft_ns"]]
+    plain = [r["plain_n"] * 1e9 / r["plain_ns"] for r in runs if r["plain_ns"]]
+    sd = statistics.stdev if len(runs) > 1 else (lambda _: 0.0)
+    return {"avg_ts": statistics.mean(with_draft), "stddev_ts": sd(with_draft), "samples_ts": with_draft,
+            "plain_ts": statistics.mean(plain), "plain_samples_ts": plain,
+            "speedup": statistics.mean(with_draft) / statistics.mean(plain),
+            "acceptance": statistics.mean(r["acceptance"] for r in runs),
+            "tokens_per_step": statistics.mean(r["tokens_per_step"] for r in runs),
+            "identical": all(r["identical"] for r in runs),
+            "identical_to_plain": all(r["text"] == r["plain_text"] for r in runs), "draft": runs[0]["draft"]}
 
 
 def failed_record(*, model: str, target: str, stage: str, error: BaseException | str, **extra: Any) -> dict[str, Any]:

@@ -10,6 +10,9 @@ loads anything, then measures, in this order:
   warm-up   one prefill of the test's size and one decode step, not counted (llama-bench does the same)
   pp        n_prompt tokens evaluated as one prompt from an empty KV cache
   tg        n_gen tokens decoded one at a time from an empty KV cache
+  sg        a bundle with a draft only: greedy replies of up to n_gen tokens to an input-grounded
+            request with the draft, with drafts turned off (the same text?), and, once the model is
+            closed, from the bundle loaded without its draft (decode rates from the first token)
 
 pp and tg drive the engine inside the loaded Model (``Model.engine()``: llama.cpp's
 context, or onnxruntime-genai's Generator) directly, as llama-bench does (a prompt
@@ -35,6 +38,8 @@ from typing import Any
 from packager.host import readings
 from packager.progress import quiet_llama_log
 from packager.bundle.verify import read_bundle
+from packager.measure.quality import default_evaluation_text
+from packager.measure.speculative import PROMPT, passages
 from packager.runtime import backend, load
 from packager.runtime.model import Model
 
@@ -133,6 +138,8 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
         import_s = t_load - t
         with model:
             out = _run(model, cfg)
+        if out.get("sg"):
+            out["sg"].update(_plain(cfg, overrides, int(cfg["n_gen"])))
 
     out.update(load_s=load_s, import_s=import_s, readings_before=before, readings_after=readings())
     return out
@@ -169,7 +176,44 @@ def _run(model: Model, cfg: dict[str, Any]) -> dict[str, Any]:
         for tok in gen[:n_gen]:
             engine.eval([tok])
         tg_ns = time.perf_counter_ns() - t
-    return {"ttft_s": ttft_s, "app_tg_ts": app_tg_ts, "pp_ns": pp_ns, "tg_ns": tg_ns, **asdict(engine.info)}
+    out = {"ttft_s": ttft_s, "app_tg_ts": app_tg_ts, "pp_ns": pp_ns, "tg_ns": tg_ns, **asdict(engine.info)}
+    if n_gen and getattr(model, "draft", None):
+        out["sg"] = _drafted(model, n_gen)
+    return out
+
+
+def _grounded_prompt() -> str:
+    return PROMPT.format(passage=passages(default_evaluation_text(), 1)[0])
+
+
+def _greedy(model: Model, n_gen: int, **kw: Any) -> tuple[str, int, int]:
+    """A greedy reply of up to n_gen tokens after its first: text, ns from the first token, tokens in them."""
+    kw = dict(temperature=0.0, repeat_penalty=1.0, max_tokens=n_gen + 1, **kw)
+    prompt = _grounded_prompt()
+    s = (model.chat([{"role": "user", "content": prompt}], stream=True, **kw) if model.has_chat_template
+         else model.stream(prompt, **kw))
+    first = next(s, "")
+    t = time.perf_counter_ns()
+    rest = "".join(s)
+    return first + rest, time.perf_counter_ns() - t, max(0, s.n_generated - 1)
+
+
+def _drafted(model: Model, n_gen: int) -> dict[str, Any]:
+    """Greedy decode with the bundle's draft on a reply that draws on its prompt, and whether turning the
+    draft off per call gives the same text."""
+    text, ns, n = _greedy(model, n_gen)
+    st = model.draft_stats
+    undrafted, _, _ = _greedy(model, n_gen, speculative=False)
+    return {"draft": model.draft, "draft_ns": ns, "draft_n": n, "acceptance": st.acceptance,
+            "tokens_per_step": st.tokens_per_step, "identical": undrafted == text, "text": text}
+
+
+def _plain(cfg: dict[str, Any], overrides: dict[str, Any], n_gen: int) -> dict[str, Any]:
+    """The same reply from the bundle loaded without its draft (llama.cpp's own loop), after the drafted
+    model is closed, so the peak memory stays the drafted model's."""
+    with load(cfg["bundle"], draft=False, **overrides) as model:
+        text, ns, n = _greedy(model, n_gen)
+    return {"plain_ns": ns, "plain_n": n, "plain_text": text}
 
 
 def main(argv: list[str]) -> int:

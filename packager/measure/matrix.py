@@ -15,6 +15,7 @@
     source = "Qwen/Qwen2.5-0.5B-Instruct"
     quant = "Q4_K_M"              # optional; default: the target's ladder
     format = "gguf"               # optional: gguf or onnx; default: the target's first format
+    draft = "lookup"              # optional: pack model --draft (lookup, self:QUANT, a .gguf); adds the sg test
     targets = ["laptop"]          # optional; default: the top-level list
 
 A model may instead name a prebuilt ``bundle = "path"`` (benched as it is).
@@ -53,6 +54,7 @@ class MatrixModel:
     quant: str | None = None
     targets: tuple[str, ...] | None = None
     format: str | None = None  # gguf or onnx; None: each target's first
+    draft: str | None = None  # pack model --draft
 
 
 @dataclass(frozen=True)
@@ -107,11 +109,11 @@ def load_matrix(path: str | os.PathLike[str]) -> Matrix:
         where = f"{p}: model[{i}]"
         if not isinstance(m, dict) or not isinstance(m.get("name"), str) or not m["name"]:
             raise MatrixError(f"{where} needs a name")
-        extra = set(m) - {"name", "source", "bundle", "quant", "format", "targets"}
+        extra = set(m) - {"name", "source", "bundle", "quant", "format", "draft", "targets"}
         if extra:
             raise MatrixError(f"{where}: unknown key(s) {', '.join(sorted(extra))}; "
-                              "use name, source, bundle, quant, format, targets")
-        for k in ("source", "bundle", "quant", "format"):
+                              "use name, source, bundle, quant, format, draft, targets")
+        for k in ("source", "bundle", "quant", "format", "draft"):
             if k in m and not isinstance(m[k], str):
                 raise MatrixError(f"{where}: {k} must be a string")
         if m.get("format") not in (None, *FORMATS):
@@ -122,7 +124,8 @@ def load_matrix(path: str | os.PathLike[str]) -> Matrix:
         mt = _strs(m["targets"], f"{where}.targets") if "targets" in m else None
         if not (mt or targets):
             raise MatrixError(f"{where} has no targets and the file has no top-level targets list")
-        models.append(MatrixModel(m["name"], m.get("source"), m.get("bundle"), m.get("quant"), mt, m.get("format")))
+        models.append(MatrixModel(m["name"], m.get("source"), m.get("bundle"), m.get("quant"), mt, m.get("format"),
+                                  m.get("draft")))
     return Matrix(tuple(models), targets, dict(bench), str(p))
 
 

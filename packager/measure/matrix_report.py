@@ -97,8 +97,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
              f"their t/s is the runner's, their predicted t/s the device's.", "",
              "| runner | model | target | quant | test | t/s | predicted t/s | measured / predicted | peak RSS GB "
              "| predicted GB | fits target | load s | ttft ms | threads | fallback | predicted GB at this run's fill "
-             "| measured on |",
-             "|---|---|---|---|---|--:|--:|--:|--:|--:|---|--:|--:|--:|---|--:|---|"]
+             "| draft vs none | measured on |",
+             "|---|---|---|---|---|--:|--:|--:|--:|--:|---|--:|--:|--:|---|--:|---|---|"]
     for r in sorted(ok, key=lambda r: (r["target"], r["matrix_model"], r["runner"], r.get("test", ""))):
         pred = r.get("predicted_ts")
         # A run that fell back to the CPU is not the configuration the planner predicted (GPU offload).
@@ -109,10 +109,12 @@ def markdown(records: list[dict[str, Any]]) -> str:
                      f"| {_gb(r.get('peak_rss_bytes'))} | {_gb(r.get('predicted_rss_bytes'))} | {fits} "
                      f"| {r.get('load_s', 0):.2f} | {r.get('ttft_s', 0) * 1e3:.0f} | {r.get('n_threads')} "
                      f"| {'yes' if r.get('fallback') else ''} | {_gb(r.get('predicted_rss_at_run_bytes'))} "
-                     f"| {measured_on(r)} |")
+                     f"| {_draft(r)} | {measured_on(r)} |")
     lines += ["", "predicted GB: the plan's, with the planned context full (what an app must survive); "
               "predicted GB at this run's fill: the same model at the run's prompt and generated tokens, the "
-              "figure peak RSS compares with."]
+              "figure peak RSS compares with. draft vs none: a bundle with a draft (the sg test, greedy replies "
+              "to an input-grounded request): its decode speed over the bundle loaded without it, the share of "
+              "drafts kept, and tokens per step of the model."]
     if bad:
         lines += ["", "## Failed and skipped cells", "", "| runner | model | target | status | stage | reason |",
                   "|---|---|---|---|---|---|"]
@@ -120,6 +122,13 @@ def markdown(records: list[dict[str, Any]]) -> str:
             reason = str(r.get("error", "")).replace("|", "\\|").replace("\n", " ")
             lines.append(f"| {r['runner']} | {r['matrix_model']} | {r['target']} | {r['status']} | {r.get('stage')} | {reason} |")
     return "\n".join(lines) + "\n"
+
+
+def _draft(r: dict[str, Any]) -> str:
+    if r.get("speedup") is None:
+        return ""
+    same = "" if r.get("identical", True) else ", **output changed**"
+    return f"{r['draft']}: {r['speedup']:.2f}x, {100 * r['acceptance']:.0f}% kept, {r['tokens_per_step']:.2f}/step{same}"
 
 
 def plots(records: list[dict[str, Any]], out: Path) -> list[Path]:

@@ -46,15 +46,21 @@ COLUMNS: list[tuple[str, bool, Any]] = [
 ]
 
 
+# A bundle with a draft adds its sg test (greedy decode with the draft): how it compares with none.
+DRAFT_COLUMN = ("vs no draft", True, lambda r: "-" if r.get("speedup") is None else
+                f"{r['speedup']:.2f}x, {100 * r['acceptance']:.0f}% kept, {r['tokens_per_step']:.2f}/step")
+
+
 def markdown(records: list[dict[str, Any]]) -> str:
-    """llama-bench's markdown table plus memory, load and first-token columns."""
-    rows = [[cell(r) for _, _, cell in COLUMNS] for r in records]
-    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, (h, _, _) in enumerate(COLUMNS)]
+    """llama-bench's markdown table plus memory, load and first-token columns (and the draft's, if any)."""
+    columns = COLUMNS + ([DRAFT_COLUMN] if any(r.get("speedup") is not None for r in records) else [])
+    rows = [[cell(r) for _, _, cell in columns] for r in records]
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, (h, _, _) in enumerate(columns)]
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if right else c.ljust(w)
-                                 for c, w, (_, right, _) in zip(cells, widths, COLUMNS)) + " |"
-    sep = "| " + " | ".join(("-" * (w - 1) + ":") if right else "-" * w for w, (_, right, _) in zip(widths, COLUMNS)) + " |"
-    return "\n".join([line([h for h, _, _ in COLUMNS]), sep] + [line(row) for row in rows]) + "\n"
+                                 for c, w, (_, right, _) in zip(cells, widths, columns)) + " |"
+    sep = "| " + " | ".join(("-" * (w - 1) + ":") if right else "-" * w for w, (_, right, _) in zip(widths, columns)) + " |"
+    return "\n".join([line([h for h, _, _ in columns]), sep] + [line(row) for row in rows]) + "\n"
 
 
 def _flat(v: Any) -> Any:

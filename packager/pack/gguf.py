@@ -32,12 +32,14 @@ from packager.convert.gguf.vocab import GGUFVocab, load_vocab, with_eos
 from packager.errors import TokenizerMismatchError
 from packager.host import default_threads
 from packager.pack.card import LICENSE_NAMES, bundle_manifest, generation_defaults, model_card, with_quality
+from packager.pack.draft import add_draft, check_self, check_tokenizers, draft_file, parse_draft
 from packager.pack.options import AutoJob, Candidate, PackJob, PackOptions, PackResult, ReadyFile
 from packager.pack.preflight import check_disk, check_memory
 from packager.pack.shipping import add_shipping
 from packager.progress import say
 from packager.quants import QuantType, get_quant
 from packager.runtime.llama import check_loads
+from packager.source.gguf_check import check_layout
 from packager.source.pickle import to_safetensors
 from packager.source.resolver import Source
 from packager.spec.eos import EosChoice, resolve_eos
@@ -87,6 +89,12 @@ def pack_gguf(job: PackJob) -> PackResult:
     tok_check: dict[str, Any]
     imatrix_info: dict[str, Any] | None = None
     split: dict[str, Any] | None = None
+    draft = parse_draft(opts.draft) if opts.draft else None
+    draft_imatrix = None
+    if draft is not None:  # a draft that cannot work fails before any conversion
+        check_self(draft, quant, spec, tgt, p, src.name, from_gguf=src.kind == "gguf")
+        if src.kind == "gguf":
+            check_tokenizers(draft, check_layout(src.path).tokenizer, src.name)
     with BundleWriter(final, force=opts.force) as bw:
         gguf_path = bw.path(model_rel)
         if src.kind == "gguf":
@@ -108,7 +116,9 @@ def pack_gguf(job: PackJob) -> PackResult:
             if eos is not None and eos.disagreed:
                 say(f"the checkpoint's eos sources disagree ({', '.join(eos.disagreed)} name another token): "
                     f"using {eos.describe()}", quiet=opts.quiet)
-            tok_check, kv_block = _tokenizer_gate(src, quant, vocab, eos, opts.skip_tokenizer_check, warnings)
+            tok_check, kv_block, tokenizer = _tokenizer_gate(src, quant, vocab, eos, opts.skip_tokenizer_check, warnings)
+            if draft is not None:
+                check_tokenizers(draft, tokenizer, src.name)
             how = "mix" if opts.ready is not None and opts.ready.types else "auto"
             say(f"bundling the {quant.name} file --quant {how} measured" if opts.ready is not None
                 else f"converting {src.name} to {quant.name} for {tgt.name}", quiet=opts.quiet)
@@ -119,11 +129,19 @@ def pack_gguf(job: PackJob) -> PackResult:
                     model_rel, split = _split_file(bw, model_rel, part_bytes, opts.quiet)
                 else:
                     imatrix, imatrix_info = _importance(work, quant, opts, threads)
+                    if draft is not None and draft.kind == "self" and imatrix is not None:
+                        draft_imatrix = imatrix  # the same model and text: computed once
                     result = convert(work, quant, gguf_path, imatrix=imatrix, n_threads=threads, quiet=opts.quiet,
                                      vocab=vocab, kv_block=kv_block, part_bytes=part_bytes)
                     for name, digest in result.file_sha256.items():
                         bw.record_hash(f"model/{name}", digest)
                     model_rel, split = f"model/{result.path.name}", result.details.get("split")
+                if draft is not None and draft.kind == "self":  # the same weights once more, at the draft's type
+                    say(f"converting {src.name} to {draft.quant.name} for the draft", quiet=opts.quiet)
+                    if draft_imatrix is None:
+                        draft_imatrix, _ = _importance(work, draft.quant, opts, threads)
+                    convert(work, draft.quant, bw.path(draft_file(draft, src.name)), imatrix=draft_imatrix,
+                            n_threads=threads, quiet=opts.quiet, vocab=vocab)  # its own metadata: another file type
             if work is src:
                 src = src.with_hashes(result.source_sha256)
         if split is not None:
@@ -144,6 +162,17 @@ def pack_gguf(job: PackJob) -> PackResult:
             **({"quality": opts.quality} if opts.quality is not None else {}))
         say("checking that the runtime loads it", quiet=opts.quiet)
         check_loads(bw.path(model_rel))  # never publish a bundle its own runtime cannot open
+        if draft is not None:
+            def write_draft(path: Path) -> None:
+                if draft.kind == "gguf":
+                    shutil.copyfile(draft.path, path)
+                elif src.kind == "gguf":
+                    say(f"re-quantizing {src.path.name} to {draft.quant.name} for the draft", quiet=opts.quiet)
+                    quantize_gguf(src.path, draft.quant, path, n_threads=threads, allow_requantize=True)
+                # an HF source's self: draft was converted above, with the model
+
+            manifest = add_draft(bw, manifest, draft, tgt=tgt, p=p, spec=spec, model_rel=model_rel, write=write_draft,
+                                 n_threads=opts.n_threads, quiet=opts.quiet, warnings=warnings)
         path = bw.commit(manifest.as_json(), quiet=opts.quiet)
     return PackResult(path, bw.manifest, warnings)
 
@@ -206,21 +235,22 @@ def source_vocab(src: Source) -> tuple[GGUFVocab, EosChoice | None]:
 
 
 def _tokenizer_gate(src: Source, quant: QuantType, vocab: Any, eos: EosChoice | None, skip: bool,
-                    warnings: list[str]) -> tuple[dict[str, Any], bytes]:
+                    warnings: list[str]) -> tuple[dict[str, Any], bytes, dict[str, str]]:
     """Check the GGUF's tokenizer against the source's before converting (it takes seconds).
 
-    Returns the manifest's record of the check and the packed metadata of the
-    vocab-only GGUF it ran on, which the model file reuses as it is.
+    Returns the manifest's record of the check, the packed metadata of the vocab-only GGUF it ran
+    on, which the model file reuses as it is, and its tokenizer fields (a draft must match them).
     """
     with tempfile.TemporaryDirectory(prefix="edgepack-vocab-") as tmp:
         vocab_gguf = write_vocab_gguf(src, quant, Path(tmp) / "vocab.gguf", vocab=vocab)
-        kv_block = packed_kv(vocab_gguf)
+        kv_block, tokenizer = packed_kv(vocab_gguf), check_layout(vocab_gguf).tokenizer
         try:
             report = check_tokenizer(vocab_gguf, src.path, eos=eos)
         except TokenizerMismatchError as exc:
             if not skip:
                 raise
             warnings.append(f"tokenizer check failed and was skipped: {exc}")
-            return {"status": "skipped", "error": str(exc)}, kv_block
-    return {"status": "passed", **{k: v for k, v in report.__dict__.items() if isinstance(v, (int, str, list))}}, kv_block
+            return {"status": "skipped", "error": str(exc)}, kv_block, tokenizer
+    return ({"status": "passed", **{k: v for k, v in report.__dict__.items() if isinstance(v, (int, str, list))}},
+            kv_block, tokenizer)
 

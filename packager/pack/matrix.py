@@ -45,7 +45,8 @@ def run_cell(model: MatrixModel, target: str, opts: BenchOptions, work: Path, *,
     else:
         try:
             result = pack_model(model.source, PackOptions(target=target, quant=model.quant, format=model.format,
-                                                          output=work / model.name, force=True, quiet=quiet))
+                                                          draft=model.draft, output=work / model.name, force=True,
+                                                          quiet=quiet))
         except EdgepackError as exc:
             return failed("pack", exc)
         except Exception as exc:  # a bug in packing one cell must not stop the matrix

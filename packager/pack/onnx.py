@@ -60,6 +60,8 @@ def check_request(src: Source, spec: ModelSpec | None, opts: PackOptions) -> Non
         raise UsageError(GPTQ_REFUSAL)
     if opts.onnx_algorithm not in ALGORITHMS:
         raise UsageError(f"--algorithm {opts.onnx_algorithm} is not one of {', '.join(ALGORITHMS)}")
+    if opts.draft:
+        raise UsageError("--draft needs --format gguf: edgepack's ONNX runtime does not verify drafts yet")
     if opts.quant:
         raise UsageError(f"--quant {opts.quant} picks a GGUF type; ONNX bundles are int4 (choose --block-size, "
                          "--asymmetric, --accuracy-level, --algorithm), or pass --format gguf")

@@ -63,6 +63,7 @@ class PackOptions:
     onnx_algorithm: str = "rtn"  # --format onnx: rtn or hqq (convert/onnx/converter.py's ALGORITHMS)
     part_size: int | None = None  # --part-size: largest file in the bundle (default: the target's part size)
     no_split: bool = False  # --no-split: one model file whatever the target's part size
+    draft: str | None = None  # --draft: "lookup" (prompt n-gram drafting, measured at pack time)
     ready: ReadyFile | None = None  # --quant auto: the quantized file it measured, bundled as it is
     quality: dict[str, Any] | None = None  # --quant auto: its measured figures, for the manifest and card
 

@@ -16,6 +16,7 @@ from packager.errors import SourceError, UsageError
 from packager.formats import format_of_scheme, get_format
 from packager.formats.gguf import first_mismatch
 from packager.pack import gguf, onnx
+from packager.pack.draft import parse_draft
 from packager.pack.options import AutoJob, Candidate, PackJob, PackOptions, PackResult, ReadyFile
 from packager.plan.inputs import plan_input
 from packager.plan.planner import Overrides
@@ -66,6 +67,8 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
         get_format(opts.format)
     if opts.quant and format_of_scheme(opts.quant) is None:
         get_quant(opts.quant)  # a typo fails before any download (naming llama.cpp's types)
+    if opts.draft:
+        parse_draft(opts.draft)  # so does a --draft that names nothing usable
     # Safetensors are hashed by the converter as it reads them: one pass over the weights.
     src = resolve(source if source is not None else default_source(), revision=opts.revision,
                   allow_pickle=opts.allow_pickle, hash_weights=False, quiet=opts.quiet)

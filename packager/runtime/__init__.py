@@ -26,7 +26,8 @@ __all__ = ["Model", "load"]
 
 # The runtime of each bundle format, and the load options it takes.
 BACKENDS: dict[str, tuple[type[Model], tuple[str, ...]]] = {
-    "gguf": (LlamaModel, ("n_ctx", "n_threads", "n_gpu_layers", "seed", "use_mmap", "n_batch", "flash_attn")),
+    "gguf": (LlamaModel, ("n_ctx", "n_threads", "n_gpu_layers", "seed", "use_mmap", "n_batch", "flash_attn", "draft",
+                          "draft_min", "draft_max")),
     "onnx": (OnnxModel, ("n_ctx", "n_threads", "seed", "execution_provider")),
 }
 
@@ -36,7 +37,9 @@ def load(bundle: str | os.PathLike[str] | Bundle, *, verify: bool = False, **ove
 
     Small files are always checked against the manifest; ``verify=True`` also
     re-hashes the weights. ``overrides`` (n_ctx, n_threads, n_gpu_layers, seed,
-    use_mmap, n_batch, flash_attn) replace the bundle's runtime settings for this process.
+    use_mmap, n_batch, flash_attn) replace the bundle's runtime settings for this process;
+    GGUF bundles also take ``draft`` ("lookup", a draft model's .gguf, False for none; default the
+    bundle's own) and ``draft_min``/``draft_max`` (drafts per step; default: what pays, measured).
     Threads default to the physical cores this process may use
     (packager.host.default_threads), never more.
     """

@@ -13,18 +13,25 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import os
 import random
+import re
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import gguf
+import numpy as np
 
 from packager.bundle.manifest import Runtime
 from packager.bundle.verify import Bundle
 from packager.errors import BundleError, ChatTemplateError, ConversionError, UsageError, missing_backend
 from packager.host import default_threads
+from packager.kernels.speculative import accept_greedy, sample_at, target_probs
 from packager.progress import quiet_llama_log
 from packager.runtime.model import Engine, EngineInfo, GenOptions, Message, Model
+from packager.runtime.speculative import AdaptiveLength, DraftStats, LookupDrafter, invariant_batch
+from packager.source.gguf_check import check_layout, tokenizer_difference
 from packager.spec.chat_template import ChatFormatter as Jinja2ChatFormatter
 
 
@@ -111,6 +118,74 @@ def _backends(llama_cpp: Any) -> str:
     return ",".join(dict.fromkeys(names)) or "CPU"
 
 
+def check_draft(draft: Path, target: Path) -> Path:
+    """A draft model's GGUF that can draft for ``target``: the same tokenizer, and smaller; else one line why not."""
+    if not draft.is_file() or draft.suffix != ".gguf":
+        raise UsageError(f"draft {draft}: not a GGUF file; pass a .gguf of a smaller model with the same tokenizer, "
+                         f"or 'lookup'")
+    a, b = check_layout(draft), check_layout(target)
+    key = tokenizer_difference(a.tokenizer, b.tokenizer)
+    if key is not None:
+        raise UsageError(f"draft {draft.name} has another tokenizer than {target.name} ({key} differs); a draft "
+                         f"must share the target's vocabulary, merges and special tokens")
+    split = re.search(r"-\d{5}-of-(\d{5})\.gguf$", target.name)  # a split model: every part's tensors count
+    parts = sorted(target.parent.glob(target.name[:split.start()] + "-*-of-" + split.group(1) + ".gguf")) if split else [target]
+    da = sum(t.nbytes for t in a.tensors)
+    db = sum(t.nbytes for part in parts for t in (b if part == target else check_layout(part)).tensors)
+    if da >= db:
+        raise UsageError(f"draft {draft.name} ({da / 1e6:.0f} MB of weights) is not smaller than {target.name} "
+                         f"({db / 1e6:.0f} MB): it cannot pay off; pick a smaller model or a lower-bit quant")
+    return draft
+
+
+# llama.cpp (0.3.36's ggml-cpu ops.cpp, llama-kv-cache.cpp) gives one query token flash attention
+# split across threads when the cache view holds >= 512 cells, and the view is the used cells padded
+# to 256: so from position 256 on. A margin, so that a change of padding by a few cells stays safe.
+LONE_TOKEN_CELLS = 256 - 32
+
+
+class ModelDrafter:
+    """Drafts with a second, smaller GGUF of the same tokenizer: greedy steps of its own per proposal.
+
+    Its cache follows the committed tokens: before each proposal the part that no longer matches
+    (rejected drafts) is dropped and what the target committed since is evaluated in one batch.
+    """
+
+    def __init__(self, llm: Any, llama_cpp: Any) -> None:
+        self._llm, self._lc = llm, llama_cpp
+        self._tokens: list[int] = []
+        self._n_vocab = llm.n_vocab()
+
+    def reset(self, tokens: Sequence[int]) -> None:
+        self._tokens = [int(t) for t in tokens]
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        self._tokens.extend(int(t) for t in tokens)
+
+    def propose(self, k: int) -> list[int]:
+        llm, toks = self._llm, self._tokens
+        if k <= 0 or not toks:
+            return []
+        common = 0
+        for a, b in zip(llm.input_ids[:llm.n_tokens], toks):
+            if a != b:
+                break
+            common += 1
+        llm.n_tokens = min(common, len(toks) - 1)  # evaluate at least the last token: its logits draft
+        llm.eval(toks[llm.n_tokens:])  # eval() drops the cache after n_tokens first
+        out: list[int] = []
+        ctx = llm._ctx.ctx
+        while True:
+            row = np.ctypeslib.as_array(self._lc.llama_get_logits_ith(ctx, -1), shape=(self._n_vocab,))
+            out.append(int(np.argmax(row)))
+            if len(out) == k or self._lc.llama_vocab_is_eog(llm._model.vocab, out[-1]):
+                return out
+            llm.eval(out[-1:])
+
+    def close(self) -> None:
+        self._llm.close()
+
+
 class LlamaModel(Model):
     """A GGUF bundle loaded into llama.cpp."""
 
@@ -118,8 +193,26 @@ class LlamaModel(Model):
 
     def __init__(self, bundle: Bundle, *, n_ctx: int | None = None, n_threads: int | None = None,
                  n_gpu_layers: int | None = None, seed: int | None = None, use_mmap: bool = True,
-                 n_batch: int = 512, flash_attn: bool | None = None) -> None:
+                 n_batch: int = 512, flash_attn: bool | None = None,
+                 draft: str | os.PathLike[str] | bool | None = None, draft_min: int = 0,
+                 draft_max: int | None = None) -> None:
         super().__init__()
+        if not (isinstance(draft_min, int) and draft_min >= 0 and (draft_max is None or (
+                isinstance(draft_max, int) and draft_max >= max(1, draft_min)))):
+            raise UsageError(f"need 0 <= draft_min <= draft_max and draft_max >= 1, got draft_min={draft_min!r}, "
+                             f"draft_max={draft_max!r}")
+        shipped = bundle.manifest.get("draft") or {}
+        if draft is None:  # the bundle's own draft, where pack measured that it pays off
+            draft = (shipped.get("kind") if shipped.get("kind") == "lookup" else bundle.file(shipped["file"])
+                     if shipped.get("file") else None) if shipped.get("enabled") else None
+        draft_file = None
+        if draft is True or (draft not in (None, False, "lookup") and not isinstance(draft, (str, os.PathLike))):
+            raise UsageError(f"draft must be 'lookup', a draft model's GGUF path, False (none) or None (the "
+                             f"bundle's own), got {draft!r}")
+        if draft not in (None, False, "lookup"):
+            draft_file = check_draft(Path(draft), bundle.model_file)
+            draft = "model"
+        draft = draft or None
         llama_cpp = _llama_cpp()
         runtime = bundle.meta.runtime
         self.bundle = bundle
@@ -136,8 +229,9 @@ class LlamaModel(Model):
         if kv is None:
             raise BundleError(f"{bundle.path}: manifest runtime.kv_type {kv_type!r} is unknown to llama.cpp; "
                               f"pack the bundle again")
-        # llama.cpp quantizes the V cache only with flash attention on.
-        flash = bool(flash_attn) if flash_attn is not None else kv_type not in ("f16", "f32", "bf16")
+        # llama.cpp quantizes the V cache only with flash attention on. Drafting needs it too: without
+        # it, a batch's logits differ from one token's (runtime/speculative.py).
+        flash = bool(flash_attn) if flash_attn is not None else (draft is not None or kv_type not in ("f16", "f32", "bf16"))
         try:
             self._llm = self._open(llama_cpp, bundle, seed, use_mmap, n_batch, n_gpu_layers, runtime,
                                    dict(type_k=kv, type_v=kv, flash_attn=flash))
@@ -154,6 +248,31 @@ class LlamaModel(Model):
         self._buf = ctypes.create_string_buffer(256)
         self._formatter = None
         self._blocks: list[int] = []  # the cached prompt's whole n_batch blocks (see _keep_blocks)
+        self.draft = draft  # None, "lookup" or "model"
+        self.draft_min, self.draft_max = draft_min, draft_max  # drafts per step, where drafts are found
+        self.draft_file = draft_file
+        self._drafter: ModelDrafter | None = None
+        self.draft_stats = DraftStats()  # of the last reply
+        self.draft_batch = 1  # tokens one verification step may hold and stay bit-identical
+        self._spec_batch, self._spec_capacity = None, 0
+        self._step_seconds: list[float] = []
+        self._length: AdaptiveLength | None = None
+        try:
+            if draft_file is not None:
+                with quiet_llama_log():
+                    self._drafter = ModelDrafter(llama_cpp.Llama(
+                        model_path=str(draft_file), n_ctx=self.n_ctx, n_batch=n_batch, n_threads=self.n_threads,
+                        n_threads_batch=self.n_threads, n_gpu_layers=0 if not runtime.n_gpu_layers else -1,
+                        use_mmap=use_mmap, logits_all=False, verbose=False, flash_attn=flash), llama_cpp)
+            if draft is not None:
+                # Measured here, not taken from the manifest: another CPU may switch kernels elsewhere. The
+                # packing machine's figure is checked first (one comparison), searched only if it fails.
+                packed = int((shipped.get("measured") or {}).get("max_batch") or 0)
+                self.draft_batch = (packed if packed > 1 and self._measure_invariance((packed,)) == packed
+                                    else self._measure_invariance())
+        except BaseException:
+            self._free()  # nothing of a half-loaded model stays mapped
+            raise
 
     def _open(self, llama_cpp: Any, bundle: Bundle, seed: int | None, use_mmap: bool, n_batch: int,
               n_gpu_layers: int | None, runtime: Runtime, kv: dict[str, Any]) -> Any:
@@ -200,6 +319,10 @@ class LlamaModel(Model):
         stops = tuple(s for s in (rendered.stop or []) if isinstance(s, str) and s)
         return ids, stops
 
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self._llm.metadata.get("tokenizer.chat_template"))
+
     def _chat_formatter(self):
         if self._formatter is None:
             # edgepack's bounded sandbox (packager.spec.chat_template), not llama-cpp-python's
@@ -220,6 +343,9 @@ class LlamaModel(Model):
 
     # -- generation -----------------------------------------------------------------------
     def _generate(self, ids: list[int], opts: GenOptions, tick: Callable[[], bool]) -> Iterator[str]:
+        self.draft_stats = DraftStats()
+        if self._drafting(opts):
+            return (yield from self._generate_drafted(ids, opts, tick))
         llm, lc = self._llm, self._llama_cpp
         max_tokens = min(opts.max_tokens, self.n_ctx - len(ids))
         llm.set_seed(opts.seed if opts.seed is not None else self._seeds.randrange(2**31))
@@ -255,6 +381,169 @@ class LlamaModel(Model):
             yield tail
         return "stop"
 
+    # -- speculative decoding (runtime/speculative.py) ----------------------------------------
+    def _drafting(self, opts: GenOptions) -> bool:
+        """A model with a draft decodes in the verifying loop, with drafts or (speculative=False) without.
+
+        Past LONE_TOKEN_CELLS tokens and with threads > 1, every step evaluates at least two tokens
+        both ways: llama.cpp's flash attention then splits a lone token's cache across threads,
+        which sums in another order than a batch does, so a single-token step would not give a batch
+        row's logits. A step with nothing to draft verifies one filler token instead (kept if it
+        happens to be right). A repeat penalty's sampler keeps a window of accepted tokens that llama.cpp
+        holds and we cannot roll back: such calls go through llama.cpp's own chain, undrafted.
+        """
+        return self.draft is not None and self.draft_batch > 1 and opts.repeat_penalty == 1.0
+
+    def _rows(self, tokens: Sequence[int], pos: int) -> Any:
+        """Evaluate ``tokens`` at positions ``pos``.. as one batch; their logits, one row each."""
+        lc, ctx = self._llama_cpp, self._llm._ctx.ctx
+        if self._spec_batch is None or len(tokens) > self._spec_capacity:
+            if self._spec_batch is not None:
+                lc.llama_batch_free(self._spec_batch)
+            self._spec_capacity = max(len(tokens), 16)
+            self._spec_batch = lc.llama_batch_init(self._spec_capacity, 0, 1)
+        b = self._spec_batch
+        b.n_tokens = len(tokens)
+        for i, t in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, pos + i, 1, 1
+            b.seq_id[i][0] = 0
+        rc = lc.llama_decode(ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc}) on a batch of {len(tokens)} at position {pos}")
+        return np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(len(tokens), self.n_vocab))
+
+    def _measure_invariance(self, sizes: Sequence[int] = (2, 3, 4, 5, 6, 7, 8, 9)) -> int:
+        """The largest verification batch that gives the logits of single steps, bit for bit, here.
+
+        The same pass times each batch size: ``self._step_seconds[n]``, what a step of n tokens
+        costs, from which the draft length is chosen (runtime/speculative.py's AdaptiveLength).
+        """
+        text = ("The river rose for three days. The farmers moved their animals to the hills, and the village "
+                "school became a shelter. When the water fell, the fields were covered in silt.")
+        tokens = self._encode(text, add_special=True)
+        llm = self._llm
+        times: dict[int, list[float]] = {}
+
+        def logits_of(toks: Sequence[int], batch: int) -> Any:
+            llm.reset()
+            llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+            out, pos = [], 8
+            self._rows(toks[:pos], 0)
+            while pos < len(toks):
+                chunk = toks[pos:pos + batch]
+                t0 = time.perf_counter()
+                out.append(self._rows(chunk, pos).copy())
+                times.setdefault(len(chunk), []).append(time.perf_counter() - t0)
+                pos += len(chunk)
+            return np.concatenate(out)
+
+        try:
+            best = invariant_batch(logits_of, tokens[:8 + 2 * max(sizes)], prefix=8, sizes=sizes)
+        finally:
+            llm.reset()
+            llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        # Each size's median; sizes not timed lie on the line between the nearest ones that were.
+        known = {n: float(np.median(v)) for n, v in times.items() if n <= best}
+        xs = sorted(known)
+        self._step_seconds = [0.0] + [float(np.interp(n, xs, [known[x] for x in xs])) for n in range(1, best + 1)]
+        if best > 1:
+            self._length = AdaptiveLength(best - 1, self._step_seconds)
+        return best
+
+    def _generate_drafted(self, ids: list[int], opts: GenOptions, tick: Callable[[], bool]) -> Iterator[str]:
+        """Decoding that verifies drafts (none with speculative=False): greedy, the same tokens either way;
+        sampled, the model's distribution, the same tokens for the same seed either way (kernels/speculative.py's
+        sample_at)."""
+        llm, lc = self._llm, self._llama_cpp
+        max_tokens = min(opts.max_tokens, self.n_ctx - len(ids))
+        self._keep_blocks(ids)
+        llm.eval(ids[llm.n_tokens:])  # the prompt, in the batches llm.generate() would use
+        self._blocks = list(ids[:len(ids) // llm.n_batch * llm.n_batch])
+        greedy = opts.temperature == 0
+        seed = opts.seed if opts.seed is not None else self._seeds.randrange(2**31)
+
+        def choose(row: Any, position: int) -> int:
+            """The model's token at ``position`` from the logits before it: argmax, or a seeded sample."""
+            if greedy:
+                return int(np.argmax(row))
+            probs = target_probs(row, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p)
+            return sample_at(probs, seed, position)
+
+        last = np.ctypeslib.as_array(lc.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(self.n_vocab,))
+        tok = choose(last, len(ids))
+        drafter = (self._drafter or LookupDrafter()) if opts.speculative else None
+        if drafter is not None:
+            drafter.reset(ids)
+        pad = self.n_threads > 1  # see _drafting
+        length = self._length  # its costs and acceptance carry over from reply to reply
+        stats = self.draft_stats
+        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        buf, n, pos = self._buf, 0, len(ids)
+        pending: list[int] = [tok]  # tokens decided but not yet handed out
+        while True:
+            for t in pending:
+                if not tick():
+                    return "cancelled"
+                if lc.llama_vocab_is_eog(self._vocab, t):
+                    tail = dec.decode(b"", final=True)
+                    if tail:
+                        yield tail
+                    return "stop"
+                n += 1
+                text = dec.decode(self._piece(t, buf))
+                if text:
+                    yield text
+                if n >= max_tokens:
+                    tail = dec.decode(b"", final=True)
+                    if tail:
+                        yield tail
+                    return "length"
+            tok = pending[-1]
+            # Never draft past the reply's end or the context's: a kept draft must be one we could hand out.
+            cap = min(length.k_max, self.draft_max or length.k_max)
+            room = min(cap, max_tokens - n - 1, self.n_ctx - pos - 1)
+            t0 = time.perf_counter()
+            drafts, key = [], 0
+            if drafter is not None:
+                drafter.extend(pending)
+                if room > 0 and getattr(drafter, "free", False):  # lookup: the longest, cut to what pays
+                    drafts = drafter.propose(room)
+                    key = drafter.match
+                    k = min(cap, max(self.draft_min, length.length(key)))
+                    if drafts and k == 0:
+                        length.skipped(key)
+                    drafts = drafts[:k]
+                elif room > 0:
+                    k = min(cap, max(self.draft_min, length.length(0)))
+                    if k == 0:
+                        length.skipped(0)
+                    drafts = drafter.propose(min(room, k))
+            drafting = time.perf_counter() - t0
+            filler = pad and not drafts and pos + 1 > LONE_TOKEN_CELLS and self.n_ctx - pos > 1
+            if filler:
+                drafts = [tok]  # a guess that costs a batch row: the step stays a batch (see _drafting)
+            t0 = time.perf_counter()
+            rows = self._rows([tok] + drafts, pos)
+            length.observe_step(1 + len(drafts), time.perf_counter() - t0)
+            # Row i gives the token at pos + 1 + i; drafts are kept while they are that token.
+            choices = [choose(rows[0], pos + 1)]
+            while len(choices) <= len(drafts) and choices[-1] == drafts[len(choices) - 1]:
+                choices.append(choose(rows[len(choices)], pos + 1 + len(choices)))
+            kept = accept_greedy(choices, drafts)
+            nxt = choices[kept]
+            llm.input_ids[pos:pos + 1 + kept] = [tok] + drafts[:kept]
+            pos += 1 + kept
+            llm.n_tokens = pos
+            if kept < len(drafts):  # the rejected drafts leave the cache
+                llm._ctx.kv_cache_seq_rm(-1, pos, -1)
+            if not filler:
+                length.update(len(drafts), kept, drafting if self._drafter is not None else None, key)
+                stats.drafted += len(drafts)
+                stats.accepted += kept
+            stats.steps += 1
+            stats.emitted += kept + 1
+            pending = drafts[:kept] + [nxt]
+
     def _keep_blocks(self, ids: list[int]) -> None:
         """Keep only the cached prompt blocks a fresh load would compute the same way.
 
@@ -284,4 +573,9 @@ class LlamaModel(Model):
         return LlamaEngine(self)
 
     def _free(self) -> None:
+        if self._drafter is not None:
+            self._drafter.close()
+        if self._spec_batch is not None:
+            self._llama_cpp.llama_batch_free(self._spec_batch)
+            self._spec_batch = None
         self._llm.close()

@@ -110,6 +110,7 @@ class GenOptions:
     stop: tuple[str, ...] = field(default=())
     seed: int | None = None
     truncate: str | None = None
+    speculative: bool = True  # use the bundle's draft where it has one (greedy output is the same)
 
     @classmethod
     def build(cls, defaults: dict[str, Any], opts: dict[str, Any]) -> "GenOptions":
@@ -131,6 +132,8 @@ class GenOptions:
             raise UsageError(f"seed must be a non-negative integer, got {o.seed!r}")
         if o.truncate not in TRUNCATE:
             raise UsageError(f"truncate must be 'left' or None, got {o.truncate!r}")
+        if not isinstance(o.speculative, bool):
+            raise UsageError(f"speculative must be True or False, got {o.speculative!r}")
         if not all(isinstance(s, str) for s in o.stop):
             raise UsageError("stop must be a string or a list of strings")
         return o

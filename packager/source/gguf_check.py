@@ -13,9 +13,10 @@ of two. Only the header is read (tensor data is never touched).
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -50,6 +51,7 @@ class Layout:
     tensors: tuple[TensorInfo, ...]
     strings: dict[str, str]  # the string fields asked for (``want``), decoded
     table_offset: int = 0  # where the keys end and the tensor table begins
+    tokenizer: dict[str, str] = field(default_factory=dict)  # each tokenizer.ggml.* key's sha256 (type + raw value)
 
 
 class _Cursor:
@@ -137,6 +139,7 @@ def _walk(c: _Cursor, size: int, want: frozenset[str]) -> Layout:
     alignment = 32
     keys: set[bytes] = set()
     strings: dict[str, str] = {}
+    tokenizer: dict[str, str] = {}
     for _ in range(n_kv):
         key = c.string("a metadata key")
         if not key:
@@ -146,7 +149,10 @@ def _walk(c: _Cursor, size: int, want: frozenset[str]) -> Layout:
         keys.add(key)
         vtype = c.u32()
         shown = key.decode("utf-8", "replace")
+        start = c.pos
         value = _value(c, vtype, shown)
+        if key.startswith(b"tokenizer.ggml."):  # what two models must share to draft for each other
+            tokenizer[shown] = hashlib.sha256(struct.pack("<I", vtype) + bytes(c.buf[start:c.pos])).hexdigest()
         if shown in want and isinstance(value, bytes):
             try:
                 strings[shown] = value.decode("utf-8")
@@ -198,4 +204,17 @@ def _walk(c: _Cursor, size: int, want: frozenset[str]) -> Layout:
                                    "the GGUF is truncated or lies about its sizes, re-download it")
         tensors.append(TensorInfo(name, shape, int(qtype), start, nbytes))
         expected = offset + nbytes + (-nbytes % alignment)
-    return Layout(version, n_kv, alignment, data_offset, tuple(tensors), strings, table_offset)
+    return Layout(version, n_kv, alignment, data_offset, tuple(tensors), strings, table_offset, tokenizer)
+
+
+# Fields two tokenizers may differ in and still give the same ids for the same text.
+_TOKENIZER_FREE = frozenset({"tokenizer.ggml.padding_token_id"})
+
+
+def tokenizer_difference(a: dict[str, str], b: dict[str, str]) -> str | None:
+    """The first tokenizer field (vocabulary, merges, special ids, pre-tokenizer) in which two GGUFs'
+    ``Layout.tokenizer`` differ."""
+    for key in sorted((set(a) | set(b)) - _TOKENIZER_FREE):
+        if a.get(key) != b.get(key):
+            return key
+    return None

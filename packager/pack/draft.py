@@ -1,0 +1,154 @@
+"""`pack model --draft`: a draft in the bundle, checked before any conversion, measured before it ships.
+
+    lookup        prompt n-gram lookup: no second model
+    self:QUANT    the same checkpoint at a lower-bit GGUF type (self:Q4_0)
+    PATH.gguf     a smaller model with the same tokenizer (Qwen2.5-0.5B-Instruct for Qwen2.5-3B-Instruct)
+
+The draft is measured on the staged bundle (greedy, with and without, on the evaluation text:
+measure/speculative.py), and the planner turns the acceptance into a predicted speed-up on the
+target (plan/draft.py). It ships, enabled, only where the output stayed identical and the plan says
+it pays off there; otherwise the manifest says why and a model draft's file is left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from packager.bundle.manifest import Manifest
+from packager.bundle.verify import Bundle
+from packager.bundle.writer import BundleWriter
+from packager.errors import UsageError
+from packager.measure.speculative import DraftMeasure, measure_draft
+from packager.plan.draft import DraftPlan, plan_draft
+from packager.plan.planner import Plan, memory, scheme
+from packager.plan.targets import Target
+from packager.progress import say
+from packager.quants import QuantType, get_quant
+from packager.runtime.llama import check_draft
+from packager.source.gguf_check import check_layout, tokenizer_difference
+from packager.spec.gguf import spec_from_gguf
+from packager.spec.model import ModelSpec
+
+__all__ = ["DRAFT_HELP", "DraftRequest", "add_draft", "check_self", "check_tokenizers", "draft_file", "parse_draft"]
+
+DRAFT_HELP = "use lookup, self:QUANT (e.g. self:Q4_0) or the path of a smaller model's .gguf with the same tokenizer"
+SELF_K = 4  # drafts per step the plan assumes for a model draft (the runtime adapts it)
+MIN_BEST = 1.1  # a self: draft that could not reach this even with every draft kept is refused
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    kind: str  # "lookup", "self" or "gguf"
+    quant: QuantType | None = None  # self: the draft's type
+    path: Path | None = None  # gguf: the draft model's file
+
+    @property
+    def label(self) -> str:
+        return {"lookup": "lookup", "self": f"self:{self.quant.name if self.quant else ''}"}.get(
+            self.kind, str(self.path))
+
+
+def draft_file(req: DraftRequest, name: str) -> str:
+    """Where a model draft lives in the bundle."""
+    return f"model/draft-{name}-{req.quant.name}.gguf" if req.kind == "self" else f"model/draft-{req.path.name}"
+
+
+def parse_draft(value: str) -> DraftRequest:
+    """--draft's value, or a one-line UsageError."""
+    if value == "lookup":
+        return DraftRequest("lookup")
+    if value.startswith("self:"):
+        try:
+            return DraftRequest("self", quant=get_quant(value[5:]))
+        except UsageError as exc:
+            raise UsageError(f"--draft {value}: {exc}") from None
+    path = Path(value).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UsageError(f"--draft {value}: no such file")
+        return DraftRequest("gguf", path=path)
+    raise UsageError(f"--draft {value}: {DRAFT_HELP}")
+
+
+def check_tokenizers(req: DraftRequest, target_tokenizer: dict[str, str], target_name: str) -> None:
+    """A GGUF draft shares the target's tokenizer: checked before any conversion."""
+    if req.kind != "gguf" or req.path is None:
+        return
+    key = tokenizer_difference(check_layout(req.path).tokenizer, target_tokenizer)
+    if key is not None:
+        raise UsageError(f"--draft {req.path.name} has another tokenizer than {target_name} ({key} differs); a draft "
+                         f"must share the target's vocabulary, merges and special tokens")
+
+
+def check_self(req: DraftRequest, quant: QuantType, spec: ModelSpec, tgt: Target, p: Plan, name: str, *,
+               from_gguf: bool) -> None:
+    """self:QUANT below the bundle's own type, and able to pay off on the target at all; else exit 2."""
+    if req.kind != "self" or req.quant is None:
+        return
+    if from_gguf and req.quant.needs_imatrix:
+        raise UsageError(f"--draft self:{req.quant.name} needs an importance matrix, which a GGUF source cannot give; "
+                         f"pick a type without one (e.g. self:Q4_0) or pack from the HF checkpoint")
+    if req.quant.base_bits_per_weight >= quant.base_bits_per_weight:
+        raise UsageError(f"--draft self:{req.quant.name} is not smaller than the bundle's {quant.name}: it cannot pay "
+                         f"off; pick a lower-bit type (e.g. self:Q4_0 or self:Q3_K_S)")
+    target_bytes = p.memory.weights
+    draft_bytes = target_bytes * req.quant.base_bits_per_weight / quant.base_bits_per_weight
+    fixed = spec.n_layers * tgt.decode_layer_overhead_us * 1e-6
+    d = plan_draft("model", k=SELF_K, target_bytes=target_bytes, draft_bytes=draft_bytes,
+                   bandwidth_gbps=tgt.memory_bandwidth_gbps, fixed_s=fixed, draft_fixed_s=fixed,
+                   prefill_tps=p.predicted_prefill_tps, memory_bytes=0, used_bytes=0, budget_bytes=1, device=tgt.name)
+    if d.best_speedup < MIN_BEST:
+        raise UsageError(f"{name} at {quant.name} is too small for --draft self:{req.quant.name} to pay off on "
+                         f"{tgt.name}: even with every draft kept it would decode at {d.best_speedup:.2f}x "
+                         f"(a step's fixed cost is most of it); use --draft lookup")
+
+
+def add_draft(bw: BundleWriter, manifest: Manifest, req: DraftRequest, *, tgt: Target, p: Plan, spec: ModelSpec,
+              model_rel: str, write: Callable[[Path], None], n_threads: int | None, quiet: bool,
+              warnings: list[str]) -> Manifest:
+    """Write (model drafts), measure and plan the draft; the manifest with its record, enabled or not and why."""
+    draft_rel = None
+    if req.kind != "lookup":
+        draft_rel = draft_file(req, manifest.name)
+        write(bw.path(draft_rel))
+        check_draft(bw.path(draft_rel), bw.path(model_rel))  # the same tokenizer, and smaller
+    say(f"measuring {req.label} drafting (greedy, with and without, on the evaluation text)", quiet=quiet)
+    staged = Bundle(bw.tmp, {**manifest.as_json(), "files": []})
+    m = measure_draft(staged, draft=bw.path(draft_rel) if draft_rel else "lookup", n_threads=n_threads)
+    d = _plan(m, bw.path(draft_rel) if draft_rel else None, tgt, p, spec)
+    enabled = m.identical and m.max_batch >= 2 and d.pays_off
+    why = (d.why if m.identical and m.max_batch >= 2 else
+           "this machine's llama.cpp gives a batch of tokens other logits than one at a time, so drafts could "
+           "change greedy output" if m.max_batch < 2 else "drafting changed the greedy output on the evaluation text")
+    record: dict[str, Any] = {"kind": "lookup" if req.kind == "lookup" else "model", "request": req.label,
+                              "enabled": enabled, "why": why, "measured": m.as_manifest(), "plan": d.as_dict()}
+    if enabled:
+        say(f"{req.label} drafting: {m.speedup:.2f}x decode speed here ({m.tokens_per_step:.2f} tokens per step, "
+            f"{100 * m.acceptance:.0f}% of drafts kept); {why}", quiet=quiet)
+        if draft_rel:
+            record["file"] = draft_rel
+    else:
+        warnings.append(f"--draft {req.label}: {why}; packed without it")
+        say(warnings[-1], quiet=quiet)
+        if draft_rel:
+            bw.path(draft_rel).unlink()  # a draft that does not ship is not carried either
+    return replace(manifest, warnings=list(warnings), extras={**manifest.extras, "draft": record})
+
+
+def _plan(m: DraftMeasure, draft_path: Path | None, tgt: Target, p: Plan, spec: ModelSpec) -> DraftPlan:
+    fixed = spec.n_layers * tgt.decode_layer_overhead_us * 1e-6
+    draft_bytes, mem, draft_fixed = 0.0, 0, 0.0
+    if draft_path is not None:
+        dspec, dquant = spec_from_gguf(draft_path)
+        tensors = check_layout(draft_path).tensors
+        draft_bytes = float(sum(t.nbytes for t in tensors))
+        mem = memory(dspec, scheme("gguf", dquant) if dquant else None, p.n_ctx, p.kv_type,
+                     exact_types={t.name: t.type for t in tensors}).total
+        draft_fixed = dspec.n_layers * tgt.decode_layer_overhead_us * 1e-6
+    return plan_draft("lookup" if draft_path is None else "model", k=max(1, round(m.drafted_per_step)),
+                      target_bytes=p.memory.weights, draft_bytes=draft_bytes, bandwidth_gbps=tgt.memory_bandwidth_gbps, fixed_s=fixed,
+                      draft_fixed_s=draft_fixed, prefill_tps=p.predicted_prefill_tps, memory_bytes=mem,
+                      used_bytes=p.memory.total, budget_bytes=p.budget_bytes, acceptance=m.acceptance,
+                      tokens_per_step=m.tokens_per_step, device=tgt.name)
