@@ -516,6 +516,15 @@ def test_a_draft_with_another_tokenizer_is_refused_before_converting(smollm2_hf,
     assert "tokenizer.ggml." in r.stderr and _nothing_written(out)
 
 
+def test_a_draft_bigger_than_the_target_is_refused_before_converting(smollm2_gguf, smollm2_bundle, tmp_path):
+    bigger = _requantized(verified(smollm2_bundle).model_file, tmp_path / "big-Q8_0.gguf", "Q8_0")
+    out = tmp_path / "dist"
+    r = _pack(smollm2_gguf, "-o", out, "--draft", bigger, "-q", timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "is not smaller than" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert _nothing_written(out)
+
+
 def test_a_target_too_small_for_self_drafting_is_refused(smollm2_gguf, tmp_path):
     out = tmp_path / "dist"
     r = _pack(smollm2_gguf, "-o", out, "--target", _slow_steps_target(tmp_path), "--quant", "Q8_0",

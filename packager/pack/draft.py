@@ -72,14 +72,22 @@ def parse_draft(value: str) -> DraftRequest:
     raise UsageError(f"--draft {value}: {DRAFT_HELP}")
 
 
-def check_tokenizers(req: DraftRequest, target_tokenizer: dict[str, str], target_name: str) -> None:
-    """A GGUF draft shares the target's tokenizer: checked before any conversion."""
+def check_tokenizers(req: DraftRequest, target_tokenizer: dict[str, str], target_name: str,
+                     target_bytes: int) -> None:
+    """A GGUF draft shares the target's tokenizer and is smaller than its planned weights: checked before any
+    conversion."""
     if req.kind != "gguf" or req.path is None:
         return
-    key = tokenizer_difference(check_layout(req.path).tokenizer, target_tokenizer)
+    layout = check_layout(req.path)
+    key = tokenizer_difference(layout.tokenizer, target_tokenizer)
     if key is not None:
         raise UsageError(f"--draft {req.path.name} has another tokenizer than {target_name} ({key} differs); a draft "
                          f"must share the target's vocabulary, merges and special tokens")
+    draft_bytes = sum(t.nbytes for t in layout.tensors)
+    if draft_bytes >= target_bytes:
+        raise UsageError(f"--draft {req.path.name} ({draft_bytes / 1e6:.0f} MB of weights) is not smaller than "
+                         f"{target_name} as planned ({target_bytes / 1e6:.0f} MB): it cannot pay off; pick a smaller "
+                         f"model or a lower-bit quant")
 
 
 def check_self(req: DraftRequest, quant: QuantType, spec: ModelSpec, tgt: Target, p: Plan, name: str, *,

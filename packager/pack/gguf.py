@@ -94,7 +94,7 @@ def pack_gguf(job: PackJob) -> PackResult:
     if draft is not None:  # a draft that cannot work fails before any conversion
         check_self(draft, quant, spec, tgt, p, src.name, from_gguf=src.kind == "gguf")
         if src.kind == "gguf":
-            check_tokenizers(draft, check_layout(src.path).tokenizer, src.name)
+            check_tokenizers(draft, check_layout(src.path).tokenizer, src.name, p.memory.weights)
     with BundleWriter(final, force=opts.force) as bw:
         gguf_path = bw.path(model_rel)
         if src.kind == "gguf":
@@ -118,7 +118,7 @@ def pack_gguf(job: PackJob) -> PackResult:
                     f"using {eos.describe()}", quiet=opts.quiet)
             tok_check, kv_block, tokenizer = _tokenizer_gate(src, quant, vocab, eos, opts.skip_tokenizer_check, warnings)
             if draft is not None:
-                check_tokenizers(draft, tokenizer, src.name)
+                check_tokenizers(draft, tokenizer, src.name, p.memory.weights)
             how = "mix" if opts.ready is not None and opts.ready.types else "auto"
             say(f"bundling the {quant.name} file --quant {how} measured" if opts.ready is not None
                 else f"converting {src.name} to {quant.name} for {tgt.name}", quiet=opts.quiet)
