@@ -186,6 +186,38 @@ class ModelDrafter:
         self._llm.close()
 
 
+class _Reply:
+    """Hands a reply's tokens out as text, one incremental UTF-8 decoder for all of them, and says where it ends:
+    at end-of-generation ("stop"), at max_tokens ("length"), or when ``tick()`` says stop ("cancelled")."""
+
+    def __init__(self, model: "LlamaModel", max_tokens: int, tick: Callable[[], bool]) -> None:
+        self._model, self._max, self._tick = model, max_tokens, tick
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.n = 0  # tokens handed out
+
+    def hand_out(self, tokens: Sequence[int]) -> Iterator[str]:
+        """Yield the text of ``tokens``; return why the reply ends among them, or None."""
+        m = self._model
+        for t in tokens:
+            if not self._tick():
+                return "cancelled"
+            if m._llama_cpp.llama_vocab_is_eog(m._vocab, t):
+                return (yield from self.end("stop"))
+            self.n += 1
+            text = self._dec.decode(m._piece(t, m._buf))
+            if text:
+                yield text
+            if self.n >= self._max:
+                return (yield from self.end("length"))
+        return None
+
+    def end(self, reason: str) -> Iterator[str]:
+        tail = self._dec.decode(b"", final=True)
+        if tail:
+            yield tail
+        return reason
+
+
 class LlamaModel(Model):
     """A GGUF bundle loaded into llama.cpp."""
 
@@ -346,7 +378,7 @@ class LlamaModel(Model):
         self.draft_stats = DraftStats()
         if self._drafting(opts):
             return (yield from self._generate_drafted(ids, opts, tick))
-        llm, lc = self._llm, self._llama_cpp
+        llm = self._llm
         max_tokens = min(opts.max_tokens, self.n_ctx - len(ids))
         llm.set_seed(opts.seed if opts.seed is not None else self._seeds.randrange(2**31))
         self._keep_blocks(ids)
@@ -354,32 +386,17 @@ class LlamaModel(Model):
             ids, top_k=opts.top_k, top_p=opts.top_p, min_p=0.0, typical_p=1.0, temp=opts.temperature,
             repeat_penalty=opts.repeat_penalty,
         )
-        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        buf = self._buf
-        n = 0
+        out = _Reply(self, max_tokens, tick)
         try:
             for token in tokens:
-                if n == 0:  # the prompt is in the cache now, in whole blocks from position 0
+                if out.n == 0:  # the prompt is in the cache now, in whole blocks from position 0
                     self._blocks = list(ids[:len(ids) // llm.n_batch * llm.n_batch])
-                if not tick():
-                    return "cancelled"
-                if lc.llama_vocab_is_eog(self._vocab, token):
-                    break
-                n += 1
-                text = dec.decode(self._piece(token, buf))
-                if text:
-                    yield text
-                if n >= max_tokens:
-                    tail = dec.decode(b"", final=True)
-                    if tail:
-                        yield tail
-                    return "length"
+                end = yield from out.hand_out((token,))
+                if end is not None:
+                    return end
         finally:
             tokens.close()
-        tail = dec.decode(b"", final=True)
-        if tail:
-            yield tail
-        return "stop"
+        return (yield from out.end("stop"))
 
     # -- speculative decoding (runtime/speculative.py) ----------------------------------------
     def _drafting(self, opts: GenOptions) -> bool:
@@ -477,27 +494,13 @@ class LlamaModel(Model):
         pad = self.n_threads > 1  # see _drafting
         length = self._length  # its costs and acceptance carry over from reply to reply
         stats = self.draft_stats
-        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        buf, n, pos = self._buf, 0, len(ids)
+        out, pos = _Reply(self, max_tokens, tick), len(ids)
         pending: list[int] = [tok]  # tokens decided but not yet handed out
         while True:
-            for t in pending:
-                if not tick():
-                    return "cancelled"
-                if lc.llama_vocab_is_eog(self._vocab, t):
-                    tail = dec.decode(b"", final=True)
-                    if tail:
-                        yield tail
-                    return "stop"
-                n += 1
-                text = dec.decode(self._piece(t, buf))
-                if text:
-                    yield text
-                if n >= max_tokens:
-                    tail = dec.decode(b"", final=True)
-                    if tail:
-                        yield tail
-                    return "length"
+            end = yield from out.hand_out(pending)
+            if end is not None:
+                return end
+            n = out.n
             tok = pending[-1]
             # Never draft past the reply's end or the context's: a kept draft must be one we could hand out.
             cap = min(length.k_max, self.draft_max or length.k_max)
