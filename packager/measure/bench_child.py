@@ -39,7 +39,7 @@ from packager.host import readings
 from packager.progress import quiet_llama_log
 from packager.bundle.verify import read_bundle
 from packager.measure.quality import default_evaluation_text
-from packager.measure.speculative import PROMPT, passages
+from packager.measure.speculative import PROMPT, passages, timed_reply
 from packager.runtime import backend, load
 from packager.runtime.model import Model
 
@@ -188,14 +188,8 @@ def _grounded_prompt() -> str:
 
 def _greedy(model: Model, n_gen: int, **kw: Any) -> tuple[str, int, int]:
     """A greedy reply of up to n_gen tokens after its first: text, ns from the first token, tokens in them."""
-    kw = dict(temperature=0.0, repeat_penalty=1.0, max_tokens=n_gen + 1, **kw)
-    prompt = _grounded_prompt()
-    s = (model.chat([{"role": "user", "content": prompt}], stream=True, **kw) if model.has_chat_template
-         else model.stream(prompt, **kw))
-    first = next(s, "")
-    t = time.perf_counter_ns()
-    rest = "".join(s)
-    return first + rest, time.perf_counter_ns() - t, max(0, s.n_generated - 1)
+    text, seconds, n = timed_reply(model, _grounded_prompt(), max_tokens=n_gen + 1, **kw)
+    return text, int(seconds * 1e9), n
 
 
 def _drafted(model: Model, n_gen: int) -> dict[str, Any]:

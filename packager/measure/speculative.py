@@ -23,7 +23,7 @@ from packager.measure.quality import default_evaluation_text
 from packager.runtime.llama import LlamaModel
 from packager.runtime.speculative import DraftStats
 
-__all__ = ["DraftMeasure", "measure_draft", "passages"]
+__all__ = ["DraftMeasure", "measure_draft", "passages", "timed_reply"]
 
 PROMPT = "Summarise this passage in a few sentences, keeping its own words where you can:\n\n{passage}"
 
@@ -52,7 +52,7 @@ def passages(text: str, n: int, words: int = 120) -> list[str]:
     return [" ".join(p.split()[:words]) for p in paras[:n]]
 
 
-def _reply(model: LlamaModel, prompt: str, **kw: Any) -> tuple[str, float, int]:
+def timed_reply(model: LlamaModel, prompt: str, **kw: Any) -> tuple[str, float, int]:
     """A greedy reply: its text, the seconds from its first token to its end, and the tokens in them."""
     kw = dict(temperature=0.0, repeat_penalty=1.0, **kw)
     stream = (model.chat([{"role": "user", "content": prompt}], stream=True, **kw) if model.has_chat_template
@@ -85,13 +85,13 @@ def measure_draft(bundle: Bundle, *, draft: str | os.PathLike[str] = "lookup", n
         for i, prompt in enumerate(prompts):
             out = {}
             for spec in ((False, True) if i % 2 == 0 else (True, False)):  # alternate: neither always goes first
-                text_, sec, n = _reply(model if spec else plain, prompt, max_tokens=max_tokens)
+                text_, sec, n = timed_reply(model if spec else plain, prompt, max_tokens=max_tokens)
                 out[spec] = text_
                 seconds[spec] += sec
                 tokens[spec] += n
                 if spec:
                     stats.add(model.draft_stats)
-            undrafted, _, _ = _reply(model, prompt, max_tokens=max_tokens, speculative=False)
+            undrafted, _, _ = timed_reply(model, prompt, max_tokens=max_tokens, speculative=False)
             identical = identical and undrafted == out[True]
             same_as_plain = same_as_plain and out[False] == out[True]
         tps = {s: tokens[s] / seconds[s] if seconds[s] else 0.0 for s in seconds}
