@@ -202,6 +202,28 @@ def smollm2_hf() -> Path:
     return _atomic_build(CACHE / f"smollm2-hf-v{FIXTURE_VERSION}", build)
 
 
+def smollm2_hf_layers(n_layers: int = 4) -> Path:
+    """SmolLM2-135M-Instruct cut to its first ``n_layers`` (and its own final norm and head): a smaller model with
+    the very same tokenizer, as a draft for the whole one. Its guesses are poor, but they are real weights'."""
+
+    def build(tmp: Path) -> None:
+        from safetensors.numpy import load_file, save_file
+
+        src = smollm2_hf()
+        for f in src.iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", ".complete"):
+                shutil.copyfile(f, tmp / f.name)
+        config = json.loads((src / "config.json").read_text())
+        config["num_hidden_layers"] = n_layers
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tensors = load_file(str(src / "model.safetensors"))
+        kept = {k: v for k, v in tensors.items()
+                if not k.startswith("model.layers.") or int(k.split(".")[2]) < n_layers}
+        save_file(kept, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+    return _atomic_build(CACHE / f"smollm2-hf-{n_layers}-layers-v{FIXTURE_VERSION}", build)
+
+
 LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )

@@ -494,6 +494,7 @@ def _slow_steps_target(tmp_path):
 @pytest.mark.parametrize("draft,message", [
     ("self:Q8_0", "is not smaller than the bundle's"),
     ("medusa", "use lookup, self:QUANT"),
+    ("./nowhere", "checkpoint directory or its hub id"),
     ("self:Q9_X", "--draft self:Q9_X"),
     ("missing.gguf", "no such file"),
 ])
@@ -523,6 +524,69 @@ def test_a_draft_bigger_than_the_target_is_refused_before_converting(smollm2_ggu
     assert r.returncode == 2, r.stderr
     assert "is not smaller than" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert _nothing_written(out)
+
+
+def test_parse_draft_tells_a_checkpoint_from_a_file(tmp_path):
+    from packager.pack.draft import draft_file, parse_draft
+    from packager.quants import get_quant
+
+    hub = parse_draft("Qwen/Qwen2.5-0.5B-Instruct")
+    assert hub.kind == "hf" and hub.ref == "Qwen/Qwen2.5-0.5B-Instruct" and hub.label == hub.ref
+    ckpt = tmp_path / "small"
+    ckpt.mkdir()
+    with pytest.raises(UsageError, match="without config.json"):
+        parse_draft(str(ckpt))
+    (ckpt / "config.json").write_text("{}")
+    req = parse_draft(str(ckpt))
+    assert req.kind == "hf" and req.ref == str(ckpt)
+    from dataclasses import replace
+
+    named = replace(req, quant=get_quant("Q4_K_M"), name="small")
+    assert draft_file(named, "big") == "model/draft-small-Q4_K_M.gguf"
+
+
+@pytest.fixture(scope="module")
+def checkpoint_draft_pack(smollm2_gguf, tmp_path_factory):
+    import models
+
+    draft = models.smollm2_hf_layers(4)
+    out = tmp_path_factory.mktemp("ckpt-draft")
+    r = _pack(smollm2_gguf, "-o", out, "--draft", draft, "-q", "--json")
+    assert r.returncode == 0, r.stderr
+    return draft, next(p for p in out.iterdir() if p.is_dir()), json.loads(r.stdout)
+
+
+def test_pack_converts_a_checkpoint_draft_and_measures_it(checkpoint_draft_pack):
+    """A checkpoint with the target's tokenizer (SmolLM2 cut to 4 layers) is converted at the bundle's type
+    (Q4_1, as the target's GGUF came), measured, planned, and shipped only where it pays."""
+    draft, bundle, man = checkpoint_draft_pack
+    d = man["draft"]
+    assert d["kind"] == "model" and d["request"] == str(draft)
+    assert d["measured"]["identical"] and d["measured"]["n_tokens"] > 0
+    assert 0 <= d["measured"]["acceptance"] <= 1 and d["plan"]["memory_bytes"] > 0 and 0 < d["plan"]["draft_ratio"] < 1
+    weights = {f["path"]: f["sha256"] for f in d["source"]["files"]}
+    import hashlib
+
+    assert weights["model.safetensors"] == hashlib.sha256((draft / "model.safetensors").read_bytes()).hexdigest()
+    drafts = sorted(p.name for p in (bundle / "model").glob("draft-*"))
+    if d["enabled"]:
+        assert drafts == ["draft-smollm2-hf-4-layers-v4-Q4_1.gguf"] and d["file"] == f"model/{drafts[0]}"
+    else:  # 4 of 30 layers guess poorly: the plan leaves it out, and says so
+        assert drafts == [] and "file" not in d and "pays off above" in d["why"]
+        assert any(w.startswith(f"--draft {draft}") for w in man["warnings"])
+
+
+def test_a_checkpoint_draft_with_another_tokenizer_or_not_smaller_is_refused(smollm2_gguf, smollm2_hf, tiny_qwen2,
+                                                                              tmp_path):
+    out = tmp_path / "dist"
+    r = _pack(smollm2_gguf, "-o", out, "--draft", tiny_qwen2, "-q", timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "another tokenizer" in r.stderr and "tokenizer.ggml." in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and _nothing_written(out)
+    # the whole SmolLM2 checkpoint at the bundle's own Q4_1 is as large as the target
+    r = _pack(smollm2_gguf, "-o", out, "--draft", smollm2_hf, "-q", timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "is not smaller than" in r.stderr and len(r.stderr.strip().splitlines()) == 1 and _nothing_written(out)
 
 
 def test_a_target_too_small_for_self_drafting_is_refused(smollm2_gguf, tmp_path):

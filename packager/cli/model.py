@@ -73,8 +73,9 @@ from packager.quants import QUANTS
 @click.option("--draft", metavar="DRAFT",
               help="Speculative decoding in the bundle: lookup (the next tokens guessed from the text's own earlier "
                    "n-grams, no second model: pays where replies repeat their input, as code edits and summaries "
-                   "do), self:QUANT (this model again at a lower-bit type, e.g. self:Q4_0), or a smaller model's "
-                   ".gguf with the same tokenizer (e.g. Qwen2.5-0.5B-Instruct's for Qwen2.5-3B-Instruct). Measured "
+                   "do), self:QUANT (this model again at a lower-bit type, e.g. self:Q4_0), or a smaller model "
+                   "with the same tokenizer: its .gguf, or its checkpoint directory or hub id, converted at the "
+                   "bundle's type (e.g. Qwen/Qwen2.5-0.5B-Instruct for Qwen2.5-3B-Instruct). Measured "
                    "at pack time (greedy, with and without, on the evaluation text) and enabled only where the "
                    "output stays identical and the plan says it pays off on the target. GGUF only.")
 @click.option("--no-split", is_flag=True, help="Write one model file even where the target's part size is smaller.")
@@ -109,6 +110,7 @@ def model_cmd(source: str | None, target: str, quant: str | None, fmt: str | Non
       pack model ./Qwen2.5-3B-Instruct --target android --part-size 1GB  # parts of at most 1 GB
       pack model ./Qwen2.5-3B-Instruct --draft lookup                    # faster replies that quote the prompt
       pack model ./Qwen2.5-3B-Instruct --draft qwen2.5-0.5b-q8_0.gguf    # a small model drafts, the 3B verifies
+      pack model Qwen/Qwen2.5-3B-Instruct --draft Qwen/Qwen2.5-0.5B-Instruct
     """
     auto = quant is not None and quant.lower() == "auto"
     mix = quant is not None and quant.lower() == "mix"

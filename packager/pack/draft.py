@@ -3,6 +3,7 @@
     lookup        prompt n-gram lookup: no second model
     self:QUANT    the same checkpoint at a lower-bit GGUF type (self:Q4_0)
     PATH.gguf     a smaller model with the same tokenizer (Qwen2.5-0.5B-Instruct for Qwen2.5-3B-Instruct)
+    DIR, HUB ID   such a model's checkpoint, converted in the same pack at the bundle's type
 
 The draft is measured on the staged bundle (greedy, with and without, on the evaluation text:
 measure/speculative.py), and the planner turns the acceptance into a predicted speed-up on the
@@ -28,31 +29,38 @@ from packager.progress import say
 from packager.quants import QuantType, get_quant
 from packager.runtime.llama import check_draft
 from packager.source.gguf_check import check_layout, tokenizer_difference
+from packager.source.resolver import HUB_ID
 from packager.spec.gguf import spec_from_gguf
 from packager.spec.model import ModelSpec
 
-__all__ = ["DRAFT_HELP", "DraftRequest", "add_draft", "check_self", "check_tokenizers", "draft_file", "parse_draft"]
+__all__ = ["DRAFT_HELP", "DraftRequest", "add_draft", "check_pairing", "check_self", "check_tokenizers", "draft_file",
+           "parse_draft"]
 
-DRAFT_HELP = "use lookup, self:QUANT (e.g. self:Q4_0) or the path of a smaller model's .gguf with the same tokenizer"
+DRAFT_HELP = ("use lookup, self:QUANT (e.g. self:Q4_0), or a smaller model with the same tokenizer: its .gguf, its "
+              "checkpoint directory or its hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct)")
 SELF_K = 4  # drafts per step the plan assumes for a model draft (the runtime adapts it)
 MIN_BEST = 1.1  # a self: draft that could not reach this even with every draft kept is refused
 
 
 @dataclass(frozen=True)
 class DraftRequest:
-    kind: str  # "lookup", "self" or "gguf"
-    quant: QuantType | None = None  # self: the draft's type
+    kind: str  # "lookup", "self", "gguf" or "hf"
+    quant: QuantType | None = None  # self: the draft's type; hf: the bundle's, once planned
     path: Path | None = None  # gguf: the draft model's file
+    ref: str | None = None  # hf: the checkpoint directory or hub id, as typed
+    name: str | None = None  # hf: the resolved checkpoint's name ("Qwen2.5-0.5B-Instruct")
 
     @property
     def label(self) -> str:
-        return {"lookup": "lookup", "self": f"self:{self.quant.name if self.quant else ''}"}.get(
-            self.kind, str(self.path))
+        return {"lookup": "lookup", "self": f"self:{self.quant.name if self.quant else ''}",
+                "hf": self.ref or ""}.get(self.kind, str(self.path))
 
 
 def draft_file(req: DraftRequest, name: str) -> str:
     """Where a model draft lives in the bundle."""
-    return f"model/draft-{name}-{req.quant.name}.gguf" if req.kind == "self" else f"model/draft-{req.path.name}"
+    if req.kind == "gguf":
+        return f"model/draft-{req.path.name}"
+    return f"model/draft-{name if req.kind == 'self' else req.name}-{req.quant.name}.gguf"
 
 
 def parse_draft(value: str) -> DraftRequest:
@@ -69,6 +77,12 @@ def parse_draft(value: str) -> DraftRequest:
         if not path.is_file():
             raise UsageError(f"--draft {value}: no such file")
         return DraftRequest("gguf", path=path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--draft {value}: a directory without config.json; {DRAFT_HELP}")
+        return DraftRequest("hf", ref=str(path))
+    if HUB_ID.match(value) and not value.startswith((".", "/", "~")):
+        return DraftRequest("hf", ref=value)  # downloaded (or found in the HF cache) before any conversion
     raise UsageError(f"--draft {value}: {DRAFT_HELP}")
 
 
@@ -79,13 +93,20 @@ def check_tokenizers(req: DraftRequest, target_tokenizer: dict[str, str], target
     if req.kind != "gguf" or req.path is None:
         return
     layout = check_layout(req.path)
-    key = tokenizer_difference(layout.tokenizer, target_tokenizer)
+    check_pairing(req.path.name, layout.tokenizer, sum(t.nbytes for t in layout.tensors), target_tokenizer,
+                  target_name, target_bytes)
+
+
+def check_pairing(label: str, tokenizer: dict[str, str], draft_bytes: float, target_tokenizer: dict[str, str],
+                  target_name: str, target_bytes: int) -> None:
+    """The same tokenizer fields (``Layout.tokenizer``) and fewer weight bytes than the target, or a one-line
+    UsageError naming the first field that differs or both sizes."""
+    key = tokenizer_difference(tokenizer, target_tokenizer)
     if key is not None:
-        raise UsageError(f"--draft {req.path.name} has another tokenizer than {target_name} ({key} differs); a draft "
+        raise UsageError(f"--draft {label} has another tokenizer than {target_name} ({key} differs); a draft "
                          f"must share the target's vocabulary, merges and special tokens")
-    draft_bytes = sum(t.nbytes for t in layout.tensors)
     if draft_bytes >= target_bytes:
-        raise UsageError(f"--draft {req.path.name} ({draft_bytes / 1e6:.0f} MB of weights) is not smaller than "
+        raise UsageError(f"--draft {label} ({draft_bytes / 1e6:.0f} MB of weights) is not smaller than "
                          f"{target_name} as planned ({target_bytes / 1e6:.0f} MB): it cannot pay off; pick a smaller "
                          f"model or a lower-bit quant")
 
@@ -114,13 +135,17 @@ def check_self(req: DraftRequest, quant: QuantType, spec: ModelSpec, tgt: Target
 
 
 def add_draft(bw: BundleWriter, manifest: Manifest, req: DraftRequest, *, tgt: Target, p: Plan, spec: ModelSpec,
-              model_rel: str, write: Callable[[Path], None], n_threads: int | None, quiet: bool,
+              model_rel: str, write: Callable[[Path], dict[str, Any] | None], n_threads: int | None, quiet: bool,
               warnings: list[str]) -> Manifest:
-    """Write (model drafts), measure and plan the draft; the manifest with its record, enabled or not and why."""
-    draft_rel = None
+    """Write (model drafts), measure and plan the draft; the manifest with its record, enabled or not and why.
+
+    ``write`` puts a model draft's file at the path it is given and returns what the record should
+    say of where it came from (a checkpoint's source), if anything.
+    """
+    draft_rel, origin = None, None
     if req.kind != "lookup":
         draft_rel = draft_file(req, manifest.name)
-        write(bw.path(draft_rel))
+        origin = write(bw.path(draft_rel))
         check_draft(bw.path(draft_rel), bw.path(model_rel))  # the same tokenizer, and smaller
     say(f"measuring {req.label} drafting (greedy, with and without, on the evaluation text)", quiet=quiet)
     staged = Bundle(bw.tmp, {**manifest.as_json(), "files": []})
@@ -131,7 +156,8 @@ def add_draft(bw: BundleWriter, manifest: Manifest, req: DraftRequest, *, tgt: T
            "this machine's llama.cpp gives a batch of tokens other logits than one at a time, so drafts could "
            "change greedy output" if m.max_batch < 2 else "drafting changed the greedy output on the evaluation text")
     record: dict[str, Any] = {"kind": "lookup" if req.kind == "lookup" else "model", "request": req.label,
-                              "enabled": enabled, "why": why, "measured": m.as_manifest(), "plan": d.as_dict()}
+                              "enabled": enabled, "why": why, "measured": m.as_manifest(), "plan": d.as_dict(),
+                              **({"source": origin} if origin else {})}
     if enabled:
         say(f"{req.label} drafting: {m.speedup:.2f}x decode speed here ({m.tokens_per_step:.2f} tokens per step, "
             f"{100 * m.acceptance:.0f}% of drafts kept); {why}", quiet=quiet)

@@ -29,21 +29,25 @@ from packager.convert.gguf.imatrix import calibration_text, compute_imatrix, use
 from packager.convert.gguf.requantize import quantize_gguf, requantize
 from packager.convert.gguf.tokenizer_gate import check_tokenizer
 from packager.convert.gguf.vocab import GGUFVocab, load_vocab, with_eos
-from packager.errors import TokenizerMismatchError
+from packager.errors import TokenizerMismatchError, UsageError
 from packager.host import default_threads
 from packager.pack.card import LICENSE_NAMES, bundle_manifest, generation_defaults, model_card, with_quality
-from packager.pack.draft import add_draft, check_self, check_tokenizers, draft_file, parse_draft
+from packager.pack.draft import (DRAFT_HELP, DraftRequest, add_draft, check_pairing, check_self, check_tokenizers,
+                                 draft_file, parse_draft)
 from packager.pack.options import AutoJob, Candidate, PackJob, PackOptions, PackResult, ReadyFile
 from packager.pack.preflight import check_disk, check_memory
 from packager.pack.shipping import add_shipping
+from packager.plan.inputs import plan_input
+from packager.plan.planner import Plan, memory, scheme
 from packager.progress import say
 from packager.quants import QuantType, get_quant
 from packager.runtime.llama import check_loads
 from packager.source.gguf_check import check_layout
 from packager.source.pickle import to_safetensors
-from packager.source.resolver import Source
+from packager.source.remote_code import refuse_remote_code
+from packager.source.resolver import Source, resolve
 from packager.spec.eos import EosChoice, resolve_eos
-from packager.spec.model import ModelSpec
+from packager.spec.model import ModelSpec, load_spec
 
 # Memory the streaming converter itself needs beyond the mapped weights (row blocks in flight).
 CONVERTER_RSS = 1 << 30
@@ -90,11 +94,13 @@ def pack_gguf(job: PackJob) -> PackResult:
     imatrix_info: dict[str, Any] | None = None
     split: dict[str, Any] | None = None
     draft = parse_draft(opts.draft) if opts.draft else None
-    draft_imatrix = None
+    draft_imatrix = draft_src = None
     if draft is not None:  # a draft that cannot work fails before any conversion
         check_self(draft, quant, spec, tgt, p, src.name, from_gguf=src.kind == "gguf")
         if src.kind == "gguf":
-            check_tokenizers(draft, check_layout(src.path).tokenizer, src.name, p.memory.weights)
+            target_tokenizer = check_layout(src.path).tokenizer
+            check_tokenizers(draft, target_tokenizer, src.name, p.memory.weights)
+            draft, draft_src = _checkpoint_draft(draft, quant, target_tokenizer, src.name, p, opts, warnings)
     with BundleWriter(final, force=opts.force) as bw:
         gguf_path = bw.path(model_rel)
         if src.kind == "gguf":
@@ -119,6 +125,7 @@ def pack_gguf(job: PackJob) -> PackResult:
             tok_check, kv_block, tokenizer = _tokenizer_gate(src, quant, vocab, eos, opts.skip_tokenizer_check, warnings)
             if draft is not None:
                 check_tokenizers(draft, tokenizer, src.name, p.memory.weights)
+                draft, draft_src = _checkpoint_draft(draft, quant, tokenizer, src.name, p, opts, warnings)
             how = "mix" if opts.ready is not None and opts.ready.types else "auto"
             say(f"bundling the {quant.name} file --quant {how} measured" if opts.ready is not None
                 else f"converting {src.name} to {quant.name} for {tgt.name}", quiet=opts.quiet)
@@ -163,18 +170,57 @@ def pack_gguf(job: PackJob) -> PackResult:
         say("checking that the runtime loads it", quiet=opts.quiet)
         check_loads(bw.path(model_rel))  # never publish a bundle its own runtime cannot open
         if draft is not None:
-            def write_draft(path: Path) -> None:
+            def write_draft(path: Path) -> dict[str, Any] | None:
                 if draft.kind == "gguf":
                     shutil.copyfile(draft.path, path)
+                elif draft.kind == "hf":
+                    return _convert_draft(draft_src, draft.quant, path, opts, threads)
                 elif src.kind == "gguf":
                     say(f"re-quantizing {src.path.name} to {draft.quant.name} for the draft", quiet=opts.quiet)
                     quantize_gguf(src.path, draft.quant, path, n_threads=threads, allow_requantize=True)
                 # an HF source's self: draft was converted above, with the model
+                return None
 
             manifest = add_draft(bw, manifest, draft, tgt=tgt, p=p, spec=spec, model_rel=model_rel, write=write_draft,
                                  n_threads=opts.n_threads, quiet=opts.quiet, warnings=warnings)
         path = bw.commit(manifest.as_json(), quiet=opts.quiet)
     return PackResult(path, bw.manifest, warnings)
+
+
+def _checkpoint_draft(req: DraftRequest, quant: QuantType, target_tokenizer: dict[str, str], target_name: str,
+                      p: Plan, opts: PackOptions, warnings: list[str]) -> tuple[DraftRequest, Source | None]:
+    """A checkpoint draft (a directory or hub id): resolved, and checked against the target before any conversion.
+
+    Its tokenizer is written as the draft's GGUF will carry it (a vocab-only file, seconds) and
+    compared field by field with the target's; its weights at the bundle's type must be fewer
+    than the target's. Returns the request with its name and type filled in, and its source.
+    """
+    if req.kind != "hf" or req.ref is None:
+        return req, None
+    dsrc = resolve(req.ref, allow_pickle=opts.allow_pickle, hash_weights=False, quiet=opts.quiet)
+    if dsrc.kind != "hf":
+        raise UsageError(f"--draft {req.ref}: {DRAFT_HELP}")
+    dspec = load_spec(dsrc.path)
+    check_request(dsrc, dspec, opts)  # an architecture the converter lacks
+    warnings += refuse_remote_code(dsrc.path, dspec.architecture)
+    vocab, _ = source_vocab(dsrc)
+    with tempfile.TemporaryDirectory(prefix="edgepack-draft-vocab-") as tmp:
+        tokenizer = check_layout(write_vocab_gguf(dsrc, quant, Path(tmp) / "vocab.gguf", vocab=vocab)).tokenizer
+    draft_bytes = memory(dspec, scheme("gguf", quant.name), p.n_ctx, p.kv_type,
+                         tensors=plan_input(dsrc.path).tensors).weights
+    check_pairing(req.ref, tokenizer, draft_bytes, target_tokenizer, target_name, p.memory.weights)
+    return replace(req, quant=quant, name=dsrc.name), dsrc
+
+
+def _convert_draft(dsrc: Source, quant: QuantType, path: Path, opts: PackOptions, threads: int) -> dict[str, Any]:
+    """A checkpoint draft converted at the bundle's type; its source record (with the weights' sha256)."""
+    say(f"converting {dsrc.name} to {quant.name} for the draft", quiet=opts.quiet)
+    vocab, _ = source_vocab(dsrc)
+    with safetensors_view(dsrc, opts.quiet) as work:
+        # the user's --imatrix is the target's; the draft gets its own where its type needs one
+        imatrix, _ = _importance(work, quant, replace(opts, imatrix=None), threads)
+        result = convert(work, quant, path, imatrix=imatrix, n_threads=threads, quiet=opts.quiet, vocab=vocab)
+    return (dsrc.with_hashes(result.source_sha256) if work is dsrc else dsrc).manifest()
 
 
 def _split_file(bw: BundleWriter, model_rel: str, part_bytes: int | None, quiet: bool) -> tuple[str, dict | None]:

@@ -207,13 +207,18 @@ def _walk(c: _Cursor, size: int, want: frozenset[str]) -> Layout:
     return Layout(version, n_kv, alignment, data_offset, tuple(tensors), strings, table_offset, tokenizer)
 
 
-# Fields two tokenizers may differ in and still give the same ids for the same text.
-_TOKENIZER_FREE = frozenset({"tokenizer.ggml.padding_token_id"})
+# Fields in which a draft's tokenizer may differ from its target's. A draft never turns text into ids
+# itself: it is fed the target's ids and proposes ids. So what must match is what an id means
+# (tokens, their types, merges, pre-tokenizer, special ids); the flags that only steer how a text
+# becomes ids (bos/eos added, a leading space) do not. llama.cpp's converter writes add_space_prefix
+# and add_eos_token where edgepack's leaves them out, for the same tokenizer.
+_TOKENIZER_FREE = frozenset({"tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token",
+                             "tokenizer.ggml.add_eos_token", "tokenizer.ggml.add_space_prefix"})
 
 
 def tokenizer_difference(a: dict[str, str], b: dict[str, str]) -> str | None:
     """The first tokenizer field (vocabulary, merges, special ids, pre-tokenizer) in which two GGUFs'
-    ``Layout.tokenizer`` differ."""
+    ``Layout.tokenizer`` differ, for a draft and its target."""
     for key in sorted((set(a) | set(b)) - _TOKENIZER_FREE):
         if a.get(key) != b.get(key):
             return key
