@@ -410,6 +410,9 @@ def test_pack_measures_a_lookup_draft_and_the_bundle_uses_it(lookup_pack):
     assert 0 < m["acceptance"] <= 1 and m["tokens_per_step"] >= 1
     assert plan["verify_ratio"] >= 1 and plan["draft_ratio"] == 0 and plan["memory_bytes"] == 0
     assert d["enabled"] == plan["pays_off"] and d["why"]
+    card = (bundle / "README.md").read_text(encoding="utf-8")  # the model card says what the manifest says
+    assert "## Speculative decoding" in card and f"{m['speedup']:.2f}x decode speed" in card
+    assert ("on by default" if d["enabled"] else "not shipped") in card
     with packager.load(bundle, n_threads=1) as model:
         assert model.draft == ("lookup" if d["enabled"] else None)
     with packager.load(bundle, n_threads=1, draft=False) as model:

@@ -33,7 +33,7 @@ from packager.source.resolver import HUB_ID
 from packager.spec.gguf import spec_from_gguf
 from packager.spec.model import ModelSpec
 
-__all__ = ["DRAFT_HELP", "DraftRequest", "add_draft", "check_pairing", "check_self", "check_tokenizers", "draft_file",
+__all__ = ["DRAFT_HELP", "DraftRequest", "add_draft", "card_section", "check_pairing", "check_self", "check_tokenizers", "draft_file",
            "parse_draft"]
 
 DRAFT_HELP = ("use lookup, self:QUANT (e.g. self:Q4_0), or a smaller model with the same tokenizer: its .gguf, its "
@@ -168,7 +168,36 @@ def add_draft(bw: BundleWriter, manifest: Manifest, req: DraftRequest, *, tgt: T
         say(warnings[-1], quiet=quiet)
         if draft_rel:
             bw.path(draft_rel).unlink()  # a draft that does not ship is not carried either
+    card = bw.path("README.md")
+    if card.is_file():
+        card.write_text(card.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + card_section(record, tgt.name),
+                        encoding="utf-8")
     return replace(manifest, warnings=list(warnings), extras={**manifest.extras, "draft": record})
+
+
+def card_section(record: dict[str, Any], device: str) -> str:
+    """The model card's account of the draft: what it is, what was measured, and whether it ships."""
+    m, d = record["measured"], record["plan"]
+    even = ("never pays off there" if d["break_even"] is None else
+            f"pays off above {100 * d['break_even']:.0f}% acceptance")
+    state = ("on by default; `packager.load(\".\", draft=False)`, or `speculative=False` per call, turns it off"
+             if record["enabled"] else "not shipped")
+    return f"""## Speculative decoding
+
+Draft: `{record['request']}` ({'prompt n-gram lookup' if record['kind'] == 'lookup' else 'a draft model'}), {state}.
+
+| | |
+|---|---|
+| measured at pack time | {m['speedup']:.2f}x decode speed on the packing machine, {100 * m['acceptance']:.0f}% of drafts kept, {m['tokens_per_step']:.2f} tokens per step ({m['n_tokens']} greedy tokens over {m['n_prompts']} summaries of the evaluation text) |
+| output | {'identical' if m['identical'] else 'NOT identical'} with and without drafts |
+| predicted on {device} | {_x(d['predicted_speedup'])}; {even} |
+
+{record['why'][0].upper() + record['why'][1:]}.
+"""
+
+
+def _x(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 def _plan(m: DraftMeasure, draft_path: Path | None, tgt: Target, p: Plan, spec: ModelSpec) -> DraftPlan:
