@@ -388,9 +388,9 @@ def test_a_draft_with_another_tokenizer_or_not_smaller_is_refused(smollm2_bundle
 
 # -- pack model --draft ---------------------------------------------------------------------------
 
-def _pack(*args, timeout=900):
+def _pack(*args, timeout=900, env=None):
     return subprocess.run([sys.executable, "-m", "packager.cli", "model", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -548,23 +548,34 @@ def test_parse_draft_tells_a_checkpoint_from_a_file(tmp_path):
     assert draft_file(named, "big") == "model/draft-small-Q4_K_M.gguf"
 
 
+HUB_DRAFT = "edgepack-test/SmolLM2-4-layers"
+
+
 @pytest.fixture(scope="module")
 def checkpoint_draft_pack(smollm2_gguf, tmp_path_factory):
+    """--draft as a hub id, found in a local HF cache (offline), as `--draft Qwen/Qwen2.5-0.5B-Instruct` runs."""
+    import os
+
     import models
+    from test_source import COMMIT, make_hub_cache
 
     draft = models.smollm2_hf_layers(4)
+    cache = tmp_path_factory.mktemp("hub")
+    make_hub_cache(cache, HUB_DRAFT, draft)
     out = tmp_path_factory.mktemp("ckpt-draft")
-    r = _pack(smollm2_gguf, "-o", out, "--draft", draft, "-q", "--json")
+    r = _pack(smollm2_gguf, "-o", out, "--draft", HUB_DRAFT, "-q", "--json",
+              env={**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr
-    return draft, next(p for p in out.iterdir() if p.is_dir()), json.loads(r.stdout)
+    return draft, COMMIT, next(p for p in out.iterdir() if p.is_dir()), json.loads(r.stdout)
 
 
 def test_pack_converts_a_checkpoint_draft_and_measures_it(checkpoint_draft_pack):
     """A checkpoint with the target's tokenizer (SmolLM2 cut to 4 layers) is converted at the bundle's type
     (Q4_1, as the target's GGUF came), measured, planned, and shipped only where it pays."""
-    draft, bundle, man = checkpoint_draft_pack
+    draft, commit, bundle, man = checkpoint_draft_pack
     d = man["draft"]
-    assert d["kind"] == "model" and d["request"] == str(draft)
+    assert d["kind"] == "model" and d["request"] == HUB_DRAFT
+    assert d["source"]["repo"] == HUB_DRAFT and d["source"]["revision"] == commit
     assert d["measured"]["identical"] and d["measured"]["n_tokens"] > 0
     assert 0 <= d["measured"]["acceptance"] <= 1 and d["plan"]["memory_bytes"] > 0 and 0 < d["plan"]["draft_ratio"] < 1
     weights = {f["path"]: f["sha256"] for f in d["source"]["files"]}
@@ -573,10 +584,10 @@ def test_pack_converts_a_checkpoint_draft_and_measures_it(checkpoint_draft_pack)
     assert weights["model.safetensors"] == hashlib.sha256((draft / "model.safetensors").read_bytes()).hexdigest()
     drafts = sorted(p.name for p in (bundle / "model").glob("draft-*"))
     if d["enabled"]:
-        assert drafts == ["draft-smollm2-hf-4-layers-v4-Q4_1.gguf"] and d["file"] == f"model/{drafts[0]}"
+        assert drafts == ["draft-SmolLM2-4-layers-Q4_1.gguf"] and d["file"] == f"model/{drafts[0]}"
     else:  # 4 of 30 layers guess poorly: the plan leaves it out, and says so
         assert drafts == [] and "file" not in d and "pays off above" in d["why"]
-        assert any(w.startswith(f"--draft {draft}") for w in man["warnings"])
+        assert any(w.startswith(f"--draft {HUB_DRAFT}") for w in man["warnings"])
 
 
 def test_a_checkpoint_draft_with_another_tokenizer_or_not_smaller_is_refused(smollm2_gguf, smollm2_hf, tiny_qwen2,
@@ -599,6 +610,39 @@ def test_a_target_too_small_for_self_drafting_is_refused(smollm2_gguf, tmp_path)
     assert r.returncode == 2, r.stderr
     assert "too small for --draft self:Q4_0 to pay off" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert _nothing_written(out)
+
+
+def _plan(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "packager.cli", "plan", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_pack_plan_says_whether_a_draft_could_pay_off(smollm2_hf):
+    """Before any conversion: the verify and draft costs on the target's roofline, the break-even, the memory."""
+    import models
+
+    r = _plan(smollm2_hf, "--target", "android", "--quant", "Q8_0", "--draft", "lookup", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    d = out["draft"]
+    assert d["kind"] == "lookup" and d["k"] == 4 and d["memory_bytes"] == 0 and d["draft_ratio"] == 0
+    assert d["verify_ratio"] >= 1 and d["best_speedup"] == pytest.approx(5 / d["verify_ratio"], rel=1e-3)
+    assert d["predicted_speedup"] is None and (d["break_even"] is None or 0 < d["break_even"] <= 1)
+    small = models.smollm2_hf_layers(4)
+    r = _plan(smollm2_hf, "--target", "android", "--quant", "Q8_0", "--draft", small, "--json")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)["draft"]
+    assert m["kind"] == "model" and m["memory_bytes"] > 0 and 0 < m["draft_ratio"] < 1
+    assert m["fits"] == (out["plan"]["memory"]["total"] + m["memory_bytes"] <= out["plan"]["budget_bytes"])
+    # a draft ratio of 0.3 (4 of 30 layers, and the same embeddings) makes it dearer than lookup
+    assert m["best_speedup"] < d["best_speedup"]
+    text = _plan(smollm2_hf, "--target", "android", "--quant", "Q8_0", "--draft", "self:Q4_0").stdout
+    assert "  draft   self:Q4_0, 4 drafts a step, " in text and "pack model --draft self:Q4_0 measures" in text
+    for args, message in ((("--draft", "self:Q8_0"), "is not smaller than the bundle's"),
+                          (("--format", "onnx", "--draft", "lookup"), "--draft needs --format gguf"),
+                          (("--draft", "medusa"), "use lookup, self:QUANT")):
+        r = _plan(smollm2_hf, "--quant", "Q8_0", *args) if args[0] != "--format" else _plan(smollm2_hf, *args)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_draft_for_onnx_is_one_line_exit_2(smollm2_hf, tmp_path):

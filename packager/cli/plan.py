@@ -9,8 +9,12 @@ import click
 from packager.cli.options import size_callback as _size
 from packager.errors import UsageError
 from packager.formats import FORMATS, all_schemes, format_of_scheme, get_format
+from packager.pack.draft import check_self_type, parse_draft
+from packager.pack.onnx import DRAFT_REFUSAL
+from packager.plan.inputs import plan_input
 from packager.plan.planner import Overrides
-from packager.plan.report import as_json as plan_json, plan_model, render
+from packager.plan.report import as_json as plan_json, draft_outlook, plan_model, render, render_draft
+from packager.quants import get_quant
 from packager.plan.targets import list_targets, profile_sources
 
 
@@ -61,11 +65,16 @@ def targets_cmd(as_json: bool, explain: bool = False) -> None:
 @click.option("--part-size", callback=_size, help="Plan the model in files of at most this size (as pack model "
               "--part-size). Default: the target's [distribution] part_size.")
 @click.option("--no-split", is_flag=True, help="Plan one model file whatever the target's part size.")
+@click.option("--draft", metavar="DRAFT",
+              help="Also say whether speculative decoding could pay off on the target, as `pack model --draft` "
+                   "would draft: lookup, self:QUANT, or a smaller model (.gguf, checkpoint directory or hub id; "
+                   "headers and config only). Prints what a step of 5 tokens and a draft token cost there, the "
+                   "acceptance above which it pays, and the draft's memory. GGUF plans only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
 @click.option("--explain", is_flag=True, help="Also print the arithmetic behind every number.")
 def plan_cmd(model: str, target: str, quant: str | None, fmt: str | None, n_ctx: int | None, ram: int | None,
              vram: int | None, n_threads: int | None, revision: str | None, as_json: bool, explain: bool,
-             part_size: int | None = None, no_split: bool = False) -> None:
+             part_size: int | None = None, no_split: bool = False, draft: str | None = None) -> None:
     """Will MODEL fit TARGET? Plan quant, context and GPU layers before converting anything.
 
     MODEL is a local checkpoint directory, a .gguf file, or a hub id: for a hub id only
@@ -79,6 +88,7 @@ def plan_cmd(model: str, target: str, quant: str | None, fmt: str | None, n_ctx:
       pack plan model.gguf --target ios --ctx 8192 --json
       pack plan Qwen/Qwen2.5-1.5B-Instruct --target ./my-phone.toml --ram 6GB
       pack plan Qwen/Qwen2.5-0.5B-Instruct --target web --quant INT4_B64_HQQ
+      pack plan Qwen/Qwen2.5-3B-Instruct --target android --draft Qwen/Qwen2.5-0.5B-Instruct
     """
     quant = quant.upper() if quant else None
     owner = format_of_scheme(quant) if quant else None
@@ -89,8 +99,20 @@ def plan_cmd(model: str, target: str, quant: str | None, fmt: str | None, n_ctx:
         raise UsageError("--part-size and --no-split contradict each other; pass one")
     overrides = Overrides(quant=quant, format=fmt, n_ctx=n_ctx, ram_bytes=ram, vram_bytes=vram, n_threads=n_threads,
                           part_bytes=0 if no_split else part_size)
+    req = parse_draft(draft) if draft else None  # a --draft that names nothing usable fails before any read
     inp, tgt, p = plan_model(model, target, overrides, revision=revision)
+    outlook = None
+    if req is not None:
+        if p.format != "gguf":
+            raise UsageError(DRAFT_REFUSAL)
+        if req.kind == "self":
+            check_self_type(req, get_quant(p.quant))
+        outlook = draft_outlook(inp, tgt, p, "model" if req.kind in ("gguf", "hf") else req.kind,
+                                self_quant=req.quant.name if req.quant else None,
+                                draft=plan_input(req.path or req.ref or "") if req.kind in ("gguf", "hf") else None)
     if as_json:
-        click.echo(json.dumps(plan_json(inp, tgt, p), indent=2))
+        click.echo(json.dumps({**plan_json(inp, tgt, p), **({"draft": outlook.as_dict()} if outlook else {})},
+                              indent=2))
     else:
-        click.echo(render(inp, tgt, p, explain=explain))
+        click.echo(render(inp, tgt, p, explain=explain)
+                   + (f"\n{render_draft(req.label, outlook)}" if req is not None and outlook is not None else ""))

@@ -22,7 +22,7 @@ from packager.bundle.verify import Bundle
 from packager.bundle.writer import BundleWriter
 from packager.errors import UsageError
 from packager.measure.speculative import DraftMeasure, measure_draft
-from packager.plan.draft import DraftPlan, plan_draft
+from packager.plan.draft import DraftPlan, plan_on
 from packager.plan.planner import Plan, memory, scheme
 from packager.plan.targets import Target
 from packager.progress import say
@@ -33,12 +33,13 @@ from packager.source.resolver import HUB_ID
 from packager.spec.gguf import spec_from_gguf
 from packager.spec.model import ModelSpec
 
-__all__ = ["DRAFT_HELP", "DraftRequest", "add_draft", "card_section", "check_pairing", "check_self", "check_tokenizers", "draft_file",
+__all__ = ["DRAFT_HELP", "DraftRequest", "add_draft", "card_section", "check_pairing", "check_self", "check_self_type", "check_tokenizers", "draft_file",
            "parse_draft"]
 
 DRAFT_HELP = ("use lookup, self:QUANT (e.g. self:Q4_0), or a smaller model with the same tokenizer: its .gguf, its "
               "checkpoint directory or its hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct)")
 SELF_K = 4  # drafts per step the plan assumes for a model draft (the runtime adapts it)
+SELF_SUGGESTIONS = ("Q4_0", "Q3_K_S", "Q2_K")  # self: types that need no imatrix, largest first
 MIN_BEST = 1.1  # a self: draft that could not reach this even with every draft kept is refused
 
 
@@ -111,6 +112,15 @@ def check_pairing(label: str, tokenizer: dict[str, str], draft_bytes: float, tar
                          f"model or a lower-bit quant")
 
 
+def check_self_type(req: DraftRequest, quant: QuantType) -> None:
+    """self:QUANT below the bundle's own type (``quant``), or a one-line UsageError."""
+    if req.kind == "self" and req.quant is not None and req.quant.base_bits_per_weight >= quant.base_bits_per_weight:
+        lower = [q for q in SELF_SUGGESTIONS if get_quant(q).base_bits_per_weight < quant.base_bits_per_weight]
+        raise UsageError(f"--draft self:{req.quant.name} is not smaller than the bundle's {quant.name}: it cannot pay "
+                         f"off; " + (f"pick a lower-bit type (e.g. self:{' or self:'.join(lower[:2])})" if lower
+                                     else "nothing lower drafts well, use --draft lookup"))
+
+
 def check_self(req: DraftRequest, quant: QuantType, spec: ModelSpec, tgt: Target, p: Plan, name: str, *,
                from_gguf: bool) -> None:
     """self:QUANT below the bundle's own type, and able to pay off on the target at all; else exit 2."""
@@ -119,15 +129,9 @@ def check_self(req: DraftRequest, quant: QuantType, spec: ModelSpec, tgt: Target
     if from_gguf and req.quant.needs_imatrix:
         raise UsageError(f"--draft self:{req.quant.name} needs an importance matrix, which a GGUF source cannot give; "
                          f"pick a type without one (e.g. self:Q4_0) or pack from the HF checkpoint")
-    if req.quant.base_bits_per_weight >= quant.base_bits_per_weight:
-        raise UsageError(f"--draft self:{req.quant.name} is not smaller than the bundle's {quant.name}: it cannot pay "
-                         f"off; pick a lower-bit type (e.g. self:Q4_0 or self:Q3_K_S)")
-    target_bytes = p.memory.weights
-    draft_bytes = target_bytes * req.quant.base_bits_per_weight / quant.base_bits_per_weight
-    fixed = spec.n_layers * tgt.decode_layer_overhead_us * 1e-6
-    d = plan_draft("model", k=SELF_K, target_bytes=target_bytes, draft_bytes=draft_bytes,
-                   bandwidth_gbps=tgt.memory_bandwidth_gbps, fixed_s=fixed, draft_fixed_s=fixed,
-                   prefill_tps=p.predicted_prefill_tps, memory_bytes=0, used_bytes=0, budget_bytes=1, device=tgt.name)
+    check_self_type(req, quant)
+    d = plan_on(tgt, p, spec.n_layers, "model", k=SELF_K, draft_layers=spec.n_layers,
+                draft_bytes=p.memory.weights * req.quant.base_bits_per_weight / quant.base_bits_per_weight)
     if d.best_speedup < MIN_BEST:
         raise UsageError(f"{name} at {quant.name} is too small for --draft self:{req.quant.name} to pay off on "
                          f"{tgt.name}: even with every draft kept it would decode at {d.best_speedup:.2f}x "
@@ -201,17 +205,13 @@ def _x(ratio: float | None) -> str:
 
 
 def _plan(m: DraftMeasure, draft_path: Path | None, tgt: Target, p: Plan, spec: ModelSpec) -> DraftPlan:
-    fixed = spec.n_layers * tgt.decode_layer_overhead_us * 1e-6
-    draft_bytes, mem, draft_fixed = 0.0, 0, 0.0
-    if draft_path is not None:
-        dspec, dquant = spec_from_gguf(draft_path)
-        tensors = check_layout(draft_path).tensors
-        draft_bytes = float(sum(t.nbytes for t in tensors))
-        mem = memory(dspec, scheme("gguf", dquant) if dquant else None, p.n_ctx, p.kv_type,
-                     exact_types={t.name: t.type for t in tensors}).total
-        draft_fixed = dspec.n_layers * tgt.decode_layer_overhead_us * 1e-6
-    return plan_draft("lookup" if draft_path is None else "model", k=max(1, round(m.drafted_per_step)),
-                      target_bytes=p.memory.weights, draft_bytes=draft_bytes, bandwidth_gbps=tgt.memory_bandwidth_gbps, fixed_s=fixed,
-                      draft_fixed_s=draft_fixed, prefill_tps=p.predicted_prefill_tps, memory_bytes=mem,
-                      used_bytes=p.memory.total, budget_bytes=p.budget_bytes, acceptance=m.acceptance,
-                      tokens_per_step=m.tokens_per_step, device=tgt.name)
+    if draft_path is None:
+        return plan_on(tgt, p, spec.n_layers, "lookup", k=max(1, round(m.drafted_per_step)),
+                       acceptance=m.acceptance, tokens_per_step=m.tokens_per_step)
+    dspec, dquant = spec_from_gguf(draft_path)
+    tensors = check_layout(draft_path).tensors
+    mem = memory(dspec, scheme("gguf", dquant) if dquant else None, p.n_ctx, p.kv_type,
+                 exact_types={t.name: t.type for t in tensors}).total
+    return plan_on(tgt, p, spec.n_layers, "model", k=max(1, round(m.drafted_per_step)),
+                   draft_bytes=float(sum(t.nbytes for t in tensors)), draft_layers=dspec.n_layers, memory_bytes=mem,
+                   acceptance=m.acceptance, tokens_per_step=m.tokens_per_step)

@@ -54,6 +54,12 @@ def onnx_options(opts: PackOptions, target: Target):
                        execution_provider=execution_provider(target.backends, target.name))
 
 
+# benchmarks/onnx_draft_probe.py: at every MatMulNBits accuracy level a batch's logits differ from single
+# steps' (level 4 by up to 1.0, and one argmax in 45 flipped on SmolLM2)
+DRAFT_REFUSAL = ("--draft needs --format gguf: onnxruntime gives a batch of tokens other logits than one token at a "
+                 "time, so verifying drafts could change the greedy output")
+
+
 def check_request(src: Source, spec: ModelSpec | None, opts: PackOptions) -> None:
     """What --format onnx cannot do with this source or these options (``spec``: None before it is read)."""
     if opts.onnx_algorithm == "gptq":
@@ -61,10 +67,7 @@ def check_request(src: Source, spec: ModelSpec | None, opts: PackOptions) -> Non
     if opts.onnx_algorithm not in ALGORITHMS:
         raise UsageError(f"--algorithm {opts.onnx_algorithm} is not one of {', '.join(ALGORITHMS)}")
     if opts.draft:
-        # benchmarks/onnx_draft_probe.py: at every MatMulNBits accuracy level a batch's logits differ
-        # from single steps' (level 4 by up to 1.0, and one argmax in 45 flipped on SmolLM2)
-        raise UsageError("--draft needs --format gguf: onnxruntime gives a batch of tokens other logits than one "
-                         "token at a time, so verifying drafts could change the greedy output")
+        raise UsageError(DRAFT_REFUSAL)
     if opts.quant:
         raise UsageError(f"--quant {opts.quant} picks a GGUF type; ONNX bundles are int4 (choose --block-size, "
                          "--asymmetric, --accuracy-level, --algorithm), or pass --format gguf")

@@ -21,8 +21,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from packager.kernels.speculative import expected_tokens
+from packager.plan.planner import Plan
+from packager.plan.targets import Target
 
-__all__ = ["DraftPlan", "break_even", "plan_draft", "speedup", "step_seconds"]
+__all__ = ["DraftPlan", "break_even", "plan_draft", "plan_on", "speedup", "step_seconds"]
 
 
 def step_seconds(weight_bytes: float, bandwidth_gbps: float, fixed_s: float, prefill_tps: float, n_tokens: int = 1) -> float:
@@ -100,3 +102,16 @@ def plan_draft(kind: str, *, k: int, target_bytes: float, draft_bytes: float, ba
     return DraftPlan(kind, k, int(memory_bytes), fits, round(draft, 4), round(verify, 4), round(best, 3),
                      round(even, 4) if even <= 1 else None,
                      round(predicted, 3) if predicted is not None else None, pays, why)
+
+
+def plan_on(tgt: Target, p: Plan, n_layers: int, kind: str, *, k: int, draft_bytes: float = 0.0, draft_layers: int = 0,
+            memory_bytes: int = 0, acceptance: float | None = None,
+            tokens_per_step: float | None = None) -> DraftPlan:
+    """:func:`plan_draft` for a model planned as ``p`` on ``tgt`` (``n_layers``: the target model's): the
+    profile's bandwidth, prefill rate and per-layer step cost, the plan's weights and memory."""
+    per_layer = tgt.decode_layer_overhead_us * 1e-6
+    return plan_draft(kind, k=k, target_bytes=p.memory.weights, draft_bytes=draft_bytes,
+                      bandwidth_gbps=tgt.memory_bandwidth_gbps, fixed_s=n_layers * per_layer,
+                      draft_fixed_s=draft_layers * per_layer, prefill_tps=p.predicted_prefill_tps,
+                      memory_bytes=memory_bytes, used_bytes=p.memory.total, budget_bytes=p.budget_bytes,
+                      acceptance=acceptance, tokens_per_step=tokens_per_step, device=tgt.name)

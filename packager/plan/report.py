@@ -7,8 +7,9 @@ from dataclasses import replace
 from typing import Any
 
 from packager.errors import DoesNotFit
+from packager.plan.draft import DraftPlan, plan_on
 from packager.plan.inputs import PlanInput, plan_input
-from packager.plan.planner import Overrides, Plan, plan
+from packager.plan.planner import Overrides, Plan, memory, plan, scheme
 from packager.plan.targets import Target, load_target
 
 
@@ -34,6 +35,36 @@ def plan_for(inp: PlanInput, tgt: Target, overrides: Overrides, *, name: str | N
 
 def as_json(inp: PlanInput, tgt: Target, p: Plan) -> dict[str, Any]:
     return {"model": inp.name, "read": inp.origin, "target": tgt.name, "plan": p.as_dict()}
+
+
+OUTLOOK_K = 4  # drafts per step the outlook assumes (the runtime adapts it to what pays)
+
+
+def draft_outlook(inp: PlanInput, tgt: Target, p: Plan, kind: str, *, self_quant: str | None = None,
+                  draft: PlanInput | None = None) -> DraftPlan:
+    """Whether a draft could pay off on the target, before anything is measured: the cost of a step of
+    OUTLOOK_K+1 tokens and of a draft token on the target's roofline, the break-even acceptance, and
+    the draft model's memory beside the plan's. ``kind``: "lookup", "self" (``self_quant``) or
+    "model" (``draft``, read as `pack plan` reads a model: headers and config only)."""
+    n_layers = inp.spec.n_layers
+    if kind == "lookup":
+        return plan_on(tgt, p, n_layers, "lookup", k=OUTLOOK_K)
+    if kind == "self":
+        spec, tensors, quant, exact = inp.spec, inp.tensors, self_quant or "", None
+    elif draft is not None:
+        spec, tensors, quant, exact = draft.spec, draft.tensors, draft.source_quant or p.quant, draft.source_types
+    else:
+        raise ValueError("a model draft needs its PlanInput")
+    mem = memory(spec, scheme("gguf", quant), p.n_ctx, p.kv_type, tensors=tensors, arch=tgt.arch, exact_types=exact)
+    return plan_on(tgt, p, n_layers, "model", k=OUTLOOK_K, draft_bytes=mem.weights, draft_layers=spec.n_layers,
+                   memory_bytes=mem.total)
+
+
+def render_draft(label: str, d: DraftPlan) -> str:
+    """The plan's draft line."""
+    memory_part = f", {_gb(d.memory_bytes)} more memory{'' if d.fits else ' (does not fit)'}" if d.memory_bytes else ""
+    return (f"  draft   {label}, {d.k} drafts a step{memory_part}: {d.why}; pack model --draft {label} measures the "
+            f"acceptance and ships it only where it pays")
 
 
 def _gb(n: float) -> str:
