@@ -14,8 +14,8 @@ from packager.pack.onnx import DRAFT_REFUSAL
 from packager.plan.inputs import plan_input
 from packager.plan.planner import Overrides
 from packager.plan.report import as_json as plan_json, draft_outlook, plan_model, render, render_draft
-from packager.quants import get_quant
 from packager.plan.targets import list_targets, profile_sources
+from packager.quants import get_quant
 
 
 @click.command("targets")

@@ -33,8 +33,8 @@ from packager.source.resolver import HUB_ID
 from packager.spec.gguf import spec_from_gguf
 from packager.spec.model import ModelSpec
 
-__all__ = ["DRAFT_HELP", "DraftRequest", "add_draft", "card_section", "check_pairing", "check_self", "check_self_type", "check_tokenizers", "draft_file",
-           "parse_draft"]
+__all__ = ["DRAFT_HELP", "DraftRequest", "add_draft", "card_section", "check_pairing", "check_self", "check_self_type",
+           "check_tokenizers", "draft_file", "parse_draft"]
 
 DRAFT_HELP = ("use lookup, self:QUANT (e.g. self:Q4_0), or a smaller model with the same tokenizer: its .gguf, its "
               "checkpoint directory or its hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct)")
