@@ -192,6 +192,7 @@ def _chat(content):
     return lambda m, **kw: m.chat([{"role": "user", "content": content}], stream=True, **kw)
 
 
+@pytest.mark.slow
 def test_the_engine_is_batch_invariant_with_flash_attention(drafted):
     # What makes identity possible at all; where it fails (another CPU's kernels) drafts are off.
     assert drafted.draft == "lookup" and drafted.draft_batch >= 5
@@ -199,6 +200,7 @@ def test_the_engine_is_batch_invariant_with_flash_attention(drafted):
 
 @pytest.mark.parametrize("content", [CODE, PASSAGE, CHAT])
 @pytest.mark.parametrize("max_tokens", [1, 7, 200])
+@pytest.mark.slow
 def test_greedy_tokens_are_identical_with_and_without_drafts(drafted, content, max_tokens):
     plain, spec = _both(drafted, _chat(content), temperature=0.0, max_tokens=max_tokens)
     assert spec == plain
@@ -209,6 +211,7 @@ def test_greedy_tokens_are_identical_with_and_without_drafts(drafted, content, m
             assert st.accepted > 0 and st.steps < plain[2]
 
 
+@pytest.mark.slow
 def test_identical_past_512_cache_cells_with_two_threads(smollm2_bundle):
     # llama.cpp's flash attention splits a lone token's cache across threads from 512 cells on, which
     # sums in another order than a batch: the drafted model never evaluates a lone token (a filler
@@ -225,12 +228,14 @@ def test_identical_past_512_cache_cells_with_two_threads(smollm2_bundle):
             assert n_prompt + plain[2] > 256 or plain[1] == "stop"
 
 
+@pytest.mark.slow
 def test_identical_with_stop_strings(drafted):
     for stop in (["hints"], ["\n\n"], ["def scale"]):
         plain, spec = _both(drafted, _chat(CODE), temperature=0.0, max_tokens=200, stop=stop)
         assert spec == plain and plain[1] == "stop"
 
 
+@pytest.mark.slow
 def test_identical_at_the_end_of_the_context(smollm2_bundle):
     with packager.load(smollm2_bundle, n_threads=1, n_ctx=128, draft="lookup", draft_min=1) as m:
         ids = m.tokenize(CODE * 2)[:100]
@@ -239,6 +244,7 @@ def test_identical_at_the_end_of_the_context(smollm2_bundle):
         assert plain[1] == "stop" or plain[2] == 128 - 100  # EOS, or every free position of the context used
 
 
+@pytest.mark.slow
 def test_identical_on_a_raw_prompt_and_a_long_conversation(drafted):
     plain, spec = _both(drafted, lambda m, **kw: m.stream(CODE, **kw), temperature=0.0, max_tokens=120)
     assert spec == plain
@@ -248,6 +254,7 @@ def test_identical_on_a_raw_prompt_and_a_long_conversation(drafted):
     assert spec == plain
 
 
+@pytest.mark.slow
 def test_a_seeded_sampled_reply_is_the_same_with_and_without_drafts(drafted):
     kw = dict(temperature=0.7, top_k=20, top_p=0.9, max_tokens=80)
     for seed in (3, 4):
@@ -256,6 +263,7 @@ def test_a_seeded_sampled_reply_is_the_same_with_and_without_drafts(drafted):
         assert drafted.draft_stats.accepted > 0  # drafts were verified and kept along the way
 
 
+@pytest.mark.slow
 def test_sampled_drafting_draws_from_llama_cpps_distribution(smollm2_bundle, drafted):
     # Many seeds, four tokens each, drafted (Gumbel-max over llama.cpp's logits) against the bundle
     # loaded without a draft (llama.cpp's own sampler chain): the replies' distributions agree
@@ -281,6 +289,7 @@ def test_sampled_drafting_draws_from_llama_cpps_distribution(smollm2_bundle, dra
     assert chi2_contingency(table).pvalue > 1e-3
 
 
+@pytest.mark.slow
 def test_a_repeat_penalty_goes_undrafted(drafted):
     s = drafted.chat([{"role": "user", "content": CODE}], stream=True, temperature=0.0, repeat_penalty=1.1,
                      max_tokens=40)
@@ -288,6 +297,7 @@ def test_a_repeat_penalty_goes_undrafted(drafted):
     assert drafted.draft_stats.steps == 0
 
 
+@pytest.mark.slow
 def test_cancel_and_close_stop_a_drafted_stream(smollm2_bundle):
     m = packager.load(smollm2_bundle, n_threads=1, n_ctx=512, draft="lookup", draft_min=1)
     s = m.chat([{"role": "user", "content": CODE}], stream=True, temperature=0.0, max_tokens=200)
@@ -306,6 +316,7 @@ def test_cancel_and_close_stop_a_drafted_stream(smollm2_bundle):
         m.generate("Hi")
 
 
+@pytest.mark.slow
 def test_eight_threads_share_a_drafted_model(drafted):
     prompts = [CODE, PASSAGE, CHAT, CODE, PASSAGE, CHAT, CODE, PASSAGE]
     want = {p: drafted.chat([{"role": "user", "content": p}], temperature=0.0, max_tokens=60, speculative=False)
@@ -328,6 +339,7 @@ def test_eight_threads_share_a_drafted_model(drafted):
     assert all(text == want[p] for p, text in got)
 
 
+@pytest.mark.slow
 def test_bad_draft_options(smollm2_bundle):
     with pytest.raises(UsageError, match="draft must be"):
         packager.load(smollm2_bundle, draft=42)
@@ -361,6 +373,7 @@ def q4_0_draft(smollm2_bundle, tmp_path_factory):
     return _requantized(bundle.model_file, tmp_path_factory.mktemp("draft") / "draft-Q4_0.gguf", "Q4_0")
 
 
+@pytest.mark.slow
 def test_a_draft_model_gives_the_same_greedy_tokens(smollm2_bundle, q4_0_draft):
     with packager.load(smollm2_bundle, n_threads=1, n_ctx=1024, draft=q4_0_draft, draft_min=2) as m:
         assert m.draft == "model"
@@ -374,6 +387,7 @@ def test_a_draft_model_gives_the_same_greedy_tokens(smollm2_bundle, q4_0_draft):
                                                             seed=5, max_tokens=40)
 
 
+@pytest.mark.slow
 def test_a_draft_with_another_tokenizer_or_not_smaller_is_refused(smollm2_bundle, tmp_path):
     import models
 
@@ -401,6 +415,7 @@ def lookup_pack(smollm2_gguf, tmp_path_factory):
     return next(p for p in out.iterdir() if p.is_dir()), json.loads(r.stdout)
 
 
+@pytest.mark.slow
 def test_pack_measures_a_lookup_draft_and_the_bundle_uses_it(lookup_pack):
     bundle, man = lookup_pack
     d = man["draft"]
@@ -419,6 +434,7 @@ def test_pack_measures_a_lookup_draft_and_the_bundle_uses_it(lookup_pack):
         assert model.draft is None
 
 
+@pytest.mark.slow
 def test_pack_bench_records_the_draft_beside_plain_decoding(lookup_pack):
     from packager.measure.bench import BenchOptions, run_bench
     from packager.measure.records import markdown
@@ -452,6 +468,7 @@ def test_a_matrix_model_may_name_a_draft(tmp_path):
         load_matrix(path)
 
 
+@pytest.mark.slow
 def test_pack_self_draft_ships_a_smaller_copy_only_where_it_pays(smollm2_gguf, tmp_path):
     # Q8_0, drafted by Q4_0: the draft reads about half the bytes (the bundle's own Q4_1 would be refused as
     # too close to Q4_0 to pay off)
@@ -501,6 +518,7 @@ def _slow_steps_target(tmp_path):
     ("self:Q9_X", "--draft self:Q9_X"),
     ("missing.gguf", "no such file"),
 ])
+@pytest.mark.slow
 def test_bad_drafts_are_one_line_exit_2_before_any_work(smollm2_gguf, tmp_path, draft, message):
     out = tmp_path / "dist"
     r = _pack(smollm2_gguf, "-o", out, "--draft", draft, "-q", timeout=300)
@@ -509,6 +527,7 @@ def test_bad_drafts_are_one_line_exit_2_before_any_work(smollm2_gguf, tmp_path, 
     assert _nothing_written(out)
 
 
+@pytest.mark.slow
 def test_a_draft_with_another_tokenizer_is_refused_before_converting(smollm2_hf, tmp_path):
     import models
 
@@ -520,6 +539,7 @@ def test_a_draft_with_another_tokenizer_is_refused_before_converting(smollm2_hf,
     assert "tokenizer.ggml." in r.stderr and _nothing_written(out)
 
 
+@pytest.mark.slow
 def test_a_draft_bigger_than_the_target_is_refused_before_converting(smollm2_gguf, smollm2_bundle, tmp_path):
     bigger = _requantized(verified(smollm2_bundle).model_file, tmp_path / "big-Q8_0.gguf", "Q8_0")
     out = tmp_path / "dist"
@@ -569,6 +589,7 @@ def checkpoint_draft_pack(smollm2_gguf, tmp_path_factory):
     return draft, COMMIT, next(p for p in out.iterdir() if p.is_dir()), json.loads(r.stdout)
 
 
+@pytest.mark.slow
 def test_pack_converts_a_checkpoint_draft_and_measures_it(checkpoint_draft_pack):
     """A checkpoint with the target's tokenizer (SmolLM2 cut to 4 layers) is converted at the bundle's type
     (Q4_1, as the target's GGUF came), measured, planned, and shipped only where it pays."""
@@ -590,6 +611,7 @@ def test_pack_converts_a_checkpoint_draft_and_measures_it(checkpoint_draft_pack)
         assert any(w.startswith(f"--draft {HUB_DRAFT}") for w in man["warnings"])
 
 
+@pytest.mark.slow
 def test_a_checkpoint_draft_with_another_tokenizer_or_not_smaller_is_refused(smollm2_gguf, smollm2_hf, tiny_qwen2,
                                                                               tmp_path):
     out = tmp_path / "dist"
@@ -603,6 +625,7 @@ def test_a_checkpoint_draft_with_another_tokenizer_or_not_smaller_is_refused(smo
     assert "is not smaller than" in r.stderr and len(r.stderr.strip().splitlines()) == 1 and _nothing_written(out)
 
 
+@pytest.mark.slow
 def test_a_target_too_small_for_self_drafting_is_refused(smollm2_gguf, tmp_path):
     out = tmp_path / "dist"
     r = _pack(smollm2_gguf, "-o", out, "--target", _slow_steps_target(tmp_path), "--quant", "Q8_0",
@@ -617,6 +640,7 @@ def _plan(*args, timeout=300):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_pack_plan_says_whether_a_draft_could_pay_off(smollm2_hf):
     """Before any conversion: the verify and draft costs on the target's roofline, the break-even, the memory."""
     import models
@@ -645,6 +669,7 @@ def test_pack_plan_says_whether_a_draft_could_pay_off(smollm2_hf):
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+@pytest.mark.slow
 def test_draft_for_onnx_is_one_line_exit_2(smollm2_hf, tmp_path):
     r = _pack(smollm2_hf, "--format", "onnx", "--draft", "lookup", "-o", tmp_path, "-q", timeout=300)
     assert r.returncode == 2
