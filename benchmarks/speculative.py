@@ -111,6 +111,9 @@ def main() -> int:
     seconds = {False: [0.0] * args.rounds, True: [0.0] * args.rounds}
     tokens = {False: [0] * args.rounds, True: [0] * args.rounds}
     identical, same_as_plain, steps, drafted, accepted, emitted = True, True, 0, 0, 0, 0
+    # per prompt, over all rounds: how much each kind of reply gains (copy-heavy ones more than others)
+    by_prompt = [{"seconds": {False: 0.0, True: 0.0}, "tokens": {False: 0, True: 0}, "steps": 0, "emitted": 0}
+                 for _ in prompts]
     for r in range(args.rounds):
         for i, prompt in enumerate(prompts):
             order = (False, True) if (r + i) % 2 == 0 else (True, False)
@@ -120,10 +123,14 @@ def main() -> int:
                 out[spec] = text
                 seconds[spec][r] += sec
                 tokens[spec][r] += n
+                by_prompt[i]["seconds"][spec] += sec
+                by_prompt[i]["tokens"][spec] += n
                 if spec:
                     st = model.draft_stats
                     steps, drafted, accepted, emitted = (steps + st.steps, drafted + st.drafted,
                                                          accepted + st.accepted, emitted + st.emitted)
+                    by_prompt[i]["steps"] += st.steps
+                    by_prompt[i]["emitted"] += st.emitted
             if r == 0:
                 off, _, _ = reply(model, prompt, False, args.max_tokens)
                 if off != out[True]:
@@ -144,6 +151,11 @@ def main() -> int:
         "acceptance": round(accepted / drafted, 4) if drafted else 0.0,
         "tokens_per_step": round(emitted / steps, 3) if steps else 0.0,
         "tokens_generated_per_round": tokens[False][0],
+        "per_prompt": [{"prompt": " ".join(prompt.split())[:48],
+                        "ratio": round((b["tokens"][True] / b["seconds"][True]) / (b["tokens"][False] / b["seconds"][False]), 3)
+                        if b["seconds"][True] and b["seconds"][False] and b["tokens"][False] else None,
+                        "tokens_per_step": round(b["emitted"] / b["steps"], 3) if b["steps"] else 0.0}
+                       for prompt, b in zip(prompts, by_prompt)],
         "host": platform.node(), "cpu": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -289,6 +289,7 @@ class LlamaModel(Model):
         self._spec_batch, self._spec_capacity = None, 0
         self._step_seconds: list[float] = []
         self._length: AdaptiveLength | None = None
+        self.lone_threads: int | None = None  # past LONE_TOKEN_CELLS: lone tokens on 1 thread, or None (filler rows)
         try:
             if draft_file is not None:
                 with quiet_llama_log():
@@ -405,8 +406,9 @@ class LlamaModel(Model):
         Past LONE_TOKEN_CELLS tokens and with threads > 1, every step evaluates at least two tokens
         both ways: llama.cpp's flash attention then splits a lone token's cache across threads,
         which sums in another order than a batch does, so a single-token step would not give a batch
-        row's logits. A step with nothing to draft verifies one filler token instead (kept if it
-        happens to be right). A repeat penalty's sampler keeps a window of accepted tokens that llama.cpp
+        row's logits. A step with nothing to draft then runs its lone token on one thread (no split:
+        a batch row's logits, checked at load), or where that costs more here than a batch of two,
+        verifies one filler token (lookup's best guess, else the last token; kept if right). A repeat penalty's sampler keeps a window of accepted tokens that llama.cpp
         holds and we cannot roll back: such calls go through llama.cpp's own chain, undrafted.
         """
         return self.draft is not None and self.draft_batch > 1 and opts.repeat_penalty == 1.0
@@ -454,8 +456,22 @@ class LlamaModel(Model):
                 pos += len(chunk)
             return np.concatenate(out)
 
+        compared = tokens[:8 + 2 * max(sizes)]
+        lone: list[float] = []
         try:
-            best = invariant_batch(logits_of, tokens[:8 + 2 * max(sizes)], prefix=8, sizes=sizes)
+            best = invariant_batch(logits_of, compared, prefix=8, sizes=sizes)
+            if best > 1 and self.n_threads > 1:
+                # A lone token on one thread never takes llama.cpp's split-cache path; it should give a batch
+                # row's logits as any thread count does (each row is one thread's sum). Checked, and timed.
+                single = logits_of(compared, 1)
+                n_single = len(times[1])
+                self._single_threads(1)
+                try:
+                    same = bool(np.array_equal(logits_of(compared, 1), single))
+                finally:
+                    self._single_threads(self.n_threads)
+                lone = times[1][n_single:] if same else []
+                del times[1][n_single:]
         finally:
             llm.reset()
             llm._ctx.kv_cache_seq_rm(-1, 0, -1)
@@ -465,7 +481,14 @@ class LlamaModel(Model):
         self._step_seconds = [0.0] + [float(np.interp(n, xs, [known[x] for x in xs])) for n in range(1, best + 1)]
         if best > 1:
             self._length = AdaptiveLength(best - 1, self._step_seconds)
+            # Past LONE_TOKEN_CELLS a step without drafts is a lone token on one thread or a batch of two
+            # (a filler row): whichever costs less here.
+            self.lone_threads = 1 if lone and float(np.median(lone)) < self._step_seconds[2] else None
         return best
+
+    def _single_threads(self, n: int) -> None:
+        """Threads for a lone token's step (llama.cpp's n_threads); batches keep all of them."""
+        self._llama_cpp.llama_set_n_threads(self._llm._ctx.ctx, n, self.n_threads)
 
     def _generate_drafted(self, ids: list[int], opts: GenOptions, tick: Callable[[], bool]) -> Iterator[str]:
         """Decoding that verifies drafts (none with speculative=False): greedy, the same tokens either way;
@@ -496,56 +519,65 @@ class LlamaModel(Model):
         stats = self.draft_stats
         out, pos = _Reply(self, max_tokens, tick), len(ids)
         pending: list[int] = [tok]  # tokens decided but not yet handed out
-        while True:
-            end = yield from out.hand_out(pending)
-            if end is not None:
-                return end
-            n = out.n
-            tok = pending[-1]
-            # Never draft past the reply's end or the context's: a kept draft must be one we could hand out.
-            cap = min(length.k_max, self.draft_max or length.k_max)
-            room = min(cap, max_tokens - n - 1, self.n_ctx - pos - 1)
-            t0 = time.perf_counter()
-            drafts, key = [], 0
-            if drafter is not None:
-                drafter.extend(pending)
-                if room > 0 and getattr(drafter, "free", False):  # lookup: the longest, cut to what pays
-                    drafts = drafter.propose(room)
-                    key = drafter.match
-                    k = min(cap, max(self.draft_min, length.length(key)))
-                    if drafts and k == 0:
-                        length.skipped(key)
-                    drafts = drafts[:k]
-                elif room > 0:
-                    k = min(cap, max(self.draft_min, length.length(0)))
-                    if k == 0:
-                        length.skipped(0)
-                    drafts = drafter.propose(min(room, k))
-            drafting = time.perf_counter() - t0
-            filler = pad and not drafts and pos + 1 > LONE_TOKEN_CELLS and self.n_ctx - pos > 1
-            if filler:
-                drafts = [tok]  # a guess that costs a batch row: the step stays a batch (see _drafting)
-            t0 = time.perf_counter()
-            rows = self._rows([tok] + drafts, pos)
-            length.observe_step(1 + len(drafts), time.perf_counter() - t0)
-            # Row i gives the token at pos + 1 + i; drafts are kept while they are that token.
-            choices = [choose(rows[0], pos + 1)]
-            while len(choices) <= len(drafts) and choices[-1] == drafts[len(choices) - 1]:
-                choices.append(choose(rows[len(choices)], pos + 1 + len(choices)))
-            kept = accept_greedy(choices, drafts)
-            nxt = choices[kept]
-            llm.input_ids[pos:pos + 1 + kept] = [tok] + drafts[:kept]
-            pos += 1 + kept
-            llm.n_tokens = pos
-            if kept < len(drafts):  # the rejected drafts leave the cache
-                llm._ctx.kv_cache_seq_rm(-1, pos, -1)
-            if not filler:
-                length.update(len(drafts), kept, drafting if self._drafter is not None else None, key)
-                stats.drafted += len(drafts)
-                stats.accepted += kept
-            stats.steps += 1
-            stats.emitted += kept + 1
-            pending = drafts[:kept] + [nxt]
+        one_thread = False  # lone tokens on one thread from LONE_TOKEN_CELLS on (self.lone_threads)
+        try:
+            while True:
+                end = yield from out.hand_out(pending)
+                if end is not None:
+                    return end
+                n = out.n
+                tok = pending[-1]
+                # Never draft past the reply's end or the context's: a kept draft must be one we could hand out.
+                cap = min(length.k_max, self.draft_max or length.k_max)
+                room = min(cap, max_tokens - n - 1, self.n_ctx - pos - 1)
+                t0 = time.perf_counter()
+                drafts, key, proposal = [], 0, []
+                if drafter is not None:
+                    drafter.extend(pending)
+                    if room > 0 and getattr(drafter, "free", False):  # lookup: the longest, cut to what pays
+                        proposal = drafter.propose(room)
+                        key = drafter.match
+                        k = min(cap, max(self.draft_min, length.length(key)))
+                        if proposal and k == 0:
+                            length.skipped(key)
+                        drafts = proposal[:k]
+                    elif room > 0:
+                        k = min(cap, max(self.draft_min, length.length(0)))
+                        if k == 0:
+                            length.skipped(0)
+                        drafts = drafter.propose(min(room, k))
+                drafting = time.perf_counter() - t0
+                lone = pad and not drafts and pos + 1 > LONE_TOKEN_CELLS
+                if lone and self.lone_threads is not None and not one_thread:
+                    self._single_threads(self.lone_threads)  # see _drafting
+                    one_thread = True
+                filler = lone and not one_thread and self.n_ctx - pos > 1
+                if filler:  # a guess that costs a batch row: the step stays a batch (see _drafting)
+                    drafts = proposal[:1] or [tok]  # the row is paid for: the best guess there is
+                t0 = time.perf_counter()
+                rows = self._rows([tok] + drafts, pos)
+                length.observe_step(1 + len(drafts), time.perf_counter() - t0)
+                # Row i gives the token at pos + 1 + i; drafts are kept while they are that token.
+                choices = [choose(rows[0], pos + 1)]
+                while len(choices) <= len(drafts) and choices[-1] == drafts[len(choices) - 1]:
+                    choices.append(choose(rows[len(choices)], pos + 1 + len(choices)))
+                kept = accept_greedy(choices, drafts)
+                nxt = choices[kept]
+                llm.input_ids[pos:pos + 1 + kept] = [tok] + drafts[:kept]
+                pos += 1 + kept
+                llm.n_tokens = pos
+                if kept < len(drafts):  # the rejected drafts leave the cache
+                    llm._ctx.kv_cache_seq_rm(-1, pos, -1)
+                if not filler:
+                    length.update(len(drafts), kept, drafting if self._drafter is not None else None, key)
+                    stats.drafted += len(drafts)
+                    stats.accepted += kept
+                stats.steps += 1
+                stats.emitted += kept + 1
+                pending = drafts[:kept] + [nxt]
+        finally:
+            if one_thread:
+                self._single_threads(self.n_threads)
 
     def _keep_blocks(self, ids: list[int]) -> None:
         """Keep only the cached prompt blocks a fresh load would compute the same way.

@@ -13,9 +13,10 @@ weight types whose batched kernels sum in the same order as the single-token one
 flash attention, not for F16 weights, and not for every k-quant beyond a few tokens per batch. So
 the largest batch that is bit-identical is measured (:func:`invariant_batch`), and drafts are
 never longer than it. One more case: with several threads and 256 tokens or more in the cache,
-llama.cpp splits a lone token's attention across threads, so a drafted model never evaluates a
-lone token there (runtime/llama.py pads such a step with a filler draft), and ``speculative=False``
-on it decodes the same way: the same tokens with and without drafts. The bundle loaded without a
+llama.cpp splits a lone token's attention across threads, so a drafted model runs a lone token
+there on one thread (no split) or, where that costs more, pads the step with a filler draft
+(runtime/llama.py), and ``speculative=False`` on it decodes the same way: the same tokens with
+and without drafts. The bundle loaded without a
 draft (llama.cpp's own loop) can differ from both at a near-tie.
 
 This module holds the parts that do not touch the engine: the drafters, the adaptive draft length
