@@ -403,13 +403,14 @@ class LlamaModel(Model):
     def _drafting(self, opts: GenOptions) -> bool:
         """A model with a draft decodes in the verifying loop, with drafts or (speculative=False) without.
 
-        Past LONE_TOKEN_CELLS tokens and with threads > 1, every step evaluates at least two tokens
-        both ways: llama.cpp's flash attention then splits a lone token's cache across threads,
-        which sums in another order than a batch does, so a single-token step would not give a batch
-        row's logits. A step with nothing to draft then runs its lone token on one thread (no split:
-        a batch row's logits, checked at load), or where that costs more here than a batch of two,
-        verifies one filler token (lookup's best guess, else the last token; kept if right). A repeat penalty's sampler keeps a window of accepted tokens that llama.cpp
-        holds and we cannot roll back: such calls go through llama.cpp's own chain, undrafted.
+        Past LONE_TOKEN_CELLS tokens and with threads > 1, llama.cpp's flash attention splits a lone
+        token's cache across threads, which sums in another order than a batch does, so a single-token
+        step there would not give a batch row's logits. Both ways, a step with nothing to draft then
+        runs its lone token on one thread (no split: a batch row's logits, checked at load), or, where
+        that costs more here than a batch of two, verifies one filler token as well (lookup's best
+        guess, else the last token; kept if right). A repeat penalty's sampler keeps a window of
+        accepted tokens that llama.cpp holds and we cannot roll back: such calls go through
+        llama.cpp's own chain, undrafted.
         """
         return self.draft is not None and self.draft_batch > 1 and opts.repeat_penalty == 1.0
 
