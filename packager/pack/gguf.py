@@ -94,13 +94,12 @@ def pack_gguf(job: PackJob) -> PackResult:
     imatrix_info: dict[str, Any] | None = None
     split: dict[str, Any] | None = None
     draft = parse_draft(opts.draft) if opts.draft else None
-    draft_imatrix = draft_src = None
+    draft_imatrix = draft_src = None  # draft_src: a checkpoint draft's source and vocabulary
     if draft is not None:  # a draft that cannot work fails before any conversion
         check_self(draft, quant, spec, tgt, p, src.name, from_gguf=src.kind == "gguf")
         if src.kind == "gguf":
-            target_tokenizer = check_layout(src.path).tokenizer
-            check_tokenizers(draft, target_tokenizer, src.name, p.memory.weights)
-            draft, draft_src = _checkpoint_draft(draft, quant, target_tokenizer, src.name, p, opts, warnings)
+            draft, draft_src = _draft_pairing(draft, quant, check_layout(src.path).tokenizer, src.name, p, opts,
+                                              warnings)
     with BundleWriter(final, force=opts.force) as bw:
         gguf_path = bw.path(model_rel)
         if src.kind == "gguf":
@@ -124,8 +123,7 @@ def pack_gguf(job: PackJob) -> PackResult:
                     f"using {eos.describe()}", quiet=opts.quiet)
             tok_check, kv_block, tokenizer = _tokenizer_gate(src, quant, vocab, eos, opts.skip_tokenizer_check, warnings)
             if draft is not None:
-                check_tokenizers(draft, tokenizer, src.name, p.memory.weights)
-                draft, draft_src = _checkpoint_draft(draft, quant, tokenizer, src.name, p, opts, warnings)
+                draft, draft_src = _draft_pairing(draft, quant, tokenizer, src.name, p, opts, warnings)
             how = "mix" if opts.ready is not None and opts.ready.types else "auto"
             say(f"bundling the {quant.name} file --quant {how} measured" if opts.ready is not None
                 else f"converting {src.name} to {quant.name} for {tgt.name}", quiet=opts.quiet)
@@ -174,7 +172,7 @@ def pack_gguf(job: PackJob) -> PackResult:
                 if draft.kind == "gguf":
                     shutil.copyfile(draft.path, path)
                 elif draft.kind == "hf":
-                    return _convert_draft(draft_src, draft.quant, path, opts, threads)
+                    return _convert_draft(*draft_src, draft.quant, path, opts, threads)
                 elif src.kind == "gguf":
                     say(f"re-quantizing {src.path.name} to {draft.quant.name} for the draft", quiet=opts.quiet)
                     quantize_gguf(src.path, draft.quant, path, n_threads=threads, allow_requantize=True)
@@ -187,14 +185,19 @@ def pack_gguf(job: PackJob) -> PackResult:
     return PackResult(path, bw.manifest, warnings)
 
 
-def _checkpoint_draft(req: DraftRequest, quant: QuantType, target_tokenizer: dict[str, str], target_name: str,
-                      p: Plan, opts: PackOptions, warnings: list[str]) -> tuple[DraftRequest, Source | None]:
-    """A checkpoint draft (a directory or hub id): resolved, and checked against the target before any conversion.
+def _draft_pairing(req: DraftRequest, quant: QuantType, target_tokenizer: dict[str, str], target_name: str,
+                   p: Plan, opts: PackOptions,
+                   warnings: list[str]) -> tuple[DraftRequest, tuple[Source, GGUFVocab] | None]:
+    """A model draft shares the target's tokenizer and is smaller than its planned weights: checked before any
+    conversion.
 
-    Its tokenizer is written as the draft's GGUF will carry it (a vocab-only file, seconds) and
-    compared field by field with the target's; its weights at the bundle's type must be fewer
-    than the target's. Returns the request with its name and type filled in, and its source.
+    A .gguf is read as it is (pack/draft.check_tokenizers). A checkpoint (a directory or hub id) is
+    resolved, and its tokenizer written as the draft's GGUF will carry it (a vocab-only file,
+    seconds) and compared field by field with the target's; its weights are counted at the bundle's
+    type. Returns the request with a checkpoint's name and type filled in, and its source and
+    vocabulary for the conversion.
     """
+    check_tokenizers(req, target_tokenizer, target_name, p.memory.weights)
     if req.kind != "hf" or req.ref is None:
         return req, None
     dsrc = resolve(req.ref, allow_pickle=opts.allow_pickle, hash_weights=False, quiet=opts.quiet)
@@ -209,13 +212,13 @@ def _checkpoint_draft(req: DraftRequest, quant: QuantType, target_tokenizer: dic
     draft_bytes = memory(dspec, scheme("gguf", quant.name), p.n_ctx, p.kv_type,
                          tensors=plan_input(dsrc.path).tensors).weights
     check_pairing(req.ref, tokenizer, draft_bytes, target_tokenizer, target_name, p.memory.weights)
-    return replace(req, quant=quant, name=dsrc.name), dsrc
+    return replace(req, quant=quant, name=dsrc.name), (dsrc, vocab)
 
 
-def _convert_draft(dsrc: Source, quant: QuantType, path: Path, opts: PackOptions, threads: int) -> dict[str, Any]:
+def _convert_draft(dsrc: Source, vocab: GGUFVocab, quant: QuantType, path: Path, opts: PackOptions,
+                   threads: int) -> dict[str, Any]:
     """A checkpoint draft converted at the bundle's type; its source record (with the weights' sha256)."""
     say(f"converting {dsrc.name} to {quant.name} for the draft", quiet=opts.quiet)
-    vocab, _ = source_vocab(dsrc)
     with safetensors_view(dsrc, opts.quiet) as work:
         # the user's --imatrix is the target's; the draft gets its own where its type needs one
         imatrix, _ = _importance(work, quant, replace(opts, imatrix=None), threads)

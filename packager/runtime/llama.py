@@ -443,6 +443,7 @@ class LlamaModel(Model):
         tokens = self._encode(text, add_special=True)
         llm = self._llm
         times: dict[int, list[float]] = {}
+        reference: list[Any] = []  # the first pass of lone tokens (invariant_batch's own reference)
 
         def logits_of(toks: Sequence[int], batch: int) -> Any:
             llm.reset()
@@ -455,7 +456,10 @@ class LlamaModel(Model):
                 out.append(self._rows(chunk, pos).copy())
                 times.setdefault(len(chunk), []).append(time.perf_counter() - t0)
                 pos += len(chunk)
-            return np.concatenate(out)
+            result = np.concatenate(out)
+            if batch == 1 and not reference:
+                reference.append(result)
+            return result
 
         compared = tokens[:8 + 2 * max(sizes)]
         lone: list[float] = []
@@ -464,11 +468,10 @@ class LlamaModel(Model):
             if best > 1 and self.n_threads > 1:
                 # A lone token on one thread never takes llama.cpp's split-cache path; it should give a batch
                 # row's logits as any thread count does (each row is one thread's sum). Checked, and timed.
-                single = logits_of(compared, 1)
                 n_single = len(times[1])
                 self._single_threads(1)
                 try:
-                    same = bool(np.array_equal(logits_of(compared, 1), single))
+                    same = bool(np.array_equal(logits_of(compared, 1), reference[0]))
                 finally:
                     self._single_threads(self.n_threads)
                 lone = times[1][n_single:] if same else []
