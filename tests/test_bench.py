@@ -87,6 +87,9 @@ def test_statistics_are_consistent_over_fresh_processes(records):
         assert r["avg_ts"] > 0 and r["warmup"] is True
         assert len(r["load_s_samples"]) == 2 and all(0 < s < 60 for s in r["load_s_samples"])
         assert 0 < r["ttft_s"] < 60
+        # the four-turn chat: the first turn reads a ~700-token system prompt, later turns only their message
+        assert len(r["ttft_chat_samples"]) == 2 and all(len(t) == 4 for t in r["ttft_chat_samples"])
+        assert 0 < r["ttft_chat_later_s"] < r["ttft_chat_first_s"] < 60
         # each repetition was its own process: one peak RSS and one clock reading per repetition
         assert len(r["peak_rss_samples"]) == 2 and len(r["readings"]) == 2
 

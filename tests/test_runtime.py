@@ -61,12 +61,12 @@ def _decode_batches(m):
 
 
 def test_the_same_prompt_gives_the_same_tokens_whatever_came_before(smollm2_bundle):
-    """The promise: the same prompt and settings give the same output on a fresh load and on a model
-    that generated before. llama.cpp's logits depend on how the prompt is cut into batches, so the
+    """The promise of deterministic=True: the same prompt and settings give the same output on a fresh load and
+    on a model that generated before. llama.cpp's logits depend on how the prompt is cut into batches, so the
     test holds the mechanism, not one machine's rounding: a later call evaluates its prompt only in
     batches a fresh load evaluates too (it may skip whole cached blocks from position 0)."""
     long = STORY + " " + " ".join(f"Chapter {i}: the wizard walked on." for i in range(60))
-    with packager.load(smollm2_bundle, n_threads=1, n_ctx=2048) as m:
+    with packager.load(smollm2_bundle, n_threads=1, n_ctx=2048, deterministic=True) as m:
         ids = m.tokenize(long)
         assert 512 + 16 < len(ids) < 1024 - 64  # two blocks of n_batch = 512: the first can be kept
         for prompt in (m.tokenize(STORY), ids):

@@ -175,12 +175,16 @@ def test_the_plans_speed_up_and_break_even():
 def drafted(smollm2_bundle):
     # draft_min=1: verify a draft wherever the lookup finds one, whether or not it pays on this machine
     # (on two cores SmolLM2's batches cost compute, so the adaptive length would mostly not draft)
-    with packager.load(smollm2_bundle, n_threads=1, n_ctx=1024, draft="lookup", draft_min=1) as m:
+    with packager.load(smollm2_bundle, deterministic=True, n_threads=1, n_ctx=1024, draft="lookup", draft_min=1) as m:
         yield m
 
 
 def _both(m, fn, **kw):
-    """(undrafted, drafted) results of ``fn(m, **kw)``: (text, finish_reason, n_generated) each."""
+    """(undrafted, drafted) results of ``fn(m, **kw)``: (text, finish_reason, n_generated) each.
+
+    Drafting's promise is the undrafted reply from the same state of the cache; the models compared here load
+    with deterministic=True, so each call starts from the state a fresh load has (by default a call continues
+    from the cache, and reading a prompt's last token alone instead of in its batch can flip a near-tie)."""
     out = []
     for spec in (False, True):
         s = fn(m, speculative=spec, **kw)
@@ -221,7 +225,7 @@ def test_identical_past_512_cache_cells_with_two_threads(smollm2_bundle, lone):
     from packager.measure.quality import default_evaluation_text
     from packager.measure.speculative import PROMPT, passages
 
-    with packager.load(smollm2_bundle, n_threads=2, n_ctx=1024, draft="lookup", draft_min=1) as m:
+    with packager.load(smollm2_bundle, deterministic=True, n_threads=2, n_ctx=1024, draft="lookup", draft_min=1) as m:
         if lone == "one thread":
             assert m.lone_threads in (1, None)  # measured at load: 1 where it is the cheaper way
             m.lone_threads = 1
@@ -236,6 +240,22 @@ def test_identical_past_512_cache_cells_with_two_threads(smollm2_bundle, lone):
 
 
 @pytest.mark.slow
+def test_a_chat_continued_from_the_cache_is_identical_with_and_without_drafts(smollm2_bundle):
+    # The default path: each turn reads only what the cache lacks. Two models that went through the same turns
+    # hold the same cache (drafted rows equal single steps bit for bit), so their replies agree turn by turn.
+    kw = dict(temperature=0.0, max_tokens=60)
+    with packager.load(smollm2_bundle, n_threads=1, n_ctx=1024, draft="lookup", draft_min=1) as a, \
+            packager.load(smollm2_bundle, n_threads=1, n_ctx=1024, draft="lookup", draft_min=1) as b:
+        msgs = []
+        for content in (CODE, "Now add a docstring to each function.", PASSAGE):
+            msgs.append({"role": "user", "content": content})
+            plain, spec = a.chat(msgs, speculative=False, **kw), b.chat(msgs, **kw)
+            assert spec == plain
+            msgs.append({"role": "assistant", "content": plain})
+        assert b.draft_stats.accepted > 0
+
+
+@pytest.mark.slow
 def test_identical_with_stop_strings(drafted):
     for stop in (["hints"], ["\n\n"], ["def scale"]):
         plain, spec = _both(drafted, _chat(CODE), temperature=0.0, max_tokens=200, stop=stop)
@@ -244,7 +264,7 @@ def test_identical_with_stop_strings(drafted):
 
 @pytest.mark.slow
 def test_identical_at_the_end_of_the_context(smollm2_bundle):
-    with packager.load(smollm2_bundle, n_threads=1, n_ctx=128, draft="lookup", draft_min=1) as m:
+    with packager.load(smollm2_bundle, deterministic=True, n_threads=1, n_ctx=128, draft="lookup", draft_min=1) as m:
         ids = m.tokenize(CODE * 2)[:100]
         plain, spec = _both(m, lambda m, **kw: m.stream(ids, **kw), temperature=0.0, max_tokens=500)
         assert spec == plain
@@ -306,7 +326,7 @@ def test_a_repeat_penalty_goes_undrafted(drafted):
 
 @pytest.mark.slow
 def test_cancel_and_close_stop_a_drafted_stream(smollm2_bundle):
-    m = packager.load(smollm2_bundle, n_threads=1, n_ctx=512, draft="lookup", draft_min=1)
+    m = packager.load(smollm2_bundle, deterministic=True, n_threads=1, n_ctx=512, draft="lookup", draft_min=1)
     s = m.chat([{"role": "user", "content": CODE}], stream=True, temperature=0.0, max_tokens=200)
     next(s)
     s.cancel()
@@ -382,7 +402,7 @@ def q4_0_draft(smollm2_bundle, tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_draft_model_gives_the_same_greedy_tokens(smollm2_bundle, q4_0_draft):
-    with packager.load(smollm2_bundle, n_threads=1, n_ctx=1024, draft=q4_0_draft, draft_min=2) as m:
+    with packager.load(smollm2_bundle, deterministic=True, n_threads=1, n_ctx=1024, draft=q4_0_draft, draft_min=2) as m:
         assert m.draft == "model"
         for content in (CODE, CHAT):
             plain, spec = _both(m, _chat(content), temperature=0.0, max_tokens=120)
@@ -492,7 +512,7 @@ def test_pack_self_draft_ships_a_smaller_copy_only_where_it_pays(smollm2_gguf, t
     drafts = sorted(p.name for p in (bundle / "model").glob("draft-*"))
     if d["enabled"]:
         assert d["file"] in files and drafts == [Path(d["file"]).name]
-        with packager.load(bundle, n_threads=1) as model:
+        with packager.load(bundle, n_threads=1, deterministic=True) as model:
             assert model.draft == "model"
             text = model.chat([{"role": "user", "content": CHAT}], temperature=0.0, max_tokens=40)
             assert text == model.chat([{"role": "user", "content": CHAT}], temperature=0.0, max_tokens=40,

@@ -33,12 +33,16 @@ def _names(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -
               help="Context size to load with. Default: the bundle's planned context, as the app loads it "
                    "(llama-bench uses -p + -n).")
 @click.option("--no-warmup", is_flag=True, help="Skip the uncounted warm-up run.")
+@click.option("--no-chat", is_flag=True,
+              help="Skip the four-turn chat (a ~700-token system prompt) whose time to first token is recorded for "
+                   "turn 1 and the later turns (ttft_chat_first_s, ttft_chat_later_s).")
 @click.option("-o", "--output", "fmt", type=click.Choice(FORMATS), default="md", show_default=True,
               help="Record format on stdout, as llama-bench's -o.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def bench_cmd(bundle: Path, target: str | None, n_prompt: int, n_gen: int, repetitions: int, n_threads: int | None,
-              ram: int | None, n_ctx: int | None, no_warmup: bool, fmt: str, quiet: bool) -> None:
-    """Measure BUNDLE: prefill and decode tokens/s, load time, time to first token, peak memory.
+              ram: int | None, n_ctx: int | None, no_warmup: bool, no_chat: bool, fmt: str, quiet: bool) -> None:
+    """Measure BUNDLE: prefill and decode tokens/s, load time, time to first token (a cold request, and each turn
+    of a chat), peak memory.
 
     Like llama-bench (same -p/-n/-r/-o, same record fields), through packager.load, each
     repetition in a fresh process, with the planner's predictions beside the measurements.
@@ -55,7 +59,7 @@ def bench_cmd(bundle: Path, target: str | None, n_prompt: int, n_gen: int, repet
       pack bench dist/SmolLM2-135M-Instruct-laptop --ctx 640   # llama-bench's context for -p 512 -n 128
     """
     opts = BenchOptions(target=target, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, n_threads=n_threads,
-                        ram_bytes=ram, n_ctx=n_ctx, warmup=not no_warmup, quiet=quiet)
+                        ram_bytes=ram, n_ctx=n_ctx, warmup=not no_warmup, chat=not no_chat, quiet=quiet)
     records = run_bench(bundle, opts)
     sys.stdout.write(render(records, fmt))
     for r in records[:1]:

@@ -20,8 +20,11 @@ from packager.runtime import load
 @click.option("--temperature", type=float, help="Sampling temperature (0: greedy). Default: the bundle's.")
 @click.option("--seed", type=int, help="Sampling seed, for reproducible output.")
 @click.option("--threads", "n_threads", type=int, help="Threads. Default: the physical cores this process may use.")
+@click.option("--deterministic", is_flag=True,
+              help="Evaluate the prompt as a fresh load would (bit-for-bit reproducible output); by default the model "
+                   "reads only what its cache lacks, which can flip a near-tie.")
 def run_cmd(bundle: Path, prompt: str, chat: bool, max_tokens: int, temperature: float | None, seed: int | None,
-            n_threads: int | None) -> None:
+            n_threads: int | None, deterministic: bool) -> None:
     """Answer PROMPT with BUNDLE, streaming the text to stdout.
 
     \b
@@ -29,7 +32,7 @@ def run_cmd(bundle: Path, prompt: str, chat: bool, max_tokens: int, temperature:
       pack run dist/SmolLM2-135M-Instruct-laptop "Name three colours."
     """
     opts: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
-    with load(bundle, n_threads=n_threads) as m:
+    with load(bundle, n_threads=n_threads, deterministic=deterministic) as m:
         pieces = m.chat([{"role": "user", "content": prompt}], stream=True, **opts) if chat else m.stream(prompt, **opts)
         for piece in pieces:
             click.echo(piece, nl=False)
@@ -48,22 +51,30 @@ def run_cmd(bundle: Path, prompt: str, chat: bool, max_tokens: int, temperature:
 @click.option("--seed", type=int, help="Sampling seed, for reproducible replies.")
 @click.option("--ctx", "n_ctx", type=int, help="Context length. Default: the bundle's.")
 @click.option("--threads", "n_threads", type=int, help="Threads. Default: the physical cores this process may use.")
+@click.option("--deterministic", is_flag=True,
+              help="Evaluate the prompt as a fresh load would (bit-for-bit reproducible output); by default the model "
+                   "reads only what its cache lacks, which can flip a near-tie.")
+@click.option("--prompt-cache", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder where the system prompt's state is saved once read, and restored at the next start "
+                   "(GGUF bundles).")
 def chat_cmd(bundle: Path, system: str | None, max_tokens: int, temperature: float | None, top_p: float | None,
              top_k: int | None, repeat_penalty: float | None, seed: int | None, n_ctx: int | None,
-             n_threads: int | None) -> None:
+             n_threads: int | None, deterministic: bool, prompt_cache: Path | None) -> None:
     """Talk with BUNDLE: each reply streams to stdout, the conversation is kept.
 
     Ctrl-C during a reply stops it and returns to the prompt; Ctrl-D, /exit or
     /quit ends the session; /reset forgets the conversation. Reads lines from
-    stdin, so it can be scripted too.
+    stdin, so it can be scripted too. Each turn reads only the new message: the
+    conversation so far stays in the model's cache.
 
     \b
     Examples:
       pack chat dist/SmolLM2-135M-Instruct-laptop
       pack chat dist/Qwen2.5-0.5B-Instruct-laptop --system "Answer in French." --temperature 0.7
       printf 'Hi!\\nName a colour.\\n' | pack chat dist/SmolLM2-135M-Instruct-laptop -n 64
+      pack chat dist/SmolLM2-135M-Instruct-laptop --system "$(cat rules.txt)" --prompt-cache ~/.cache/myapp
     """
     opts: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                             "repeat_penalty": repeat_penalty, "seed": seed}
-    with load(bundle, n_threads=n_threads, n_ctx=n_ctx) as m:
+    with load(bundle, n_threads=n_threads, n_ctx=n_ctx, deterministic=deterministic, prompt_cache=prompt_cache) as m:
         chat_session(m, system=system, opts=opts)

@@ -56,6 +56,7 @@ class BenchOptions:
     ram_bytes: int | None = None  # override the target's RAM (the ceiling is this x usable_ram_fraction)
     n_ctx: int | None = None  # default: the bundle's context, as an app loads it
     warmup: bool = True
+    chat: bool = True  # the multi-turn chat's time to first token (turn 1, later turns), where the bundle chats
     enforce_mem_limit: bool = True
     timeout_s: float = 1800.0
     quiet: bool = False
@@ -247,7 +248,7 @@ def run_bench(bundle_path: str | os.PathLike[str], opts: BenchOptions | None = N
            "n_gpu_layers": runtime.n_gpu_layers if "n_gpu_layers" in load_options else None,
            "n_prompt": opts.n_prompt, "n_gen": opts.n_gen,
            "cpus": list(emu.cpus) if emu.cpus else None, "mem_limit_bytes": emu.mem_limit_bytes,
-           "enforce_mem_limit": opts.enforce_mem_limit, "warmup": opts.warmup}
+           "enforce_mem_limit": opts.enforce_mem_limit, "warmup": opts.warmup, "chat": opts.chat}
     runs: list[dict[str, Any]] = []
     total = opts.repetitions + (1 if opts.warmup else 0)
     with progress_bar(total=total, desc=f"bench {bundle.path.name} as {tgt.name}", unit="run", quiet=opts.quiet) as bar:
@@ -289,6 +290,7 @@ def make_records(bundle: Bundle, tgt: Target, emu: Emulation, opts: BenchOptions
     loads = [r["load_s"] for r in runs]
     ttfts = [r["ttft_s"] for r in runs]
     apps = [r["app_tg_ts"] for r in runs if r.get("app_tg_ts")]
+    chats = [r["chat_ttfts"] for r in runs if r.get("chat_ttfts")]
     common = {
         "schema": SCHEMA, "edgepack_version": __version__, "engine": first.get("engine"),
         "bundle": str(bundle.path), "model_name": bundle.meta.name,
@@ -304,6 +306,11 @@ def make_records(bundle: Bundle, tgt: Target, emu: Emulation, opts: BenchOptions
         "model_bytes": bundle.model_bytes, "repetitions": len(runs), "warmup": opts.warmup,
         "load_s": statistics.mean(loads), "load_s_samples": loads,
         "ttft_s": statistics.mean(ttfts), "ttft_s_samples": ttfts,
+        # A four-turn chat with a ~700-token system prompt (measure/chat_turns.py): the first turn reads it all,
+        # later turns only their new message where the runtime continues from its cache.
+        "ttft_chat_first_s": statistics.mean(c[0] for c in chats) if chats else None,
+        "ttft_chat_later_s": statistics.mean(statistics.mean(c[1:]) for c in chats) if chats else None,
+        "ttft_chat_samples": chats or None,
         "peak_rss_bytes": peak, "peak_rss_samples": [r["peak_rss_bytes"] for r in runs],
         "peak_vram_bytes": max(vram) if vram else None,
         "predicted_rss_bytes": predicted["memory_bytes"] if predicted else None,  # the planned context, full

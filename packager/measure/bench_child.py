@@ -7,6 +7,8 @@ loads anything, then measures, in this order:
 
   load_s    packager.load(bundle) (the app's path: its n_ctx, threads, GPU layers, mmap)
   ttft_s    the first request through Model.stream, cold, as an app's first call
+  chat      time to first token of each turn of a four-turn chat with a ~700-token system prompt
+            (measure/chat_turns.py), where the bundle has a chat template and its context holds it
   warm-up   one prefill of the test's size and one decode step, not counted (llama-bench does the same)
   pp        n_prompt tokens evaluated as one prompt from an empty KV cache
   tg        n_gen tokens decoded one at a time from an empty KV cache
@@ -38,6 +40,8 @@ from typing import Any
 from packager.host import readings
 from packager.progress import quiet_llama_log
 from packager.bundle.verify import read_bundle
+from packager.errors import ContextOverflowError
+from packager.measure.chat_turns import chat_ttfts
 from packager.measure.quality import default_evaluation_text
 from packager.measure.speculative import PROMPT, passages, timed_reply
 from packager.runtime import backend, load
@@ -156,6 +160,13 @@ def _run(model: Model, cfg: dict[str, Any]) -> dict[str, Any]:
     ttft_s = (stamps[0] if stamps else time.perf_counter()) - t0
     app_tg_ts = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) >= 3 and stamps[-1] > stamps[0] else None
 
+    chat = None
+    if cfg.get("chat", True):
+        try:
+            chat = chat_ttfts(model)
+        except ContextOverflowError:  # a context planned shorter than the conversation
+            chat = None
+
     engine = model.engine()  # the context the app's generation used, driven as llama-bench drives it
     prompt = _tokens(n_prompt, engine.n_vocab, engine.bos, seed=1)
     gen = _tokens(max(n_gen, 1), engine.n_vocab, engine.bos, seed=2)
@@ -176,7 +187,7 @@ def _run(model: Model, cfg: dict[str, Any]) -> dict[str, Any]:
         for tok in gen[:n_gen]:
             engine.eval([tok])
         tg_ns = time.perf_counter_ns() - t
-    out = {"ttft_s": ttft_s, "app_tg_ts": app_tg_ts, "pp_ns": pp_ns, "tg_ns": tg_ns, **asdict(engine.info)}
+    out = {"ttft_s": ttft_s, "app_tg_ts": app_tg_ts, "chat_ttfts": chat, "pp_ns": pp_ns, "tg_ns": tg_ns, **asdict(engine.info)}
     if n_gen and getattr(model, "draft", None):
         out["sg"] = _drafted(model, n_gen)
     return out

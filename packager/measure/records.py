@@ -42,6 +42,8 @@ COLUMNS: list[tuple[str, bool, Any]] = [
     ("predicted mem", True, lambda r: _mib(r.get("predicted_rss_bytes"))),
     ("load s", True, lambda r: _opt(r.get("load_s"), ".2f")),
     ("ttft ms", True, lambda r: _opt(None if r.get("ttft_s") is None else r["ttft_s"] * 1e3, ".0f")),
+    ("chat ttft ms 1st/later", True, lambda r: "-" if r.get("ttft_chat_first_s") is None else
+     f"{r['ttft_chat_first_s'] * 1e3:.0f}/{r['ttft_chat_later_s'] * 1e3:.0f}"),
     ("target", False, lambda r: r.get("target", "-")),
 ]
 

@@ -54,7 +54,8 @@ def passages(text: str, n: int, words: int = 120) -> list[str]:
 
 def timed_reply(model: LlamaModel, prompt: str, **kw: Any) -> tuple[str, float, int]:
     """A greedy reply: its text, the seconds from its first token to its end, and the tokens in them."""
-    kw = dict(temperature=0.0, repeat_penalty=1.0, **kw)
+    # deterministic: every reply read from the state a fresh load has, so replies compare whatever came before
+    kw = dict(temperature=0.0, repeat_penalty=1.0, deterministic=True, **kw)
     stream = (model.chat([{"role": "user", "content": prompt}], stream=True, **kw) if model.has_chat_template
               else model.stream(prompt, **kw))
     pieces = [next(stream, "")]  # the prompt and the first token: the same work either way

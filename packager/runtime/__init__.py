@@ -27,8 +27,8 @@ __all__ = ["Model", "load"]
 # The runtime of each bundle format, and the load options it takes.
 BACKENDS: dict[str, tuple[type[Model], tuple[str, ...]]] = {
     "gguf": (LlamaModel, ("n_ctx", "n_threads", "n_gpu_layers", "seed", "use_mmap", "n_batch", "flash_attn", "draft",
-                          "draft_min", "draft_max")),
-    "onnx": (OnnxModel, ("n_ctx", "n_threads", "seed", "execution_provider")),
+                          "draft_min", "draft_max", "deterministic", "prompt_cache")),
+    "onnx": (OnnxModel, ("n_ctx", "n_threads", "seed", "execution_provider", "deterministic", "prompt_cache")),
 }
 
 
@@ -40,6 +40,11 @@ def load(bundle: str | os.PathLike[str] | Bundle, *, verify: bool = False, **ove
     use_mmap, n_batch, flash_attn) replace the bundle's runtime settings for this process;
     GGUF bundles also take ``draft`` ("lookup", a draft model's .gguf, False for none; default the
     bundle's own) and ``draft_min``/``draft_max`` (drafts per step; default: what pays, measured).
+    A call reads only the prompt tokens the model has not read yet (a chat's earlier turns and
+    replies stay in its cache); ``deterministic=True`` evaluates every prompt as a fresh load would
+    instead, so the same prompt gives the same tokens whatever came before (also per call).
+    ``prompt_cache=DIR`` saves a chat's system prompt, once read, to DIR and restores it on later
+    loads (GGUF; ONNX Runtime GenAI cannot save its state, so ONNX bundles read it once per load).
     Threads default to the physical cores this process may use
     (packager.host.default_threads), never more.
     """

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import hashlib
+import json
 import os
 import random
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -29,7 +32,8 @@ from packager.errors import BundleError, ChatTemplateError, ConversionError, Usa
 from packager.host import default_threads
 from packager.kernels.speculative import accept_greedy, sample_at, target_probs
 from packager.progress import quiet_llama_log
-from packager.runtime.model import Engine, EngineInfo, GenOptions, Message, Model
+from packager.runtime.model import Engine, EngineInfo, GenOptions, Message, Model, common_prefix
+from packager.runtime.prompt_cache import MIN_TOKENS, PromptCache, PromptCacheWarning
 from packager.runtime.speculative import AdaptiveLength, DraftStats, LookupDrafter, invariant_batch
 from packager.source.gguf_check import check_layout, tokenizer_difference
 from packager.spec.chat_template import ChatFormatter as Jinja2ChatFormatter
@@ -99,6 +103,18 @@ class LlamaEngine(Engine):
         self._model._blocks = []
         self._llm.eval(list(tokens))
         self._lc.llama_synchronize(self._llm._ctx.ctx)
+
+
+def _cache_identity(llama_cpp: Any, bundle: Bundle, kv_type: str, flash: bool) -> dict[str, Any]:
+    """What a saved prompt state is valid for: these weights, this llama.cpp build and CPU features, this cache layout."""
+    folder = bundle.manifest["model_file"].rpartition("/")[0]
+    weights = sorted((e["path"], e.get("sha256")) for e in bundle.files if e["path"].rpartition("/")[0] == folder)
+    return {
+        "model": hashlib.sha256(json.dumps(weights).encode()).hexdigest(),
+        "engine": f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}; "
+                  f"{llama_cpp.llama_print_system_info().decode('utf-8', 'replace').strip()}",
+        "cache_layout": f"type_k={kv_type} type_v={kv_type} flash_attn={int(flash)}",
+    }
 
 
 def _ggml_type_name(value: int | None) -> str | None:
@@ -227,8 +243,12 @@ class LlamaModel(Model):
                  n_gpu_layers: int | None = None, seed: int | None = None, use_mmap: bool = True,
                  n_batch: int = 512, flash_attn: bool | None = None,
                  draft: str | os.PathLike[str] | bool | None = None, draft_min: int = 0,
-                 draft_max: int | None = None) -> None:
+                 draft_max: int | None = None, deterministic: bool = False,
+                 prompt_cache: str | os.PathLike[str] | None = None) -> None:
         super().__init__()
+        if not isinstance(deterministic, bool):
+            raise UsageError(f"deterministic must be True or False, got {deterministic!r}")
+        self.deterministic = deterministic
         if not (isinstance(draft_min, int) and draft_min >= 0 and (draft_max is None or (
                 isinstance(draft_max, int) and draft_max >= max(1, draft_min)))):
             raise UsageError(f"need 0 <= draft_min <= draft_max and draft_max >= 1, got draft_min={draft_min!r}, "
@@ -264,6 +284,8 @@ class LlamaModel(Model):
         # llama.cpp quantizes the V cache only with flash attention on. Drafting needs it too: without
         # it, a batch's logits differ from one token's (runtime/speculative.py).
         flash = bool(flash_attn) if flash_attn is not None else (draft is not None or kv_type not in ("f16", "f32", "bf16"))
+        if prompt_cache is not None:
+            self.prompt_cache = PromptCache(prompt_cache, _cache_identity(llama_cpp, bundle, kv_type, flash))
         try:
             self._llm = self._open(llama_cpp, bundle, seed, use_mmap, n_batch, n_gpu_layers, runtime,
                                    dict(type_k=kv, type_v=kv, flash_attn=flash))
@@ -375,14 +397,16 @@ class LlamaModel(Model):
         return self._formatter
 
     # -- generation -----------------------------------------------------------------------
-    def _generate(self, ids: list[int], opts: GenOptions, tick: Callable[[], bool]) -> Iterator[str]:
+    def _generate(self, ids: list[int], opts: GenOptions, tick: Callable[[], bool], *, fixed: int = 0) -> Iterator[str]:
         self.draft_stats = DraftStats()
+        deterministic = self._is_deterministic(opts)
+        self._reuse(ids, deterministic, fixed)
         if self._drafting(opts):
-            return (yield from self._generate_drafted(ids, opts, tick))
+            return (yield from self._generate_drafted(ids, opts, tick, deterministic))
         llm = self._llm
         max_tokens = min(opts.max_tokens, self.n_ctx - len(ids))
         llm.set_seed(opts.seed if opts.seed is not None else self._seeds.randrange(2**31))
-        self._keep_blocks(ids)
+        # generate() keeps the n_tokens that _reuse left (its own longest-prefix match finds exactly those)
         tokens = llm.generate(
             ids, top_k=opts.top_k, top_p=opts.top_p, min_p=0.0, typical_p=1.0, temp=opts.temperature,
             repeat_penalty=opts.repeat_penalty,
@@ -390,7 +414,7 @@ class LlamaModel(Model):
         out = _Reply(self, max_tokens, tick)
         try:
             for token in tokens:
-                if out.n == 0:  # the prompt is in the cache now, in whole blocks from position 0
+                if out.n == 0 and deterministic:  # the prompt is in the cache now, in whole blocks from position 0
                     self._blocks = list(ids[:len(ids) // llm.n_batch * llm.n_batch])
                 end = yield from out.hand_out((token,))
                 if end is not None:
@@ -494,15 +518,16 @@ class LlamaModel(Model):
         """Threads for a lone token's step (llama.cpp's n_threads); batches keep all of them."""
         self._llama_cpp.llama_set_n_threads(self._llm._ctx.ctx, n, self.n_threads)
 
-    def _generate_drafted(self, ids: list[int], opts: GenOptions, tick: Callable[[], bool]) -> Iterator[str]:
+    def _generate_drafted(self, ids: list[int], opts: GenOptions, tick: Callable[[], bool],
+                          deterministic: bool) -> Iterator[str]:
         """Decoding that verifies drafts (none with speculative=False): greedy, the same tokens either way;
         sampled, the model's distribution, the same tokens for the same seed either way (kernels/speculative.py's
         sample_at)."""
         llm, lc = self._llm, self._llama_cpp
         max_tokens = min(opts.max_tokens, self.n_ctx - len(ids))
-        self._keep_blocks(ids)
-        llm.eval(ids[llm.n_tokens:])  # the prompt, in the batches llm.generate() would use
-        self._blocks = list(ids[:len(ids) // llm.n_batch * llm.n_batch])
+        llm.eval(ids[llm.n_tokens:])  # what the cache lacks (_reuse), in the batches llm.generate() would use
+        if deterministic:
+            self._blocks = list(ids[:len(ids) // llm.n_batch * llm.n_batch])
         greedy = opts.temperature == 0
         seed = opts.seed if opts.seed is not None else self._seeds.randrange(2**31)
 
@@ -583,8 +608,77 @@ class LlamaModel(Model):
             if one_thread:
                 self._single_threads(self.n_threads)
 
+    def _reuse(self, ids: list[int], deterministic: bool, fixed: int) -> None:
+        """Leave in the cache (``llm.n_tokens``) the prefix of ``ids`` this call keeps; the caller evaluates the rest.
+
+        By default that is everything the cache holds of ``ids`` (the previous prompt and reply, as far as they
+        agree), and at least the last token is evaluated again for its logits. With a prompt cache, a fixed
+        prefix (a chat's system prompt) the cache lacks is restored from disk, or read and saved there.
+        ``deterministic`` keeps only what a fresh load computes the same way (_keep_blocks).
+        """
+        if deterministic:
+            self._keep_blocks(ids)
+            return
+        llm = self._llm
+        self._blocks = []  # what this call evaluates is cut into other batches than a fresh load's
+        keep = self._window_keeps(min(common_prefix(llm.input_ids[:llm.n_tokens], ids), len(ids) - 1))
+        if self.prompt_cache is not None and keep < fixed < len(ids) and fixed >= MIN_TOKENS:
+            keep = self._fixed_state(ids[:fixed], keep)
+        if keep == 0:
+            llm.reset()
+        else:
+            llm.n_tokens = keep  # llama-cpp-python's generate() and eval() drop the cache after this prefix
+
+    def _window_keeps(self, keep: int) -> int:
+        """``keep``, or 0 where a sliding-window layer has already dropped cells the tokens after ``keep`` attend to.
+
+        With swa_full=False (Gemma 2/3) a sliding layer holds only the last window of positions; rewinding to
+        ``keep`` needs the window before it (llama-server's rule: the oldest cell kept must not be past
+        ``keep - n_swa``). Models without sliding layers keep everything from position 0.
+        """
+        if keep == 0:
+            return 0
+        lc, llm = self._llama_cpp, self._llm
+        oldest = lc.llama_memory_seq_pos_min(lc.llama_get_memory(llm._ctx.ctx), 0)
+        return 0 if oldest > max(0, keep - lc.llama_model_n_swa(llm._model.model)) else keep
+
+    def _fixed_state(self, prefix: list[int], keep: int) -> int:
+        """Put ``prefix`` in the cache from the prompt cache, or read it (after the ``keep`` tokens already there)
+        and save it; the tokens the cache then holds."""
+        llm, lc, cache = self._llm, self._llama_cpp, self.prompt_cache
+        n = len(prefix)
+        path = cache.find(prefix)
+        if path is not None:
+            llm.reset()
+            llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+            got = (lc.llama_token * n)()
+            n_got = ctypes.c_size_t(0)
+            with quiet_llama_log():
+                read = lc.llama_state_seq_load_file(llm._ctx.ctx, os.fsencode(path), 0, got, n, ctypes.byref(n_got))
+            if read and n_got.value == n and list(got) == prefix:
+                llm.input_ids[:n] = prefix
+                llm.n_tokens = n
+                cache.hits += 1
+                return n
+            llm._ctx.kv_cache_seq_rm(-1, 0, -1)  # a state llama.cpp refused: nothing of it stays
+            keep = 0
+            warnings.warn(f"prompt cache {path}: llama.cpp could not restore it; ignored, it is rebuilt",
+                          PromptCacheWarning, stacklevel=2)
+        elif cache.is_saved(prefix):  # saved by this process, then left the cache (another conversation)
+            return keep
+        llm.n_tokens = keep
+        llm.eval(prefix[keep:])
+
+        def write(dest: Path) -> None:
+            toks = (lc.llama_token * n)(*prefix)
+            if not lc.llama_state_seq_save_file(llm._ctx.ctx, os.fsencode(dest), 0, toks, n):
+                raise OSError(f"llama.cpp could not write {dest}")
+
+        cache.store(prefix, write)
+        return n
+
     def _keep_blocks(self, ids: list[int]) -> None:
-        """Keep only the cached prompt blocks a fresh load would compute the same way.
+        """Keep only the cached prompt blocks a fresh load would compute the same way (deterministic=True).
 
         The promise: the same prompt and settings give the same tokens, whatever this model
         generated before. llama.cpp's results depend on how a prompt is cut into batches (a

@@ -23,6 +23,23 @@ Threading contract (the same for every backend):
 A backend subclasses Model and implements the ``_`` hooks below; locking,
 cancellation, stop strings, context checks and truncation live here, once.
 
+What a model has read (the prompt cache, as llama.cpp's server calls it):
+
+- A call evaluates only the prompt tokens its context does not hold yet: the longest common
+  prefix with what it evaluated before, the previous reply included, is kept. A chat's later
+  turns therefore read only the new message; an edit early in the history, another
+  conversation or a prompt cut by ``truncate="left"`` reads again from where it differs.
+- The price: llama.cpp's (and ONNX Runtime's) results depend slightly on how a prompt is cut
+  into batches, so the same prompt can give other tokens at a near-tie after other calls than
+  on a fresh load. ``deterministic=True`` (on load or per call; ``pack run --deterministic``)
+  evaluates every prompt as a fresh load would, keeping only cached whole batches that a fresh
+  load computes the same way: the same prompt and settings then give the same tokens whatever
+  came before. Seeded sampling is seeded either way.
+- ``load(..., prompt_cache=DIR)`` keeps a chat's fixed beginning (its system prompt, as the
+  template renders it) on disk after the first time it is read, and a later load restores it
+  instead of reading it again, where the backend can save its state (GGUF; the file records
+  the model's hash, the engine build and the cache layout, and anything else is rebuilt).
+
 ``Model.engine()`` hands measuring code (`pack bench`, `pack quality`) the engine under the
 model, driven token by token without sampling, as llama-bench and llama-perplexity drive
 llama.cpp: the same loaded weights, threads and context an app gets, for either format.
@@ -93,6 +110,16 @@ class Engine(ABC):
 
 
 @dataclass(frozen=True)
+class Prompt:
+    """A prompt ready for a backend: its token ids, the stop strings its template implies, and how many of its
+    leading tokens are the same on every turn and every launch (a chat's system prompt: what a prompt cache keeps)."""
+
+    ids: list[int]
+    stops: tuple[str, ...] = ()
+    fixed: int = 0
+
+
+@dataclass(frozen=True)
 class GenOptions:
     """Generation options; the bundle's defaults fill what the caller leaves out.
 
@@ -111,6 +138,9 @@ class GenOptions:
     seed: int | None = None
     truncate: str | None = None
     speculative: bool = True  # use the bundle's draft where it has one (greedy output is the same)
+    # None: the model's setting (load(..., deterministic=...)). True: the prompt is evaluated as a fresh
+    # load would (same tokens whatever came before); False: only what the cache lacks (see Model.chat).
+    deterministic: bool | None = None
 
     @classmethod
     def build(cls, defaults: dict[str, Any], opts: dict[str, Any]) -> "GenOptions":
@@ -134,6 +164,8 @@ class GenOptions:
             raise UsageError(f"truncate must be 'left' or None, got {o.truncate!r}")
         if not isinstance(o.speculative, bool):
             raise UsageError(f"speculative must be True or False, got {o.speculative!r}")
+        if o.deterministic is not None and not isinstance(o.deterministic, bool):
+            raise UsageError(f"deterministic must be True, False or None (the model's setting), got {o.deterministic!r}")
         if not all(isinstance(s, str) for s in o.stop):
             raise UsageError("stop must be a string or a list of strings")
         return o
@@ -153,8 +185,7 @@ class Stream(Iterator[str]):
     one more than the text shows when the last one was end-of-text).
     """
 
-    def __init__(self, model: "Model", prepare: Callable[[GenOptions], tuple[list[int], tuple[str, ...]]],
-                 opts: GenOptions) -> None:
+    def __init__(self, model: "Model", prepare: Callable[[GenOptions], Prompt], opts: GenOptions) -> None:
         self._model = model
         self._prepare = prepare
         self._opts = opts
@@ -268,10 +299,11 @@ class Stream(Iterator[str]):
             pass
 
 
-def _run(m: "Model", prepare: Callable[[GenOptions], tuple[list[int], tuple[str, ...]]], opts: GenOptions,
+def _run(m: "Model", prepare: Callable[[GenOptions], Prompt], opts: GenOptions,
          ref: "weakref.ref[Stream]") -> Iterator[str]:
     """The body of a Stream: prompt, backend pieces, stop strings. Holds the stream only weakly."""
-    ids, extra_stops = prepare(opts)
+    prompt = prepare(opts)
+    ids = prompt.ids
 
     def tick() -> bool:
         s = ref()
@@ -281,8 +313,8 @@ def _run(m: "Model", prepare: Callable[[GenOptions], tuple[list[int], tuple[str,
     if s is not None:
         s.n_prompt = len(ids)
     del s
-    stops = StopFilter(opts.stop + extra_stops)
-    backend = m._generate(ids, opts, tick)
+    stops = StopFilter(opts.stop + prompt.stops)
+    backend = m._generate(ids, opts, tick, fixed=prompt.fixed)
     try:
         while True:
             try:
@@ -312,6 +344,8 @@ class Model(ABC):
     n_ctx: int
     n_vocab: int | None = None  # set by a backend that knows it: token-id prompts are checked against it
     defaults: dict[str, Any]
+    deterministic: bool = False  # every prompt evaluated as on a fresh load (GenOptions.deterministic)
+    prompt_cache: Any = None  # where a backend keeps fixed prefixes across loads, or None
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.RLock())
@@ -320,6 +354,7 @@ class Model(ABC):
         self._busy = 0  # calls executing inside the backend right now
         self._closed = False
         self.defaults = {}
+        self._fixed: dict[tuple[str, ...], list[int]] = {}  # leading system messages -> their rendered tokens
 
     # -- backend hooks ---------------------------------------------------------------
     @abstractmethod
@@ -335,10 +370,11 @@ class Model(ABC):
         as token ids, and any stop strings the template implies."""
 
     @abstractmethod
-    def _generate(self, ids: list[int], opts: GenOptions, tick: Callable[[], bool]) -> Iterator[str]:
+    def _generate(self, ids: list[int], opts: GenOptions, tick: Callable[[], bool], *, fixed: int = 0) -> Iterator[str]:
         """Yield text pieces decoded after ``ids`` (which fit the context). Call ``tick()`` once
         per sampled token and stop at once when it returns False. Stop strings are handled
-        by the caller. Return "stop" (end of text) or "length" (max_tokens, end of context)."""
+        by the caller. Return "stop" (end of text) or "length" (max_tokens, end of context).
+        The first ``fixed`` ids are a prefix worth keeping across loads (``Prompt.fixed``)."""
 
     @abstractmethod
     def _free(self) -> None:
@@ -360,11 +396,11 @@ class Model(ABC):
             if bad:  # llama.cpp would fail mid-decode on it
                 raise UsageError(f"token id {bad[0]} is not in the vocabulary (0..{self.n_vocab - 1})")
 
-        def prepare(o: GenOptions) -> tuple[list[int], tuple[str, ...]]:
+        def prepare(o: GenOptions) -> Prompt:
             ids = self._encode(prompt, add_special=True) if isinstance(prompt, str) else list(prompt)
             if not ids:  # nothing to continue from: the backend has no logits to sample
                 raise UsageError("the prompt is empty: give some text or token ids")
-            return self._fit(ids, o), ()
+            return Prompt(self._fit(ids, o))
 
         return Stream(self, prepare, o)
 
@@ -387,8 +423,9 @@ class Model(ABC):
             raise UsageError('messages must be a non-empty list of {"role": str, "content": str} dicts')
         msgs = [dict(m) for m in messages]  # the caller may edit its list while we stream
 
-        def prepare(o: GenOptions) -> tuple[list[int], tuple[str, ...]]:
-            return self._fit_chat(msgs, o)
+        def prepare(o: GenOptions) -> Prompt:
+            ids, stops = self._fit_chat(msgs, o)
+            return Prompt(ids, stops, self._fixed_prefix(msgs, ids) if self.prompt_cache is not None else 0)
 
         return Stream(self, prepare, o)
 
@@ -501,3 +538,36 @@ class Model(ABC):
                 what = "the conversation" if o.truncate != "left" else "the last message (with the system prompt)"
                 raise self._overflow(len(ids), what)
             del msgs[droppable[0]]
+
+    def _is_deterministic(self, o: GenOptions) -> bool:
+        return self.deterministic if o.deterministic is None else o.deterministic
+
+    def _fixed_prefix(self, msgs: list[Message], ids: list[int]) -> int:
+        """How many leading ``ids`` are the conversation's fixed beginning: what the template renders before the
+        first user message, whatever that message says (two probe messages tell it apart), with the system prompt."""
+        lead = []
+        for m in msgs:
+            if m["role"] != "system":
+                break
+            lead.append(m)
+        key = tuple(m["content"] for m in lead)
+        if key not in self._fixed:
+            try:
+                a, _ = self._chat_prompt(lead + [{"role": "user", "content": "A"}])
+                b, _ = self._chat_prompt(lead + [{"role": "user", "content": "B"}])
+            except Exception:  # a template that refuses a lone user message: nothing is fixed
+                a, b = [], []
+            self._fixed[key] = a[:common_prefix(a, b)]
+            if len(self._fixed) > 64:  # many system prompts: keep the newest
+                self._fixed.pop(next(iter(self._fixed)))
+        return common_prefix(self._fixed[key], ids)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two token sequences."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

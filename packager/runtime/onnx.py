@@ -3,7 +3,9 @@
 The bundle's model/ folder is what onnxruntime-genai reads: model.onnx, its external
 data, genai_config.json and the tokenizer files. Tokens are driven by genai's own
 Generator (its KV cache shares one buffer between steps) and decoded to text by its
-TokenizerStream, one piece per token. Prompts are encoded with the tokenizer.json
+TokenizerStream, one piece per token. One Generator is kept between calls (genai's chat
+mode): a call rewinds it to the longest prefix it shares with the new prompt and appends
+the rest, so a chat's later turns read only their new message. Prompts are encoded with the tokenizer.json
 through the ``tokenizers`` library, which (unlike genai's encoder) can leave out the
 special tokens a chat template has already written.
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -19,7 +23,8 @@ from packager.bundle.verify import Bundle
 from packager.errors import BackendMissingError, BundleError, ConversionError, UsageError, missing_backend
 from packager.formats.onnx import PROMPT_CHUNK
 from packager.host import default_threads
-from packager.runtime.model import Engine, EngineInfo, GenOptions, Message, Model
+from packager.runtime.model import Engine, EngineInfo, GenOptions, Message, Model, common_prefix
+from packager.runtime.prompt_cache import PromptCacheWarning
 from packager.spec.chat_template import render, source_template, token_text
 
 
@@ -123,14 +128,33 @@ class OnnxEngine(Engine):
         self._gen.append_tokens(list(tokens))
 
 
+@dataclass
+class _Kept:
+    """The Generator kept between calls, the search options it was made with, and the tokens in its KV cache."""
+
+    gen: Any
+    key: tuple[Any, ...]
+    tokens: list[int] = field(default_factory=list)
+
+
 class OnnxModel(Model):
     """An ONNX int4 bundle loaded into onnxruntime-genai."""
 
     ENGINE = "onnxruntime_genai"  # the module that runs it (pack bench times its import apart from the load)
 
     def __init__(self, bundle: Bundle, *, n_ctx: int | None = None, n_threads: int | None = None,
-                 seed: int | None = None, execution_provider: str | None = None) -> None:
+                 seed: int | None = None, execution_provider: str | None = None, deterministic: bool = False,
+                 prompt_cache: Any = None) -> None:
         super().__init__()
+        if not isinstance(deterministic, bool):
+            raise UsageError(f"deterministic must be True or False, got {deterministic!r}")
+        self.deterministic = deterministic
+        if prompt_cache is not None:
+            # genai (0.11) has no call that saves or restores a Generator's KV state: said once, the load goes on.
+            warnings.warn("prompt_cache: onnxruntime-genai cannot save a generator's state, so an ONNX bundle reads "
+                          "its system prompt once per load (GGUF bundles restore it from disk)", PromptCacheWarning,
+                          stacklevel=3)
+        self._kept: _Kept | None = None
         og = _genai()
         from tokenizers import Tokenizer
 
@@ -196,30 +220,56 @@ class OnnxModel(Model):
         return self._encode(renderer(messages), add_special=False), ((eos,) if eos else ())
 
     # -- generation -----------------------------------------------------------------------
-    def _generate(self, ids: list[int], opts: GenOptions, tick: Callable[[], bool]) -> Iterator[str]:
-        og = self._og
-        max_new = min(opts.max_tokens, self.n_ctx - len(ids))
-        params = og.GeneratorParams(self._model)
-        search: dict[str, Any] = {"max_length": len(ids) + max_new, "repetition_penalty": float(opts.repeat_penalty)}
+    def _generator(self, ids: list[int], opts: GenOptions) -> tuple[_Kept, int]:
+        """The Generator for this call and how many of ``ids`` its cache keeps.
+
+        The kept one, rewound to the prefix it shares with ``ids`` (at least the last token is read again for
+        its logits), where its search options are this call's and the call allows it; else a new one. A new one
+        is made for deterministic calls (the prompt read as on a fresh load) and for seeded sampling (genai seeds
+        a Generator once, when it is made: the same seed then gives the same tokens whatever came before).
+        """
+        search: dict[str, Any] = {"repetition_penalty": float(opts.repeat_penalty)}
         if opts.temperature > 0:
             search.update(do_sample=True, temperature=float(opts.temperature), top_p=float(opts.top_p),
-                          top_k=int(opts.top_k or self._vocab),
-                          random_seed=int(opts.seed if opts.seed is not None else self._seeds.randrange(2**31)))
+                          top_k=int(opts.top_k or self._vocab))
         else:
             search.update(do_sample=False, top_k=1)
-        params.set_search_options(**search)
-        gen = og.Generator(self._model, params)
+        key = tuple(sorted(search.items()))
+        kept = self._kept
+        fresh = self._is_deterministic(opts) or (opts.temperature > 0 and opts.seed is not None)
+        if kept is not None and kept.key == key and not fresh:
+            keep = min(common_prefix(kept.tokens, ids), len(ids) - 1)
+            if keep > 0:
+                kept.gen.rewind_to(keep)
+                del kept.tokens[keep:]
+                return kept, keep
+        self._kept = None  # the old generator's KV buffers go before the new one allocates its own
+        kept = None
+        if opts.temperature > 0:
+            search["random_seed"] = int(opts.seed if opts.seed is not None else self._seeds.randrange(2**31))
+        params = self._og.GeneratorParams(self._model)
+        params.set_search_options(max_length=self.n_ctx, **search)
+        self._kept = _Kept(self._og.Generator(self._model, params), key)
+        return self._kept, 0
+
+    def _generate(self, ids: list[int], opts: GenOptions, tick: Callable[[], bool], *, fixed: int = 0) -> Iterator[str]:
+        max_new = min(opts.max_tokens, self.n_ctx - len(ids))
+        kept, keep = self._generator(ids, opts)
+        gen = kept.gen
         try:
             # The prompt, a chunk at a time: the graph returns every position's logits, so one pass over
             # a long prompt would hold prompt x vocabulary floats (a 4k prompt: 2.5 GB for Qwen's vocab).
-            for i in range(0, len(ids), PROMPT_CHUNK):
+            for i in range(keep, len(ids), PROMPT_CHUNK):
                 gen.append_tokens(ids[i:i + PROMPT_CHUNK])
+                kept.tokens.extend(ids[i:i + PROMPT_CHUNK])
             stream = self._genai_tok.create_stream()
-            n = 0
+            n, token = 0, None
             while True:
                 if not tick():
                     return "cancelled"
-                gen.generate_next_token()
+                gen.generate_next_token()  # reads the last token handed out (now in the cache), samples the next
+                if token is not None:
+                    kept.tokens.append(token)
                 token = int(gen.get_next_tokens()[0])
                 if token in self._eos:
                     return "stop"
@@ -229,12 +279,15 @@ class OnnxModel(Model):
                     yield piece
                 if n >= max_new or gen.is_done():
                     return "length"
-        finally:
-            del gen
+        except (Exception, KeyboardInterrupt):  # not GeneratorExit: a stream closed between tokens leaves it whole
+            self._kept = None  # a generator left mid-step is not trusted again
+            raise
 
     def _engine(self) -> OnnxEngine:
+        self._kept = None  # measuring makes its own generators; two KV buffers would double the memory measured
         return OnnxEngine(self)
 
     def _free(self) -> None:
+        self._kept = None
         self._genai_tok = None
         self._model = None
