@@ -77,6 +77,7 @@ def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, bool], 
 
 # -- GGUF: against llama.cpp's converter, and llama.cpp against transformers ----------------------
 
+@pytest.mark.slow  # GGUFReader parses a 128k-150k token vocabulary: ~15 s a file
 @pytest.mark.parametrize("name", list(FIXTURES))
 def test_f16_is_byte_identical_to_convert_hf_to_gguf(name, gguf_f16):
     ours, ref = gguf_f16(name), oracle.reference_gguf(FIXTURES[name](), "f16")
@@ -84,6 +85,7 @@ def test_f16_is_byte_identical_to_convert_hf_to_gguf(name, gguf_f16):
     assert _fields(ours) == _fields(ref)  # general.* differs on purpose (name and size label from the source)
 
 
+@pytest.mark.slow  # GGUFReader parses a 128k-150k token vocabulary: ~15 s a file
 def test_gguf_carries_each_family_s_structure(gguf_f16):
     q = _fields(gguf_f16("qwen3"))
     assert (q["qwen3.attention.key_length"], q["qwen3.attention.value_length"]) == (32, 32)  # not 64 / 4
@@ -98,6 +100,7 @@ def test_gguf_carries_each_family_s_structure(gguf_f16):
     assert not [k for k in s if "rope" in k and "layer" in k]  # llama.cpp reads no NoPE key: it is fixed
 
 
+@pytest.mark.slow  # GGUFReader parses a 128k-150k token vocabulary: ~15 s a file
 @pytest.mark.parametrize("name", list(FIXTURES))
 def test_planner_implies_the_tensors_written(name, gguf_f16):
     """`pack plan` sizes (and checks the checkpoint against) the tensor list the converter writes: q/k norms too."""
