@@ -287,3 +287,23 @@ def test_chat_through_packager_load(name, fmt, tmp_path):
         assert reply.n_generated >= 1 and reply.n_prompt > len(m.tokenize(question[0]["content"], add_special=False))
         assert m.chat(question, max_tokens=6) == text  # greedy: the same again
     shutil.rmtree(result.path)
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+@pytest.mark.parametrize("cfg", [QWEN3_06B, SMOLLM3_3B], ids=["qwen3-0.6b", "smollm3-3b"])
+def test_pack_plan_reads_the_config_alone(cfg, fmt, tmp_path):
+    """`pack plan` on a folder holding only the real config.json: a plan in each format, the q/k norms counted."""
+    import subprocess
+    import sys
+
+    from packager.formats.gguf import gguf_tensors
+    from packager.spec.model import spec_from_config
+
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    r = subprocess.run([sys.executable, "-m", "packager.cli", "plan", str(tmp_path), "--target", "laptop",
+                        "--format", fmt, "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)["plan"]
+    assert plan["format"] == fmt and plan["memory"]["weights"] > 0
+    norms = [n for n, _ in gguf_tensors(spec_from_config(cfg)) if n.endswith(("attn_q_norm.weight", "attn_k_norm.weight"))]
+    assert len(norms) == (2 * cfg["num_hidden_layers"] if cfg is QWEN3_06B else 0)
