@@ -86,6 +86,16 @@ def test_f16_is_byte_identical_to_convert_hf_to_gguf(name, gguf_f16):
 
 
 @pytest.mark.slow  # GGUFReader parses a 128k-150k token vocabulary: ~15 s a file
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_q4_k_m_equals_llama_quantize(name, tmp_path):
+    """The type llama.cpp's quantizer picks for each tensor (the q/k norms kept f32), and the bytes."""
+    ref = oracle.reference_quantize(oracle.reference_gguf(FIXTURES[name](), "f16"), "Q4_K_M")
+    ours = tmp_path / "ours.gguf"
+    convert_gguf(resolve(FIXTURES[name](), hash_files=False, quiet=True), get_quant("Q4_K_M"), ours, quiet=True)
+    _assert_same_tensors(ours, ref)
+
+
+@pytest.mark.slow  # GGUFReader parses a 128k-150k token vocabulary: ~15 s a file
 def test_gguf_carries_each_family_s_structure(gguf_f16):
     q = _fields(gguf_f16("qwen3"))
     assert (q["qwen3.attention.key_length"], q["qwen3.attention.value_length"]) == (32, 32)  # not 64 / 4
