@@ -31,6 +31,16 @@ def tiny_llama() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3() -> Path:
+    return models.tiny_qwen3()
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm3() -> Path:
+    return models.tiny_smollm3()
+
+
+@pytest.fixture(scope="session")
 def smollm2_hf() -> Path:
     return models.smollm2_hf()
 

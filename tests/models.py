@@ -583,3 +583,57 @@ def tiny_phi35() -> Path:
         "tiny-phi35", seed=5, max_position_embeddings=8192, original_max_position_embeddings=256,
         rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long}, sliding_window=262144,
     )
+
+
+# -- Qwen3 and SmolLM3 fixtures for tests/test_families.py ------------------------------------
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    """A fixture's real tokenizer files (and its generation config) into another checkpoint."""
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+              "chat_template.jinja", "generation_config.json"):
+        if (src / f).exists():
+            shutil.copyfile(src / f, dst / f)
+
+
+def tiny_qwen3() -> Path:
+    """A random 3-layer Qwen3 (q/k norms, head_dim 32 unlike hidden/heads = 16, no biases, tied) with Qwen2's
+    tokenizer (Qwen3 ships the same one). The norms are random so that q_norm and k_norm cannot be swapped
+    or skipped unnoticed."""
+
+    def build(tmp: Path) -> None:
+        from transformers import Qwen3Config
+
+        config = Qwen3Config(
+            vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
+            rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False,
+            use_sliding_window=False, bos_token_id=151643, eos_token_id=151645,
+        )
+        config.architectures = ["Qwen3ForCausalLM"]
+        _save_random(config, tmp, seed=6, norm_std=0.3)
+        _copy_tokenizer(tiny_qwen2(), tmp)  # after saving: the source's generation config, not transformers'
+        (tmp / "LICENSE").write_text("Apache License 2.0 (test fixture)\n")
+
+    return _atomic_build(CACHE / f"tiny-qwen3-v{FIXTURE_VERSION}.{ARCH_RECIPE}", build)
+
+
+def tiny_smollm3() -> Path:
+    """A random 4-layer SmolLM3 (no RoPE on layer 3, as no_rope_layers says by default; head_dim 32 unlike
+    hidden/heads = 16; tied) with Llama-3's tokenizer (SmolLM3 ships Llama-3's vocabulary)."""
+
+    def build(tmp: Path) -> None:
+        from transformers import SmolLM3Config
+
+        config = SmolLM3Config(
+            vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
+            rope_theta=2000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+            bos_token_id=128000, eos_token_id=128009, pad_token_id=128004,
+        )
+        assert config.no_rope_layers == [1, 1, 1, 0]
+        config.architectures = ["SmolLM3ForCausalLM"]
+        _save_random(config, tmp, seed=7, norm_std=0.1)
+        _copy_tokenizer(tiny_llama(), tmp)  # after saving: the source's generation config, not transformers'
+        (tmp / "LICENSE").write_text("Apache License 2.0 (test fixture)\n")
+
+    return _atomic_build(CACHE / f"tiny-smollm3-v{FIXTURE_VERSION}.{ARCH_RECIPE}", build)

@@ -159,6 +159,7 @@ def _external(model_dir: Path) -> dict[str, tuple[int, int, tuple[int, ...]]]:
 
 @pytest.mark.parametrize("algorithm, block, fixture", [
     ("rtn", 32, "tiny_qwen2"), ("hqq", 32, "tiny_qwen2"),
+    ("rtn", 32, "tiny_qwen3"), ("rtn", 32, "tiny_smollm3"),  # q/k norms (f32) beside the blocks; NoPE layers
     # 576 = 4.5 blocks of 128: the correction pads the activations' last block (and the embedding stays f32)
     pytest.param("hqq", 128, "smollm2_hf", marks=pytest.mark.slow, id="hqq-128-ragged-smollm2")])
 def test_int4_graph_computes_its_dequantized_weights(algorithm, block, fixture, request, tmp_path):

@@ -7,6 +7,7 @@ from typing import Any
 import gguf
 
 from packager.archs.registry import Arch, Config
+from packager.errors import UnsupportedArchitectureError
 
 
 def head_dim(cfg: Config) -> int:
@@ -64,3 +65,15 @@ def rope_parameters(cfg: Config) -> dict[str, Any]:
     if "rope_theta" not in rope and cfg.get("rope_theta") is not None:
         rope["rope_theta"] = cfg["rope_theta"]
     return rope
+
+
+def refuse_sliding_window(cfg: Config, family: str) -> None:
+    """Qwen3 and SmolLM3 configs may ask transformers for a window on some layers (use_sliding_window);
+    llama.cpp's qwen3/smollm3 and edgepack's graph attend over the whole context on every layer, so
+    such a model would convert into one that computes something else: refuse it."""
+    if cfg.get("use_sliding_window") and cfg.get("sliding_window"):
+        raise UnsupportedArchitectureError(
+            f"config.json: use_sliding_window is true, but {family} converts with full attention on every layer "
+            "(as llama.cpp runs it); set use_sliding_window to false if the model was trained without a window, "
+            "or pack another model"
+        )

@@ -11,7 +11,7 @@ from packager.archs.common import head_dim, rope_parameters
 from packager.archs.registry import Arch, Config, Family, OnnxArch, register
 
 
-def _llama_hparams(cfg: Config, w: gguf.GGUFWriter) -> None:
+def llama_hparams(cfg: Config, w: gguf.GGUFWriter) -> None:
     w.add_vocab_size(int(cfg["vocab_size"]))
     w.add_rope_dimension_count(head_dim(cfg))
 
@@ -44,6 +44,6 @@ def llama3_rope_freqs(cfg: Config) -> list[tuple[str, np.ndarray]]:
     return [(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", np.array(factors, dtype=np.float32))]
 
 
-LLAMA = Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, extra_hparams=_llama_hparams, extra_tensors=llama3_rope_freqs)
+LLAMA = Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, extra_hparams=llama_hparams, extra_tensors=llama3_rope_freqs)
 register(Family(("LlamaForCausalLM",), gguf=LLAMA, onnx=OnnxArch("llama")))
 register(Family(("MistralForCausalLM",), gguf=LLAMA, onnx=OnnxArch("mistral")))

@@ -1,6 +1,6 @@
 """The registry of model families: what each converter, the spec and tensor naming need of one.
 
-A family module (llama.py, qwen2.py, gemma2.py, phi3.py) registers a :class:`Family` for the
+A family module (llama.py, qwen2.py, qwen3.py, smollm3.py, gemma2.py, phi3.py) registers a :class:`Family` for the
 Hugging Face class names it takes: its GGUF side (:class:`Arch`: llama.cpp's architecture, its
 hyper-parameters and tensor changes) and its ONNX side (:class:`OnnxArch`: the genai model type
 and which projections the checkpoint stores fused), either absent where that converter lacks it.
@@ -32,6 +32,8 @@ class Arch:
     # Gemma-2 writes no rope keys (llama.cpp's defaults are Gemma's) and its own head dims.
     common_hparams: bool = True
     extra_tensors: Callable[[Config], list[tuple[str, np.ndarray]]] = field(default=lambda cfg: [])
+    # Qwen3 stores an RMSNorm per head for q and k (attn_q_norm / attn_k_norm, head_dim wide, each layer).
+    qk_norm: bool = False
 
     @property
     def name(self) -> str:
@@ -46,6 +48,12 @@ class OnnxArch:
     fused_qkv: bool = False  # Phi-3 stores q/k/v as one qkv_proj
     fused_gate_up: bool = False  # and gate/up as one gate_up_proj
     rope_types: tuple[str, ...] = ("default", "linear", "llama3")
+    # Qwen3 RMS-normalizes each head of q and k (self_attn.q_norm / k_norm) before RoPE.
+    qk_norm: bool = False
+    # Which layers apply RoPE (SmolLM3 skips it on some); None: every layer.
+    rope_layers: Callable[[Config], tuple[bool, ...]] | None = None
+    # Refuses a config this graph would compute differently from transformers (one line naming the field).
+    check: Callable[[Config], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from typing import Sequence
 
 from gguf import GGMLQuantizationType
 
+from packager.archs import FAMILIES
 from packager.formats.base import MiB, Format, Memory, gb, kv_bytes, padded_ctx, part_too_small
 from packager.formats.weights import Tensor, WeightLayout
 from packager.quants import QUANTS, QuantType, get_quant, tensor_bytes, tensor_types
@@ -61,6 +62,8 @@ def gguf_tensors(spec: ModelSpec, *, has_bias: bool | None = None, tied: bool | 
     tied = spec.tied_embeddings if tied is None else tied
     fused = spec.model_type in ("phi3", "phi3_v") or spec.architecture.startswith("Phi3")
     gemma2 = spec.model_type in ("gemma2", "gemma3", "gemma3_text")
+    family = FAMILIES.get(spec.architecture)
+    qk_norm = bool(family and family.gguf and family.gguf.qk_norm)
     out: list[Tensor] = [("token_embd.weight", (spec.vocab_size, h)), ("output_norm.weight", (h,))]
     if not tied:
         out.append(("output.weight", (spec.vocab_size, h)))
@@ -77,6 +80,8 @@ def gguf_tensors(spec: ModelSpec, *, has_bias: bool | None = None, tied: bool | 
         out += [(b + "attn_output.weight", (h, q)), (b + "ffn_down.weight", (h, ff))]
         if gemma2:
             out += [(b + "post_attention_norm.weight", (h,)), (b + "post_ffw_norm.weight", (h,))]
+        if qk_norm:
+            out += [(b + "attn_q_norm.weight", (spec.head_dim,)), (b + "attn_k_norm.weight", (spec.head_dim,))]
     return out
 
 

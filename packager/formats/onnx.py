@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from packager.archs import FAMILIES
 from packager.errors import UsageError
 from packager.formats.base import MiB, Format, Memory, gb, kv_bytes, part_too_small
 from packager.formats.weights import Tensor, WeightLayout
@@ -136,14 +137,24 @@ class Dims:
     max_positions: int
     attn_scale: float
     window: int = -1  # sliding-window size for GroupQueryAttention's local_window_size; -1: none
+    qk_norm: bool = False  # each head of q and k RMS-normalized before RoPE (Qwen3)
+    rope_layers: tuple[bool, ...] = ()  # whether each layer applies RoPE (SmolLM3); empty: every layer
+
+    def __post_init__(self) -> None:
+        if self.rope_layers and len(self.rope_layers) != self.n_layers:
+            raise ValueError(f"rope_layers has {len(self.rope_layers)} entries for {self.n_layers} layers")
+
+    def rope(self, layer: int) -> bool:
+        return not self.rope_layers or self.rope_layers[layer]
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> "Dims":
         """The shape a plan sizes (full rotary, the spec's context as the caches' length)."""
+        family = FAMILIES.get(spec.architecture)
         return cls(n_layers=spec.n_layers, hidden=spec.hidden_size, intermediate=spec.intermediate_size,
                    n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim, vocab=spec.vocab_size,
                    rms_eps=1e-6, rotary_dim=spec.head_dim, max_positions=spec.context_length,
-                   attn_scale=spec.head_dim ** -0.5)
+                   attn_scale=spec.head_dim ** -0.5, qk_norm=bool(family and family.onnx and family.onnx.qk_norm))
 
 
 @dataclass(frozen=True)
@@ -228,6 +239,9 @@ def declare(d: Dims, fmt: WeightFormat, *, has_bias: bool, tied: bool, int4_embe
         fmt.linear_inits(layout, f"{pre}.attn.qkv_proj", q_n + 2 * kv_n, d.hidden)
         if has_bias:
             layout.add(f"{pre}.attn.qkv_proj.bias", f32, (q_n + 2 * kv_n,))
+        if d.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                layout.add(f"{pre}.attn.{norm}.weight", f32, (d.head_dim,))
         fmt.linear_inits(layout, f"{pre}.attn.o_proj", d.hidden, q_n)
         # gate and up read the same input: one MatMulNBits over their stacked rows quantizes the
         # activations once and dispatches the thread pool once (benchmarks/onnx_speed.py).

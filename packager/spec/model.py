@@ -91,7 +91,10 @@ def spec_from_config(config: dict[str, Any], where: str = "config.json") -> Mode
     vocab = _int(_get(config, ["vocab_size"], where), "vocab_size", where)
     ctx = _int(_get(config, ["max_position_embeddings", "n_positions", "seq_length"], where, default=2048),
                "max_position_embeddings", where)
-    tied = bool(config.get("tie_word_embeddings", config.get("model_type") in ("gemma", "gemma2", "gemma3_text")))
+    # Absent, transformers' PretrainedConfig default (tied) holds for the config classes that take no
+    # tie_word_embeddings of their own (Gemma's, SmolLM3's: save_pretrained then leaves the key out).
+    tied = bool(config.get("tie_word_embeddings",
+                           config.get("model_type") in ("gemma", "gemma2", "gemma3_text", "smollm3")))
     bias = bool(config.get("attention_bias", config.get("model_type") == "qwen2"))
     q, kv = n_heads * head_dim, n_kv * head_dim
     per_layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter + 2 * hidden

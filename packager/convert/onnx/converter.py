@@ -134,7 +134,9 @@ class Slot:
     offset: float = 0.0  # added to the values (Gemma-style norms)
 
 
-def _dims(cfg: dict[str, Any]):
+def _dims(cfg: dict[str, Any], arch: OnnxArch) -> Dims:
+    if arch.check:
+        arch.check(cfg)
     spec = spec_from_config(cfg)
     rope = rope_parameters(cfg)
     fraction = float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor")) or 1.0)
@@ -148,6 +150,7 @@ def _dims(cfg: dict[str, Any]):
         n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim, vocab=spec.vocab_size,
         rms_eps=float(cfg.get("rms_norm_eps") or 1e-6), rotary_dim=int(spec.head_dim * fraction),
         max_positions=spec.context_length, attn_scale=1.0 / math.sqrt(spec.head_dim), window=window,
+        qk_norm=arch.qk_norm, rope_layers=arch.rope_layers(cfg) if arch.rope_layers else (),
     )
 
 
@@ -181,7 +184,7 @@ def rope_caches(cfg: dict[str, Any], arch: OnnxArch, rotary_dim: int, max_positi
 def plan_slots(ckpt: Checkpoint, cfg: dict[str, Any], arch: OnnxArch, opts: OnnxOptions, part_bytes: int | None = None):
     """Every initializer's place in the data file (formats.onnx.declare, as the planner sizes it), and
     where each checkpoint tensor's rows go."""
-    d = _dims(cfg)
+    d = _dims(cfg, arch)
     spec = spec_from_config(cfg)
     fmt = opts.weight_format
     slots: dict[str, list[Slot]] = {}
@@ -209,6 +212,9 @@ def plan_slots(ckpt: Checkpoint, cfg: dict[str, Any], arch: OnnxArch, opts: Onnx
         if has_bias:
             for name, row in (("q_proj", 0), ("k_proj", q_n), ("v_proj", q_n + kv_n)):
                 put(f"{att}.{name}.bias", Slot("float", f"{qkv}.bias", row))
+        if d.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                put(f"{att}.{norm}.weight", Slot("float", f"{pre}.attn.{norm}.weight"))
         put(f"{att}.o_proj.weight", Slot("linear", f"{pre}.attn.o_proj"))
         gate_up = f"{pre}.mlp.gate_up_proj"
         if arch.fused_gate_up:

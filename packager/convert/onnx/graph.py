@@ -2,7 +2,8 @@
 
 Per layer: SimplifiedLayerNormalization (or SkipSimplifiedLayerNormalization, which also
 adds the residual), one MatMulNBits over the packed q/k/v rows (with the qkv bias as
-its bias input), GroupQueryAttention with rotary embedding inside (cos/sin caches),
+its bias input; Qwen3: split, each head of q and k RMS-normalized), GroupQueryAttention
+with rotary embedding inside (cos/sin caches; none on SmolLM3's NoPE layers),
 MatMulNBits for o_proj, then the SwiGLU MLP (gate and up as one MatMulNBits, then Split);
 a final norm and lm_head. The graph's inputs and outputs carry the names genai_config.json
 declares (input_ids, attention_mask, past_key_values.N.key/value -> logits,
@@ -129,14 +130,16 @@ class GraphBuilder:
             x, residual = self._norm(f"model.layers.{i}.input_layernorm.weight", residual, pending, f"{p}/input_layernorm")
             qkv = self.linear(f"model.layers.{i}.attn.qkv_proj", x, q_n + 2 * kv_n, d.hidden, f"{p}/attn/qkv_proj/MatMul",
                               bias=f"model.layers.{i}.attn.qkv_proj.bias" if qkv_bias else None)
+            qkv_inputs = self._qk_norm(i, qkv) if d.qk_norm else [qkv, "", ""]
+            rope = d.rope(i)  # a NoPE layer (SmolLM3) attends without positions: no rotation, no caches
             attrs = dict(num_heads=d.n_heads, kv_num_heads=d.n_kv_heads, scale=d.attn_scale, softcap=0.0,
-                         do_rotary=1, rotary_interleaved=0)
+                         do_rotary=int(rope), rotary_interleaved=0)
             if d.window > 0:
                 attrs["local_window_size"] = d.window
             self.nodes.append(_onnx().helper.make_node(
                 "GroupQueryAttention",
-                [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
-                 "cos_cache", "sin_cache"],
+                [*qkv_inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
+                 *(["cos_cache", "sin_cache"] if rope else [])],
                 [f"{p}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
                 name=f"{p}/attn/GroupQueryAttention", domain=MS, **attrs))
             attn = self.linear(f"model.layers.{i}.attn.o_proj", f"{p}/attn/GroupQueryAttention/output_0", d.hidden, q_n,
@@ -155,6 +158,23 @@ class GraphBuilder:
                              "/model/norm", domain=MS, epsilon=d.rms_eps)
         self.linear("lm_head", final, d.vocab, d.hidden, "/lm_head/MatMul", out="logits")
         return self._model()
+
+    def _qk_norm(self, i: int, qkv: str) -> list[str]:
+        """q, k and v apart, each head of q and k RMS-normalized (Qwen3's q_norm/k_norm), for
+        GroupQueryAttention to rotate after: transformers normalizes before RoPE."""
+        d, p = self.d, f"/model/layers.{i}/attn"
+        q_n, kv_n = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
+        q, k, v = self.node("Split", [qkv, self.const_i64(f"{p}/qkv/Split/sizes", [q_n, kv_n, kv_n])],
+                            f"{p}/qkv/Split", n_out=3, axis=-1)
+        heads = self.const_i64(f"{p}/qk_norm/heads", [0, 0, -1, d.head_dim])  # [b, s, heads, head_dim]
+        out = []
+        for name, x, n in (("q_norm", q, q_n), ("k_norm", k, kv_n)):
+            (x,) = self.node("Reshape", [x, heads], f"{p}/{name}/Reshape")
+            (x,) = self.node("SimplifiedLayerNormalization", [x, f"model.layers.{i}.attn.{name}.weight"],
+                             f"{p}/{name}/SimplifiedLayerNormalization", axis=-1, epsilon=d.rms_eps, stash_type=1)
+            (x,) = self.node("Reshape", [x, self.const_i64(f"{p}/{name}/rows", [0, 0, n])], f"{p}/{name}/Reshape/Rows")
+            out.append(x)
+        return [out[0], out[1], v]
 
     def _gather_correction(self, base: str, h: str) -> str:
         """HQQ's per-block correction (kernels/hqq.py) added to the gathered embedding rows."""
