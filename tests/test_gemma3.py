@@ -181,7 +181,7 @@ def _llama_logits(path: Path, n_ctx: int, ids: list[int] | None = None, text: st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("n_repeats", "n_ctx"), [(0, 256), (80, 1024)], ids=["past-window", "past-cache"])
+@pytest.mark.parametrize(("n_repeats", "n_ctx"), [(0, 256), (48, 1024)], ids=["past-window", "past-cache"])
 def test_f16_logits_match_transformers(n_repeats, n_ctx, f16):
     """31 tokens over a 16-token window; then ~900 tokens, two micro-batches, more than the 768 cells the
     sliding layers' windowed cache holds, so cells are reused (evicted) while llama.cpp decodes."""
@@ -239,33 +239,33 @@ def test_plan_kv_equals_what_llama_cpp_allocates_at_load(bundle, n_ctx):
         spec = load_spec(models.tiny_gemma3())
         planned = memory(spec, scheme("gguf", "Q8_0"), n_ctx, "f16").kv_cache / (1 << 20)
         assert planned == pytest.approx(logged, rel=0.03), (planned, logged)
-        # and the windowed cache is what was allocated: full-context caches would be this much
+        # and the windowed cache is what was allocated: the sliding layers' 768 cells, not n_ctx
         full = 2 * spec.n_layers * spec.kv_dim * n_ctx * 2 / (1 << 20)
-        assert n_ctx < 1024 or logged < 0.6 * full
+        assert n_ctx < 1024 or logged < 0.8 * full
     finally:
         model.close()
 
 
 @pytest.mark.slow
 def test_chat_through_load_past_the_window(bundle):
-    """Greedy replies through packager.load; the second turn resumes a cache whose window has moved on,
-    and must give what a fresh load gives for the same messages."""
+    """Greedy replies through packager.load give what a fresh load gives for the same messages: a turn
+    that continues the conversation, and one that departs from it ~1300 tokens back, just past the
+    first 512-token block, where the sliding layers' cache (768 cells) has already dropped the
+    16 positions the departing tokens attend to (a resumed cache must not be trusted there)."""
     import packager
 
-    turn1 = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 60}]
+    a = "The quick brown fox jumps over the lazy dog. " * 46 + "Yes yes "  # 514 tokens with the turn's header
+    b = "Small language models run on phones and laptops. " * 120
+    turn1 = [{"role": "user", "content": a + b}]
+    fork = [{"role": "user", "content": a + "Hi."}]  # 521 tokens: every one past 512 looks back before it
     with packager.load(bundle) as model:
-        reply = model.chat(turn1, max_tokens=24, temperature=0)
+        reply = model.chat(turn1, max_tokens=16, temperature=0)
         assert isinstance(reply, str) and reply
-        turn2 = turn1 + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Small models run on phones."}]
-        again = model.chat(turn2, max_tokens=24, temperature=0)
-        other = model.chat([turn1[0], {"role": "assistant", "content": "No."},
-                            {"role": "user", "content": "Small models run on phones."}], max_tokens=24, temperature=0)
-    with packager.load(bundle) as fresh:
-        assert fresh.chat(turn2, max_tokens=24, temperature=0) == again
-    with packager.load(bundle) as fresh:
-        assert fresh.chat([turn1[0], {"role": "assistant", "content": "No."},
-                           {"role": "user", "content": "Small models run on phones."}], max_tokens=24,
-                          temperature=0) == other
+        turn2 = turn1 + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Hello world."}]
+        replies = [model.chat(turn2, max_tokens=16, temperature=0), model.chat(fork, max_tokens=16, temperature=0)]
+    for messages, want in zip((turn2, fork), replies):
+        with packager.load(bundle) as fresh:
+            assert fresh.chat(messages, max_tokens=16, temperature=0) == want
 
 
 @pytest.mark.slow
