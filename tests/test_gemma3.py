@@ -247,6 +247,33 @@ def test_plan_kv_equals_what_llama_cpp_allocates_at_load(bundle, n_ctx):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("n_ctx", [1024, 4096])  # above 0.5 MiB: the log prints 2 decimals
+def test_gemma2_plan_kv_equals_llama_cpps_windowed_cache(n_ctx, tmp_path):
+    """Gemma-2 slides too (even layers, llama.cpp's pattern 2): its plan counts the same windowed cache."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    path = tmp_path / "gemma2.gguf"
+    convert(resolve(models.tiny_gemma2(), hash_files=False, quiet=True), get_quant("Q8_0"), path, quiet=True)
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def catch(level, text, user_data):
+        lines.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(catch, ctypes.c_void_p(0))
+    try:
+        llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=2, swa_full=False, verbose=False).close()
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    logged = sum(float(m.group(1)) for m in KV_LINE.finditer("".join(lines)))
+    spec = spec_from_config(json.loads((models.tiny_gemma2() / "config.json").read_text()))
+    assert [spec.is_sliding(i) for i in range(spec.n_layers)] == [True, False]
+    planned = memory(spec, scheme("gguf", "Q8_0"), n_ctx, "f16").kv_cache / (1 << 20)
+    assert planned == pytest.approx(logged, rel=0.03), (planned, logged)
+
+
+@pytest.mark.slow
 def test_chat_through_load_past_the_window(bundle):
     """Greedy replies through packager.load give what a fresh load gives for the same messages: a turn
     that continues the conversation, and one that departs from it ~1300 tokens back, just past the
