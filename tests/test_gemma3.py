@@ -164,6 +164,12 @@ def test_f16_is_byte_identical_to_convert_hf_to_gguf(f16):
     tensors = _tensors(f16)
     assert tensors["blk.0.attn_q_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
     assert "output.weight" not in tensors  # tied
+    # A GGUF source's spec (pack plan x.gguf) knows the same layers as the checkpoint's config.
+    from packager.spec.gguf import spec_from_gguf
+    from packager.spec.model import load_spec
+
+    ours, want = spec_from_gguf(f16)[0], load_spec(models.tiny_gemma3())
+    assert (ours.sliding_window, ours.sliding_layers) == (16, want.sliding_layers) and ours.is_sliding(6)
 
 
 def _llama_logits(path: Path, n_ctx: int, ids: list[int] | None = None, text: str | None = None):
@@ -193,6 +199,31 @@ def test_f16_logits_match_transformers(n_repeats, n_ctx, f16):
     # the query scale): far below.
     assert _cos(ours, hf).min() > 0.9999
     assert np.abs(ours - hf).max() < 0.05
+
+
+@pytest.mark.slow
+def test_layers_off_llama_cpps_pattern_compute_as_transformers(f16, tmp_path):
+    """The fixture's weights under layer_types that alternate (not every sixth global): the GGUF lists
+    the layers, llama.cpp reads the list, and its logits past the window are transformers' again."""
+    from packager.spec.gguf import spec_from_gguf
+
+    src = tmp_path / "alternating"
+    src.mkdir()
+    for f in models.tiny_gemma3().iterdir():
+        if f.name != "config.json":
+            (src / f.name).symlink_to(f)
+    types = ["sliding_attention", "full_attention"] * 3 + ["sliding_attention"]
+    cfg = json.loads((models.tiny_gemma3() / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(cfg, layer_types=types)))
+    out = tmp_path / "alternating.gguf"
+    convert(resolve(src, hash_files=False, quiet=True), get_quant("F16"), out, quiet=True)
+    assert spec_from_gguf(out)[0].sliding_layers == tuple(t == "sliding_attention" for t in types)
+    ids, ours = _llama_logits(out, 256, text=GEMMA_PROMPT)
+    hf = _hf_logits(src, ids)
+    assert _cos(ours, hf).min() > 0.9999 and np.abs(ours - hf).max() < 0.05
+    # The same weights without the list (llama.cpp's every-sixth rule) compute something else: the list counts.
+    _, default = _llama_logits(f16, 256, ids=ids)
+    assert _cos(default, hf).min() < 0.9999
 
 
 # -- the bundle: plan, llama.cpp's allocation, chat ---------------------------------------------------
