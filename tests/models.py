@@ -523,6 +523,32 @@ def tiny_gemma3() -> Path:
     return _atomic_build(CACHE / f"tiny-gemma3-v{FIXTURE_VERSION}.{GEMMA3_RECIPE}", build)
 
 
+def tiny_gemma3_vision() -> Path:
+    """tiny_gemma3's language model (same weights) inside a Gemma3ForConditionalGeneration, with a tiny
+    random SigLIP vision tower and projector, saved as transformers saves the multimodal class."""
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+        text_dir = tiny_gemma3()
+        for f in text_dir.iterdir():
+            if f.name not in ("config.json", "model.safetensors", ".complete"):
+                shutil.copyfile(f, tmp / f.name)
+        text = AutoModelForCausalLM.from_pretrained(text_dir, dtype=torch.bfloat16)
+        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=28, patch_size=14)
+        config = Gemma3Config(text_config=text.config.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                              boi_token_index=5, eoi_token_index=6, image_token_index=7)
+        config.architectures = ["Gemma3ForConditionalGeneration"]
+        torch.manual_seed(6)
+        model = Gemma3ForConditionalGeneration(config).to(torch.bfloat16)
+        model.model.language_model.load_state_dict(text.model.state_dict())
+        model.save_pretrained(tmp, safe_serialization=True)
+
+    return _atomic_build(CACHE / f"tiny-gemma3-vision-v{FIXTURE_VERSION}.{GEMMA3_RECIPE}", build)
+
+
 def _phi3_tokenizer(out: Path) -> None:
     """Phi-3's real tokenizer: its SentencePiece model rebuilt from llama.cpp's ggml-vocab-phi-3.gguf
     (pieces, scores, types; Llama 2's normalizer), with Phi-3-mini-4k-instruct's added tokens and config."""

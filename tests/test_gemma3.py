@@ -172,6 +172,26 @@ def test_f16_is_byte_identical_to_convert_hf_to_gguf(f16):
     assert (ours.sliding_window, ours.sliding_layers) == (16, want.sliding_layers) and ours.is_sliding(6)
 
 
+@pytest.mark.slow
+def test_conditional_generation_packs_its_language_model(f16, tmp_path):
+    """Gemma3ForConditionalGeneration (language_model.model.*, a SigLIP tower, a projector): the GGUF is
+    llama.cpp's converter's (its text model), the very tensors of the text-only checkpoint, and the pack
+    says in one line that the vision tower was left out."""
+    from packager.pack.options import PackOptions
+    from packager.pack.pipeline import pack_model
+
+    src = models.tiny_gemma3_vision()
+    ours = tmp_path / "vision-F16.gguf"
+    convert(resolve(src, hash_files=False, quiet=True), get_quant("F16"), ours, quiet=True)
+    ref = oracle.reference_gguf(src, "f16")
+    _assert_same_tensors(ours, ref)
+    assert _fields(ours) == _fields(ref)
+    _assert_same_tensors(ours, f16)
+    result = pack_model(str(src), PackOptions(quant="Q8_0", output=tmp_path / "dist", quiet=True))
+    notes = [w for w in result.warnings if "vision tower" in w]
+    assert len(notes) == 1 and "\n" not in notes[0] and "left out" in notes[0]
+
+
 def _llama_logits(path: Path, n_ctx: int, ids: list[int] | None = None, text: str | None = None):
     import llama_cpp
 

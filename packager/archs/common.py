@@ -18,9 +18,13 @@ def head_dim(cfg: Config) -> int:
 
 
 def text_config(cfg: Config) -> Config:
-    """A multimodal wrapper's language model config lifted to the top, as llama.cpp's converter reads it."""
+    """A multimodal wrapper's language model config lifted to the top, as llama.cpp's converter reads it;
+    the wrapper's class name stays (it says which tensors the checkpoint holds)."""
     inner = cfg.get("text_config")
-    return {**cfg, **inner} if isinstance(inner, dict) else cfg
+    if not isinstance(inner, dict):
+        return cfg
+    outer = {"architectures": cfg["architectures"]} if cfg.get("architectures") else {}
+    return {**cfg, **inner, **outer}
 
 
 def write_hparams(arch: Arch, cfg: Config, w: gguf.GGUFWriter) -> None:
@@ -90,7 +94,7 @@ def sliding_layers(cfg: Config, pattern: int) -> tuple[int, tuple[bool, ...]]:
             raise IncompleteConfigError(f"config.json: layer_types must list {n} entries (num_hidden_layers), "
                                         f"got {types!r:.60}; fix config.json")
         for i, t in enumerate(types):
-            if t not in LAYER_TYPES:
+            if not isinstance(t, str) or t not in LAYER_TYPES:
                 raise IncompleteConfigError(
                     f"config.json: layer_types[{i}] is {t!r:.40}, which edgepack does not know (it knows "
                     f"{', '.join(LAYER_TYPES)}); fix config.json or use a checkpoint of a supported model")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from packager.archs import attention_layers
+from packager.archs import attention_layers, text_config
 from packager.errors import SourceError
 
 
@@ -85,7 +85,7 @@ def spec_from_config(config: dict[str, Any], where: str = "config.json") -> Mode
     if not isinstance(config, dict):
         raise SourceError(f"{where}: expected a JSON object")
     if isinstance(config.get("text_config"), dict):
-        config = {**config, **config["text_config"]}
+        config = text_config(config)
     archs = config.get("architectures") or []
     if not archs or not isinstance(archs, list) or not isinstance(archs[0], str):
         raise SourceError(f"{where}: missing 'architectures'; cannot tell which converter applies")
