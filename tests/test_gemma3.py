@@ -89,6 +89,16 @@ def test_plan_counts_windowed_cache_on_sliding_layers():
     assert kv_bytes(spec, 32768, "f16") == full  # unwindowed (ONNX Runtime GenAI's cache): every layer whole
 
 
+def test_pack_plan_explains_the_windowed_cache(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(GEMMA3_1B))
+    r = subprocess.run([sys.executable, "-m", "packager.cli", "plan", str(tmp_path), "--ctx", "32768", "--explain"],
+                       capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
+                                                            "HOME": str(Path.home())})
+    assert r.returncode == 0, r.stderr
+    assert ("(4 full layers x 32768 ctx + 22 sliding layers x 1024 cells: window 512 + 512 batch, padded) = 0.16 GB"
+            in r.stdout), r.stdout
+
+
 def test_hparams_of_real_configs(tmp_path):
     h = _hparams(GEMMA3_1B, tmp_path)
     assert h["gemma3.attention.sliding_window"] == 512 and "gemma3.attention.sliding_window_pattern" not in h
@@ -170,6 +180,16 @@ def test_f16_is_byte_identical_to_convert_hf_to_gguf(f16):
 
     ours, want = spec_from_gguf(f16)[0], load_spec(models.tiny_gemma3())
     assert (ours.sliding_window, ours.sliding_layers) == (16, want.sliding_layers) and ours.is_sliding(6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M"])
+def test_quantized_equals_llama_quantize(quant, tmp_path):
+    """Types chosen per tensor (q/k norms kept f32, the tied embedding's type) and the bytes."""
+    ref = oracle.reference_quantize(oracle.reference_gguf(models.tiny_gemma3(), "f16"), quant)
+    ours = tmp_path / f"gemma3-{quant}.gguf"
+    convert(resolve(models.tiny_gemma3(), hash_files=False, quiet=True), get_quant(quant), ours, quiet=True)
+    _assert_same_tensors(ours, ref)
 
 
 @pytest.mark.slow
