@@ -491,6 +491,64 @@ def tiny_gemma2() -> Path:
     return _atomic_build(CACHE / f"tiny-gemma2-v{FIXTURE_VERSION}.{ARCH_RECIPE}", build)
 
 
+GEMMA3_RECIPE = "1"  # bump when tiny_gemma3's recipe changes
+
+
+def tiny_gemma3() -> Path:
+    """A random 7-layer Gemma 3 text model with a real Gemma-style SentencePiece tokenizer, from
+    transformers' own Gemma3TextConfig: layers 0-4 and 6 slide over a 16-token window, layer 5
+    attends to everything (transformers' and llama.cpp's every-sixth rule); head_dim 64 against
+    hidden/heads 32; tied embeddings; both RoPE bases off their defaults so that reading them is tested.
+    """
+
+    def build(tmp: Path) -> None:
+        from transformers import Gemma3TextConfig
+
+        n_vocab = _gemma_tokenizer(tmp)
+        end_of_turn = json.loads((tmp / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+        end_of_turn = next(int(i) for i, a in end_of_turn.items() if a["content"] == "<end_of_turn>")
+        config = Gemma3TextConfig(
+            vocab_size=n_vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=7,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64,
+            max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=100000.0, rope_local_base_freq=20000.0,
+            sliding_window=16, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+            hidden_activation="gelu_pytorch_tanh",
+        )
+        config.architectures = ["Gemma3ForCausalLM"]
+        _save_random(config, tmp, seed=5, norm_std=0.3)
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": 2, "eos_token_id": [1, end_of_turn], "pad_token_id": 0, "cache_implementation": "hybrid"}))
+        (tmp / "LICENSE").write_text("Gemma Terms of Use (test fixture)\n")
+
+    return _atomic_build(CACHE / f"tiny-gemma3-v{FIXTURE_VERSION}.{GEMMA3_RECIPE}", build)
+
+
+def tiny_gemma3_vision() -> Path:
+    """tiny_gemma3's language model (same weights) inside a Gemma3ForConditionalGeneration, with a tiny
+    random SigLIP vision tower and projector, saved as transformers saves the multimodal class."""
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+        text_dir = tiny_gemma3()
+        for f in text_dir.iterdir():
+            if f.name not in ("config.json", "model.safetensors", ".complete"):
+                shutil.copyfile(f, tmp / f.name)
+        text = AutoModelForCausalLM.from_pretrained(text_dir, dtype=torch.bfloat16)
+        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=28, patch_size=14)
+        config = Gemma3Config(text_config=text.config.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                              boi_token_index=5, eoi_token_index=6, image_token_index=7)
+        config.architectures = ["Gemma3ForConditionalGeneration"]
+        torch.manual_seed(6)
+        model = Gemma3ForConditionalGeneration(config).to(torch.bfloat16)
+        model.model.language_model.load_state_dict(text.model.state_dict())
+        model.save_pretrained(tmp, safe_serialization=True)
+
+    return _atomic_build(CACHE / f"tiny-gemma3-vision-v{FIXTURE_VERSION}.{GEMMA3_RECIPE}", build)
+
+
 def _phi3_tokenizer(out: Path) -> None:
     """Phi-3's real tokenizer: its SentencePiece model rebuilt from llama.cpp's ggml-vocab-phi-3.gguf
     (pieces, scores, types; Llama 2's normalizer), with Phi-3-mini-4k-instruct's added tokens and config."""

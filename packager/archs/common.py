@@ -7,15 +7,29 @@ from typing import Any
 import gguf
 
 from packager.archs.registry import Arch, Config
-from packager.errors import UnsupportedArchitectureError
+from packager.errors import IncompleteConfigError, UnsupportedArchitectureError
+
+# transformers' layer_types entries, and whether the layer attends to a sliding window.
+LAYER_TYPES = {"full_attention": False, "sliding_attention": True}
 
 
 def head_dim(cfg: Config) -> int:
     return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
 
 
+def text_config(cfg: Config) -> Config:
+    """A multimodal wrapper's language model config lifted to the top, as llama.cpp's converter reads it;
+    the wrapper's class name stays (it says which tensors the checkpoint holds)."""
+    inner = cfg.get("text_config")
+    if not isinstance(inner, dict):
+        return cfg
+    outer = {"architectures": cfg["architectures"]} if cfg.get("architectures") else {}
+    return {**cfg, **inner, **outer}
+
+
 def write_hparams(arch: Arch, cfg: Config, w: gguf.GGUFWriter) -> None:
     """All hyper-parameters llama.cpp reads for this architecture."""
+    cfg = text_config(cfg)
     if arch.common_hparams:
         write_common_hparams(cfg, w)
     else:
@@ -77,3 +91,40 @@ def refuse_sliding_window(cfg: Config, family: str) -> None:
             "(as llama.cpp runs it); set use_sliding_window to false if the model was trained without a window, "
             "or pack another model"
         )
+
+
+def sliding_layers(cfg: Config, pattern: int) -> tuple[int, tuple[bool, ...]]:
+    """(window, one flag per layer): from ``layer_types`` where the config has them, else every
+    ``sliding_window_pattern``-th layer (default ``pattern``) is full, as transformers builds them.
+
+    A layer type nothing here knows, or a window no context could use, is one line naming the field.
+    """
+    n = int(cfg["num_hidden_layers"])
+    types = cfg.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != n:
+            raise IncompleteConfigError(f"config.json: layer_types must list {n} entries (num_hidden_layers), "
+                                        f"got {types!r:.60}; fix config.json")
+        for i, t in enumerate(types):
+            if not isinstance(t, str) or t not in LAYER_TYPES:
+                raise IncompleteConfigError(
+                    f"config.json: layer_types[{i}] is {t!r:.40}, which edgepack does not know (it knows "
+                    f"{', '.join(LAYER_TYPES)}); fix config.json or use a checkpoint of a supported model")
+        flags = tuple(LAYER_TYPES[t] for t in types)
+    else:
+        every = cfg.get("sliding_window_pattern", pattern)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise IncompleteConfigError(f"config.json: sliding_window_pattern must be a positive integer, "
+                                        f"got {every!r:.40}; fix config.json")
+        flags = tuple(bool((i + 1) % every) for i in range(n))
+    window = cfg.get("sliding_window")
+    if not any(flags) or window is None:
+        return 0, ()
+    limit = cfg.get("max_position_embeddings")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise IncompleteConfigError(f"config.json: sliding_window must be a positive integer, got {window!r:.40}; "
+                                    "fix config.json")
+    if isinstance(limit, int) and window > limit:
+        raise IncompleteConfigError(f"config.json: sliding_window {window} is larger than the context "
+                                    f"(max_position_embeddings {limit}); fix config.json")
+    return window, flags

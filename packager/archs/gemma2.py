@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gguf
 
-from packager.archs.common import rope_parameters
+from packager.archs.common import rope_parameters, sliding_layers
 from packager.archs.registry import Arch, Config, Family, register
 from packager.errors import UnsupportedArchitectureError
 
@@ -48,10 +48,15 @@ def _gemma2_hparams(cfg: Config, w: gguf.GGUFWriter) -> None:
         )
 
 
+def _attention(cfg: Config) -> tuple[int, tuple[bool, ...]]:
+    # Even layers slide (transformers' layer_types, llama.cpp's pattern 2), over Gemma2Config's default window.
+    return sliding_layers({**cfg, "sliding_window": cfg.get("sliding_window") or 4096}, 2)
+
+
 # The ONNX side: optimum-onnx's export (convert/onnx/optimum_export.py), not edgepack's graph.
 register(Family(("Gemma2ForCausalLM",), gguf=Arch(
     # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by w. The offset is added in f32 to the
     # widened bf16 weight, as llama.cpp's converter does since it widens first (older versions
     # added it in bf16 and rounded), and the norm is stored in f32: nothing is rounded.
-    gguf.MODEL_ARCH.GEMMA2, norm_offset=1.0, extra_hparams=_gemma2_hparams, common_hparams=False,
-)))
+    gguf.MODEL_ARCH.GEMMA2, norm_offset=1.0, extra_hparams=_gemma2_hparams, common_hparams=False, swa_pattern=2,
+), attention=_attention))

@@ -34,6 +34,11 @@ class Arch:
     extra_tensors: Callable[[Config], list[tuple[str, np.ndarray]]] = field(default=lambda cfg: [])
     # Qwen3 stores an RMSNorm per head for q and k (attn_q_norm / attn_k_norm, head_dim wide, each layer).
     qk_norm: bool = False
+    # Gemma 3: token_embd keeps only the rows the tokenizer has ids for, as llama.cpp's converter trims them.
+    trim_embedding: bool = False
+    # llama.cpp's own sliding-window pattern for this architecture when the GGUF names none
+    # (every n-th layer full; 0: the architecture has no sliding layers in llama.cpp).
+    swa_pattern: int = 0
 
     @property
     def name(self) -> str:
@@ -63,6 +68,13 @@ class Family:
     hf_names: tuple[str, ...]
     gguf: Arch | None = None
     onnx: OnnxArch | None = None
+    # Which layers attend to a sliding window, as the runtime computes them: (window, one flag per
+    # layer) from the config; None: every layer attends to the whole context.
+    attention: Callable[[Config], tuple[int, tuple[bool, ...]]] | None = None
+    # Why --format onnx refuses this family outright (no fallback exporter tried); "" where it does not.
+    onnx_refusal: str = ""
+    # One line a pack of this class reports (what of the checkpoint the bundle leaves out); "" for none.
+    note: str = ""
 
 
 FAMILIES: dict[str, Family] = {}  # by HF class name
@@ -72,6 +84,12 @@ def register(family: Family) -> Family:
     for hf_name in family.hf_names:
         FAMILIES[hf_name] = family
     return family
+
+
+def attention_layers(cfg: Config) -> tuple[int, tuple[bool, ...]]:
+    """(sliding window, which layers slide) of a config's family; (0, ()) where no layer slides."""
+    family = FAMILIES.get((cfg.get("architectures") or [""])[0])
+    return family.attention(cfg) if family is not None and family.attention is not None else (0, ())
 
 
 def supported(fmt: str) -> list[str]:

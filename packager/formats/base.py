@@ -12,7 +12,7 @@ tests/test_formats.py holds that every format has every side.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 from packager.errors import PartSizeError
 from packager.formats.weights import Tensor, WeightLayout
@@ -21,6 +21,7 @@ from packager.spec.model import ModelSpec
 MiB = 1 << 20
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 CTX_PAD = 256  # llama_context pads n_ctx to a multiple of 256 (src/llama-context.cpp)
+N_UBATCH = 512  # llama.cpp's (and llama-cpp-python's) default micro-batch: sizes the compute buffer and windowed caches
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,25 @@ def padded_ctx(n_ctx: int) -> int:
     return -(-n_ctx // CTX_PAD) * CTX_PAD
 
 
-def kv_bytes(spec: ModelSpec, n_ctx: int, kv_type: str, n_layers: int | None = None) -> int:
-    """K and V for every layer: layers x kv heads x head dim x context x bytes, twice."""
-    layers = spec.n_layers if n_layers is None else n_layers
-    return int(2 * layers * spec.kv_dim * padded_ctx(n_ctx) * KV_BYTES[kv_type])
+def window_cells(spec: ModelSpec, n_ctx: int, n_ubatch: int = N_UBATCH) -> int:
+    """Cells of llama.cpp's cache for a sliding layer (llama_kv_cache_iswa, swa_full=False, one sequence):
+    the window plus a micro-batch (llama-cpp-python caps it at n_ctx), padded to 256, at most the context's."""
+    return min(padded_ctx(n_ctx), padded_ctx(spec.sliding_window + min(n_ubatch, n_ctx)))
+
+
+def kv_bytes(spec: ModelSpec, n_ctx: int, kv_type: str, n_layers: int | None = None, *,
+             layers: Iterable[int] | None = None, windowed: bool = False) -> int:
+    """K and V per layer, added up: kv heads x head dim x cells x bytes, twice.
+
+    Every layer holds the whole (padded) context, unless ``windowed``: then a sliding layer holds
+    :func:`window_cells`, as llama.cpp allocates it. ``layers`` (default: the first ``n_layers``, or
+    all) picks which layers count (a GPU split holds the last ones).
+    """
+    if layers is None:
+        layers = range(spec.n_layers if n_layers is None else n_layers)
+    full, window = padded_ctx(n_ctx), window_cells(spec, n_ctx)
+    cells = sum(window if windowed and spec.is_sliding(i) else full for i in layers)
+    return int(2 * spec.kv_dim * cells * KV_BYTES[kv_type])
 
 
 def part_too_small(part_bytes: int, what: str, size: int, need_bytes: int, also: str = "") -> PartSizeError:
@@ -102,6 +118,7 @@ class Format:
     offloads_layers: bool = False  # GPU layers as llama.cpp's n_gpu_layers (unified memory, discrete splits)
     uses_target_ladder: bool = False  # the target's quant ladder names this format's schemes
     per_tensor_buffers: bool = False  # each tensor is one device buffer (WebGPU's buffer limits apply)
+    windowed_kv: bool = False  # sliding-window layers cache only their window (llama.cpp's iswa cache)
 
     def ladder(self, target_ladder: Sequence[str]) -> list[str]:
         return list(target_ladder) if self.uses_target_ladder else list(self.default_ladder)

@@ -8,7 +8,9 @@ The memory model is llama.cpp's, as measured by benchmarks/plan_calibration.py
   local checkpoint's headers, a GGUF's own tensors) or the one its config implies; mmap'd and
   touched at load (ggml-cpu's repacked copies replace their mapped pages, which stay in RSS as
   reclaimable page cache: ``Memory.page_cache``);
-- KV cache: 2 x layers x kv heads x head dim x n_ctx (padded to 256) x bytes of the type;
+- KV cache: 2 x kv heads x head dim x cells x bytes of the type, per layer: n_ctx (padded to 256),
+  or on a sliding-window layer the window plus a micro-batch, padded (llama_kv_cache_iswa, which
+  the runtime opens with swa_full=False);
 - compute buffer: the ggml allocator's peak for one micro-batch, the largest of the
   attention scores (n_tokens x n_kv x heads, f32, plus the mask), the FFN activations
   and the logits; only the pages a graph uses become resident, so the planner
@@ -25,12 +27,11 @@ from typing import Sequence
 from gguf import GGMLQuantizationType
 
 from packager.archs import FAMILIES
-from packager.formats.base import MiB, Format, Memory, gb, kv_bytes, padded_ctx, part_too_small
+from packager.formats.base import N_UBATCH, MiB, Format, Memory, gb, kv_bytes, padded_ctx, part_too_small
 from packager.formats.weights import Tensor, WeightLayout
 from packager.quants import QUANTS, QuantType, get_quant, tensor_bytes, tensor_types
 from packager.spec.model import ModelSpec
 
-N_UBATCH = 512  # llama.cpp's (and llama-cpp-python's) default micro-batch: sizes the compute buffer
 # Measured (benchmarks/plan_calibration.py): python + llama_cpp imported, and what loading a model
 # allocates besides its buffers (llama_vocab's token tables and merges grow with the vocab).
 RUNTIME_BYTES = 42 * MiB
@@ -192,7 +193,7 @@ def memory(spec: ModelSpec, layout: WeightLayout, n_ctx: int, kv_type: str, n_kv
     """Everything in RAM (or unified memory), as llama.cpp allocates it."""
     n_kv = n_ctx if n_kv is None else n_kv
     n_tokens = min(N_UBATCH, n_ctx) if n_tokens is None else n_tokens
-    return Memory(layout.total, kv_bytes(spec, n_ctx, kv_type), compute_bytes(spec, n_tokens, n_kv),
+    return Memory(layout.total, kv_bytes(spec, n_ctx, kv_type, windowed=True), compute_bytes(spec, n_tokens, n_kv),
                   overhead_bytes(spec), layout.repacked)
 
 
@@ -264,4 +265,4 @@ def _layout(spec: ModelSpec, quant: QuantType, tensors: Sequence[Tensor] | None,
 FORMAT = Format(
     name="gguf", engine="llama.cpp", noun="a GGUF type", model_suffix=".gguf", scheme=get_quant, schemes=tuple(QUANTS),
     default_ladder=("Q4_K_M",), auto_ladder=("Q4_K_M",), weight_layout=_layout, memory=memory, explain=explain,
-    offloads_layers=True, uses_target_ladder=True)
+    offloads_layers=True, uses_target_ladder=True, windowed_kv=True)

@@ -22,7 +22,8 @@ from typing import Any
 from packager.archs import supported
 from packager.bundle.web import chat_prompt_parts, web_page_files
 from packager.bundle.writer import BundleWriter
-from packager.convert.onnx.converter import GPTQ_REFUSAL, OnnxOptions, convert, execution_provider, onnx_exporter
+from packager.convert.onnx.converter import (GPTQ_REFUSAL, OnnxOptions, check_family, convert, execution_provider,
+                                             onnx_exporter)
 from packager.convert.onnx.optimum_export import convert_optimum, fallback_memory
 from packager.errors import UsageError
 from packager.formats.onnx import ALGORITHMS, BLOCK_SIZES, SCHEMES
@@ -76,6 +77,8 @@ def check_request(src: Source, spec: ModelSpec | None, opts: PackOptions) -> Non
                          "(a directory or hub id), or pass --format gguf")
     if not src.weight_files:
         raise UsageError("ONNX bundles need safetensors weights; this source has pickle weights only")
+    if spec is not None:
+        check_family(spec.architecture)
 
 
 def auto_unavailable(src: Source, spec: ModelSpec) -> str | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from packager.archs import FAMILIES
 from packager.errors import SourceError, UsageError
 from packager.formats import format_of_scheme, get_format
 from packager.formats.gguf import first_mismatch
@@ -83,6 +84,8 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
     else:
         spec = load_spec(src.path)
         warnings += refuse_remote_code(src.path, spec.architecture)  # never runs the checkpoint's own code
+        if getattr(FAMILIES.get(spec.architecture), "note", ""):  # what of the checkpoint the bundle leaves out
+            warnings.append(FAMILIES[spec.architecture].note)
         # An architecture the format's converter lacks (the asked format, else the target's first,
         # which the plan will use) fails before any work.
         (asked or PACKERS[tgt.formats[0]]).check(src, spec, opts)

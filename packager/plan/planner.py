@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 from packager.errors import DoesNotFit, UsageError
 from packager.formats import get_format
-from packager.formats.base import KV_BYTES, MiB, Format, Memory, Scheme, gb as _gb, kv_bytes, padded_ctx
+from packager.formats.base import (KV_BYTES, MiB, Format, Memory, Scheme, gb as _gb, kv_bytes, padded_ctx,
+                                   window_cells)
 from packager.formats.gguf import N_UBATCH, compute_bytes, overhead_bytes
 from packager.formats.weights import Tensor, WeightLayout
 from packager.plan.targets import Target
@@ -203,9 +204,10 @@ def _split(spec: ModelSpec, layout: WeightLayout, n_ctx: int, kv_type: str, k: i
     # the CPU keeps a small one for the embedding lookup and what stays there.
     gpu_compute = compute_bytes(spec, n_tok, n_ctx) if k else 0
     cpu_compute = compute_bytes(spec, n_tok, n_ctx) if on_gpu < n else n_tok * spec.hidden_size * 4 * 2
-    ram = Memory(cpu_w, kv_bytes(spec, n_ctx, kv_type, n - on_gpu), cpu_compute, overhead_bytes(spec),
-                 sum(layout.repacked_per_layer[:n - on_gpu]))
-    vram = Memory(gpu_w, kv_bytes(spec, n_ctx, kv_type, on_gpu), gpu_compute, 0) if k else None
+    ram = Memory(cpu_w, kv_bytes(spec, n_ctx, kv_type, layers=range(n - on_gpu), windowed=True), cpu_compute,
+                 overhead_bytes(spec), sum(layout.repacked_per_layer[:n - on_gpu]))
+    vram = (Memory(gpu_w, kv_bytes(spec, n_ctx, kv_type, layers=gpu_layers, windowed=True), gpu_compute, 0)
+            if k else None)
     return _Fit(ram, vram, k)
 
 
@@ -318,6 +320,17 @@ def _advice(spec: ModelSpec, target: Target, o: Overrides, form: Format, tensors
     return "Try a smaller model or a bigger target."
 
 
+def _kv_line(spec: ModelSpec, form: Format, n_ctx: int, kv_type: str, kv: int) -> str:
+    n_sliding = sum(spec.is_sliding(i) for i in range(spec.n_layers))
+    if form.windowed_kv and n_sliding:
+        return (f"KV cache: 2 x {spec.n_kv_heads} kv heads x {spec.head_dim} head dim x {KV_BYTES[kv_type]:g} B "
+                f"({kv_type}) x ({spec.n_layers - n_sliding} full layers x {padded_ctx(n_ctx)} ctx + {n_sliding} "
+                f"sliding layers x {window_cells(spec, n_ctx)} cells: window {spec.sliding_window} + "
+                f"{min(N_UBATCH, n_ctx)} batch, padded) = {_gb(kv)}")
+    return (f"KV cache: 2 x {spec.n_layers} layers x {spec.n_kv_heads} kv heads x {spec.head_dim} head dim x "
+            f"{padded_ctx(n_ctx)} ctx x {KV_BYTES[kv_type]:g} B ({kv_type}) = {_gb(kv)}")
+
+
 def _ship(target: Target, model_bytes: int, part_override: int | None = None) -> Shipping:
     d = target.distribution
     if part_override is not None:
@@ -382,8 +395,7 @@ def _finish(spec, target, o, form: Format, qname, layout, fit: _Fit, n_ctx, thre
         f"own types ({', '.join(f'{k} x{v}' for k, v in sorted((layout.tensor_types or {}).items())) or form.name})"
         + (f" ({_gb(layout.repacked)} of them repacked for the CPU's kernels: their mapped pages stay in RSS "
            f"as reclaimable page cache)" if layout.repacked else ""),
-        f"KV cache: 2 x {spec.n_layers} layers x {spec.n_kv_heads} kv heads x {spec.head_dim} head dim x "
-        f"{padded_ctx(n_ctx)} ctx x {KV_BYTES[kv_type]:g} B ({kv_type}) = {_gb(ram.kv_cache)}",
+        _kv_line(spec, form, n_ctx, kv_type, ram.kv_cache),
         *form.explain(spec, layout, n_ctx, ram),
         f"RAM: {_gb(ram.total)} of {_gb(budget.ram)}" + (f"; VRAM: {_gb(fit.vram.total)} of {_gb(vram_budget)} "
                                                         f"({fit.n_gpu_layers} of {spec.n_layers + 1} layers)"

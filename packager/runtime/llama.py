@@ -342,6 +342,9 @@ class LlamaModel(Model):
             use_mmap=use_mmap,
             logits_all=False,  # logits of the last position only: no per-token copy of n_vocab floats
             verbose=False,
+            # Sliding-window layers (Gemma 2/3) cache only their window, as the plan counts them; llama-cpp-python's
+            # default gives them the whole context. No effect on models without sliding layers.
+            swa_full=False,
             **kv,
         )
 
@@ -696,6 +699,10 @@ class LlamaModel(Model):
                 break
             common += 1
         keep = max(0, min(common, len(ids) - 1)) // block * block
+        lc = self._llama_cpp
+        if keep and lc.llama_memory_seq_pos_min(lc.llama_get_memory(llm._ctx.ctx), 0) > max(
+                0, keep - lc.llama_model_n_swa(llm._model.model)):
+            keep = 0  # a sliding window has already dropped what the tokens after `keep` would attend to
         self._blocks = []  # until this call's prompt is in the cache
         if keep == 0:
             llm.reset()

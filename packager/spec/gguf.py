@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gguf
 
+from packager.archs import FAMILIES
 from packager.errors import CorruptFileError
 from packager.quants import QUANTS
 from packager.source.gguf_check import check_layout
@@ -41,6 +42,27 @@ def _int(value, key: str, path: Path) -> int:
     return value
 
 
+def _sliding(r: gguf.GGUFReader, arch: str, n_layers: int, path: Path) -> dict:
+    """Which layers llama.cpp gives a sliding window: the GGUF's per-layer list, else its pattern (or the
+    architecture's own), over the window it names; none where it names no window or the family has none."""
+    pattern = next((f.gguf.swa_pattern for f in FAMILIES.values()
+                    if f.gguf is not None and f.gguf.name == arch and f.gguf.swa_pattern), 0)
+    window = _field(r, gguf.Keys.Attention.SLIDING_WINDOW.format(arch=arch))
+    if not pattern or not window:
+        return {}
+    window = _int(window, gguf.Keys.Attention.SLIDING_WINDOW.format(arch=arch), path)
+    listed = _field(r, gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch), pattern)
+    if isinstance(listed, list):
+        if len(listed) != n_layers:
+            raise CorruptFileError(f"{path}: {gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch)} lists "
+                                   f"{len(listed)} layers, not {n_layers}; the GGUF metadata is wrong")
+        flags = tuple(bool(v) for v in listed)
+    else:  # llama.cpp's set_swa_pattern: every n-th layer is full
+        every = _int(listed, gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch), path)
+        flags = tuple(every == 0 or i % every < every - 1 for i in range(n_layers))
+    return {"sliding_window": window, "sliding_layers": flags} if any(flags) else {}
+
+
 def spec_from_gguf(path: Path) -> tuple[ModelSpec, str | None]:
     """The model's spec and its quant name (None when the file type is one edgepack does not list)."""
     r = open_gguf(path)
@@ -69,6 +91,7 @@ def spec_from_gguf(path: Path) -> tuple[ModelSpec, str | None]:
         context_length=int(hp(gguf.Keys.LLM.CONTEXT_LENGTH, 2048)),
         tied_embeddings="output.weight" not in names,
         n_params=int(sum(int(t.n_elements) for t in r.tensors)),
+        **_sliding(r, arch, int(hp(gguf.Keys.LLM.BLOCK_COUNT)), path),
     )
     ftype = _field(r, gguf.Keys.General.FILE_TYPE)
     quant = None

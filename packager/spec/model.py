@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from packager.archs import attention_layers, text_config
 from packager.errors import SourceError
 
 
@@ -34,6 +35,9 @@ class ModelSpec:
     tied_embeddings: bool
     n_params: int
     attention_bias: bool = False
+    # Layers that attend to a sliding window of this many tokens (one flag per layer; empty: none).
+    sliding_window: int = 0
+    sliding_layers: tuple[bool, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "hidden_size", "intermediate_size", "n_heads", "n_kv_heads", "head_dim", "vocab_size",
@@ -51,6 +55,9 @@ class ModelSpec:
     @property
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.sliding_window) and layer < len(self.sliding_layers) and self.sliding_layers[layer]
 
 
 def _get(config: dict[str, Any], keys: list[str], where: str, default: Any = None) -> Any:
@@ -78,7 +85,7 @@ def spec_from_config(config: dict[str, Any], where: str = "config.json") -> Mode
     if not isinstance(config, dict):
         raise SourceError(f"{where}: expected a JSON object")
     if isinstance(config.get("text_config"), dict):
-        config = {**config, **config["text_config"]}
+        config = text_config(config)
     archs = config.get("architectures") or []
     if not archs or not isinstance(archs, list) or not isinstance(archs[0], str):
         raise SourceError(f"{where}: missing 'architectures'; cannot tell which converter applies")
@@ -101,10 +108,12 @@ def spec_from_config(config: dict[str, Any], where: str = "config.json") -> Mode
     if bias:
         per_layer += q + 2 * kv
     params = vocab * hidden * (1 if tied else 2) + n_layers * per_layer + hidden
+    window, sliding = attention_layers({**config, "num_hidden_layers": n_layers})
     return ModelSpec(
         architecture=archs[0], model_type=str(config.get("model_type", "")), n_layers=n_layers,
         hidden_size=hidden, intermediate_size=inter, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
         vocab_size=vocab, context_length=ctx, tied_embeddings=tied, n_params=params, attention_bias=bias,
+        sliding_window=window, sliding_layers=sliding,
     )
 
 

@@ -19,6 +19,8 @@ from packager.spec.model import spec_from_config
 
 # HF buffers that are not weights and that llama.cpp recomputes itself.
 SKIP_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
+# A multimodal checkpoint's vision side (Gemma3ForConditionalGeneration's): the text bundle leaves it out.
+VISION_PARTS = ("vision_tower.", "multi_modal_projector.")
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,11 @@ class TensorJob:
 
 
 def plan_tensors(ckpt: Checkpoint, cfg: dict, arch: Arch, quant: quants.QuantType,
-                 has_imatrix: bool = False) -> tuple[list[TensorJob], dict[str, np.ndarray]]:
-    """Map checkpoint tensors to GGUF names and types; the generated tensors come back as data."""
+                 has_imatrix: bool = False, n_vocab: int | None = None) -> tuple[list[TensorJob], dict[str, np.ndarray]]:
+    """Map checkpoint tensors to GGUF names and types; the generated tensors come back as data.
+
+    ``n_vocab``: the GGUF vocabulary's size, where the family trims token_embd to it (Gemma 3).
+    """
     spec = spec_from_config(cfg)
     tmap = gguf.get_tensor_name_map(arch.gguf_arch, spec.n_layers)
     generated = dict(arch.extra_tensors(cfg))
@@ -43,11 +48,13 @@ def plan_tensors(ckpt: Checkpoint, cfg: dict, arch: Arch, quant: quants.QuantTyp
     ]
     # In file order: each shard is then read (and hashed) front to back, once.
     for src, ref in sorted(ckpt.refs.items(), key=lambda kv: (str(kv[1].file), kv[1].start)):
-        if src.endswith(SKIP_SUFFIXES):
+        if src.endswith(SKIP_SUFFIXES) or any(part in src for part in VISION_PARTS):
             continue
         if src == "lm_head.weight" and spec.tied_embeddings:
             continue  # tied: llama.cpp reuses token_embd
-        name = tmap.get_name(src, try_suffixes=(".weight", ".bias"))
+        # A multimodal wrapper's language model (model.language_model.*, language_model.model.*) is named
+        # as the plain model's, as llama.cpp's converter does.
+        name = tmap.get_name(src.replace("language_model.", ""), try_suffixes=(".weight", ".bias"))
         if name is None:
             raise SourceError(
                 f"tensor {src!r} in {ref.file.name} has no GGUF name for {arch.name}; "
@@ -60,7 +67,10 @@ def plan_tensors(ckpt: Checkpoint, cfg: dict, arch: Arch, quant: quants.QuantTyp
             transform = "permute_k"
         elif arch.norm_offset and name.endswith("norm.weight"):
             transform = "norm_offset"
-        entries.append((name, src, ref.shape, transform))
+        shape = ref.shape
+        if arch.trim_embedding and n_vocab and name == "token_embd.weight" and shape[0] > n_vocab:
+            shape = (n_vocab, *shape[1:])  # rows past the tokenizer's ids: llama.cpp's converter drops them
+        entries.append((name, src, shape, transform))
     types = quants.tensor_types(
         quant, [(e[0], e[2]) for e in entries], n_head=spec.n_heads, n_head_kv=spec.n_kv_heads,
         has_imatrix=has_imatrix, tied_embeddings=spec.tied_embeddings,

@@ -150,12 +150,12 @@ def convert(
     GGUF (out_path's stem-00001-of-0000N.gguf, ...), no file over ``part_bytes``: the result's
     path is the first part, which llama.cpp loads.
     """
-    cfg = read_config(source.path)
+    cfg = archs.text_config(read_config(source.path))
     spec = spec_from_config(cfg)
     arch = archs.arch_for(spec.architecture)
     vocab = vocab or load_vocab(source.path)  # before any writing: a bad tokenizer fails fast
     ckpt = Checkpoint.open(source.path)
-    jobs, generated = plan_tensors(ckpt, cfg, arch, quant, has_imatrix=imatrix is not None)
+    jobs, generated = plan_tensors(ckpt, cfg, arch, quant, has_imatrix=imatrix is not None, n_vocab=vocab.n_vocab)
     n_threads = n_threads or default_threads()
     if imatrix is not None:
         check_imatrix(imatrix, {job.name: job.shape for job in jobs}, "imatrix")

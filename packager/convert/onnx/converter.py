@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from packager.archs import OnnxArch, onnx_arch_for, rope_parameters, supported
+from packager.archs import FAMILIES, OnnxArch, onnx_arch_for, rope_parameters, supported
 from packager.convert.onnx.graph import GraphBuilder
 from packager.convert.onnx.optimum_export import optimum_exports, optimum_installed
 from packager.convert.onnx.output import DecoderShape, copy_tokenizer, eog_ids, genai_config, read_json
@@ -54,11 +54,19 @@ GPTQ_REFUSAL = (
 )
 
 
+def check_family(hf_name: str) -> None:
+    """A family known to need what neither exporter gives it is refused in one line (no fallback tried)."""
+    refusal = getattr(FAMILIES.get(hf_name), "onnx_refusal", "")
+    if refusal:
+        raise UnsupportedArchitectureError(f"architecture {hf_name!r}: {refusal}")
+
+
 def onnx_exporter(hf_name: str, model_type: str) -> str:
     """"edgepack" (the streaming converter here) or "optimum" (optimum_export.py: holds the f32
     model) for this architecture; neither is one line saying what to do."""
     if hf_name in supported("onnx"):
         return "edgepack"
+    check_family(hf_name)
     ours = (f"architecture {hf_name!r} is not supported by edgepack's ONNX converter; "
             f"supported: {', '.join(supported('onnx'))}")
     if not optimum_installed():
