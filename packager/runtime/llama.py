@@ -698,11 +698,7 @@ class LlamaModel(Model):
             if a != b:
                 break
             common += 1
-        keep = max(0, min(common, len(ids) - 1)) // block * block
-        lc = self._llama_cpp
-        if keep and lc.llama_memory_seq_pos_min(lc.llama_get_memory(llm._ctx.ctx), 0) > max(
-                0, keep - lc.llama_model_n_swa(llm._model.model)):
-            keep = 0  # a sliding window has already dropped what the tokens after `keep` would attend to
+        keep = self._window_keeps(max(0, min(common, len(ids) - 1)) // block * block)
         self._blocks = []  # until this call's prompt is in the cache
         if keep == 0:
             llm.reset()
