@@ -64,7 +64,15 @@ class PickleRefusedError(SourceError):
 
 
 class UnsupportedArchitectureError(SourceError):
-    """The checkpoint's architecture has no converter; the message lists those that do."""
+    """The checkpoint's architecture, or a setting of its config, has no converter; the message lists those that do."""
+
+
+class UnknownArchitectureError(UnsupportedArchitectureError, ValueError):
+    """No converter of the chosen format takes the checkpoint's architecture class: bad input (exit 2),
+    refused before any weight is read; the message names the ones it takes, and the other format where
+    that one takes it."""
+
+    exit_code = 2
 
 
 class RemoteCodeRefusedError(SourceError):

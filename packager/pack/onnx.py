@@ -76,6 +76,14 @@ def check_request(src: Source, spec: ModelSpec | None, opts: PackOptions) -> Non
                          "(a directory or hub id), or pass --format gguf")
     if not src.weight_files:
         raise UsageError("ONNX bundles need safetensors weights; this source has pickle weights only")
+    if spec is not None:
+        check_architecture(spec)
+
+
+def check_architecture(spec: ModelSpec) -> None:
+    """An HF architecture class neither the streaming converter nor optimum-onnx's export takes: one line
+    naming those it takes, and GGUF where that takes it (exit 2)."""
+    onnx_exporter(spec.architecture, spec.model_type)
 
 
 def auto_unavailable(src: Source, spec: ModelSpec) -> str | None:
