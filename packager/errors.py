@@ -33,6 +33,10 @@ class UnknownQuantError(UsageError):
     """A quant type name edgepack does not know."""
 
 
+class ThinkingSwitchError(UsageError):
+    """think=True/False asked of a model whose chat template cannot do it (no thinking switch)."""
+
+
 class PartSizeError(UsageError):
     """A part size (--part-size, or the target's) too small for the model's largest tensor."""
 

@@ -10,8 +10,9 @@ import pytest
 
 from models import llama_cpp_src
 from packager.spec.chat_template import render
-from packager.spec.thinking import (NOT_THINKING, Part, Thinking, ThinkingSwitchError, ThinkSplitter, split_reply,
-                                    starts_in_reasoning, thinking_of)
+from packager.errors import ThinkingSwitchError
+from packager.spec.thinking import (NOT_THINKING, Part, Thinking, ThinkSplitter, split_reply, starts_in_reasoning,
+                                    thinking_of)
 
 CHAT = [{"role": "user", "content": "What is 2 + 2?"}]
 TOKENS = {"bos_token": "<s>", "eos_token": "</s>"}
@@ -51,6 +52,7 @@ def test_r1_distill_always_thinks_and_its_reply_starts_inside_the_block():
     with pytest.raises(ThinkingSwitchError) as e:
         th.context(False)
     assert "\n" not in str(e.value) and "always thinks" in str(e.value) and "enable_thinking" in str(e.value)
+    assert e.value.exit_code == 2  # asked of a model that cannot: bad input
 
 
 @pytest.mark.parametrize("name", ["Qwen-Qwen2.5-7B-Instruct", "meta-llama-Llama-3.2-3B-Instruct",

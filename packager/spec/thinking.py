@@ -17,17 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from packager.errors import ChatTemplateError
+from packager.errors import ThinkingSwitchError
 from packager.spec.chat_template import render
 
 OPEN, CLOSE = "<think>", "</think>"
 # Template variables that switch thinking, as templates name them (tried in this order).
 SWITCHES = ("enable_thinking", "thinking")
 _PROBE = [{"role": "user", "content": "What is 2 + 2?"}]
-
-
-class ThinkingSwitchError(ChatTemplateError):
-    """think=True/False asked of a template that has no switch (or an unknown one)."""
 
 
 @dataclass(frozen=True)
