@@ -33,6 +33,10 @@ class UnknownQuantError(UsageError):
     """A quant type name edgepack does not know."""
 
 
+class ThinkingSwitchError(UsageError):
+    """think=True/False asked of a model whose chat template cannot do it (no thinking switch)."""
+
+
 class PartSizeError(UsageError):
     """A part size (--part-size, or the target's) too small for the model's largest tensor."""
 
@@ -64,7 +68,15 @@ class PickleRefusedError(SourceError):
 
 
 class UnsupportedArchitectureError(SourceError):
-    """The checkpoint's architecture has no converter; the message lists those that do."""
+    """The checkpoint's architecture, or a setting of its config, has no converter; the message lists those that do."""
+
+
+class UnknownArchitectureError(UnsupportedArchitectureError, ValueError):
+    """No converter of the chosen format takes the checkpoint's architecture class: bad input (exit 2),
+    refused before any weight is read; the message names the ones it takes, and the other format where
+    that one takes it."""
+
+    exit_code = 2
 
 
 class RemoteCodeRefusedError(SourceError):

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import gguf
 import numpy as np
 
-from packager.errors import UnsupportedArchitectureError
+from packager.errors import UnknownArchitectureError
 
 Config = dict[str, Any]
 
@@ -99,19 +99,32 @@ def supported(fmt: str) -> list[str]:
 
 def arch_for(hf_name: str) -> Arch:
     """The GGUF converter's entry for an HF architecture class name."""
-    return _side(hf_name, "gguf", "")
+    return _side(hf_name, "gguf")
 
 
 def onnx_arch_for(hf_name: str) -> OnnxArch:
     """The ONNX converter's entry for an HF architecture class name."""
-    return _side(hf_name, "onnx", "; pack it with --format gguf instead")
+    return _side(hf_name, "onnx")
 
 
-def _side(hf_name: str, fmt: str, hint: str) -> Any:
+CONVERTERS = ("gguf", "onnx")  # a Family's side for each, by its format's name
+
+
+def unsupported(hf_name: str, fmt: str) -> str:
+    """Why ``fmt``'s converter refuses ``hf_name``, naming the class names it takes."""
+    return (f"architecture {hf_name!r} is not supported by edgepack's {fmt.upper()} converter; supported: "
+            f"{', '.join(supported(fmt))}")
+
+
+def instead(hf_name: str, fmt: str) -> str:
+    """A refusal's ending: the other converter that takes ``hf_name``, where one does ("" otherwise)."""
+    family = FAMILIES.get(hf_name)
+    others = [other for other in CONVERTERS if other != fmt and getattr(family, other, None) is not None]
+    return f"; pack it with --format {others[0]} instead" if others else ""
+
+
+def _side(hf_name: str, fmt: str) -> Any:
     side = getattr(FAMILIES.get(hf_name), fmt, None)
     if side is None:
-        raise UnsupportedArchitectureError(
-            f"architecture {hf_name!r} is not supported by edgepack's {fmt.upper()} converter; supported: "
-            f"{', '.join(supported(fmt))}{hint}"
-        )
+        raise UnknownArchitectureError(unsupported(hf_name, fmt) + instead(hf_name, fmt))
     return side

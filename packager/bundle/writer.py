@@ -4,7 +4,8 @@ A bundle is a directory with ``manifest.json`` listing every file with its size
 and sha256. The writer fills a hidden temporary sibling directory, hashes what
 it wrote, writes the manifest last, fsyncs, and renames the directory into
 place: Ctrl-C, a full disk or an exception leave nothing that looks like a
-bundle. A lock file keeps two runs from writing the same output at once.
+bundle. A lock file keeps two runs from writing the same output at once; it is
+removed when the run is done, so a finished pack leaves only its bundle.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from packager.progress import progress_bar
 from packager.source.resolver import sha256_file
 
 PARTIAL = ".partial-"  # marks a temporary directory; never a bundle
+# Attempts at the lock: a held one refuses every time, one removed by its finishing holder as we
+# opened it succeeds on the next (see BundleWriter._lock).
+LOCK_TRIES = 3
 
 
 
@@ -63,6 +67,7 @@ class BundleWriter:
             raise BundleError(f"cannot create output directory {parent}: {exc.strerror}; choose another with -o") from None
         if not os.access(parent, os.W_OK | os.X_OK):
             raise BundleError(f"output directory {parent} is not writable; choose another with -o")
+        self._remove_lock = False
         self._held = self._lock(parent / f".{self.final.name}.lock")
         if self.final.exists() and not force:
             self._unlock()
@@ -76,16 +81,32 @@ class BundleWriter:
 
     def _lock(self, path: Path) -> FileLock:
         # filelock: flock on POSIX, msvcrt.locking on Windows; released by the OS if the process dies.
-        lock = FileLock(path)
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise BundleError(f"another edgepack run is writing {self.final}; wait for it or choose another -o") from None
-        return lock
+        # The holder removes the file before releasing it (_unlock), so a run that opened it an instant
+        # before may then lock a file no longer at ``path``: it holds nothing then, and tries again on
+        # the file now there. A run that finds the lock really held is refused at once, as before.
+        for _ in range(LOCK_TRIES):
+            lock = FileLock(path)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:  # held, or (filelock 4) the file went while we opened it
+                continue
+            current = _holds_file_at(lock, path)
+            if current is False:
+                lock.release()
+                continue
+            # Removed after the publish only where we know we hold the file at ``path`` (Windows:
+            # filelock removes its own on release).
+            self._remove_lock = current is True and sys.platform != "win32"
+            return lock
+        raise BundleError(f"another edgepack run is writing {self.final}; wait for it or choose another -o")
 
     def _unlock(self) -> None:
         if self._held is not None:
-            self._held.release()  # the lock file may stay
+            if self._remove_lock:
+                # Removed while still held: a run waiting on this file finds it gone and locks anew
+                # (_lock), so two runs never hold a lock on the same output at once.
+                Path(self._held.lock_file).unlink(missing_ok=True)
+            self._held.release()
             self._held = None
 
     def path(self, rel: str) -> Path:
@@ -221,6 +242,19 @@ def _signals_deferred() -> Iterator[None]:
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
         for s in caught:
             signal.raise_signal(s)
+
+
+def _holds_file_at(lock: FileLock, path: Path) -> bool | None:
+    """Whether the file ``lock`` holds is the one at ``path`` now (False: it was removed or replaced
+    after we opened it); None where filelock does not show its descriptor, and then the lock file is
+    left in place, as before."""
+    fd = getattr(getattr(lock, "_context", None), "lock_file_fd", None)
+    if not isinstance(fd, int):
+        return None
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _remove_stale_partials(parent: Path, name: str) -> None:

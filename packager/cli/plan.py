@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -11,10 +12,11 @@ from packager.errors import UsageError
 from packager.formats import FORMATS, all_schemes, format_of_scheme, get_format
 from packager.pack.draft import check_self_type, parse_draft
 from packager.pack.onnx import DRAFT_REFUSAL
+from packager.pack.pipeline import check_architecture
 from packager.plan.inputs import plan_input
 from packager.plan.planner import Overrides
-from packager.plan.report import as_json as plan_json, draft_outlook, plan_model, render, render_draft
-from packager.plan.targets import list_targets, profile_sources
+from packager.plan.report import as_json as plan_json, draft_outlook, plan_for, render, render_draft
+from packager.plan.targets import list_targets, load_target, profile_sources
 from packager.quants import get_quant
 
 
@@ -100,7 +102,11 @@ def plan_cmd(model: str, target: str, quant: str | None, fmt: str | None, n_ctx:
     overrides = Overrides(quant=quant, format=fmt, n_ctx=n_ctx, ram_bytes=ram, vram_bytes=vram, n_threads=n_threads,
                           part_bytes=0 if no_split else part_size)
     req = parse_draft(draft) if draft else None  # a --draft that names nothing usable fails before any read
-    inp, tgt, p = plan_model(model, target, overrides, revision=revision)
+    tgt = load_target(target)  # an unknown target fails before any download
+    inp = plan_input(model, revision=revision)
+    if not Path(model).expanduser().is_file():  # a checkpoint, not a GGUF (bundled or requantized as it is)
+        check_architecture(inp.spec, fmt or tgt.formats[0])  # what no converter takes is refused before a plan
+    p = plan_for(inp, tgt, overrides)
     outlook = None
     if req is not None:
         if p.format != "gguf":

@@ -51,7 +51,7 @@ from packager.measure.quality import (DEFAULT_CTX, Reference, RunSettings, as_ma
                                       read_text)
 from packager.pack.options import AutoJob, PackOptions, ReadyFile
 from packager.pack.gguf import safetensors_view, source_vocab
-from packager.pack.pipeline import PACKERS, default_source, pack_model
+from packager.pack.pipeline import PACKERS, check_architecture, default_source, pack_model, refuse_before_download
 from packager.plan.planner import Overrides, plan
 from packager.plan.targets import load_target
 from packager.progress import say
@@ -238,11 +238,15 @@ def pack_auto(source: str | os.PathLike[str] | None, opts, *, max_kld: float = D
 
 
 def reference_source(source: str | os.PathLike[str] | None, opts: PackOptions, flag: str):
-    """The source resolved, and its spec; a GGUF source must be high precision (it is the reference)."""
+    """The source resolved, and its spec; a GGUF source must be high precision (it is the reference), a
+    checkpoint one the GGUF converter takes (the reference is its F16 GGUF), refused before any download."""
+    refuse_before_download(source, opts.revision, "gguf")
     src = resolve(source if source is not None else default_source(), revision=opts.revision,
                   allow_pickle=opts.allow_pickle, hash_weights=False, quiet=opts.quiet)
     if src.kind != "gguf":
-        return src, load_spec(src.path)
+        spec = load_spec(src.path)
+        check_architecture(spec, "gguf")
+        return src, spec
     spec, src_quant = spec_from_gguf(src.path)
     if src_quant not in REFERENCE_TYPES:
         raise UsageError(f"{flag} needs a high-precision source to measure against; {src.path.name} is "

@@ -10,11 +10,15 @@ from typing import Any
 
 from packager import __version__
 from packager.bundle.manifest import Manifest, Runtime
+from packager.errors import ChatTemplateError
 from packager.measure.bundle_quality import card_section, with_card_section
 from packager.plan.planner import Plan
 from packager.plan.targets import Target
+from packager.source.gguf_check import check_layout
 from packager.source.resolver import Source
+from packager.spec.chat_template import source_template
 from packager.spec.model import ModelSpec
+from packager.spec.thinking import thinking_of
 
 LICENSE_NAMES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "NOTICE", "USE_POLICY.md")
 
@@ -58,10 +62,34 @@ Model file: `{model_file}`. The original model's license applies (see LICENSE wh
 """
 
 
+def thinking_section(src: Source) -> dict[str, Any] | None:
+    """The manifest's ``thinking`` (spec/thinking.py): whether the model reasons in <think> blocks and
+    which template variable switches it, from the chat template the bundle carries; None where the
+    template has none or refuses the probe chat (the runtime then reads the model as not thinking)."""
+    if src.kind == "gguf":
+        template = check_layout(src.path, want=frozenset({"tokenizer.chat_template"})).strings.get(
+            "tokenizer.chat_template")
+    else:
+        try:
+            tok_config = json.loads((src.path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            tok_config = {}
+        template = source_template(tok_config if isinstance(tok_config, dict) else {}, src.path)
+    if not template:
+        return None
+    try:
+        return thinking_of(template, bos_token="", eos_token="").as_manifest()
+    except ChatTemplateError:
+        return None
+
+
 def bundle_manifest(src: Source, spec: ModelSpec, tgt: Target, p: Plan, *, quant: str, model_file: str,
                     generation: dict[str, Any], warnings: list[str], execution_provider: str | None = None,
                     **extras: Any) -> Manifest:
     """The manifest of a bundle of ``src`` packed as planned; ``extras``: the format's own sections."""
+    thinking = thinking_section(src)
+    if thinking is not None:
+        extras = {"thinking": thinking, **extras}
     return Manifest(
         name=src.name, format=p.format, quant=quant, model_file=model_file,
         runtime=Runtime(n_ctx=p.n_ctx, n_threads=p.n_threads, n_gpu_layers=p.n_gpu_layers, kv_type=p.kv_type,

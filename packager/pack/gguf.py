@@ -56,7 +56,12 @@ CONVERTER_RSS = 1 << 30
 def check_request(src: Source, spec: ModelSpec, opts: PackOptions) -> None:
     """What GGUF cannot do with this source: an architecture the converter lacks fails before any work."""
     if src.kind == "hf":
-        arch_for(spec.architecture)
+        check_architecture(spec)
+
+
+def check_architecture(spec: ModelSpec) -> None:
+    """An HF architecture class the GGUF converter lacks: one line naming those it takes (exit 2)."""
+    arch_for(spec.architecture)
 
 
 def auto_unavailable(src: Source, spec: ModelSpec) -> str | None:

@@ -22,7 +22,7 @@ from typing import Any
 from packager.archs import supported
 from packager.bundle.web import chat_prompt_parts, web_page_files
 from packager.bundle.writer import BundleWriter
-from packager.convert.onnx.converter import (GPTQ_REFUSAL, OnnxOptions, check_family, convert, execution_provider,
+from packager.convert.onnx.converter import (GPTQ_REFUSAL, OnnxOptions, convert, execution_provider,
                                              onnx_exporter)
 from packager.convert.onnx.optimum_export import convert_optimum, fallback_memory
 from packager.errors import UsageError
@@ -78,7 +78,13 @@ def check_request(src: Source, spec: ModelSpec | None, opts: PackOptions) -> Non
     if not src.weight_files:
         raise UsageError("ONNX bundles need safetensors weights; this source has pickle weights only")
     if spec is not None:
-        check_family(spec.architecture)
+        check_architecture(spec)
+
+
+def check_architecture(spec: ModelSpec) -> None:
+    """An HF architecture class neither the streaming converter nor optimum-onnx's export takes: one line
+    naming those it takes, and GGUF where that takes it (exit 2)."""
+    onnx_exporter(spec.architecture, spec.model_type)
 
 
 def auto_unavailable(src: Source, spec: ModelSpec) -> str | None:

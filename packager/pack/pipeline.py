@@ -25,7 +25,7 @@ from packager.plan.report import plan_for
 from packager.plan.targets import load_target
 from packager.quants import get_quant
 from packager.source.remote_code import refuse_remote_code
-from packager.source.resolver import Source, resolve
+from packager.source.resolver import HUB_ID, Source, resolve
 from packager.source.safetensors import Checkpoint
 from packager.spec.chat_template import check_gguf_template
 from packager.spec.gguf import spec_from_gguf
@@ -39,6 +39,7 @@ class Packer:
     chosen one is bundled."""
 
     check: Callable[[Source, ModelSpec, PackOptions], None]
+    check_architecture: Callable[[ModelSpec], None]  # from config.json alone: before any weight is read
     pack: Callable[[PackJob], PackResult]
     auto_unavailable: Callable[[Source, ModelSpec], "str | None"]
     auto_candidate: Callable[[AutoJob, str, "int | None"], Candidate]
@@ -46,9 +47,26 @@ class Packer:
 
 
 PACKERS: dict[str, Packer] = {
-    "gguf": Packer(gguf.check_request, gguf.pack_gguf, gguf.auto_unavailable, gguf.auto_candidate, gguf.auto_options),
-    "onnx": Packer(onnx.check_request, onnx.pack_onnx, onnx.auto_unavailable, onnx.auto_candidate, onnx.auto_options),
+    "gguf": Packer(gguf.check_request, gguf.check_architecture, gguf.pack_gguf, gguf.auto_unavailable,
+                   gguf.auto_candidate, gguf.auto_options),
+    "onnx": Packer(onnx.check_request, onnx.check_architecture, onnx.pack_onnx, onnx.auto_unavailable,
+                   onnx.auto_candidate, onnx.auto_options),
 }
+
+
+def check_architecture(spec: ModelSpec, fmt: str) -> None:
+    """Refuse, in one line (exit 2), an HF architecture class that ``fmt``'s converter does not take,
+    naming those it does and the other format where that one takes it."""
+    PACKERS[fmt].check_architecture(spec)
+
+
+def refuse_before_download(source: str | os.PathLike[str] | None, revision: str | None, fmt: str) -> None:
+    """For a hub id, fetch config.json alone (as `pack plan` reads it) and refuse an architecture ``fmt``'s
+    converter lacks before snapshot_download fetches the weights; a local path is checked after resolve,
+    which reads no weights."""
+    if source is None or Path(source).expanduser().exists() or not HUB_ID.match(os.fspath(source)):
+        return
+    check_architecture(plan_input(source, revision=revision).spec, fmt)
 
 
 def default_source() -> Path:
@@ -70,6 +88,7 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
         get_quant(opts.quant)  # a typo fails before any download (naming llama.cpp's types)
     if opts.draft:
         parse_draft(opts.draft)  # so does a --draft that names nothing usable
+    refuse_before_download(source, opts.revision, opts.format or tgt.formats[0])
     # Safetensors are hashed by the converter as it reads them: one pass over the weights.
     src = resolve(source if source is not None else default_source(), revision=opts.revision,
                   allow_pickle=opts.allow_pickle, hash_weights=False, quiet=opts.quiet)

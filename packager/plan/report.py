@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from typing import Any
 
 from packager.errors import DoesNotFit
 from packager.plan.draft import DraftPlan, plan_on
-from packager.plan.inputs import PlanInput, plan_input
+from packager.plan.inputs import PlanInput
 from packager.plan.planner import Overrides, Plan, memory, plan, scheme
-from packager.plan.targets import Target, load_target
-
-
-def plan_model(model: str | os.PathLike[str], target: str, overrides: Overrides, *, revision: str | None = None,
-               cache_dir: str | os.PathLike[str] | None = None) -> tuple[PlanInput, Target, Plan]:
-    """The plan for ``model`` (dir, .gguf or hub id) on ``target``; DoesNotFit when nothing fits."""
-    tgt = load_target(target)  # an unknown target fails before any download
-    inp = plan_input(model, revision=revision, cache_dir=cache_dir)
-    return inp, tgt, plan_for(inp, tgt, overrides)
+from packager.plan.targets import Target
 
 
 def plan_for(inp: PlanInput, tgt: Target, overrides: Overrides, *, name: str | None = None) -> Plan:

@@ -32,6 +32,7 @@ from packager.errors import BundleError, ChatTemplateError, ConversionError, Usa
 from packager.host import default_threads
 from packager.kernels.speculative import accept_greedy, sample_at, target_probs
 from packager.progress import quiet_llama_log
+from packager.runtime.first_token import llama_decodes
 from packager.runtime.model import Engine, EngineInfo, GenOptions, Message, Model, common_prefix
 from packager.runtime.prompt_cache import MIN_TOKENS, PromptCache, PromptCacheWarning
 from packager.runtime.speculative import AdaptiveLength, DraftStats, LookupDrafter, invariant_batch
@@ -48,8 +49,9 @@ def _llama_cpp():
 
 
 def check_loads(path: Path) -> None:
-    """Load a written GGUF in llama.cpp (weights mapped, no context) and free it: `pack` publishes no
-    bundle its own runtime cannot open (a config that disagrees with the weights, a writer bug)."""
+    """Load a written GGUF in llama.cpp (weights mapped), decode a token with it (runtime/first_token.py)
+    and free it: `pack` publishes no bundle its own runtime cannot open or run (a config that disagrees
+    with the weights, a writer bug)."""
     lc = _llama_cpp()
     params = lc.llama_model_default_params()
     # Mapped, not repacked: ggml-cpu's repacked copies of a 3B model would be gigabytes of anonymous
@@ -60,8 +62,11 @@ def check_loads(path: Path) -> None:
     if not model:
         raise ConversionError(f"{path.name}: llama.cpp cannot load the GGUF just written; nothing was published "
                               f"(run with EDGEPACK_DEBUG=1 and report it, with the source's config.json)")
-    with quiet_llama_log():
-        lc.llama_model_free(model)
+    try:
+        llama_decodes(lc, model, path)  # and decodes a token: some graphs fail only when they run
+    finally:
+        with quiet_llama_log():
+            lc.llama_model_free(model)
 
 
 class LlamaEngine(Engine):

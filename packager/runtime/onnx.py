@@ -23,6 +23,7 @@ from packager.bundle.verify import Bundle
 from packager.errors import BackendMissingError, BundleError, ConversionError, UsageError, missing_backend
 from packager.formats.onnx import PROMPT_CHUNK
 from packager.host import default_threads
+from packager.runtime.first_token import onnx_decodes
 from packager.runtime.model import Engine, EngineInfo, GenOptions, Message, Model, common_prefix
 from packager.runtime.prompt_cache import PromptCacheWarning
 from packager.spec.chat_template import render, source_template, token_text
@@ -59,11 +60,12 @@ def chat_renderer(tok_config: dict[str, Any], model_dir: Path,
 
 
 def check_loads(model_dir: Path) -> None:
-    """Open a written ONNX model as its runtime would, and free it: `pack` publishes no bundle its own
-    runtime cannot open. onnxruntime-genai parses genai_config.json; ONNX Runtime builds a CPU
-    session over the graph (every node's kernel resolved, every initializer mapped from the data
-    file) without packing the weights: genai's own load would add ~40% of the weights as anonymous
-    memory, where this stays at the size of the graph (a 3B pack keeps its ~0.3 GB peak)."""
+    """Open a written ONNX model as its runtime would, decode a token with it (runtime/first_token.py),
+    and free it: `pack` publishes no bundle its own runtime cannot open or run. onnxruntime-genai
+    parses genai_config.json; ONNX Runtime builds a CPU session over the graph (every node's kernel
+    resolved, every initializer mapped from the data file) without packing the weights: genai's own
+    load would add ~40% of the weights as anonymous memory, where this stays at the size of the graph
+    (a 3B pack keeps its ~0.3 GB peak)."""
     og = _genai()
     try:
         import onnxruntime as ort
@@ -81,6 +83,7 @@ def check_loads(model_dir: Path) -> None:
         raise ConversionError(f"{model_dir.name}: ONNX Runtime cannot load the model just written ({reason}); "
                               f"nothing was published") from None
     del session
+    onnx_decodes(model_dir, opts)  # and runs a token: GroupQueryAttention checks some shapes only then
 
 
 class OnnxEngine(Engine):

@@ -26,11 +26,13 @@ from typing import Any
 import numpy as np
 
 from packager.archs import FAMILIES, OnnxArch, onnx_arch_for, rope_parameters, supported
+from packager.archs.registry import instead, unsupported
 from packager.convert.onnx.graph import GraphBuilder
 from packager.convert.onnx.optimum_export import optimum_exports, optimum_installed
 from packager.convert.onnx.output import DecoderShape, copy_tokenizer, eog_ids, genai_config, read_json
 from packager.convert.result import ConvertResult
-from packager.errors import BackendMissingError, ConversionError, SourceError, UnsupportedArchitectureError, UsageError
+from packager.errors import (BackendMissingError, ConversionError, SourceError, UnknownArchitectureError,
+                             UnsupportedArchitectureError, UsageError)
 from packager.formats.onnx import ALGORITHMS, Dims, WeightFormat, declare
 from packager.host import default_threads
 from packager.kernels.hqq import quantize_int4_hqq, split_zero_points
@@ -67,14 +69,13 @@ def onnx_exporter(hf_name: str, model_type: str) -> str:
     if hf_name in supported("onnx"):
         return "edgepack"
     check_family(hf_name)
-    ours = (f"architecture {hf_name!r} is not supported by edgepack's ONNX converter; "
-            f"supported: {', '.join(supported('onnx'))}")
+    ours, hint = unsupported(hf_name, "onnx"), instead(hf_name, "onnx")
     if not optimum_installed():
-        raise UnsupportedArchitectureError(f"{ours}; the fallback for other architectures needs optimum-onnx: "
-                                           "pip install 'edgepack[onnx-export]'; or pack it with --format gguf")
+        raise UnknownArchitectureError(f"{ours}; the fallback for other architectures needs optimum-onnx: "
+                                       f"pip install 'edgepack[onnx-export]'{hint}")
     if not optimum_exports(model_type):
-        raise UnsupportedArchitectureError(f"{ours}, and optimum-onnx does not export model_type {model_type!r} for "
-                                           "text generation; pack it with --format gguf instead")
+        raise UnknownArchitectureError(f"{ours}, and optimum-onnx does not export model_type {model_type!r} for "
+                                       f"text generation{hint}")
     return "optimum"
 
 

@@ -18,6 +18,7 @@ them: f32 zero points send MatMulNBits down a path ~300x slower on CPU (kernels/
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -83,6 +84,7 @@ def _last_line(stderr: str) -> str:
     return (lines[-1] if lines else "no message")[:300]
 
 
+@functools.lru_cache(maxsize=None)  # a child process each time; pack asks before any work and again to convert
 def optimum_exports(model_type: str) -> bool:
     """Does the installed optimum-onnx export ``model_type`` for text generation with a KV cache?"""
     r = _optimum(_CHECK, model_type, TASK)
