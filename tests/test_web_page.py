@@ -202,7 +202,7 @@ def _chat_in_page(browser, bundle: Path, max_tokens: int, shot: Path, chunk: int
         page.screenshot(path=str(shot))
         page.close()
     assert error is None and not failures, (error, failures)
-    return {"config": config, "run": run, "seen": seen, "stats": stats, "user": user, "load_s": load_s}
+    return {"config": config, "run": run, "seen": seen, "stats": stats, "user": user, "load_s": load_s, "ready": ready}
 
 
 def _check_chat(browser, bundle: Path, max_tokens: int, tmp_path: Path, min_agree: int,
@@ -222,6 +222,12 @@ def _check_chat(browser, bundle: Path, max_tokens: int, tmp_path: Path, min_agre
     assert run["backend"] in ("webgpu", "wasm") and f"backend: {run['backend']}" in got["stats"]
     if run["backend"] == "wasm":
         assert "WebGPU" in got["stats"], got["stats"]  # says why it is not on WebGPU
+        # ... and that it runs one thread because this server sends no COOP/COEP headers
+        assert "not cross-origin isolated" in got["stats"] and got["ready"]["threads"] == 1, got["stats"]
+        # WASM runs the graph whose int4 weights are unpacked to f32 at load (WASM has no int4 kernel)
+        assert got["ready"]["graph"] == config["model"]["wasm_graph"] is not None, (got["ready"], config["model"])
+    else:
+        assert got["ready"]["graph"] == config["model"]["graph"], got["ready"]
     assert run["tokens"] and run["done"] and got["user"] == MESSAGE
     if len(run["tokens"]) > 1:
         assert run["tps"] > 0 and f"{run['tps']:.1f} tokens/s" in got["stats"], got["stats"]
@@ -242,7 +248,7 @@ def _check_chat(browser, bundle: Path, max_tokens: int, tmp_path: Path, min_agre
     assert run["prompt_ids"] == prompt_ids
 
     # The reference: ONNX Runtime (Python) on the same graph, and packager.load's answer.
-    ref, rows = ws.ort_greedy(model_dir, config, prompt_ids, max_tokens)
+    ref, rows = ws.ort_greedy(model_dir, config, prompt_ids, max_tokens, got["ready"]["graph"])
     with packager.load(bundle, execution_provider="cpu") as m:
         answer = m.chat([{"role": "user", "content": MESSAGE}], max_tokens=max_tokens, temperature=0.0)
 

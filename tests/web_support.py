@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from models import CACHE, _atomic_build
+from packager.bundle.serve import ISOLATION_HEADERS
 from packager.bundle.web import ORT_WEB_VERSION, WEB_DIR
 from packager.runtime import onnx as onnx_runtime
 
@@ -104,9 +105,15 @@ def page_files(bundle: Path) -> dict[str, bytes]:
 class _Handler(http.server.SimpleHTTPRequestHandler):
     extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, **MIME}
 
-    def __init__(self, *args, root: Path, overlay: dict[str, bytes], ort: Path, **kwargs):
-        self.root, self.overlay, self.ort = root, overlay, ort
+    def __init__(self, *args, root: Path, overlay: dict[str, bytes], ort: Path, isolated: bool, **kwargs):
+        self.root, self.overlay, self.ort, self.isolated = root, overlay, ort, isolated
         super().__init__(*args, directory=str(root), **kwargs)
+
+    def end_headers(self) -> None:
+        if self.isolated:  # cross-origin isolated, as `pack serve` serves a bundle: WASM threads work
+            for key, value in ISOLATION_HEADERS.items():
+                self.send_header(key, value)
+        super().end_headers()
 
     def do_GET(self) -> None:
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
@@ -134,10 +141,11 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 class PageServer:
-    """Serves ``root`` (a bundle) with ``overlay`` files on top and onnxruntime-web under /_ort/."""
+    """Serves ``root`` (a bundle) with ``overlay`` files on top and onnxruntime-web under /_ort/;
+    ``isolated``: with the COOP/COEP headers that make the page cross-origin isolated."""
 
-    def __init__(self, root: Path, overlay: dict[str, bytes], ort: Path) -> None:
-        handler = functools.partial(_Handler, root=root, overlay=overlay, ort=ort)
+    def __init__(self, root: Path, overlay: dict[str, bytes], ort: Path, isolated: bool = False) -> None:
+        handler = functools.partial(_Handler, root=root, overlay=overlay, ort=ort, isolated=isolated)
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="edgepack-web-test", daemon=True)
 
@@ -156,14 +164,15 @@ class PageServer:
 
 # -- the reference: the same graph, greedy, in ONNX Runtime (Python) ------------------------------
 
-def ort_greedy(model_dir: Path, config: dict[str, Any], prompt_ids: list[int], max_new: int
-               ) -> tuple[list[int], list[np.ndarray]]:
+def ort_greedy(model_dir: Path, config: dict[str, Any], prompt_ids: list[int], max_new: int,
+               graph_url: str | None = None) -> tuple[list[int], list[np.ndarray]]:
     """Greedy tokens after ``prompt_ids`` and the logits each was taken from, driven by the page's own
-    config (names, KV shape, eos), one step at a time as the page runs it."""
+    config (names, KV shape, eos), one step at a time as the page runs it; ``graph_url``: the graph the
+    page ran (its config's model.graph or model.wasm_graph; default the former)."""
     import onnxruntime as ort
 
     io, kv = config["io"], config["kv"]
-    graph = model_dir / posixpath.basename(config["model"]["graph"])
+    graph = model_dir / posixpath.basename(graph_url or config["model"]["graph"])
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     layers = range(kv["n_layers"])
     pasts = [io["past_key"] % i for i in layers] + [io["past_value"] % i for i in layers]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from packager.errors import BundleError, ChatTemplateError
-from packager.formats.onnx import PROMPT_CHUNK
+from packager.formats.onnx import PROMPT_CHUNK, WASM_GRAPH
 
 WEB_DIR = "web"
 CONFIG_NAME = "edgepack-web.json"
@@ -106,6 +106,8 @@ def page_config(model_dir: Path, *, name: str, prompt: tuple[str, str], n_ctx: i
         "name": name,
         "model": {
             "graph": base + graph_file,
+            # the WASM backend's graph (same external data, int4 unpacked to f32 at load), null: WASM runs `graph`
+            "wasm_graph": base + WASM_GRAPH if (model_dir / WASM_GRAPH).is_file() else None,
             # path: the name inside the graph; url: where the page fetches it, relative to the page
             "external_data": [{"path": d, "url": base + d} for d in data],
             "tokenizer": base + "tokenizer.json",

@@ -24,6 +24,7 @@ from packager.bundle.web import chat_prompt_parts, web_page_files
 from packager.bundle.writer import BundleWriter
 from packager.convert.onnx.converter import GPTQ_REFUSAL, OnnxOptions, convert, execution_provider, onnx_exporter
 from packager.convert.onnx.optimum_export import convert_optimum, fallback_memory
+from packager.convert.onnx.wasm_graph import write_wasm_graph
 from packager.errors import UsageError
 from packager.formats.onnx import ALGORITHMS, BLOCK_SIZES, SCHEMES
 from packager.pack.card import LICENSE_NAMES, bundle_manifest, generation_defaults, model_card, with_quality
@@ -155,6 +156,8 @@ def pack_onnx(job: PackJob) -> PackResult:
             result = convert(src, model_dir, oo, n_ctx=p.n_ctx, n_threads=opts.n_threads, quiet=opts.quiet,
                              eos_ids=eos_ids, part_bytes=job.part_bytes)
         src = src.with_hashes(result.source_sha256)
+        if tgt.distribution.channel == "web":  # the page's WASM fallback: same bytes, f32 kernels (wasm_graph.py)
+            result.details["onnx"]["web_wasm"] = write_wasm_graph(model_dir)
         too_big = [f.name for f in model_dir.iterdir() if job.part_bytes and f.stat().st_size > job.part_bytes]
         if too_big:  # optimum's export, or --quant auto's candidate, writes one data file
             warnings.append(f"{', '.join(too_big)} is over the {job.part_bytes / 1e6:.0f} MB part size of "

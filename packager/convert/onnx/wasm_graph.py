@@ -17,14 +17,16 @@ at session start: WASM then multiplies f32 weights at MatMul speed, the heap hol
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from packager.formats.onnx import WASM_F32_LIMIT, WASM_GRAPH
 
 if TYPE_CHECKING:
     import onnx
 
-WASM_GRAPH = "model.wasm.onnx"
 MS = "com.microsoft"
 
 
@@ -130,3 +132,21 @@ def wasm_weight_bytes(model: onnx.ModelProto) -> int:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             total += 4 * int(attrs["N"]) * int(attrs["K"])
     return total
+
+
+def write_wasm_graph(model_dir: Path, graph_file: str = "model.onnx") -> dict[str, Any]:
+    """Write ``model_dir``/model.wasm.onnx beside ``graph_file`` (same external data) where it pays; what was
+    decided, for the manifest: {"graph": name or None, "f32_bytes": heap bytes of its weights, "why": ...}."""
+    import onnx
+
+    model = onnx.load(str(Path(model_dir) / graph_file), load_external_data=False)
+    f32 = wasm_weight_bytes(model)
+    if f32 == 0:
+        return {"graph": None, "f32_bytes": 0, "why": "the graph has no MatMulNBits: WASM runs it as it is"}
+    if f32 > WASM_F32_LIMIT:
+        return {"graph": None, "f32_bytes": f32,
+                "why": f"its weights unpacked to f32 ({f32 / 2**30:.2f} GiB) would not fit a tab's WASM heap "
+                       f"beside the folding's copies (limit {WASM_F32_LIMIT / 2**30:.0f} GiB): WASM runs the int4 graph"}
+    onnx.save_model(wasm_graph(model), str(Path(model_dir) / WASM_GRAPH))
+    return {"graph": WASM_GRAPH, "f32_bytes": f32,
+            "why": "onnxruntime-web's WASM has no int4 kernel; the int4 weights are unpacked to f32 at load"}
