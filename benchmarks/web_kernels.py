@@ -11,8 +11,9 @@ Layouts:
   int8_dqmm    DynamicQuantizeMatMul (int8 per-column weights, activations quantized per call)
   int8_mmi     DynamicQuantizeLinear + MatMulInteger + Cast + Mul (what quantize_dynamic writes)
   f32          plain MatMul on f32 weights
-  int4_fold    the int4_nbits bytes unpacked by plain ops that constant folding turns into one f32 weight at
-               session start, then MatMul: the page's WASM graph (packager/convert/onnx/wasm_graph.py)
+  int4_fold    the int4_nbits bytes read by DequantizeLinear (uint4, blocked) into a Gemm, which constant folding
+               turns into one f32 weight at session start: the page's WASM graph (convert/onnx/wasm_graph.py;
+               the first results/ records of it used a chain of float ops instead, folded the same way)
 
 Shapes: Qwen2.5-0.5B's MLP up (896 -> 4864), the tiny Qwen2 fixture's lm_head (256 -> 151936, what
 dominates its decode), SmolLM2-135M's gate+up (576 -> 3072) and lm_head (576 -> 49152).
@@ -39,7 +40,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 import web_support as ws  # noqa: E402
 
-from packager.convert.onnx.wasm_graph import wasm_graph  # noqa: E402
+from packager.convert.onnx.wasm_graph import WASM_SESSION_CONFIG, wasm_graph  # noqa: E402
 
 SHAPES = {"qwen05b_up": (896, 4864), "tinyqwen_lm_head": (256, 151936), "smollm2_gate_up": (576, 3072),
           "smollm2_lm_head": (576, 49152)}
@@ -61,7 +62,7 @@ window.kernels = {
       const bytes = new Uint8Array(await (await fetch('/k/' + n + '.onnx')).arrayBuffer());
       const t = performance.now();
       sessions[n] = await ort.InferenceSession.create(bytes, { executionProviders: ['wasm'],
-                                                               graphOptimizationLevel: 'all' });
+        graphOptimizationLevel: 'all', extra: { session: { disable_quant_qdq: '1' } } });  // as the page
       createMs[n] = performance.now() - t;
     }
     return createMs;
@@ -188,6 +189,8 @@ def main() -> None:
                 web_create = page.evaluate("(n) => window.kernels.load(n)", names)
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+                for key, value in WASM_SESSION_CONFIG.items():
+                    opts.add_session_config_entry(key, value)
                 native, native_create = {}, {}
                 for n in names:
                     t = time.perf_counter()

@@ -28,6 +28,7 @@ import numpy as np
 from models import CACHE, _atomic_build
 from packager.bundle.serve import ISOLATION_HEADERS
 from packager.bundle.web import ORT_WEB_VERSION, WEB_DIR
+from packager.convert.onnx.wasm_graph import WASM_SESSION_CONFIG
 from packager.runtime import onnx as onnx_runtime
 
 ORT_PREFIX = "/_ort/"
@@ -41,6 +42,10 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
 # Headless, no sandbox (root in containers), no GPU, and nothing that reaches the network by itself.
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync"]
+# A software WebGPU adapter (SwiftShader, on the CPU): slow, but the page's WebGPU path runs for real.
+WEBGPU_ARGS = ["--no-sandbox", "--disable-quic", "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--enable-unsafe-webgpu", "--enable-unsafe-swiftshader",
+               "--use-webgpu-adapter=swiftshader"]
 MIME = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm", ".json": "application/json",
         ".html": "text/html", ".css": "text/css", ".onnx": "application/octet-stream", ".data": "application/octet-stream"}
 
@@ -173,7 +178,10 @@ def ort_greedy(model_dir: Path, config: dict[str, Any], prompt_ids: list[int], m
 
     io, kv = config["io"], config["kv"]
     graph = model_dir / posixpath.basename(graph_url or config["model"]["graph"])
-    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    for key, value in WASM_SESSION_CONFIG.items():  # as the page creates the WASM graph's session
+        opts.add_session_config_entry(key, value)
+    session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
     layers = range(kv["n_layers"])
     pasts = [io["past_key"] % i for i in layers] + [io["past_value"] % i for i in layers]
     presents = [io["present_key"] % i for i in layers] + [io["present_value"] % i for i in layers]

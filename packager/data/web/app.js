@@ -16,7 +16,7 @@
 //   ort               {version, base_url}: where onnxruntime-web's dist/ files come from
 // Query parameters: ?ort=<base url> (instead of ort.base_url), ?backend=wasm|webgpu, ?max_tokens=N,
 // ?prefill_chunk=N, ?threads=N (WASM threads; default: up to 4 where the page is cross-origin isolated),
-// ?wasm_graph=0 (WASM runs the int4 graph: slow, for comparison).
+// ?wasm_graph=0 (WASM runs the int4 graph: slow, for comparison), ?ignore_eos=1 (decode max_tokens: benchmarks).
 //
 // For tests and tools: window.edgepackReady (a promise of {backend, graph, threads, isolated, load_ms}),
 // window.edgepackTokenizer, and after
@@ -189,7 +189,7 @@ class Chat {
       for (;;) {
         run.top.push(top);
         const next = top[0][0];
-        if (this.eos.has(next)) break;
+        if (this.eos.has(next) && params.get("ignore_eos") !== "1") break;
         run.tokens.push(next);
         run.text += decoder.push(next);
         // Decode speed: the passes after the prompt's, over their time.
@@ -261,13 +261,19 @@ async function start() {
   // The same bytes serve a second try on WASM after WebGPU failed: onnxruntime-web copies them in.
   async function session(ort, backend) {
     const io = cfg.io, n = cfg.kv.n_layers;
-    const opts = { executionProviders: [backend], graphOptimizationLevel: "all", externalData: external };
+    // logSeverityLevel 3: errors only (WebGPU leaves shape ops on the CPU by design, and ORT warns of it)
+    const opts = { executionProviders: [backend], graphOptimizationLevel: "all", externalData: external,
+                   logSeverityLevel: 3 };
     if (backend === "webgpu") {
       // The KV cache stays on the GPU between steps; only the logits come back.
       const present = [...layerNames(io.present_key, n), ...layerNames(io.present_value, n)];
       opts.preferredOutputLocation = Object.fromEntries(present.map((p) => [p, "gpu-buffer"]));
     }
     const graph = await graphFor(backend);
+    if (graphUrl(backend) === cfg.model.wasm_graph) {
+      // fold its DequantizeLinear nodes into f32 weights once (ONNX Runtime keeps them by default)
+      opts.extra = { session: { disable_quant_qdq: "1" } };
+    }
     setStatus(backend === "wasm" && graphUrl("wasm") === cfg.model.wasm_graph
       ? "starting onnxruntime-web (wasm): unpacking the int4 weights for WASM's f32 kernels…"
       : `starting onnxruntime-web (${backend})…`);
