@@ -294,7 +294,9 @@ async function start() {
     }
   }
   if (!sess) {
-    ort = ort || (await importOrt(base, "ort.wasm.min.mjs"));
+    // the WASM build proper, even after WebGPU's failed: the WebGPU bundle's CPU kernels lack
+    // GatherBlockQuantized (onnxruntime-web 1.31.1), which the int4 embedding needs
+    ort = await importOrt(base, "ort.wasm.min.mjs");
     sess = await session(ort, "wasm");
   }
   const chat = new Chat(cfg, ort, sess, tokenizer, backend);
