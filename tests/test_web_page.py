@@ -373,3 +373,18 @@ def test_a_changed_model_file_is_refused_by_the_page(browser, qwen_web, tmp_path
         page.close()
     assert "error" in ready, ready
     assert any("integrity" in f.lower() or "model.onnx.data" in f for f in failures), failures
+
+
+def test_a_browser_without_webgpu_or_wasm_simd_gets_one_line(browser, qwen_web):
+    """No WebGPU adapter (this Chromium runs with --disable-gpu) and WebAssembly that refuses SIMD128 (as a
+    browser predating it does: the page probes with WebAssembly.validate): one line names both."""
+    failures: list[str] = []
+    with ws.PageServer(qwen_web, ws.page_files(qwen_web), browser.ort_dist) as srv:
+        page = _page(browser, failures)
+        page.add_init_script("WebAssembly.validate = () => false;")
+        page.goto(f"{srv.url}web/index.html?ort={ws.ORT_PREFIX}")
+        ready = page.evaluate("window.edgepackReady.then((r) => r, (e) => ({error: String(e)}))")
+        status = page.inner_text("#status")
+        page.close()
+    assert "error" in ready, ready
+    assert "neither WebGPU" in status and "SIMD" in status and "\n" not in status, status
