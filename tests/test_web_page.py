@@ -139,6 +139,9 @@ def test_page_config_describes_the_bundle_and_its_chat_prompt(qwen_web):
     # WASM's graph: the same data, int4 read through DequantizeLinear into f32 at load (WASM has no int4 kernel)
     assert model["wasm_graph"] == "../model/model.wasm.onnx"
     assert manifest["onnx"]["web_wasm"]["graph"] == "model.wasm.onnx" and manifest["onnx"]["web_wasm"]["f32_bytes"] > 0
+    # the planner's figure for the WASM heap is the converter's
+    note = next(n for n in manifest["plan"]["notes"] if "WASM heap" in n)
+    assert f"{manifest['onnx']['web_wasm']['f32_bytes'] / 1e9:.2f} GB" in note, note
     card = (qwen_web / "README.md").read_text()
     assert "## Web page" in card and "model/model.wasm.onnx" in card and "pack serve" in card
     assert config["chat"] == {"prefix": "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "

@@ -291,7 +291,7 @@ def weight_layout(spec: ModelSpec, fmt: WeightFormat, *, has_bias: bool | None =
     # Decoding a token reads every layer, the lm_head and one embedding row.
     per_token = sum(per_layer) + output + embedding // max(spec.vocab_size, 1)
     return WeightLayout("onnx", tuple(per_layer), embedding, output, other, per_token, largest,
-                        file_bytes=decl.layout.size)
+                        file_bytes=decl.layout.size, wasm_f32_bytes=wasm_f32_bytes(decl.layout))
 
 
 # How onnxruntime-genai's process grows, measured (benchmarks/plan_calibration.py --format onnx):
