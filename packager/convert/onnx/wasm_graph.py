@@ -13,6 +13,11 @@ weight at session start: WASM then multiplies at f32 speed, the heap holds 4 byt
 (:func:`wasm_weight_bytes`; folding holds one f32 copy of each, Gemm takes B transposed so there is no
 second), and the numbers are exactly the int4 weights'. Anything else in the graph (HQQ's correction,
 GatherBlockQuantized for the embedding) stays as written.
+
+What it buys and where it stops (benchmarks/web_page.py): page decode 3-5x the int4 graph's on WASM, yet
+0.05-0.13x native ONNX Runtime on a quiet machine, because decode is bandwidth-bound and f32 weights are 8x
+the bytes int4 reads a token (profiled in onnxruntime-web: Gemm is ~75% of a SmolLM2 step). WASM's int8
+kernels do not help: they run at ~2 GB/s of weights, compute-bound, slower than f32 from memory.
 """
 
 from __future__ import annotations
