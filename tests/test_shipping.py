@@ -120,6 +120,9 @@ def test_web_parts_manifest_matches_its_schema_and_the_files(tiny_qwen2, tmp_pat
                             json.loads((ship / "parts.schema.json").read_text()))
     md = (bundle / "SHIPPING.md").read_text()
     assert all((bundle / p).exists() for p in named_paths(md))
+    # the headers WASM threads need, and how to try them locally
+    assert "Cross-Origin-Opener-Policy: same-origin" in md and "Cross-Origin-Embedder-Policy: require-corp" in md
+    assert "pack serve" in md
 
 
 def test_direct_targets_get_shipping_md_only(tiny_qwen2, tmp_path):

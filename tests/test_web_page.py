@@ -69,9 +69,31 @@ def browser():
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=exe, headless=True, args=ws.BROWSER_ARGS)  # a fresh profile
         try:
-            yield SimpleNamespace(chromium=b, ort_dist=ort_dist)
+            yield SimpleNamespace(chromium=b, ort_dist=ort_dist, playwright=p)
         finally:
             b.close()
+
+
+@pytest.fixture(scope="module")
+def webgpu_browser(browser, tmp_path_factory):
+    """Chromium with SwiftShader's WebGPU adapter (one Playwright per process: the browser fixture's); skipped
+    where this Chromium offers none."""
+    b = browser.playwright.chromium.launch(executable_path=ws.find_browser(), headless=True, args=ws.WEBGPU_ARGS)
+    try:
+        page = b.new_page()
+        with ws.PageServer(Path(tmp_path_factory.mktemp("blank")), {"blank.html": b"<!doctype html>"},
+                           browser.ort_dist) as srv:
+            page.goto(srv.url + "blank.html")  # WebGPU needs a secure context: http://127.0.0.1 is one
+            info = page.evaluate("""async () => {
+                if (!navigator.gpu) return null;
+                const a = await navigator.gpu.requestAdapter();
+                return a ? `${a.info?.vendor} ${a.info?.architecture}` : null; }""")
+        page.close()
+        if info is None:
+            _missing("this Chromium gives no WebGPU adapter, even SwiftShader's (--use-webgpu-adapter=swiftshader)")
+        yield SimpleNamespace(chromium=b, ort_dist=browser.ort_dist, adapter=info)
+    finally:
+        b.close()
 
 
 def _page(browser, failures: list[str]):
@@ -114,6 +136,14 @@ def test_page_config_describes_the_bundle_and_its_chat_prompt(qwen_web):
     for rel in (model["graph"], model["tokenizer"], *(d["url"] for d in model["external_data"])):
         assert rel.startswith("../") and (qwen_web / rel[3:]).is_file(), rel
     assert [d["path"] for d in model["external_data"]] == ["model.onnx.data"]
+    # WASM's graph: the same data, int4 read through DequantizeLinear into f32 at load (WASM has no int4 kernel)
+    assert model["wasm_graph"] == "../model/model.wasm.onnx"
+    assert manifest["onnx"]["web_wasm"]["graph"] == "model.wasm.onnx" and manifest["onnx"]["web_wasm"]["f32_bytes"] > 0
+    # the planner's figure for the WASM heap is the converter's
+    note = next(n for n in manifest["plan"]["notes"] if "WASM heap" in n)
+    assert f"{manifest['onnx']['web_wasm']['f32_bytes'] / 1e9:.2f} GB" in note, note
+    card = (qwen_web / "README.md").read_text()
+    assert "## Web page" in card and "model/model.wasm.onnx" in card and "pack serve" in card
     assert config["chat"] == {"prefix": "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
                                         "assistant.<|im_end|>\n<|im_start|>user\n",
                               "suffix": "<|im_end|>\n<|im_start|>assistant\n"}
@@ -172,19 +202,20 @@ def test_page_tokenizer_matches_tokenizers(fixture, request, browser):
 
 # -- the page, end to end ---------------------------------------------------------------------
 
-def _chat_in_page(browser, bundle: Path, max_tokens: int, shot: Path, chunk: int | None) -> dict:
+def _chat_in_page(browser, bundle: Path, max_tokens: int, shot: Path, chunk: int | None, isolated: bool = False,
+                  query: str = "") -> dict:
     """Open the bundle's page, send MESSAGE, watch the reply stream in; the page's run and what was seen."""
     files = ws.page_files(bundle)
     config = json.loads(files["web/edgepack-web.json"])
     if chunk:
         config["prefill_chunk"] = chunk  # the reference runs the page's chunks
     failures: list[str] = []
-    with ws.PageServer(bundle, files, browser.ort_dist) as srv:
+    with ws.PageServer(bundle, files, browser.ort_dist, isolated=isolated) as srv:
         page = _page(browser, failures)
         page.set_default_timeout(STARTUP_S * 1000)
         t0 = time.monotonic()
         chunked = f"&prefill_chunk={chunk}" if chunk else ""
-        page.goto(f"{srv.url}web/index.html?ort={ws.ORT_PREFIX}&max_tokens={max_tokens}{chunked}")
+        page.goto(f"{srv.url}web/index.html?ort={ws.ORT_PREFIX}&max_tokens={max_tokens}{chunked}{query}")
         ready = page.evaluate("window.edgepackReady.then((r) => r, (e) => ({error: String(e)}))")
         assert "error" not in ready, (ready, failures)
         # Every model file was fetched with its SRI hash from ship/web/parts.json (the browser checks it).
@@ -202,11 +233,11 @@ def _chat_in_page(browser, bundle: Path, max_tokens: int, shot: Path, chunk: int
         page.screenshot(path=str(shot))
         page.close()
     assert error is None and not failures, (error, failures)
-    return {"config": config, "run": run, "seen": seen, "stats": stats, "user": user, "load_s": load_s}
+    return {"config": config, "run": run, "seen": seen, "stats": stats, "user": user, "load_s": load_s, "ready": ready}
 
 
 def _check_chat(browser, bundle: Path, max_tokens: int, tmp_path: Path, min_agree: int,
-                chunk: int | None = None) -> dict:
+                chunk: int | None = None, isolated: bool = False, query: str = "") -> dict:
     import numpy as np
     from tokenizers import Tokenizer
 
@@ -214,7 +245,7 @@ def _check_chat(browser, bundle: Path, max_tokens: int, tmp_path: Path, min_agre
 
     shot = tmp_path / "web-page.png"
     t0 = time.monotonic()
-    got = _chat_in_page(browser, bundle, max_tokens, shot, chunk)
+    got = _chat_in_page(browser, bundle, max_tokens, shot, chunk, isolated, query)
     wall = time.monotonic() - t0
     run, config = got["run"], got["config"]
 
@@ -222,6 +253,15 @@ def _check_chat(browser, bundle: Path, max_tokens: int, tmp_path: Path, min_agre
     assert run["backend"] in ("webgpu", "wasm") and f"backend: {run['backend']}" in got["stats"]
     if run["backend"] == "wasm":
         assert "WebGPU" in got["stats"], got["stats"]  # says why it is not on WebGPU
+        if isolated:  # COOP/COEP headers, as `pack serve` sends them: WASM threads
+            assert got["ready"]["isolated"] and got["ready"]["threads"] > 1, got["ready"]
+            assert f"{got['ready']['threads']} threads" in got["stats"], got["stats"]
+        else:  # ... or one thread, and the page says why
+            assert "not cross-origin isolated" in got["stats"] and got["ready"]["threads"] == 1, got["stats"]
+        # WASM runs the graph whose int4 weights are unpacked to f32 at load (WASM has no int4 kernel)
+        assert got["ready"]["graph"] == config["model"]["wasm_graph"] is not None, (got["ready"], config["model"])
+    else:
+        assert got["ready"]["graph"] == config["model"]["graph"], got["ready"]
     assert run["tokens"] and run["done"] and got["user"] == MESSAGE
     if len(run["tokens"]) > 1:
         assert run["tps"] > 0 and f"{run['tps']:.1f} tokens/s" in got["stats"], got["stats"]
@@ -242,7 +282,7 @@ def _check_chat(browser, bundle: Path, max_tokens: int, tmp_path: Path, min_agre
     assert run["prompt_ids"] == prompt_ids
 
     # The reference: ONNX Runtime (Python) on the same graph, and packager.load's answer.
-    ref, rows = ws.ort_greedy(model_dir, config, prompt_ids, max_tokens)
+    ref, rows = ws.ort_greedy(model_dir, config, prompt_ids, max_tokens, got["ready"]["graph"])
     with packager.load(bundle, execution_provider="cpu") as m:
         answer = m.chat([{"role": "user", "content": MESSAGE}], max_tokens=max_tokens, temperature=0.0)
 
@@ -262,7 +302,7 @@ def _check_chat(browser, bundle: Path, max_tokens: int, tmp_path: Path, min_agre
         "ref_gap_at_divergence": gaps[agree] if agree < len(gaps) else None,
         "page_gap_at_divergence": (run["top"][agree][0][1] - run["top"][agree][1][1]) if agree < len(run["top"]) else None,
         "first_near_tie_step": near_tie, "delta": delta, "logit_scale": scale, "tps": run["tps"],
-        "prefill_ms": run["prefill_ms"], "page_load_s": got["load_s"], "wall_s": wall,
+        "prefill_ms": run["prefill_ms"], "page_load_s": got["load_s"], "wall_s": wall, "ready": got["ready"],
         "page_text": run["text"], "packager_load_text": answer, "screenshot": str(shot),
     }
     (tmp_path / "web-run.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
@@ -284,6 +324,29 @@ def test_web_page_chats_with_a_tiny_qwen2(browser, qwen_web, tmp_path):
     16 tokens (a long prompt's path: the bundle's chunk is 512)."""
     report = _check_chat(browser, qwen_web, max_tokens=8, tmp_path=tmp_path, min_agree=1, chunk=16)
     assert report["prompt_tokens"] > 32
+
+
+def test_web_page_runs_wasm_threads_when_cross_origin_isolated(browser, qwen_web, tmp_path):
+    """Served with COOP/COEP (as `pack serve` does), the page runs onnxruntime-web's WASM on 2 threads, and its
+    greedy tokens are still ONNX Runtime's."""
+    _check_chat(browser, qwen_web, max_tokens=16, tmp_path=tmp_path, min_agree=1, isolated=True,
+                query="&threads=2")
+
+
+# Measured (issue 29): on SwiftShader the page's WebGPU logits for the tiny Qwen2 are off by 1.41 of a 3.43
+# logit scale from ONNX Runtime (Python)'s on the same int4 graph (WASM: within 1.1%). Bisected by exposing
+# intermediate outputs, one 36-token pass: embedding, norm and the qkv MatMulNBits agree (0.7%, native's int8
+# activations); GroupQueryAttention's output agrees for positions 0-3 and is off by 17-95% from position 4 on,
+# with either graph (MatMulNBits or the WASM graph's Gemm). onnxruntime-web 1.31.1's WebGPU
+# GroupQueryAttention (packed qkv, do_rotary) is the suspect; kept visible until fixed (strict: fails loudly
+# once WebGPU agrees). A 4-token prefill_chunk did not finish in the test's time on SwiftShader.
+@pytest.mark.xfail(strict=True, reason="WebGPU GroupQueryAttention disagrees with ONNX Runtime's past position 3")
+def test_web_page_runs_webgpu_on_swiftshader(webgpu_browser, qwen_web, tmp_path):
+    """WebGPU for real, on SwiftShader's software adapter: the page picks it (int4 MatMulNBits on the GPU path,
+    KV cache in GPU buffers), and its greedy tokens are ONNX Runtime (Python)'s up to near-ties."""
+    report = _check_chat(webgpu_browser, qwen_web, max_tokens=4, tmp_path=tmp_path, min_agree=1,
+                         query="&backend=webgpu")
+    assert report["backend"] == "webgpu", report
 
 
 @pytest.mark.slow
@@ -313,3 +376,18 @@ def test_a_changed_model_file_is_refused_by_the_page(browser, qwen_web, tmp_path
         page.close()
     assert "error" in ready, ready
     assert any("integrity" in f.lower() or "model.onnx.data" in f for f in failures), failures
+
+
+def test_a_browser_without_webgpu_or_wasm_simd_gets_one_line(browser, qwen_web):
+    """No WebGPU adapter (this Chromium runs with --disable-gpu) and WebAssembly that refuses SIMD128 (as a
+    browser predating it does: the page probes with WebAssembly.validate): one line names both."""
+    failures: list[str] = []
+    with ws.PageServer(qwen_web, ws.page_files(qwen_web), browser.ort_dist) as srv:
+        page = _page(browser, failures)
+        page.add_init_script("WebAssembly.validate = () => false;")
+        page.goto(f"{srv.url}web/index.html?ort={ws.ORT_PREFIX}")
+        ready = page.evaluate("window.edgepackReady.then((r) => r, (e) => ({error: String(e)}))")
+        status = page.inner_text("#status")
+        page.close()
+    assert "error" in ready, ready
+    assert "neither WebGPU" in status and "SIMD" in status and "\n" not in status, status

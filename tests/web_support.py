@@ -26,7 +26,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from models import CACHE, _atomic_build
+from packager.bundle.serve import ISOLATION_HEADERS
 from packager.bundle.web import ORT_WEB_VERSION, WEB_DIR
+from packager.convert.onnx.wasm_graph import WASM_SESSION_CONFIG
 from packager.runtime import onnx as onnx_runtime
 
 ORT_PREFIX = "/_ort/"
@@ -40,6 +42,10 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
 # Headless, no sandbox (root in containers), no GPU, and nothing that reaches the network by itself.
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync"]
+# A software WebGPU adapter (SwiftShader, on the CPU): slow, but the page's WebGPU path runs for real.
+WEBGPU_ARGS = ["--no-sandbox", "--disable-quic", "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--enable-unsafe-webgpu", "--enable-unsafe-swiftshader",
+               "--use-webgpu-adapter=swiftshader"]
 MIME = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm", ".json": "application/json",
         ".html": "text/html", ".css": "text/css", ".onnx": "application/octet-stream", ".data": "application/octet-stream"}
 
@@ -104,9 +110,15 @@ def page_files(bundle: Path) -> dict[str, bytes]:
 class _Handler(http.server.SimpleHTTPRequestHandler):
     extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, **MIME}
 
-    def __init__(self, *args, root: Path, overlay: dict[str, bytes], ort: Path, **kwargs):
-        self.root, self.overlay, self.ort = root, overlay, ort
+    def __init__(self, *args, root: Path, overlay: dict[str, bytes], ort: Path, isolated: bool, **kwargs):
+        self.root, self.overlay, self.ort, self.isolated = root, overlay, ort, isolated
         super().__init__(*args, directory=str(root), **kwargs)
+
+    def end_headers(self) -> None:
+        if self.isolated:  # cross-origin isolated, as `pack serve` serves a bundle: WASM threads work
+            for key, value in ISOLATION_HEADERS.items():
+                self.send_header(key, value)
+        super().end_headers()
 
     def do_GET(self) -> None:
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
@@ -134,10 +146,11 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 class PageServer:
-    """Serves ``root`` (a bundle) with ``overlay`` files on top and onnxruntime-web under /_ort/."""
+    """Serves ``root`` (a bundle) with ``overlay`` files on top and onnxruntime-web under /_ort/;
+    ``isolated``: with the COOP/COEP headers that make the page cross-origin isolated."""
 
-    def __init__(self, root: Path, overlay: dict[str, bytes], ort: Path) -> None:
-        handler = functools.partial(_Handler, root=root, overlay=overlay, ort=ort)
+    def __init__(self, root: Path, overlay: dict[str, bytes], ort: Path, isolated: bool = False) -> None:
+        handler = functools.partial(_Handler, root=root, overlay=overlay, ort=ort, isolated=isolated)
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="edgepack-web-test", daemon=True)
 
@@ -156,15 +169,19 @@ class PageServer:
 
 # -- the reference: the same graph, greedy, in ONNX Runtime (Python) ------------------------------
 
-def ort_greedy(model_dir: Path, config: dict[str, Any], prompt_ids: list[int], max_new: int
-               ) -> tuple[list[int], list[np.ndarray]]:
+def ort_greedy(model_dir: Path, config: dict[str, Any], prompt_ids: list[int], max_new: int,
+               graph_url: str | None = None) -> tuple[list[int], list[np.ndarray]]:
     """Greedy tokens after ``prompt_ids`` and the logits each was taken from, driven by the page's own
-    config (names, KV shape, eos), one step at a time as the page runs it."""
+    config (names, KV shape, eos), one step at a time as the page runs it; ``graph_url``: the graph the
+    page ran (its config's model.graph or model.wasm_graph; default the former)."""
     import onnxruntime as ort
 
     io, kv = config["io"], config["kv"]
-    graph = model_dir / posixpath.basename(config["model"]["graph"])
-    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    graph = model_dir / posixpath.basename(graph_url or config["model"]["graph"])
+    opts = ort.SessionOptions()
+    for key, value in WASM_SESSION_CONFIG.items():  # as the page creates the WASM graph's session
+        opts.add_session_config_entry(key, value)
+    session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
     layers = range(kv["n_layers"])
     pasts = [io["past_key"] % i for i in layers] + [io["past_value"] % i for i in layers]
     presents = [io["present_key"] % i for i in layers] + [io["present_value"] % i for i in layers]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from packager.errors import BundleError, ChatTemplateError
-from packager.formats.onnx import PROMPT_CHUNK
+from packager.formats.onnx import PROMPT_CHUNK, WASM_GRAPH
 
 WEB_DIR = "web"
 CONFIG_NAME = "edgepack-web.json"
@@ -106,6 +106,8 @@ def page_config(model_dir: Path, *, name: str, prompt: tuple[str, str], n_ctx: i
         "name": name,
         "model": {
             "graph": base + graph_file,
+            # the WASM backend's graph (same external data, int4 unpacked to f32 at load), null: WASM runs `graph`
+            "wasm_graph": base + WASM_GRAPH if (model_dir / WASM_GRAPH).is_file() else None,
             # path: the name inside the graph; url: where the page fetches it, relative to the page
             "external_data": [{"path": d, "url": base + d} for d in data],
             "tokenizer": base + "tokenizer.json",
@@ -131,3 +133,22 @@ def page_config(model_dir: Path, *, name: str, prompt: tuple[str, str], n_ctx: i
         "prefill_chunk": PROMPT_CHUNK,
         "ort": {"version": ORT_WEB_VERSION, "base_url": ORT_WEB_CDN},
     }
+
+
+def web_card_section(config: dict[str, Any], wasm: dict[str, Any]) -> str:
+    """The model card's lines about the page: what each backend downloads and holds (``wasm``: the manifest's
+    onnx.web_wasm, what packager/convert/onnx/wasm_graph.py decided)."""
+    model = config["model"]
+    lines = ["", "## Web page", "",
+             "Serve the bundle folder and open `web/` (`pack serve .` does, with the headers WASM threads need).",
+             "", "| backend | graph | download | weights in memory |", "|---|---|---|---|",
+             f"| WebGPU | `{model['graph'][3:]}` (int4 MatMulNBits) | {model['bytes'] / 1e6:.1f} MB | int4, "
+             "in GPU buffers |"]
+    if model.get("wasm_graph"):
+        lines.append(f"| WASM | `{model['wasm_graph'][3:]}` (the same int4 bytes, unpacked to f32 at load) | "
+                     f"the same files | {wasm['f32_bytes'] / 1e6:.0f} MB f32 in the WASM heap |")
+    else:
+        lines.append(f"| WASM | `{model['graph'][3:]}` | the same files | int4 ({wasm.get('why', 'no WASM graph')}) |")
+    lines += ["", "The page shows its backend, WASM threads and tokens/s; benchmarks/web_page.py in edgepack's "
+              "repository measures them against native ONNX Runtime."]
+    return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ from packager.cli.model import model_cmd
 from packager.cli.plan import plan_cmd, targets_cmd
 from packager.cli.quality import quality_cmd
 from packager.cli.run import chat_cmd, run_cmd
+from packager.cli.serve import serve_cmd
 from packager.errors import EdgepackError
 from packager.interrupt import Terminated, install
 from packager.kernels.ggml import LibraryMissing
@@ -35,6 +36,7 @@ def cli() -> None:
       pack verify dist/SmolLM2-135M-Instruct-laptop
       pack run dist/SmolLM2-135M-Instruct-laptop "Give me three tips for staying healthy."
       pack chat dist/SmolLM2-135M-Instruct-laptop
+      pack serve dist/SmolLM2-135M-Instruct-web       # the web page, with WASM threads
 
     Set EDGEPACK_DEBUG=1 for tracebacks, EDGEPACK_NO_PROGRESS=1 to hide progress bars.
     """
@@ -46,6 +48,7 @@ cli.add_command(plan_cmd)
 cli.add_command(verify_cmd)
 cli.add_command(run_cmd)
 cli.add_command(chat_cmd)
+cli.add_command(serve_cmd)
 cli.add_command(quality_cmd)
 cli.add_command(bench_cmd)
 cli.add_command(matrix_group)

@@ -28,6 +28,12 @@ from packager.spec.model import ModelSpec
 ALIGN = 4096  # page-aligned offsets let ONNX Runtime map large initializers from the file
 BLOCK_SIZES = (32, 64, 128)
 ALGORITHMS = ("rtn", "hqq")  # round to nearest (ONNX Runtime's routine), HQQ (kernels/hqq.py)
+# The web page's WASM graph (convert/onnx/wasm_graph.py): the same int4 bytes, unpacked to f32 weights when the
+# session starts, because onnxruntime-web's WASM has no int4 kernel (benchmarks/web_kernels.py). Written only
+# where those f32 weights stay under WASM_F32_LIMIT: a tab's WASM heap ends at 4 GiB, and constant folding
+# holds a few copies of the largest matrix while it unpacks it.
+WASM_GRAPH = "model.wasm.onnx"
+WASM_F32_LIMIT = 1 << 30
 
 
 class DType(IntEnum):
@@ -201,6 +207,12 @@ class WeightFormat:
             layout.add(f"{base}.weight_zc", DType.FLOAT, (n, nb))
 
 
+def wasm_f32_bytes(layout: "Layout") -> int:
+    """Bytes of the f32 weights the WASM graph unpacks from ``layout``'s int4 linear layers (4 per weight)."""
+    return sum(4 * init.shape[0] * init.shape[1] * init.shape[2] * 2 for name, init in layout.inits.items()
+               if name.endswith(".weight_Q4") and name not in layout.aliases)
+
+
 def _schemes() -> dict[str, WeightFormat]:
     out = {}
     for block in BLOCK_SIZES:
@@ -293,7 +305,7 @@ def weight_layout(spec: ModelSpec, fmt: WeightFormat, *, has_bias: bool | None =
     # Decoding a token reads every layer, the lm_head and one embedding row.
     per_token = sum(per_layer) + output + embedding // max(spec.vocab_size, 1)
     return WeightLayout("onnx", tuple(per_layer), embedding, output, other, per_token, largest,
-                        file_bytes=decl.layout.size)
+                        file_bytes=decl.layout.size, wasm_f32_bytes=wasm_f32_bytes(decl.layout))
 
 
 # How onnxruntime-genai's process grows, measured (benchmarks/plan_calibration.py --format onnx):

@@ -21,6 +21,7 @@ class WeightLayout:
     repacked_per_layer: tuple[int, ...] = ()  # bytes copied into CPU repack buffers, per layer
     tensor_types: dict[str, int] | None = None  # ggml type name -> tensor count (GGUF)
     file_bytes: int = 0  # bytes of the model file(s) as written (alignment included), when known
+    wasm_f32_bytes: int = 0  # the web page's WASM graph: int4 weights unpacked to f32 at load (ONNX)
 
     @property
     def total(self) -> int:

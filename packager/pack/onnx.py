@@ -15,16 +15,18 @@ packager/convert/onnx/.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from packager.archs import supported
-from packager.bundle.web import chat_prompt_parts, web_page_files
+from packager.bundle.web import CONFIG_NAME, WEB_DIR, chat_prompt_parts, web_card_section, web_page_files
 from packager.bundle.writer import BundleWriter
 from packager.convert.onnx.converter import (GPTQ_REFUSAL, OnnxOptions, convert, execution_provider,
                                              onnx_exporter)
 from packager.convert.onnx.optimum_export import convert_optimum, fallback_memory
+from packager.convert.onnx.wasm_graph import write_wasm_graph
 from packager.errors import UsageError
 from packager.formats.onnx import ALGORITHMS, BLOCK_SIZES, SCHEMES
 from packager.pack.card import LICENSE_NAMES, bundle_manifest, generation_defaults, model_card, with_quality
@@ -121,13 +123,15 @@ def auto_options(opts: PackOptions, name: str, ready: ReadyFile, quality: dict[s
                    onnx_algorithm=w.algorithm, ready=ready, quality=quality)
 
 
-def _add_web_page(bw: BundleWriter, model_dir: Path, name: str, p: Plan) -> None:
-    """The static chat page (packager/data/web/) and its config, prompt rendered as packager.load renders it."""
+def _add_web_page(bw: BundleWriter, model_dir: Path, name: str, p: Plan) -> dict[str, Any]:
+    """The static chat page (packager/data/web/) and its config, prompt rendered as packager.load renders it;
+    returns the config."""
     renderer = chat_renderer(tokenizer_config(model_dir), model_dir)
     prompt = chat_prompt_parts(renderer) if renderer is not None else ("", "")  # no template: raw completion
-    for rel, data in web_page_files(model_dir, name=name, prompt=prompt, n_ctx=p.n_ctx, kv_type=p.kv_type,
-                                    model_rel=MODEL_DIR).items():
+    files = web_page_files(model_dir, name=name, prompt=prompt, n_ctx=p.n_ctx, kv_type=p.kv_type, model_rel=MODEL_DIR)
+    for rel, data in files.items():
         bw.path(rel).write_bytes(data)
+    return json.loads(files[f"{WEB_DIR}/{CONFIG_NAME}"])
 
 
 def pack_onnx(job: PackJob) -> PackResult:
@@ -164,6 +168,8 @@ def pack_onnx(job: PackJob) -> PackResult:
             result = convert(src, model_dir, oo, n_ctx=p.n_ctx, n_threads=opts.n_threads, quiet=opts.quiet,
                              eos_ids=eos_ids, part_bytes=job.part_bytes)
         src = src.with_hashes(result.source_sha256)
+        if tgt.distribution.channel == "web":  # the page's WASM fallback: same bytes, f32 kernels (wasm_graph.py)
+            result.details["onnx"]["web_wasm"] = write_wasm_graph(model_dir)
         too_big = [f.name for f in model_dir.iterdir() if job.part_bytes and f.stat().st_size > job.part_bytes]
         if too_big:  # optimum's export, or --quant auto's candidate, writes one data file
             warnings.append(f"{', '.join(too_big)} is over the {job.part_bytes / 1e6:.0f} MB part size of "
@@ -172,10 +178,12 @@ def pack_onnx(job: PackJob) -> PackResult:
             if (src.path / name).is_file():
                 bw.add_file(name, src.path / name)
         model_rel = f"{MODEL_DIR}/model.onnx"
-        bw.add_text("README.md", with_quality(model_card(src, tgt, p, model_rel), opts.quality, oo.quant_name))
+        card = with_quality(model_card(src, tgt, p, model_rel), opts.quality, oo.quant_name)
         model_files = sorted(f"{MODEL_DIR}/{f.name}" for f in model_dir.iterdir() if f.is_file())
         if tgt.distribution.channel == "web":
-            _add_web_page(bw, model_dir, src.name, p)
+            config = _add_web_page(bw, model_dir, src.name, p)
+            card += web_card_section(config, result.details["onnx"]["web_wasm"])
+        bw.add_text("README.md", card)
         add_shipping(bw, src.name, tgt, p, "onnx", model_rel, model_files)
         manifest = bundle_manifest(
             src, spec, tgt, p, quant=oo.quant_name, model_file=model_rel, warnings=warnings,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from packager import __version__
+from packager.bundle.serve import ISOLATION_HEADERS
 from packager.bundle.writer import BundleWriter
 from packager.plan.planner import Plan
 from packager.plan.targets import Target
@@ -346,6 +347,25 @@ def _shipping_md(name: str, target: Target, plan: Plan, fmt: str, model_file: st
             "keeps it in the Cache API or OPFS for the next visit"
             + (f"; each file is at most {_mb(part_bytes)}" if part_bytes else "") + ".",
             f"3. {d.setting}." if d.setting else "3. No browser setting is required.",
+            "4. Where WebGPU is missing the page runs on WASM, on several threads only when it is cross-origin "
+            "isolated: send these two headers with the page and every file it loads (without them it still "
+            "works, on one thread, and says so). Try it locally with `pack serve <bundle>`.",
+            "",
+            "   ```",
+            *[f"   {k}: {v}" for k, v in ISOLATION_HEADERS.items()],
+            "   ```",
+            "",
+            "   - Netlify, Cloudflare Pages: a `_headers` file at the site root: `/*` then the two lines, indented.",
+            "   - Vercel: `vercel.json`: `{\"headers\": [{\"source\": \"/(.*)\", \"headers\": "
+            "[{\"key\": \"Cross-Origin-Opener-Policy\", \"value\": \"same-origin\"}, "
+            "{\"key\": \"Cross-Origin-Embedder-Policy\", \"value\": \"require-corp\"}]}]}`.",
+            "   - nginx: `add_header Cross-Origin-Opener-Policy same-origin always;` and "
+            "`add_header Cross-Origin-Embedder-Policy require-corp always;` in the `location`.",
+            "   - Apache: `Header always set Cross-Origin-Opener-Policy \"same-origin\"` and "
+            "`Header always set Cross-Origin-Embedder-Policy \"require-corp\"` (mod_headers).",
+            "   - Amazon S3 + CloudFront: a response headers policy with both as custom headers.",
+            "   - GitHub Pages sets no headers: the page stays single-threaded there.",
+            "   onnxruntime-web from its CDN (jsDelivr) is fetched with CORS, which require-corp accepts.",
         ]
     else:
         lines += [

@@ -23,6 +23,7 @@ from packager.formats import get_format
 from packager.formats.base import (KV_BYTES, MiB, Format, Memory, Scheme, gb as _gb, kv_bytes, padded_ctx,
                                    window_cells)
 from packager.formats.gguf import N_UBATCH, compute_bytes, overhead_bytes
+from packager.formats.onnx import WASM_F32_LIMIT
 from packager.formats.weights import Tensor, WeightLayout
 from packager.plan.targets import Target
 from packager.quants import QUANTS
@@ -361,6 +362,14 @@ def _finish(spec, target, o, form: Format, qname, layout, fit: _Fit, n_ctx, thre
             notes.append(f"the largest tensor ({layout.largest / MiB:.0f} MiB) is over the "
                          f"{lim.gpu_max_binding_bytes / MiB:.0f} MiB storage-buffer binding some phones allow: "
                          f"those devices cannot run it")
+    if form.per_tensor_buffers and lim.gpu_max_binding_bytes and layout.wasm_f32_bytes:
+        # the web page's WASM fallback (convert/onnx/wasm_graph.py): same download, f32 weights in the heap
+        if layout.wasm_f32_bytes <= WASM_F32_LIMIT:
+            notes.append(f"without WebGPU the page runs WASM on the same download, its int4 weights unpacked to f32 "
+                         f"at load: {_gb(layout.wasm_f32_bytes)} in the tab's WASM heap")
+        else:
+            notes.append(f"without WebGPU the page runs the int4 graph on WASM, slowly (~0.03x native): its weights "
+                         f"as f32 ({_gb(layout.wasm_f32_bytes)}) would not fit a tab's WASM heap")
     ship = _ship(target, layout.total, o.part_bytes)
     if ship.over_download_cap:
         notes.append(f"the model ({_gb(layout.total)}) is over {target.distribution.channel}'s "

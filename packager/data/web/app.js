@@ -4,7 +4,8 @@
 // edgepack-web.json (written by packager/bundle/web.py; paths relative to this page):
 //   schema            1
 //   name              model name shown in the header
-//   model             {graph, external_data: [{path, url}], tokenizer, bytes}
+//   model             {graph, wasm_graph, external_data: [{path, url}], tokenizer, bytes}; wasm_graph (or null):
+//                     the graph WASM runs, int4 unpacked to f32 at load (WASM has no int4 kernel), same data
 //   io                graph input/output names; past_*/present_* hold %d for the layer; attention_mask and
 //                     position_ids may be null (the graph lacks them)
 //   kv                {n_layers, n_kv_heads, head_dim, dtype: "float32" | "float16"}
@@ -14,9 +15,11 @@
 //   prefill_chunk     prompt tokens per pass of the graph
 //   ort               {version, base_url}: where onnxruntime-web's dist/ files come from
 // Query parameters: ?ort=<base url> (instead of ort.base_url), ?backend=wasm|webgpu, ?max_tokens=N,
-// ?prefill_chunk=N.
+// ?prefill_chunk=N, ?threads=N (WASM threads; default: up to 4 where the page is cross-origin isolated),
+// ?wasm_graph=0 (WASM runs the int4 graph: slow, for comparison), ?ignore_eos=1 (decode max_tokens: benchmarks).
 //
-// For tests and tools: window.edgepackReady (a promise of {backend}), window.edgepackTokenizer, and after
+// For tests and tools: window.edgepackReady (a promise of {backend, graph, threads, isolated, load_ms}),
+// window.edgepackTokenizer, and after
 // each reply window.edgepackLastRun = {backend, prompt_ids, tokens, text, tps, prefill_ms, top, done}
 // (top: the 8 best [token id, logit] of each step, in order).
 
@@ -76,11 +79,24 @@ async function webgpuAdapter() {
   }
 }
 
+// WASM threads: more than one needs SharedArrayBuffer, i.e. a cross-origin isolated page (COOP/COEP headers,
+// as `pack serve` sends them).
+function wasmThreads() {
+  if (!self.crossOriginIsolated) return 1;
+  return Number(params.get("threads")) || Math.min(4, navigator.hardwareConcurrency || 1);
+}
+
+// A module using one SIMD128 instruction (i8x16.splat): onnxruntime-web's WASM builds all need SIMD.
+function wasmSimd() {
+  const bytes = [0, 97, 115, 109, 1, 0, 0, 0, 1, 5, 1, 96, 0, 1, 123, 3, 2, 1, 0, 10, 10, 1, 8, 0, 65, 0, 253, 15,
+                 253, 98, 11];
+  try { return typeof WebAssembly === "object" && WebAssembly.validate(new Uint8Array(bytes)); } catch { return false; }
+}
+
 async function importOrt(base, file) {
   const ort = await import(base + file);
   ort.env.wasm.wasmPaths = base;
-  // More than one thread needs SharedArrayBuffer, i.e. a cross-origin isolated page (COOP/COEP headers).
-  ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
+  ort.env.wasm.numThreads = wasmThreads();
   ort.env.logLevel = "error";
   return ort;
 }
@@ -173,7 +189,7 @@ class Chat {
       for (;;) {
         run.top.push(top);
         const next = top[0][0];
-        if (this.eos.has(next)) break;
+        if (this.eos.has(next) && params.get("ignore_eos") !== "1") break;
         run.tokens.push(next);
         run.text += decoder.push(next);
         // Decode speed: the passes after the prompt's, over their time.
@@ -207,6 +223,10 @@ async function start() {
 
   let [adapter, why] = wanted === "wasm" ? [null, "?backend=wasm"] : await webgpuAdapter();
   if (wanted === "webgpu" && !adapter) throw new Error(`WebGPU was asked for but ${why}`);
+  if (!adapter && !wasmSimd()) {
+    throw new Error(`this browser has neither WebGPU (${why}) nor WebAssembly SIMD, which onnxruntime-web needs; ` +
+                    "use a current Chrome, Edge, Firefox or Safari");
+  }
 
   // The bundle's parts manifest (pack/shipping.py) gives each model file's SRI hash; a page copied
   // without it still loads, unchecked. Its paths are the bundle's; this page sits in web/.
@@ -215,8 +235,23 @@ async function start() {
     for (const p of (await fetchJSON("../ship/web/parts.json")).parts) sri["../" + p.path] = p.integrity;
   } catch (e) { console.warn(`no parts manifest (${e.message || e}): model files are not integrity-checked`); }
   let loaded = 0;
-  const progress = (n) => { loaded += n; setStatus(`loading the model: ${fmtMB(loaded)} of ${fmtMB(cfg.model.bytes)}`); };
-  const graph = await fetchBytes(cfg.model.graph, progress, sri[cfg.model.graph]);
+  const tLoad = performance.now();
+  const progress = (n) => {
+    loaded += n;
+    const pct = cfg.model.bytes ? ` (${Math.min(100, (100 * loaded) / cfg.model.bytes).toFixed(0)}%)` : "";
+    setStatus(`loading the model: ${fmtMB(loaded)} of ${fmtMB(cfg.model.bytes)}${pct}`);
+    const bar = $("progress");
+    if (bar) { bar.max = cfg.model.bytes || 1; bar.value = loaded; }
+  };
+  // The graph each backend runs (a few hundred kB of protobuf; the weights are shared).
+  const graphUrl = (backend) => (backend === "wasm" && cfg.model.wasm_graph && params.get("wasm_graph") !== "0"
+                                 ? cfg.model.wasm_graph : cfg.model.graph);
+  const graphs = {};
+  const graphFor = async (backend) => {
+    const url = graphUrl(backend);
+    if (!graphs[url]) graphs[url] = await fetchBytes(url, () => {}, sri[url]);
+    return graphs[url];
+  };
   const external = [];
   for (const d of cfg.model.external_data) {
     external.push({ path: d.path, data: await fetchBytes(d.url, progress, sri[d.url]) });
@@ -226,13 +261,22 @@ async function start() {
   // The same bytes serve a second try on WASM after WebGPU failed: onnxruntime-web copies them in.
   async function session(ort, backend) {
     const io = cfg.io, n = cfg.kv.n_layers;
-    const opts = { executionProviders: [backend], graphOptimizationLevel: "all", externalData: external };
+    // logSeverityLevel 3: errors only (WebGPU leaves shape ops on the CPU by design, and ORT warns of it)
+    const opts = { executionProviders: [backend], graphOptimizationLevel: "all", externalData: external,
+                   logSeverityLevel: 3 };
     if (backend === "webgpu") {
       // The KV cache stays on the GPU between steps; only the logits come back.
       const present = [...layerNames(io.present_key, n), ...layerNames(io.present_value, n)];
       opts.preferredOutputLocation = Object.fromEntries(present.map((p) => [p, "gpu-buffer"]));
     }
-    setStatus(`starting onnxruntime-web (${backend})…`);
+    const graph = await graphFor(backend);
+    if (graphUrl(backend) === cfg.model.wasm_graph) {
+      // fold its DequantizeLinear nodes into f32 weights once (ONNX Runtime keeps them by default)
+      opts.extra = { session: { disable_quant_qdq: "1" } };
+    }
+    setStatus(backend === "wasm" && graphUrl("wasm") === cfg.model.wasm_graph
+      ? "starting onnxruntime-web (wasm): unpacking the int4 weights for WASM's f32 kernels…"
+      : `starting onnxruntime-web (${backend})…`);
     return ort.InferenceSession.create(graph, opts);
   }
 
@@ -250,12 +294,23 @@ async function start() {
     }
   }
   if (!sess) {
-    ort = ort || (await importOrt(base, "ort.wasm.min.mjs"));
+    // the WASM build proper, even after WebGPU's failed: the WebGPU bundle's CPU kernels lack
+    // GatherBlockQuantized (onnxruntime-web 1.31.1), which the int4 embedding needs
+    ort = await importOrt(base, "ort.wasm.min.mjs");
     sess = await session(ort, "wasm");
   }
   const chat = new Chat(cfg, ort, sess, tokenizer, backend);
-  $("backend").textContent = `backend: ${backend}` + (backend === "wasm" && why ? ` (${why})` : "");
-  setStatus(`ready · onnxruntime-web ${cfg.ort.version}`);
+  chat.graph = graphUrl(backend);
+  chat.threads = backend === "wasm" ? ort.env.wasm.numThreads : 0;
+  chat.loadMs = performance.now() - tLoad;
+  let note = backend === "wasm" && why ? ` (${why})` : "";
+  if (backend === "wasm") {
+    note += self.crossOriginIsolated ? ` · ${chat.threads} threads`
+      : " · 1 thread: the page is not cross-origin isolated (serve it with COOP/COEP headers, e.g. pack serve)";
+  }
+  $("backend").textContent = `backend: ${backend}${note}`;
+  setStatus(`ready · onnxruntime-web ${cfg.ort.version} · loaded in ${(chat.loadMs / 1000).toFixed(1)} s`);
+  if ($("progress")) $("progress").hidden = true;
   return chat;
 }
 
@@ -269,7 +324,10 @@ function addMessage(role, text) {
 }
 
 const ready = start();
-window.edgepackReady = ready.then((chat) => ({ backend: chat.backend }));
+window.edgepackReady = ready.then((chat) => ({
+  backend: chat.backend, graph: chat.graph, threads: chat.threads, isolated: self.crossOriginIsolated,
+  load_ms: chat.loadMs,
+}));
 
 ready.then((chat) => {
   const input = $("input"), send = $("send");
@@ -292,7 +350,7 @@ ready.then((chat) => {
     try {
       await chat.reply(message, maxTokens, (run) => {
         el.textContent = run.text;
-        if (run.tps) $("tps").textContent = `${run.tps.toFixed(1)} tokens/s`;
+        if (run.tps) $("tps").textContent = `${run.tps.toFixed(1)} tokens/s (${run.backend})`;
       });
       setStatus("ready");
     } catch (err) {
