@@ -12,6 +12,8 @@ import sys
 import threading
 from typing import Any, Callable, TextIO
 
+import click
+
 from packager.errors import ContextOverflowError
 from packager.runtime.model import Message, Model, Stream
 
@@ -20,8 +22,12 @@ PROMPT = "you> "
 
 
 def chat_session(model: Model, *, system: str | None = None, opts: dict[str, Any] | None = None,
-                 stdin: TextIO | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Run the conversation until end of input or /exit; returns the exit code (0)."""
+                 stdin: TextIO | None = None, out: TextIO | None = None, err: TextIO | None = None,
+                 think: bool | None = None) -> int:
+    """Run the conversation until end of input or /exit; returns the exit code (0).
+
+    ``think``: a thinking model's switch (None: the template's default); True also shows the reasoning, dimmed.
+    The history keeps the answers only, as thinking models' templates expect."""
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
     opts = dict(opts or {})
     start: list[Message] = [{"role": "system", "content": system}] if system else []
@@ -47,7 +53,7 @@ def chat_session(model: Model, *, system: str | None = None, opts: dict[str, Any
                 continue
             history.append({"role": "user", "content": text})
             try:
-                reply = _reply(model.chat(history, stream=True, **opts), current, out, err)
+                reply = _reply(model.chat(history, stream=True, think=think, **opts), current, out, err, bool(think))
             except ContextOverflowError as exc:
                 history.pop()
                 err.write(f"error: {exc}; or /reset to start over\n")
@@ -72,14 +78,31 @@ def _read(stdin: TextIO, err: TextIO) -> str | None:
         return line
 
 
-def _reply(stream: Stream, current: dict[str, Stream | None], out: TextIO, err: TextIO) -> str:
-    pieces = []
+def write_reply(stream: Stream, out: TextIO, *, show_reasoning: bool = False) -> str:
+    """Write a reply's answer to ``out`` as it streams (and its reasoning, dimmed where ``out`` is a terminal, when
+    ``show_reasoning``); the answer's text."""
+    pieces, reasoned = [], False
+    for part in stream.parts():
+        if part.kind == "reasoning":
+            if show_reasoning:
+                out.write(click.style(part.text, dim=True) if out.isatty() else part.text)
+                out.flush()
+                reasoned = True
+            continue
+        if reasoned:  # the reasoning ends: the answer starts on a line of its own
+            out.write("\n\n")
+            reasoned = False
+        out.write(part.text)
+        out.flush()
+        pieces.append(part.text)
+    return "".join(pieces)
+
+
+def _reply(stream: Stream, current: dict[str, Stream | None], out: TextIO, err: TextIO,
+           show_reasoning: bool = False) -> str:
     current["stream"] = stream
     try:
-        for piece in stream:
-            out.write(piece)
-            out.flush()
-            pieces.append(piece)
+        answer = write_reply(stream, out, show_reasoning=show_reasoning)
     finally:
         current["stream"] = None
     out.write("\n")
@@ -88,7 +111,7 @@ def _reply(stream: Stream, current: dict[str, Stream | None], out: TextIO, err: 
         err.write(f"[stopped after {stream.n_generated} tokens]\n")
     elif stream.finish_reason == "length":
         err.write("[reply cut at the token limit: raise it with -n]\n")
-    return "".join(pieces)
+    return answer
 
 
 class _sigint_cancels:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from packager.cli.chat_session import chat_session
+from packager.cli.chat_session import chat_session, write_reply
 from packager.runtime import load
 
 
@@ -23,8 +23,11 @@ from packager.runtime import load
 @click.option("--deterministic", is_flag=True,
               help="Evaluate the prompt as a fresh load would (bit-for-bit reproducible output); by default the model "
                    "reads only what its cache lacks, which can flip a near-tie.")
+@click.option("--think/--no-think", default=None,
+              help="A thinking model (Qwen3, SmolLM3): reason before answering, or answer at once (the template's "
+                   "switch). Default: the template's own. --think also shows the reasoning, dimmed, before the answer.")
 def run_cmd(bundle: Path, prompt: str, chat: bool, max_tokens: int, temperature: float | None, seed: int | None,
-            n_threads: int | None, deterministic: bool) -> None:
+            n_threads: int | None, deterministic: bool, think: bool | None) -> None:
     """Answer PROMPT with BUNDLE, streaming the text to stdout.
 
     \b
@@ -32,11 +35,12 @@ def run_cmd(bundle: Path, prompt: str, chat: bool, max_tokens: int, temperature:
       pack run dist/SmolLM2-135M-Instruct-laptop "Name three colours."
     """
     opts: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    if think is not None and not chat:
+        raise click.UsageError("--think/--no-think switch a chat template; drop them with --raw")
     with load(bundle, n_threads=n_threads, deterministic=deterministic) as m:
-        pieces = m.chat([{"role": "user", "content": prompt}], stream=True, **opts) if chat else m.stream(prompt, **opts)
-        for piece in pieces:
-            click.echo(piece, nl=False)
-            sys.stdout.flush()
+        pieces = (m.chat([{"role": "user", "content": prompt}], stream=True, think=think, **opts) if chat
+                  else m.stream(prompt, **opts))
+        write_reply(pieces, sys.stdout, show_reasoning=bool(think))
     click.echo()
 
 
@@ -54,12 +58,15 @@ def run_cmd(bundle: Path, prompt: str, chat: bool, max_tokens: int, temperature:
 @click.option("--deterministic", is_flag=True,
               help="Evaluate the prompt as a fresh load would (bit-for-bit reproducible output); by default the model "
                    "reads only what its cache lacks, which can flip a near-tie.")
+@click.option("--think/--no-think", default=None,
+              help="A thinking model (Qwen3, SmolLM3): reason before answering, or answer at once (the template's "
+                   "switch). Default: the template's own. --think also shows the reasoning, dimmed, before the answer.")
 @click.option("--prompt-cache", type=click.Path(file_okay=False, path_type=Path),
               help="Folder where the system prompt's state is saved once read, and restored at the next start "
                    "(GGUF bundles).")
 def chat_cmd(bundle: Path, system: str | None, max_tokens: int, temperature: float | None, top_p: float | None,
              top_k: int | None, repeat_penalty: float | None, seed: int | None, n_ctx: int | None,
-             n_threads: int | None, deterministic: bool, prompt_cache: Path | None) -> None:
+             n_threads: int | None, deterministic: bool, think: bool | None, prompt_cache: Path | None) -> None:
     """Talk with BUNDLE: each reply streams to stdout, the conversation is kept.
 
     Ctrl-C during a reply stops it and returns to the prompt; Ctrl-D, /exit or
@@ -77,4 +84,4 @@ def chat_cmd(bundle: Path, system: str | None, max_tokens: int, temperature: flo
     opts: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                             "repeat_penalty": repeat_penalty, "seed": seed}
     with load(bundle, n_threads=n_threads, n_ctx=n_ctx, deterministic=deterministic, prompt_cache=prompt_cache) as m:
-        chat_session(m, system=system, opts=opts)
+        chat_session(m, system=system, opts=opts, think=think)

@@ -370,14 +370,23 @@ class LlamaModel(Model):
             n = self._llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
 
-    def _chat_prompt(self, messages: list[Message]) -> tuple[list[int], tuple[str, ...]]:
+    def _render(self, messages: list[Message], context: dict[str, Any]) -> Any:
         fmt = self._chat_formatter()
         try:
-            rendered = fmt(messages=messages)
+            return fmt(messages=messages, **context)
         except ChatTemplateError:  # hostile, runaway, or refusing these messages: already one clear line
             raise
         except Exception as exc:  # the template's own raise_exception, or a Jinja error
             raise UsageError(f"the bundle's chat template rejected these messages: {exc}") from None
+
+    def _chat_text(self, messages: list[Message], **context: Any) -> str:
+        return self._render(messages, context).prompt
+
+    def _template(self) -> str | None:
+        return self._llm.metadata.get("tokenizer.chat_template") or None
+
+    def _chat_prompt(self, messages: list[Message], **context: Any) -> tuple[list[int], tuple[str, ...]]:
+        rendered = self._render(messages, context)
         ids = self._llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
         stops = tuple(s for s in (rendered.stop or []) if isinstance(s, str) and s)
         return ids, stops

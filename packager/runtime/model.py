@@ -40,6 +40,12 @@ What a model has read (the prompt cache, as llama.cpp's server calls it):
   instead of reading it again, where the backend can save its state (GGUF; the file records
   the model's hash, the engine build and the cache layout, and anything else is rebuilt).
 
+Thinking models (Qwen3's ``enable_thinking``, the R1 distills' ``<think>`` blocks;
+packager.spec.thinking): ``chat(messages, think=True|False)`` sets the template's switch (a
+one-line ThinkingSwitchError where it has none), and a reply's reasoning is kept apart from its
+answer: iterating a stream (and ``chat()``'s string) gives the answer only; ``Stream.reasoning``
+holds the reasoning, and ``Stream.parts()`` streams both as ``Part(kind, text)``.
+
 ``Model.engine()`` hands measuring code (`pack bench`, `pack quality`) the engine under the
 model, driven token by token without sampling, as llama-bench and llama-perplexity drive
 llama.cpp: the same loaded weights, threads and context an app gets, for either format.
@@ -56,6 +62,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from packager.errors import ContextOverflowError, ModelClosedError, UsageError
 from packager.runtime.stops import StopFilter
+from packager.spec.thinking import NOT_THINKING, Part, Thinking, ThinkSplitter, starts_in_reasoning, thinking_of
 
 Message = dict[str, str]
 TRUNCATE = (None, "left")
@@ -117,6 +124,8 @@ class Prompt:
     ids: list[int]
     stops: tuple[str, ...] = ()
     fixed: int = 0
+    thinking: Thinking = NOT_THINKING  # how the reply's reasoning is told from its answer
+    in_reasoning: bool = False  # the prompt opened a <think> block: the reply starts as reasoning
 
 
 @dataclass(frozen=True)
@@ -183,6 +192,9 @@ class Stream(Iterator[str]):
     Model.close()) or "error" (the exception was raised to the reader); ``n_prompt`` and
     ``n_generated`` count tokens (``n_generated`` counts sampled tokens, so it can be
     one more than the text shows when the last one was end-of-text).
+
+    A thinking model's reply: iterating gives the answer's pieces only, ``reasoning`` collects the
+    reasoning as it streams, and ``parts()`` yields both in order as ``Part(kind, text)``.
     """
 
     def __init__(self, model: "Model", prepare: Callable[[GenOptions], Prompt], opts: GenOptions) -> None:
@@ -198,6 +210,7 @@ class Stream(Iterator[str]):
         self.finish_reason: str | None = None
         self.n_prompt = 0
         self.n_generated = 0
+        self.reasoning = ""
 
     # -- control, from any thread ------------------------------------------------
     def cancel(self) -> None:
@@ -222,6 +235,20 @@ class Stream(Iterator[str]):
         return self
 
     def __next__(self) -> str:
+        while True:
+            part = self._next_part()
+            if part.kind == "answer":
+                return part.text
+
+    def parts(self) -> Iterator[Part]:
+        """Every piece of the reply in order, reasoning and answer, as ``Part(kind, text)``."""
+        while True:
+            try:
+                yield self._next_part()
+            except StopIteration:
+                return
+
+    def _next_part(self) -> Part:
         m = self._model
         me = threading.get_ident()
         with m._cond:
@@ -255,7 +282,10 @@ class Stream(Iterator[str]):
         try:
             if self._gen is None:
                 self._gen = _run(m, self._prepare, self._opts, weakref.ref(self))
-            return next(self._gen)
+            part = next(self._gen)
+            if part.kind == "reasoning":
+                self.reasoning += part.text
+            return part
         except StopIteration:
             reason = "cancelled" if self._cancelled else (self._end or "stop")
             raise
@@ -300,8 +330,9 @@ class Stream(Iterator[str]):
 
 
 def _run(m: "Model", prepare: Callable[[GenOptions], Prompt], opts: GenOptions,
-         ref: "weakref.ref[Stream]") -> Iterator[str]:
-    """The body of a Stream: prompt, backend pieces, stop strings. Holds the stream only weakly."""
+         ref: "weakref.ref[Stream]") -> Iterator[Part]:
+    """The body of a Stream: prompt, backend pieces, stop strings, reasoning told from the answer. Holds the
+    stream only weakly."""
     prompt = prepare(opts)
     ids = prompt.ids
 
@@ -314,6 +345,15 @@ def _run(m: "Model", prepare: Callable[[GenOptions], Prompt], opts: GenOptions,
         s.n_prompt = len(ids)
     del s
     stops = StopFilter(opts.stop + prompt.stops)
+    th = prompt.thinking
+    split = ThinkSplitter(in_reasoning=prompt.in_reasoning, open_tag=th.open_tag, close_tag=th.close_tag) \
+        if th.thinks else None
+
+    def parts(text: str, last: bool = False) -> list[Part]:
+        if split is None:
+            return [Part("answer", text)] if text else []
+        return split.feed(text) + (split.finish() if last else [])
+
     backend = m._generate(ids, opts, tick, fixed=prompt.fixed)
     try:
         while True:
@@ -321,13 +361,10 @@ def _run(m: "Model", prepare: Callable[[GenOptions], Prompt], opts: GenOptions,
                 piece = next(backend)
             except StopIteration as stop:
                 end = stop.value or "stop"
-                tail = stops.flush()
-                if tail:
-                    yield tail
+                yield from parts(stops.flush(), last=True)
                 break
             text, hit = stops.feed(piece)
-            if text:
-                yield text
+            yield from parts(text, last=hit)
             if hit:
                 end = "stop"
                 break
@@ -354,7 +391,9 @@ class Model(ABC):
         self._busy = 0  # calls executing inside the backend right now
         self._closed = False
         self.defaults = {}
-        self._fixed: dict[tuple[str, ...], list[int]] = {}  # leading system messages -> their rendered tokens
+        self._fixed: dict[tuple[Any, ...], list[int]] = {}  # leading system messages -> their rendered tokens
+        self._thinking: Thinking | None = None
+        self._opens: dict[tuple[Any, ...], bool] = {}
 
     # -- backend hooks ---------------------------------------------------------------
     @abstractmethod
@@ -365,9 +404,17 @@ class Model(ABC):
     def _decode_ids(self, ids: Sequence[int]) -> str: ...
 
     @abstractmethod
-    def _chat_prompt(self, messages: list[Message]) -> tuple[list[int], tuple[str, ...]]:
-        """The conversation rendered with the bundle's chat template (generation prompt added),
-        as token ids, and any stop strings the template implies."""
+    def _chat_prompt(self, messages: list[Message], **context: Any) -> tuple[list[int], tuple[str, ...]]:
+        """The conversation rendered with the bundle's chat template (generation prompt added, ``context``:
+        extra template variables such as enable_thinking), as token ids, and any stop strings it implies."""
+
+    @abstractmethod
+    def _chat_text(self, messages: list[Message], **context: Any) -> str:
+        """The conversation rendered with the bundle's chat template, as text."""
+
+    @abstractmethod
+    def _template(self) -> str | None:
+        """The bundle's chat template (None: it has none)."""
 
     @abstractmethod
     def _generate(self, ids: list[int], opts: GenOptions, tick: Callable[[], bool], *, fixed: int = 0) -> Iterator[str]:
@@ -408,15 +455,25 @@ class Model(ABC):
         """The whole completion of ``prompt`` as one string."""
         return self._whole(self.stream(prompt, **opts))
 
-    def chat(self, messages: list[Message], *, stream: bool = False, **opts: Any) -> str | Stream:
+    def chat(self, messages: list[Message], *, stream: bool = False, think: bool | None = None,
+             **opts: Any) -> str | Stream:
         """The assistant's reply to ``messages`` ([{"role": ..., "content": ...}, ...]), rendered
-        with the bundle's chat template; ``stream=True`` returns a Stream of pieces."""
-        pieces = self.chat_stream(messages, **opts)
+        with the bundle's chat template; ``stream=True`` returns a Stream of pieces.
+
+        ``think`` sets a thinking model's switch (True: reason first, False: answer at once; None: the
+        template's default). The reply (or the stream's pieces) is the answer; a stream's ``reasoning``
+        and ``parts()`` give the reasoning.
+        """
+        pieces = self.chat_stream(messages, think=think, **opts)
         return pieces if stream else self._whole(pieces)
 
-    def chat_stream(self, messages: list[Message], **opts: Any) -> Stream:
+    def chat_stream(self, messages: list[Message], *, think: bool | None = None, **opts: Any) -> Stream:
         """Same as ``chat(messages, stream=True)``."""
         o = self._options(opts)
+        if think is not None and not isinstance(think, bool):
+            raise UsageError(f"think must be True, False or None (the template's default), got {think!r}")
+        thinking = self.thinking
+        context = thinking.context(think)  # a template without the switch: one line, before anything runs
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
@@ -424,8 +481,9 @@ class Model(ABC):
         msgs = [dict(m) for m in messages]  # the caller may edit its list while we stream
 
         def prepare(o: GenOptions) -> Prompt:
-            ids, stops = self._fit_chat(msgs, o)
-            return Prompt(ids, stops, self._fixed_prefix(msgs, ids) if self.prompt_cache is not None else 0)
+            ids, stops = self._fit_chat(msgs, o, context)
+            fixed = self._fixed_prefix(msgs, ids, context) if self.prompt_cache is not None else 0
+            return Prompt(ids, stops, fixed, thinking, thinking.thinks and self._opens_reasoning(context))
 
         return Stream(self, prepare, o)
 
@@ -526,10 +584,11 @@ class Model(ABC):
             raise self._overflow(len(ids))
         return ids
 
-    def _fit_chat(self, msgs: list[Message], o: GenOptions) -> tuple[list[int], tuple[str, ...]]:
+    def _fit_chat(self, msgs: list[Message], o: GenOptions,
+                  context: dict[str, Any] | None = None) -> tuple[list[int], tuple[str, ...]]:
         """Render the conversation; with truncate='left', drop the oldest turns until it fits."""
         while True:
-            ids, stops = self._chat_prompt(msgs)
+            ids, stops = self._chat_prompt(msgs, **(context or {}))
             room = o.reserve(self.n_ctx) if o.truncate == "left" else 1
             if len(ids) + room <= self.n_ctx:
                 return ids, stops
@@ -542,7 +601,33 @@ class Model(ABC):
     def _is_deterministic(self, o: GenOptions) -> bool:
         return self.deterministic if o.deterministic is None else o.deterministic
 
-    def _fixed_prefix(self, msgs: list[Message], ids: list[int]) -> int:
+    @property
+    def thinking(self) -> Thinking:
+        """Whether and how the model reasons in ``<think>`` blocks: the manifest's record, else its template's."""
+        if self._thinking is None:
+            bundle = getattr(self, "bundle", None)
+            recorded = (bundle.meta.extras or {}).get("thinking") if bundle is not None else None
+            if recorded:
+                self._thinking = Thinking.from_manifest(recorded)
+            else:  # a bundle packed before the manifest said: read it from the template, once
+                try:
+                    self._thinking = thinking_of(self._template(), bos_token="", eos_token="")
+                except Exception:  # a template that refuses the probe chat is read as not thinking
+                    self._thinking = NOT_THINKING
+        return self._thinking
+
+    def _opens_reasoning(self, context: dict[str, Any]) -> bool:
+        """Whether the generation prompt, with ``context``, leaves a <think> block open (the R1 distills)."""
+        key = tuple(sorted(context.items()))
+        if key not in self._opens:
+            try:
+                text = self._chat_text([{"role": "user", "content": "A"}], **context)
+            except Exception:
+                text = ""
+            self._opens[key] = starts_in_reasoning(text, self.thinking)
+        return self._opens[key]
+
+    def _fixed_prefix(self, msgs: list[Message], ids: list[int], context: dict[str, Any] | None = None) -> int:
         """How many leading ``ids`` are the conversation's fixed beginning: what the template renders before the
         first user message, whatever that message says (two probe messages tell it apart), with the system prompt."""
         lead = []
@@ -550,11 +635,12 @@ class Model(ABC):
             if m["role"] != "system":
                 break
             lead.append(m)
-        key = tuple(m["content"] for m in lead)
+        context = context or {}
+        key = tuple(m["content"] for m in lead) + tuple(sorted(context.items()))
         if key not in self._fixed:
             try:
-                a, _ = self._chat_prompt(lead + [{"role": "user", "content": "A"}])
-                b, _ = self._chat_prompt(lead + [{"role": "user", "content": "B"}])
+                a, _ = self._chat_prompt(lead + [{"role": "user", "content": "A"}], **context)
+                b, _ = self._chat_prompt(lead + [{"role": "user", "content": "B"}], **context)
             except Exception:  # a template that refuses a lone user message: nothing is fixed
                 a, b = [], []
             self._fixed[key] = a[:common_prefix(a, b)]

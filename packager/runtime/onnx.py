@@ -47,7 +47,7 @@ def tokenizer_config(model_dir: Path) -> dict[str, Any]:
 
 
 def chat_renderer(tok_config: dict[str, Any], model_dir: Path,
-                  override: str | None = None) -> Callable[[list[Message]], str] | None:
+                  override: str | None = None) -> Callable[..., str] | None:
     """How a chat is rendered for this ONNX model (its template, its bos/eos text); None without a template.
 
     One function for packager.load and for the web page's prompt (pack/onnx.py), so both see the same text.
@@ -56,7 +56,8 @@ def chat_renderer(tok_config: dict[str, Any], model_dir: Path,
     if not template:
         return None
     bos, eos = token_text(tok_config.get("bos_token")), token_text(tok_config.get("eos_token"))
-    return lambda messages: render(template, messages, add_generation_prompt=True, eos_token=eos, bos_token=bos)
+    return lambda messages, **context: render(template, messages, add_generation_prompt=True, eos_token=eos,
+                                              bos_token=bos, **context)
 
 
 def check_loads(model_dir: Path) -> None:
@@ -213,14 +214,20 @@ class OnnxModel(Model):
     def _decode_ids(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
-    def _chat_prompt(self, messages: list[Message]) -> tuple[list[int], tuple[str, ...]]:
+    def _chat_text(self, messages: list[Message], **context: Any) -> str:
         renderer = chat_renderer(self._tok_config, self.model_dir, self.bundle.meta.runtime.chat_template)
         if renderer is None:
             raise UsageError(f"{self.bundle.path}: the model has no chat template; use generate() or stream() "
                              f"with a raw prompt")
+        return renderer(messages, **context)
+
+    def _template(self) -> str | None:
+        return self.bundle.meta.runtime.chat_template or source_template(self._tok_config, self.model_dir)
+
+    def _chat_prompt(self, messages: list[Message], **context: Any) -> tuple[list[int], tuple[str, ...]]:
         eos = token_text(self._tok_config.get("eos_token"))
         # The template writes every special token itself, as transformers' apply_chat_template assumes.
-        return self._encode(renderer(messages), add_special=False), ((eos,) if eos else ())
+        return self._encode(self._chat_text(messages, **context), add_special=False), ((eos,) if eos else ())
 
     # -- generation -----------------------------------------------------------------------
     def _generator(self, ids: list[int], opts: GenOptions) -> tuple[_Kept, int]:
