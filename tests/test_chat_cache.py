@@ -15,23 +15,13 @@ import packager
 from packager.errors import UsageError
 from packager.measure.chat_turns import chat_ttfts, system_prompt
 from packager.runtime.prompt_cache import PromptCacheWarning
+from test_runtime import _decode_batches as _batches  # (position of its first token, size) of each llama_decode
 
 pytestmark = pytest.mark.slow
 
 SYSTEM = {"role": "system", "content": system_prompt(160)}
 
 
-def _batches(m):
-    """Record every llama_decode batch of a LlamaModel as (position of its first token, size)."""
-    llm, seen = m._llm, []
-    real = llm._ctx.decode
-
-    def spy(batch):
-        seen.append((llm.n_tokens, batch.n_tokens()))
-        return real(batch)
-
-    llm._ctx.decode = spy
-    return seen
 
 
 def _next_logits(m, ids: list[int]) -> np.ndarray:

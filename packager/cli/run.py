@@ -11,6 +11,15 @@ import click
 from packager.cli.chat_session import chat_session, write_reply
 from packager.runtime import load
 
+# Options `pack run` and `pack chat` share.
+_deterministic = click.option(
+    "--deterministic", is_flag=True,
+    help="Evaluate the prompt as a fresh load would (bit-for-bit reproducible output); by default the model reads "
+         "only what its cache lacks, which can flip a near-tie.")
+_think = click.option(
+    "--think/--no-think", default=None,
+    help="A thinking model (Qwen3, SmolLM3): reason before answering, or answer at once (the template's switch). "
+         "Default: the template's own. --think also shows the reasoning, dimmed, before the answer.")
 
 @click.command("run")
 @click.argument("bundle", type=click.Path(path_type=Path))
@@ -20,12 +29,8 @@ from packager.runtime import load
 @click.option("--temperature", type=float, help="Sampling temperature (0: greedy). Default: the bundle's.")
 @click.option("--seed", type=int, help="Sampling seed, for reproducible output.")
 @click.option("--threads", "n_threads", type=int, help="Threads. Default: the physical cores this process may use.")
-@click.option("--deterministic", is_flag=True,
-              help="Evaluate the prompt as a fresh load would (bit-for-bit reproducible output); by default the model "
-                   "reads only what its cache lacks, which can flip a near-tie.")
-@click.option("--think/--no-think", default=None,
-              help="A thinking model (Qwen3, SmolLM3): reason before answering, or answer at once (the template's "
-                   "switch). Default: the template's own. --think also shows the reasoning, dimmed, before the answer.")
+@_deterministic
+@_think
 def run_cmd(bundle: Path, prompt: str, chat: bool, max_tokens: int, temperature: float | None, seed: int | None,
             n_threads: int | None, deterministic: bool, think: bool | None) -> None:
     """Answer PROMPT with BUNDLE, streaming the text to stdout.
@@ -55,12 +60,8 @@ def run_cmd(bundle: Path, prompt: str, chat: bool, max_tokens: int, temperature:
 @click.option("--seed", type=int, help="Sampling seed, for reproducible replies.")
 @click.option("--ctx", "n_ctx", type=int, help="Context length. Default: the bundle's.")
 @click.option("--threads", "n_threads", type=int, help="Threads. Default: the physical cores this process may use.")
-@click.option("--deterministic", is_flag=True,
-              help="Evaluate the prompt as a fresh load would (bit-for-bit reproducible output); by default the model "
-                   "reads only what its cache lacks, which can flip a near-tie.")
-@click.option("--think/--no-think", default=None,
-              help="A thinking model (Qwen3, SmolLM3): reason before answering, or answer at once (the template's "
-                   "switch). Default: the template's own. --think also shows the reasoning, dimmed, before the answer.")
+@_deterministic
+@_think
 @click.option("--prompt-cache", type=click.Path(file_okay=False, path_type=Path),
               help="Folder where the system prompt's state is saved once read, and restored at the next start "
                    "(GGUF bundles).")
