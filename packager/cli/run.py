@@ -85,4 +85,5 @@ def chat_cmd(bundle: Path, system: str | None, max_tokens: int, temperature: flo
     opts: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                             "repeat_penalty": repeat_penalty, "seed": seed}
     with load(bundle, n_threads=n_threads, n_ctx=n_ctx, deterministic=deterministic, prompt_cache=prompt_cache) as m:
+        m.thinking.context(think)  # a --think the template cannot do: one line now, not after the first message
         chat_session(m, system=system, opts=opts, think=think)
