@@ -20,9 +20,7 @@ Results are appended to benchmarks/results/gemma3_kv.jsonl; a markdown table goe
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import re
 import shutil
 import struct
 import sys
@@ -50,7 +48,6 @@ GEMMA3_1B = {  # google/gemma-3-1b-it's config.json, as the hub has it
     "vocab_size": 262144, "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
     "bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0, "torch_dtype": "bfloat16",
 }
-KV_LINE = re.compile(r"KV buffer size\s*=\s*([0-9.]+) MiB")
 MiB = 1 << 20
 
 
@@ -107,21 +104,10 @@ def build() -> Path:
 def allocated_kv(gguf: Path, n_ctx: int, swa_full: bool) -> float:
     """MiB of KV buffers llama.cpp logs while it opens a context."""
     import llama_cpp
-    from llama_cpp import _logger
 
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def catch(level, text, user_data):
-        lines.append(text.decode("utf-8", "replace"))
-
-    llama_cpp.llama_log_set(catch, ctypes.c_void_p(0))
-    try:
-        llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_threads=2, swa_full=swa_full, verbose=False)
-        llm.close()
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-    return sum(float(m.group(1)) for m in KV_LINE.finditer("".join(lines)))
+    with models.logged_kv_buffers() as found:
+        llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_threads=2, swa_full=swa_full, verbose=False).close()
+    return sum(found)
 
 
 def main() -> None:

@@ -14,16 +14,20 @@ Also used by benchmarks/, so it imports nothing from pytest.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 CACHE = Path(os.environ.get("EDGEPACK_TEST_CACHE", Path.home() / ".cache" / "edgepack-tests"))
 FIXTURE_VERSION = "4"
@@ -41,6 +45,31 @@ LLAMA3_CHAT_TEMPLATE = (
     "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
+
+
+KV_LINE = re.compile(r"KV buffer size\s*=\s*([0-9.]+) MiB")
+
+
+@contextmanager
+def logged_kv_buffers() -> Iterator[list[float]]:
+    """MiB of each KV buffer llama.cpp logs while the block runs (its log caught at the source, the list filled
+    when the block ends; llama-cpp-python's own logger restored)."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    lines: list[str] = []
+    found: list[float] = []
+
+    @llama_cpp.llama_log_callback
+    def catch(level, text, user_data):
+        lines.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(catch, ctypes.c_void_p(0))
+    try:
+        yield found
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        found.extend(float(m.group(1)) for m in KV_LINE.finditer("".join(lines)))
 
 
 def _atomic_build(final: Path, build) -> Path:

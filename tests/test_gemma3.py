@@ -15,9 +15,7 @@ are tied and both RoPE bases are off their defaults. Checked here:
 
 from __future__ import annotations
 
-import ctypes
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +48,6 @@ GEMMA3_1B = dict(  # google/gemma-3-1b-it's config.json (the fields the converte
 GEMMA3_4B_TEXT = dict(GEMMA3_1B, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
                       num_attention_heads=8, num_key_value_heads=4, sliding_window=1024, vocab_size=262208,
                       max_position_embeddings=131072, rope_scaling={"rope_type": "linear", "factor": 8.0})
-KV_LINE = re.compile(r"KV buffer size\s*=\s*([0-9.]+) MiB")
 
 
 @pytest.fixture(scope="module")
@@ -279,24 +276,11 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _kv_logged(bundle: Path, n_ctx: int) -> tuple[float, object]:
     """MiB of KV buffers llama.cpp logs while packager.load opens the bundle (its log, caught at the source)."""
-    import llama_cpp
-    from llama_cpp import _logger
-
     import packager
 
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def catch(level, text, user_data):
-        lines.append(text.decode("utf-8", "replace"))
-
-    llama_cpp.llama_log_set(catch, ctypes.c_void_p(0))
-    try:
+    with models.logged_kv_buffers() as found:
         model = packager.load(bundle, n_ctx=n_ctx)
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-    found = [float(m.group(1)) for m in KV_LINE.finditer("".join(lines))]
-    assert len(found) == 2, "".join(lines)[-2000:]  # the global layers' cache and the sliding layers'
+    assert len(found) == 2, found  # the global layers' cache and the sliding layers'
     return sum(found), model
 
 
@@ -322,22 +306,12 @@ def test_plan_kv_equals_what_llama_cpp_allocates_at_load(bundle, n_ctx):
 def test_gemma2_plan_kv_equals_llama_cpps_windowed_cache(n_ctx, tmp_path):
     """Gemma-2 slides too (even layers, llama.cpp's pattern 2): its plan counts the same windowed cache."""
     import llama_cpp
-    from llama_cpp import _logger
 
     path = tmp_path / "gemma2.gguf"
     convert(resolve(models.tiny_gemma2(), hash_files=False, quiet=True), get_quant("Q8_0"), path, quiet=True)
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def catch(level, text, user_data):
-        lines.append(text.decode("utf-8", "replace"))
-
-    llama_cpp.llama_log_set(catch, ctypes.c_void_p(0))
-    try:
+    with models.logged_kv_buffers() as found:
         llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=2, swa_full=False, verbose=False).close()
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-    logged = sum(float(m.group(1)) for m in KV_LINE.finditer("".join(lines)))
+    logged = sum(found)
     spec = spec_from_config(json.loads((models.tiny_gemma2() / "config.json").read_text()))
     assert [spec.is_sliding(i) for i in range(spec.n_layers)] == [True, False]
     planned = memory(spec, scheme("gguf", "Q8_0"), n_ctx, "f16").kv_cache / (1 << 20)
