@@ -13,6 +13,7 @@ design can go below, and the converter's working set on top of it (row blocks in
     python benchmarks/onnx_pack.py --model qwen2.5-0.5b --builder
     python benchmarks/onnx_pack.py --algorithm hqq       # HQQ streams too: the same limit
     python benchmarks/onnx_pack.py --fallback            # optimum-onnx's path, on Pythia-160M's config
+    python benchmarks/onnx_pack.py --model qwen3-4b      # issue 26: Qwen3-4B's config, peak RssAnon < 1 GB too
 
 --fallback measures the other path, for architectures the streaming converter lacks: optimum-onnx
 export + MatMulNBitsQuantizer on a random GPT-NeoX with Pythia-160M's config. It holds the whole f32
@@ -40,6 +41,7 @@ from procmon import run, warm_page_cache  # noqa: E402
 IMPORTS = ("import time, numpy, onnx, packager.pack.pipeline, packager.pack.onnx, packager.convert.onnx.converter, "
            "packager.convert.onnx.graph, packager.kernels.int4, packager.bundle.writer; time.sleep(1)")
 LIMIT = 8 * 10**9
+ANON_LIMITS = {"qwen3-4b": 10**9}  # issue 26: peak RssAnon (mapped checkpoint pages excluded) < 1 GB
 
 
 PYTHIA_160M = dict(vocab_size=50304, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -118,6 +120,9 @@ def main() -> int:
                       peak_over_f32=round(ours.peak_rss_bytes / (4 * n_params), 2))
         result["limit_bytes"] = None
     result["pass"] = args.fallback or ours.peak_rss_bytes < LIMIT
+    if args.model in ANON_LIMITS and not args.fallback:  # the issue's ceiling on what the process itself holds
+        result["rss_anon_limit_bytes"] = ANON_LIMITS[args.model]
+        result["pass"] = result["pass"] and ours.peak_rss_anon_bytes < ANON_LIMITS[args.model]
     print(json.dumps(result, indent=2))
     with open(HERE / "results" / "onnx_pack.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")

@@ -335,6 +335,12 @@ QWEN25_3B_CONFIG = dict(  # Qwen2.5-3B-Instruct's exact config.json values
     rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
     sliding_window=32768, max_window_layers=70, use_sliding_window=False,
 )
+QWEN3_4B_CONFIG = dict(  # Qwen3-4B's exact config.json values (the dense 4B: head_dim 128, not hidden/heads 80)
+    vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=True, attention_bias=False, use_sliding_window=False, bos_token_id=151643,
+    eos_token_id=151645,
+)
 QWEN25_05B_CONFIG = dict(
     vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
@@ -372,16 +378,18 @@ def _write_safetensors_streaming(path: Path, tensors: list[tuple[str, tuple[int,
                 (block.view(np.uint32) >> 16).astype(np.uint16).tofile(f)
 
 
-def random_qwen2(name: str, config: dict, max_shard_bytes: int = 4 << 30) -> Path:
-    """A random bf16 Qwen2 checkpoint with the given exact config and Qwen2's real tokenizer."""
+def random_qwen2(name: str, config: dict, max_shard_bytes: int = 4 << 30, family: str = "Qwen2") -> Path:
+    """A random bf16 Qwen2 (or, with ``family="Qwen3"``, Qwen3) checkpoint with the given exact config and
+    Qwen2's real tokenizer (Qwen3 ships the same vocabulary), written tensor by tensor: never in memory whole."""
 
     def build(tmp: Path) -> None:
         import numpy as np
         import torch
-        from transformers import AutoModelForCausalLM, Qwen2Config
+        import transformers
+        from transformers import AutoModelForCausalLM
 
-        cfg = Qwen2Config(**config)
-        cfg.architectures = ["Qwen2ForCausalLM"]
+        cfg = getattr(transformers, f"{family}Config")(**config)
+        cfg.architectures = [f"{family}ForCausalLM"]
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
         shapes = [(n, tuple(p.shape)) for n, p in model.state_dict().items()
@@ -423,6 +431,8 @@ BENCH_MODELS = {
     "qwen2.5-1.5b": lambda: random_qwen2("qwen2.5-1.5b", QWEN25_15B_CONFIG),
     # The issues' user: a 3B model for a 6 GB phone (random weights, Qwen2.5-3B-Instruct's exact config).
     "qwen2.5-3b": lambda: random_qwen2("qwen2.5-3b", QWEN25_3B_CONFIG),
+    # Issue 26's figures: Qwen3-4B's exact config (~8 GB of random bf16 weights).
+    "qwen3-4b": lambda: random_qwen2("qwen3-4b", QWEN3_4B_CONFIG, family="Qwen3"),
 }
 
 
