@@ -15,8 +15,8 @@ are tied and both RoPE bases are off their defaults. Checked here:
 - ONNX: the f32 graph computes transformers' logits over a prompt three windows long and step by step
   through onnxruntime-genai past the window (local_window_size is the config's sliding_window: one off
   either way moves the logits), the multimodal class converts to the same graph, an int4 bundle chats
-  through packager.load, the plan sizes the data file and counts the whole context on every
-  layer (genai's KV buffer), and what the graph cannot compute is refused in one line.
+  through packager.load, the plan sizes the data file and the KV buffers genai allocates (the whole
+  context on every layer), and what the graph cannot compute is refused in one line.
 """
 
 from __future__ import annotations
@@ -535,3 +535,22 @@ def test_onnx_int4_bundle_chats_through_load(onnx_bundle):
         text = "".join(reply)
         assert reply.n_prompt > 16 and reply.n_generated >= 1  # the prompt alone is past the window
         assert m.chat(question, max_tokens=8, temperature=0) == text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_ctx", [256, 1000])
+def test_onnx_plan_kv_equals_what_genai_allocates(onnx_bundle, n_ctx):
+    """The plan's ONNX KV cache against the present buffers onnxruntime-genai hands the graph: max_length
+    (n_ctx) positions on every layer, exactly (no padding, no window)."""
+    import packager
+    from packager.spec.model import load_spec
+
+    spec = load_spec(models.tiny_gemma3())
+    with packager.load(onnx_bundle, n_threads=1, n_ctx=n_ctx) as m:
+        m.chat([{"role": "user", "content": "Hi"}], max_tokens=1, temperature=0)
+        gen = m._kept.gen
+        shapes = [np.asarray(gen.get_output(f"present.{i}.{kv}")).shape
+                  for i in range(spec.n_layers) for kv in ("key", "value")]
+    assert set(shapes) == {(1, spec.n_kv_heads, n_ctx, spec.head_dim)}
+    allocated = sum(int(np.prod(s)) * 4 for s in shapes)
+    assert memory(spec, scheme("onnx", "INT4_B32"), n_ctx, "f32", fmt="onnx").kv_cache == allocated

@@ -371,7 +371,8 @@ def memory(spec: ModelSpec, layout: WeightLayout, n_ctx: int, kv_type: str = KV_
     """Everything in RAM, as onnxruntime-genai allocates it (``cpu_kernels``: the CPU execution
     provider, which packs the weights). Its KV cache is f32 whatever the target's llama.cpp type."""
     n_tokens = min(PROMPT_CHUNK, n_ctx) if n_tokens is None else n_tokens
-    return Memory(layout.total, kv_bytes(spec, n_ctx, KV_TYPE), compute_bytes(spec, n_tokens),
+    # genai's shared past/present buffer: max_length (n_ctx) positions on every layer, sliding ones too.
+    return Memory(layout.total, kv_bytes(spec, n_ctx, KV_TYPE, padded=False), compute_bytes(spec, n_tokens),
                   overhead_bytes(spec, layout.total, cpu=cpu_kernels))
 
 
@@ -401,4 +402,4 @@ def _layout(spec: ModelSpec, fmt: WeightFormat | None, tensors: Sequence[Tensor]
 FORMAT = Format(
     name="onnx", engine="onnxruntime-genai", noun="an ONNX int4 scheme", model_suffix=".onnx", scheme=scheme, schemes=tuple(SCHEMES),
     default_ladder=(DEFAULT,), auto_ladder=AUTO_LADDER, weight_layout=_layout, memory=memory, explain=explain,
-    kv_type=KV_TYPE, per_tensor_buffers=True)
+    kv_type=KV_TYPE, per_tensor_buffers=True, padded_kv=False)
