@@ -490,14 +490,19 @@ def test_onnx_refuses_what_the_graph_would_compute_otherwise(change, field, tmp_
     assert not out.exists()
 
 
-def test_onnx_final_logit_softcapping_is_applied(tmp_path):
-    """A config that sets final_logit_softcapping gets cap * tanh(logits / cap), as transformers computes."""
+@pytest.mark.parametrize("change", [
+    {"final_logit_softcapping": 1.5},  # cap * tanh(logits / cap): the logits stay under 1.5
+    {"query_pre_attn_scalar": 144},  # the fixture's equals head_dim: another one must be read
+    {"rope_scaling": {"rope_type": "linear", "factor": 8.0}},  # Gemma 3 4B's: the full layers' RoPE only
+], ids=["final-softcap", "query-scalar", "linear-rope"])
+def test_onnx_config_variants_compute_as_transformers(change, tmp_path):
     from test_onnx import _hf_logits
 
-    src = _variant(tmp_path, final_logit_softcapping=1.5)
+    src = _variant(tmp_path, **change)
     ours, ref = _ort(_onnx(src, tmp_path / "out")), _hf_logits(src, LONG_IDS)
-    assert np.abs(ref).max() < 1.5
     np.testing.assert_allclose(ours, ref, atol=2e-4 * np.abs(ref).max())
+    if "final_logit_softcapping" in change:
+        assert np.abs(ref).max() < 1.5
 
 
 def test_onnx_plan_counts_genai_s_full_cache_on_every_layer():
