@@ -79,6 +79,14 @@ class UnknownArchitectureError(UnsupportedArchitectureError, ValueError):
     exit_code = 2
 
 
+class UnsupportedConfigError(UnsupportedArchitectureError, ValueError):
+    """A setting of config.json the chosen converter would compute otherwise than transformers (an attention
+    softcap edgepack's ONNX graph lacks): bad input (exit 2), refused before a bundle is started; the message
+    names the field."""
+
+    exit_code = 2
+
+
 class RemoteCodeRefusedError(SourceError):
     """The checkpoint needs its own Python code (auto_map / trust_remote_code), which edgepack never runs."""
 

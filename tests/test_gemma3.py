@@ -1,4 +1,5 @@
-"""Gemma 3 text: against llama.cpp's converter, transformers' logits, and llama.cpp's own KV allocation.
+"""Gemma 3 text: against llama.cpp's converter, transformers' logits, and llama.cpp's own KV allocation;
+edgepack's ONNX graph against transformers and onnxruntime-genai.
 
 The fixture (tests/models.tiny_gemma3) is a random 7-layer model built from transformers'
 Gemma3TextConfig with a real Gemma-style SentencePiece tokenizer: six layers slide over a
@@ -10,12 +11,18 @@ are tied and both RoPE bases are off their defaults. Checked here:
   windowed cache (swa_full=False) evicting cells;
 - the plan's KV cache equals what llama.cpp allocates when packager.load opens the bundle
   (llama.cpp's "KV buffer size" log lines, summed), at several contexts;
-- configs llama.cpp would compute differently, or that make no sense, are refused in one line.
+- configs llama.cpp would compute differently, or that make no sense, are refused in one line;
+- ONNX: the f32 graph computes transformers' logits over a prompt three windows long and step by step
+  through onnxruntime-genai past the window (local_window_size is the config's sliding_window: one off
+  either way moves the logits), the multimodal class converts to the same graph, an int4 bundle chats
+  through packager.load, the plan sizes the data file and the KV buffers genai allocates (the whole
+  context on every layer), and what the graph cannot compute is refused in one line.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -344,11 +351,211 @@ def test_chat_through_load_past_the_window(bundle, deterministic):
             assert fresh.chat(messages, max_tokens=16, temperature=0) == want
 
 
-@pytest.mark.slow
-def test_onnx_refuses_gemma3_in_one_line(tmp_path):
+# -- ONNX: edgepack's own graph against transformers and onnxruntime-genai ------------------------------
+
+# 48 tokens (BOS, then random ids of the 699-token vocabulary): three windows of the sliding layers.
+LONG_IDS = np.concatenate([[2], np.random.default_rng(0).integers(3, 699, 47)]).reshape(1, -1).astype(np.int64)
+
+
+def _onnx(src: Path, out: Path, int4: bool = False) -> Path:
+    from packager.convert.onnx.converter import OnnxOptions, convert
+
+    convert(resolve(src, hash_files=False, quiet=True), out, OnnxOptions(int4=int4), quiet=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_f32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _onnx(models.tiny_gemma3(), tmp_path_factory.mktemp("gemma3-onnx") / "f32")
+
+
+@pytest.fixture(scope="module")
+def hf_long() -> np.ndarray:
+    from test_onnx import _hf_logits
+
+    return _hf_logits(models.tiny_gemma3(), LONG_IDS)
+
+
+def _ort(model_dir: Path) -> np.ndarray:
+    from test_onnx import _ort_logits
+
+    return _ort_logits(model_dir, LONG_IDS)
+
+
+def _genai_steps(model_dir: Path, ids: np.ndarray, prompt: int) -> np.ndarray:
+    """Last-token logits through onnxruntime-genai: ``prompt`` tokens in one call, then one token a call."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=256)
+    gen = og.Generator(model, params)
+    rows = []
+    for chunk in [ids[:prompt], *ids[prompt:, None]]:
+        gen.append_tokens([int(t) for t in chunk])
+        rows.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1))
+    return np.stack(rows)
+
+
+def test_onnx_f32_graph_computes_transformers_past_the_window(onnx_f32, hf_long):
+    """Every position of a 48-token prompt, 32 of them past the sliding layers' 16-token window: the scaled
+    embedding, the four (1 + w) norms and q/k norms, GELU, the query scale, both RoPE bases. Measured: 3e-6."""
+    ours = _ort(onnx_f32)
+    np.testing.assert_allclose(ours, hf_long, atol=2e-4 * np.abs(hf_long).max())
+
+
+@pytest.mark.parametrize("prompt", [1, 5, 40], ids=["from-bos", "before-window", "past-window"])
+def test_onnx_decodes_through_genai_past_the_window(prompt, onnx_f32, hf_long):
+    """onnxruntime-genai driving the graph (genai_config's gemma3_text, its shared KV buffer): a prompt, then
+    one token at a time past the window, each step's logits transformers' for that position."""
+    ours = _genai_steps(onnx_f32, LONG_IDS[0], prompt)
+    ref = hf_long[0, prompt - 1:]
+    np.testing.assert_allclose(ours, ref, atol=2e-4 * np.abs(ref).max())
+    cfg = json.loads((onnx_f32 / "genai_config.json").read_text())
+    assert cfg["model"]["type"] == "gemma3_text"
+
+
+def _gqa(model_dir: Path) -> list:
+    import onnx
+
+    m = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    return [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
+
+
+def test_onnx_window_and_caches_per_layer(onnx_f32):
+    """Only the sliding layers (all but 5) take the window and the local caches (rope_local_base_freq)."""
+    nodes = _gqa(onnx_f32)
+    windows = [next((a.i for a in n.attribute if a.name == "local_window_size"), None) for n in nodes]
+    assert windows == [16, 16, 16, 16, 16, None, 16]
+    assert [n.input[-1] for n in nodes] == ["sin_cache_local"] * 5 + ["sin_cache"] + ["sin_cache_local"]
+
+
+@pytest.mark.parametrize("shift", [-1, 1])
+def test_onnx_window_off_by_one_moves_the_logits(shift, onnx_f32, hf_long, tmp_path):
+    """ONNX Runtime's local_window_size counts as transformers' sliding_window does (the query itself
+    included): one less or one more, and the logits past the window leave the tolerance far behind."""
+    import onnx
+
+    m = onnx.load(str(onnx_f32 / "model.onnx"), load_external_data=False)
+    for node in m.graph.node:
+        for a in node.attribute:
+            if a.name == "local_window_size":
+                a.i += shift
+    onnx.save_model(m, str(tmp_path / "model.onnx"))
+    for f in onnx_f32.iterdir():  # copied: ONNX Runtime refuses external data through a link out of the folder
+        if f.name != "model.onnx":
+            shutil.copyfile(f, tmp_path / f.name)
+    wrong = _ort(tmp_path)
+    tol = 2e-4 * np.abs(hf_long).max()
+    assert np.abs(wrong - hf_long)[0, :15].max() < tol  # before position 15 no window is full yet
+    assert np.abs(wrong - hf_long).max() > 50 * tol
+
+
+def test_onnx_conditional_generation_converts_to_the_same_graph(onnx_f32, tmp_path):
+    """Gemma3ForConditionalGeneration's language_model.model.* tensors, its config under text_config: the
+    very graph and weights of the text-only checkpoint (the vision tower is not read)."""
+    ours = _onnx(models.tiny_gemma3_vision(), tmp_path / "vision")
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (ours / name).read_bytes() == (onnx_f32 / name).read_bytes(), name
+    text, vision = (json.loads((d / "genai_config.json").read_text())["model"] for d in (onnx_f32, ours))
+    assert vision == text
+
+
+def _variant(tmp_path: Path, **change) -> Path:
+    src = tmp_path / "gemma3"
+    src.mkdir()
+    for f in models.tiny_gemma3().iterdir():
+        if f.name != "config.json":
+            (src / f.name).symlink_to(f)
+    cfg = json.loads((models.tiny_gemma3() / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(cfg, **change)))
+    return src
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'"),
+    ({"hidden_activation": "silu"}, "hidden_activation"),
+])
+def test_onnx_refuses_what_the_graph_would_compute_otherwise(change, field, tmp_path):
+    """pack model --format onnx: one line naming the field, exit 2, nothing written."""
+    src = _variant(tmp_path, **change)
+    out = tmp_path / "dist"
+    r = subprocess.run([sys.executable, "-m", "packager.cli", "model", str(src), "--format", "onnx", "--output",
+                        str(out), "--quiet"], capture_output=True, text=True,
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and field in lines[0], r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("change", [
+    {"final_logit_softcapping": 1.5},  # cap * tanh(logits / cap): the logits stay under 1.5
+    {"query_pre_attn_scalar": 144},  # the fixture's equals head_dim: another one must be read
+    {"rope_scaling": {"rope_type": "linear", "factor": 8.0}},  # Gemma 3 4B's: the full layers' RoPE only
+], ids=["final-softcap", "query-scalar", "linear-rope"])
+def test_onnx_config_variants_compute_as_transformers(change, tmp_path):
+    from test_onnx import _hf_logits
+
+    src = _variant(tmp_path, **change)
+    ours, ref = _ort(_onnx(src, tmp_path / "out")), _hf_logits(src, LONG_IDS)
+    np.testing.assert_allclose(ours, ref, atol=2e-4 * np.abs(ref).max())
+    if "final_logit_softcapping" in change:
+        assert np.abs(ref).max() < 1.5
+
+
+def test_onnx_plan_counts_genai_s_full_cache_on_every_layer():
+    """onnxruntime-genai's KV buffer holds the whole context on every layer, sliding ones too: the ONNX
+    plan counts that (f32), not llama.cpp's windowed cache."""
+    spec = spec_from_config(GEMMA3_1B)
+    kv = memory(spec, scheme("onnx", "INT4_B32"), 32768, "f32", fmt="onnx").kv_cache
+    assert kv == 2 * 26 * 256 * 32768 * 4
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from packager.pack.options import PackOptions
     from packager.pack.pipeline import pack_model
 
-    with pytest.raises(UnsupportedArchitectureError, match="--format gguf") as exc:
-        pack_model(str(models.tiny_gemma3()), PackOptions(format="onnx", output=tmp_path / "dist", quiet=True))
-    assert "\n" not in str(exc.value) and not (tmp_path / "dist").exists()
+    out = tmp_path_factory.mktemp("gemma3-onnx-dist")
+    return pack_model(str(models.tiny_gemma3()), PackOptions(format="onnx", output=out, quiet=True)).path
+
+
+@pytest.mark.slow
+def test_onnx_int4_bundle_chats_through_load(onnx_bundle):
+    """pack model --format onnx: an int4 bundle onnxruntime-genai runs; greedy replies are the same twice,
+    and the plan sized the data file the converter wrote (four norms, q/k norms, two pairs of caches)."""
+    import packager
+    from packager.formats.onnx import SCHEMES, weight_layout
+    from packager.spec.model import load_spec
+
+    manifest = json.loads((onnx_bundle / "manifest.json").read_text())
+    assert manifest["format"] == "onnx"
+    data = onnx_bundle / "model" / "model.onnx.data"
+    assert weight_layout(load_spec(models.tiny_gemma3()), SCHEMES["INT4_B32"]).file_bytes == data.stat().st_size
+    question = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 4 + "Why?"}]
+    with packager.load(onnx_bundle, n_threads=1, n_ctx=256) as m:
+        reply = m.chat(question, stream=True, max_tokens=8, temperature=0)
+        text = "".join(reply)
+        assert reply.n_prompt > 16 and reply.n_generated >= 1  # the prompt alone is past the window
+        assert m.chat(question, max_tokens=8, temperature=0) == text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_ctx", [256, 1000])
+def test_onnx_plan_kv_equals_what_genai_allocates(onnx_bundle, n_ctx):
+    """The plan's ONNX KV cache against the present buffers onnxruntime-genai hands the graph: max_length
+    (n_ctx) positions on every layer, exactly (no padding, no window)."""
+    import packager
+    from packager.spec.model import load_spec
+
+    spec = load_spec(models.tiny_gemma3())
+    with packager.load(onnx_bundle, n_threads=1, n_ctx=n_ctx) as m:
+        m.chat([{"role": "user", "content": "Hi"}], max_tokens=1, temperature=0)
+        gen = m._kept.gen
+        shapes = [np.asarray(gen.get_output(f"present.{i}.{kv}")).shape
+                  for i in range(spec.n_layers) for kv in ("key", "value")]
+    assert set(shapes) == {(1, spec.n_kv_heads, n_ctx, spec.head_dim)}
+    allocated = sum(int(np.prod(s)) * 4 for s in shapes)
+    assert memory(spec, scheme("onnx", "INT4_B32"), n_ctx, "f32", fmt="onnx").kv_cache == allocated

@@ -59,6 +59,19 @@ class OnnxArch:
     rope_layers: Callable[[Config], tuple[bool, ...]] | None = None
     # Refuses a config this graph would compute differently from transformers (one line naming the field).
     check: Callable[[Config], None] | None = None
+    # Gemma stores every RMSNorm weight (q/k norms too) as (w - 1): the converter adds this in f32.
+    norm_offset: float = 0.0
+    # Gemma 2/3's four norms a layer: post_attention_layernorm on the attention's output before the
+    # residual add, pre_feedforward_layernorm before the MLP, post_feedforward_layernorm on its output.
+    sandwich_norms: bool = False
+    # Gemma 3: sliding layers rotate with their own RoPE base, from a second pair of cos/sin caches.
+    local_rope: bool = False
+    # (RoPE parameters of every layer, or of the full layers where local_rope; the sliding layers' or None);
+    # None: rope_parameters(cfg) for every layer.
+    rope: Callable[[Config], tuple[dict[str, Any], dict[str, Any] | None]] | None = None
+    # The graph's config-derived fields this family sets (formats.onnx.Dims: attn_scale, embed_scale,
+    # activation, final_softcap); None: Llama's (1/sqrt(head_dim), no scale, SiLU, no cap).
+    graph: Callable[[Config], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

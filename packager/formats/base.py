@@ -64,16 +64,16 @@ def window_cells(spec: ModelSpec, n_ctx: int, n_ubatch: int = N_UBATCH) -> int:
 
 
 def kv_bytes(spec: ModelSpec, n_ctx: int, kv_type: str, n_layers: int | None = None, *,
-             layers: Iterable[int] | None = None, windowed: bool = False) -> int:
+             layers: Iterable[int] | None = None, windowed: bool = False, padded: bool = True) -> int:
     """K and V per layer, added up: kv heads x head dim x cells x bytes, twice.
 
-    Every layer holds the whole (padded) context, unless ``windowed``: then a sliding layer holds
-    :func:`window_cells`, as llama.cpp allocates it. ``layers`` (default: the first ``n_layers``, or
-    all) picks which layers count (a GPU split holds the last ones).
+    Every layer holds the whole context (padded, unless ``padded`` is False), unless ``windowed``: then
+    a sliding layer holds :func:`window_cells`, as llama.cpp allocates it. ``layers`` (default: the first
+    ``n_layers``, or all) picks which layers count (a GPU split holds the last ones).
     """
     if layers is None:
         layers = range(spec.n_layers if n_layers is None else n_layers)
-    full, window = padded_ctx(n_ctx), window_cells(spec, n_ctx)
+    full, window = padded_ctx(n_ctx) if padded else n_ctx, window_cells(spec, n_ctx)
     cells = sum(window if windowed and spec.is_sliding(i) else full for i in layers)
     return int(2 * spec.kv_dim * cells * KV_BYTES[kv_type])
 
@@ -119,6 +119,7 @@ class Format:
     uses_target_ladder: bool = False  # the target's quant ladder names this format's schemes
     per_tensor_buffers: bool = False  # each tensor is one device buffer (WebGPU's buffer limits apply)
     windowed_kv: bool = False  # sliding-window layers cache only their window (llama.cpp's iswa cache)
+    padded_kv: bool = True  # the cache's cells are the context padded to CTX_PAD (llama.cpp's); else exactly n_ctx
 
     def ladder(self, target_ladder: Sequence[str]) -> list[str]:
         return list(target_ladder) if self.uses_target_ladder else list(self.default_ladder)

@@ -127,6 +127,11 @@ class Layout:
         return init
 
 
+CACHES = ("cos_cache", "sin_cache")
+LOCAL_CACHES = ("cos_cache_local", "sin_cache_local")  # Gemma 3's sliding layers: their own RoPE base
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
 @dataclass(frozen=True)
 class Dims:
     """The decoder's shape, as the graph needs it."""
@@ -142,25 +147,47 @@ class Dims:
     rotary_dim: int
     max_positions: int
     attn_scale: float
-    window: int = -1  # sliding-window size for GroupQueryAttention's local_window_size; -1: none
+    window: int = -1  # GroupQueryAttention's local_window_size on the sliding layers; -1: none
     qk_norm: bool = False  # each head of q and k RMS-normalized before RoPE (Qwen3)
     rope_layers: tuple[bool, ...] = ()  # whether each layer applies RoPE (SmolLM3); empty: every layer
+    sliding_layers: tuple[bool, ...] = ()  # which layers take `window` (Gemma 3); empty: every layer
+    local_rope: bool = False  # sliding layers rotate from cos_cache_local/sin_cache_local (their own base)
+    sandwich_norms: bool = False  # Gemma's four norms a layer (archs.OnnxArch.sandwich_norms)
+    embed_scale: float = 0.0  # the embedding rows multiplied by this after the gather (Gemma); 0: not
+    activation: str = "silu"  # the MLP gate's: "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU)
+    final_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0: none
 
     def __post_init__(self) -> None:
-        if self.rope_layers and len(self.rope_layers) != self.n_layers:
-            raise ValueError(f"rope_layers has {len(self.rope_layers)} entries for {self.n_layers} layers")
+        for name in ("rope_layers", "sliding_layers"):
+            flags = getattr(self, name)
+            if flags and len(flags) != self.n_layers:
+                raise ValueError(f"{name} has {len(flags)} entries for {self.n_layers} layers")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
 
     def rope(self, layer: int) -> bool:
         return not self.rope_layers or self.rope_layers[layer]
+
+    def sliding(self, layer: int) -> bool:
+        """Whether the layer attends to a window (its local_window_size is ``window``)."""
+        return self.window > 0 and (not self.sliding_layers or self.sliding_layers[layer])
+
+    def caches(self, layer: int) -> tuple[str, str]:
+        """The cos/sin caches the layer rotates with."""
+        if self.local_rope and self.sliding(layer):
+            return LOCAL_CACHES
+        return CACHES
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> "Dims":
         """The shape a plan sizes (full rotary, the spec's context as the caches' length)."""
         family = FAMILIES.get(spec.architecture)
+        arch = family.onnx if family is not None else None
         return cls(n_layers=spec.n_layers, hidden=spec.hidden_size, intermediate=spec.intermediate_size,
                    n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim, vocab=spec.vocab_size,
                    rms_eps=1e-6, rotary_dim=spec.head_dim, max_positions=spec.context_length,
-                   attn_scale=spec.head_dim ** -0.5, qk_norm=bool(family and family.onnx and family.onnx.qk_norm))
+                   attn_scale=spec.head_dim ** -0.5, qk_norm=bool(arch and arch.qk_norm),
+                   local_rope=bool(arch and arch.local_rope), sandwich_norms=bool(arch and arch.sandwich_norms))
 
 
 @dataclass(frozen=True)
@@ -246,7 +273,7 @@ def declare(d: Dims, fmt: WeightFormat, *, has_bias: bool, tied: bool, int4_embe
     q_n, kv_n = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
     for i in range(d.n_layers):
         pre = f"model.layers.{i}"
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        for norm in layer_norms(d):
             layout.add(f"{pre}.{norm}.weight", f32, (d.hidden,))
         fmt.linear_inits(layout, f"{pre}.attn.qkv_proj", q_n + 2 * kv_n, d.hidden)
         if has_bias:
@@ -276,9 +303,17 @@ def declare(d: Dims, fmt: WeightFormat, *, has_bias: bool, tied: bool, int4_embe
             embed_zp = f"{embed_base}.weight_zp"
     else:
         layout.add("model.embed_tokens.weight", f32, (d.vocab, d.hidden))
-    layout.add("cos_cache", f32, (d.max_positions, d.rotary_dim // 2))
-    layout.add("sin_cache", f32, (d.max_positions, d.rotary_dim // 2))
+    for cache in CACHES + (LOCAL_CACHES if d.local_rope else ()):
+        layout.add(cache, f32, (d.max_positions, d.rotary_dim // 2))
     return Declared(layout, embed_base, embed_zp)
+
+
+def layer_norms(d: Dims) -> tuple[str, ...]:
+    """The RMSNorms of each layer, by their Hugging Face names (the initializers keep them)."""
+    if d.sandwich_norms:
+        return ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                "post_feedforward_layernorm")
+    return ("input_layernorm", "post_attention_layernorm")
 
 
 def weight_layout(spec: ModelSpec, fmt: WeightFormat, *, has_bias: bool | None = None, tied: bool | None = None,
@@ -336,7 +371,8 @@ def memory(spec: ModelSpec, layout: WeightLayout, n_ctx: int, kv_type: str = KV_
     """Everything in RAM, as onnxruntime-genai allocates it (``cpu_kernels``: the CPU execution
     provider, which packs the weights). Its KV cache is f32 whatever the target's llama.cpp type."""
     n_tokens = min(PROMPT_CHUNK, n_ctx) if n_tokens is None else n_tokens
-    return Memory(layout.total, kv_bytes(spec, n_ctx, KV_TYPE), compute_bytes(spec, n_tokens),
+    # genai's shared past/present buffer: max_length (n_ctx) positions on every layer, sliding ones too.
+    return Memory(layout.total, kv_bytes(spec, n_ctx, KV_TYPE, padded=False), compute_bytes(spec, n_tokens),
                   overhead_bytes(spec, layout.total, cpu=cpu_kernels))
 
 
@@ -366,4 +402,4 @@ def _layout(spec: ModelSpec, fmt: WeightFormat | None, tensors: Sequence[Tensor]
 FORMAT = Format(
     name="onnx", engine="onnxruntime-genai", noun="an ONNX int4 scheme", model_suffix=".onnx", scheme=scheme, schemes=tuple(SCHEMES),
     default_ladder=(DEFAULT,), auto_ladder=AUTO_LADDER, weight_layout=_layout, memory=memory, explain=explain,
-    kv_type=KV_TYPE, per_tensor_buffers=True)
+    kv_type=KV_TYPE, per_tensor_buffers=True, padded_kv=False)

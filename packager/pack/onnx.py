@@ -23,7 +23,7 @@ from typing import Any
 from packager.archs import supported
 from packager.bundle.web import CONFIG_NAME, WEB_DIR, chat_prompt_parts, web_card_section, web_page_files
 from packager.bundle.writer import BundleWriter
-from packager.convert.onnx.converter import (GPTQ_REFUSAL, OnnxOptions, convert, execution_provider,
+from packager.convert.onnx.converter import (GPTQ_REFUSAL, OnnxOptions, check_config, convert, execution_provider,
                                              onnx_exporter)
 from packager.convert.onnx.optimum_export import convert_optimum, fallback_memory
 from packager.convert.onnx.wasm_graph import write_wasm_graph
@@ -140,6 +140,8 @@ def pack_onnx(job: PackJob) -> PackResult:
     check_request(src, spec, opts)
     # An unsupported architecture or target fails before any work.
     exporter = onnx_exporter(spec.architecture, spec.model_type)
+    if exporter == "edgepack":  # and a config the graph would compute otherwise (e.g. Gemma 3's attention softcap)
+        check_config(src.path)
     oo = onnx_options(opts, tgt)
     p = plan(spec, tgt, replace(job.overrides, quant=oo.quant_name, format="onnx"))  # sized as written
     final = job.final

@@ -328,8 +328,9 @@ def _kv_line(spec: ModelSpec, form: Format, n_ctx: int, kv_type: str, kv: int) -
                 f"({kv_type}) x ({spec.n_layers - n_sliding} full layers x {padded_ctx(n_ctx)} ctx + {n_sliding} "
                 f"sliding layers x {window_cells(spec, n_ctx)} cells: window {spec.sliding_window} + "
                 f"{min(N_UBATCH, n_ctx)} batch, padded) = {_gb(kv)}")
+    cells = padded_ctx(n_ctx) if form.padded_kv else n_ctx
     return (f"KV cache: 2 x {spec.n_layers} layers x {spec.n_kv_heads} kv heads x {spec.head_dim} head dim x "
-            f"{padded_ctx(n_ctx)} ctx x {KV_BYTES[kv_type]:g} B ({kv_type}) = {_gb(kv)}")
+            f"{cells} ctx x {KV_BYTES[kv_type]:g} B ({kv_type}) = {_gb(kv)}")
 
 
 def _ship(target: Target, model_bytes: int, part_override: int | None = None) -> Shipping:

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from packager.archs import FAMILIES, OnnxArch, onnx_arch_for, rope_parameters, supported
+from packager.archs import (FAMILIES, OnnxArch, attention_layers, onnx_arch_for, rope_parameters, supported,
+                            text_config)
 from packager.archs.registry import instead, unsupported
 from packager.convert.onnx.graph import GraphBuilder
 from packager.convert.onnx.optimum_export import optimum_exports, optimum_installed
@@ -33,7 +34,7 @@ from packager.convert.onnx.output import DecoderShape, copy_tokenizer, eog_ids, 
 from packager.convert.result import ConvertResult
 from packager.errors import (BackendMissingError, ConversionError, SourceError, UnknownArchitectureError,
                              UnsupportedArchitectureError, UsageError)
-from packager.formats.onnx import ALGORITHMS, Dims, WeightFormat, declare
+from packager.formats.onnx import ALGORITHMS, CACHES, LOCAL_CACHES, Dims, WeightFormat, declare, layer_norms
 from packager.host import default_threads
 from packager.kernels.hqq import quantize_int4_hqq, split_zero_points
 from packager.kernels.int4 import check_block_size, quantize_int4
@@ -149,29 +150,63 @@ def _dims(cfg: dict[str, Any], arch: OnnxArch) -> Dims:
     spec = spec_from_config(cfg)
     rope = rope_parameters(cfg)
     fraction = float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor")) or 1.0)
-    window = -1
-    if cfg.get("use_sliding_window", cfg.get("model_type") != "qwen2") and cfg.get("sliding_window"):
-        window = int(cfg["sliding_window"])
-        if window >= spec.context_length:
-            window = -1
+    window, sliding = _window(cfg, spec.context_length)
+    graph = {"attn_scale": 1.0 / math.sqrt(spec.head_dim), **(arch.graph(cfg) if arch.graph else {})}
     return Dims(
         n_layers=spec.n_layers, hidden=spec.hidden_size, intermediate=spec.intermediate_size, n_heads=spec.n_heads,
         n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim, vocab=spec.vocab_size,
         rms_eps=float(cfg.get("rms_norm_eps") or 1e-6), rotary_dim=int(spec.head_dim * fraction),
-        max_positions=spec.context_length, attn_scale=1.0 / math.sqrt(spec.head_dim), window=window,
+        max_positions=spec.context_length, window=window, sliding_layers=sliding,
         qk_norm=arch.qk_norm, rope_layers=arch.rope_layers(cfg) if arch.rope_layers else (),
+        local_rope=arch.local_rope, sandwich_norms=arch.sandwich_norms, **graph,
     )
 
 
-def rope_caches(cfg: dict[str, Any], arch: OnnxArch, rotary_dim: int, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin caches [max_positions, rotary_dim / 2] for GroupQueryAttention, as transformers computes RoPE."""
-    rope = rope_parameters(cfg)
-    kind = str(rope.get("rope_type") or rope.get("type") or "default").lower()
-    if kind not in arch.rope_types:
-        raise UnsupportedArchitectureError(
-            f"config.json: rope scaling {kind!r} is not supported by the ONNX converter for {arch.genai_type} "
-            f"(supported: {', '.join(arch.rope_types)}); pack it with --format gguf instead"
-        )
+def _window(cfg: dict[str, Any], context: int) -> tuple[int, tuple[bool, ...]]:
+    """GroupQueryAttention's local_window_size (-1: none) and the layers that take it (empty: every layer)."""
+    window, sliding = attention_layers(cfg)
+    if sliding:  # the family says which layers slide (Gemma 3)
+        # transformers lets position i see j where i - j < window (i itself counted), and so does ONNX Runtime's
+        # GroupQueryAttention with local_window_size = window, measured over a prompt and step by step past the
+        # window; window - 1 or + 1 moves the logits (tests/test_gemma3.py holds both).
+        return window, sliding
+    if cfg.get("use_sliding_window", cfg.get("model_type") != "qwen2") and cfg.get("sliding_window"):
+        window = int(cfg["sliding_window"])
+        return (window if window < context else -1), ()
+    return -1, ()
+
+
+def rope_tables(cfg: dict[str, Any], arch: OnnxArch) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(RoPE parameters of every layer, or the full layers' where the sliding ones have their own; the
+    sliding layers' or None), each of a kind the caches compute: else one line naming it."""
+    tables = arch.rope(cfg) if arch.rope else (rope_parameters(cfg), None)
+    for rope in (t for t in tables if t is not None):
+        kind = _rope_kind(rope)
+        if kind not in arch.rope_types:
+            raise UnsupportedArchitectureError(
+                f"config.json: rope scaling {kind!r} is not supported by the ONNX converter for {arch.genai_type} "
+                f"(supported: {', '.join(arch.rope_types)}); pack it with --format gguf instead"
+            )
+    return tables
+
+
+def _rope_kind(rope: dict[str, Any]) -> str:
+    return str(rope.get("rope_type") or rope.get("type") or "default").lower()
+
+
+def check_config(model_dir: Path) -> None:
+    """What the streaming converter refuses in this checkpoint's config (one line naming the field),
+    checked before a bundle is started."""
+    cfg = text_config(read_config(model_dir))
+    arch = onnx_arch_for(spec_from_config(cfg).architecture)
+    _dims(cfg, arch)
+    rope_tables(cfg, arch)
+
+
+def rope_caches(rope: dict[str, Any], rotary_dim: int, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin caches [max_positions, rotary_dim / 2] for GroupQueryAttention, as transformers computes RoPE
+    (``rope``: one of :func:`rope_tables`)."""
+    kind = _rope_kind(rope)
     base = float(rope.get("rope_theta", 10000.0))
     inv_freq = 1.0 / (base ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim))
     if kind == "linear":
@@ -205,13 +240,15 @@ def plan_slots(ckpt: Checkpoint, cfg: dict[str, Any], arch: OnnxArch, opts: Onnx
                               f"({spec.architecture}) or is incomplete; re-download it")
         slots.setdefault(src, []).append(slot)
 
-    has_bias = "model.layers.0.self_attn.q_proj.bias" in ckpt
-    tied = spec.tied_embeddings or "lm_head.weight" not in ckpt
+    m, head = tensor_names(ckpt)
+    has_bias = f"{m}layers.0.self_attn.q_proj.bias" in ckpt
+    tied = spec.tied_embeddings or head not in ckpt
     decl = declare(d, fmt, has_bias=has_bias, tied=tied, int4_embeddings=opts.int4_embeddings)
+    norm = dict(offset=arch.norm_offset)  # Gemma's (w - 1), on every norm
     for i in range(d.n_layers):
-        pre, att = f"model.layers.{i}", f"model.layers.{i}.self_attn"
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            put(f"{pre}.{norm}.weight", Slot("float", f"{pre}.{norm}.weight"))
+        pre, src, att = f"model.layers.{i}", f"{m}layers.{i}", f"{m}layers.{i}.self_attn"
+        for name in layer_norms(d):
+            put(f"{src}.{name}.weight", Slot("float", f"{pre}.{name}.weight", **norm))
         qkv = f"{pre}.attn.qkv_proj"
         if arch.fused_qkv:
             put(f"{att}.qkv_proj.weight", Slot("linear", qkv))
@@ -222,26 +259,50 @@ def plan_slots(ckpt: Checkpoint, cfg: dict[str, Any], arch: OnnxArch, opts: Onnx
             for name, row in (("q_proj", 0), ("k_proj", q_n), ("v_proj", q_n + kv_n)):
                 put(f"{att}.{name}.bias", Slot("float", f"{qkv}.bias", row))
         if d.qk_norm:
-            for norm in ("q_norm", "k_norm"):
-                put(f"{att}.{norm}.weight", Slot("float", f"{pre}.attn.{norm}.weight"))
+            for name in ("q_norm", "k_norm"):
+                put(f"{att}.{name}.weight", Slot("float", f"{pre}.attn.{name}.weight", **norm))
         put(f"{att}.o_proj.weight", Slot("linear", f"{pre}.attn.o_proj"))
         gate_up = f"{pre}.mlp.gate_up_proj"
         if arch.fused_gate_up:
-            put(f"{pre}.mlp.gate_up_proj.weight", Slot("linear", gate_up))
+            put(f"{src}.mlp.gate_up_proj.weight", Slot("linear", gate_up))
         else:
-            put(f"{pre}.mlp.gate_proj.weight", Slot("linear", gate_up, 0))
-            put(f"{pre}.mlp.up_proj.weight", Slot("linear", gate_up, d.intermediate))
-        put(f"{pre}.mlp.down_proj.weight", Slot("linear", f"{pre}.mlp.down_proj"))
-    put("model.norm.weight", Slot("float", "model.norm.weight"))
-    put("model.embed_tokens.weight" if tied else "lm_head.weight", Slot("linear", "lm_head"))
+            put(f"{src}.mlp.gate_proj.weight", Slot("linear", gate_up, 0))
+            put(f"{src}.mlp.up_proj.weight", Slot("linear", gate_up, d.intermediate))
+        put(f"{src}.mlp.down_proj.weight", Slot("linear", f"{pre}.mlp.down_proj"))
+    put(f"{m}norm.weight", Slot("float", "model.norm.weight", **norm))
+    # The lm_head reads the embedding as stored: Gemma's sqrt(hidden) scale is the graph's, after the gather.
+    put(f"{m}embed_tokens.weight" if tied else head, Slot("linear", "lm_head"))
     if decl.embed_base == "model.embed_tokens":  # untied: the embedding's own int4 blocks
-        put("model.embed_tokens.weight", Slot("linear", "model.embed_tokens"))
+        put(f"{m}embed_tokens.weight", Slot("linear", "model.embed_tokens"))
     elif decl.embed_base is None:
-        put("model.embed_tokens.weight", Slot("float", "model.embed_tokens.weight"))
+        put(f"{m}embed_tokens.weight", Slot("float", "model.embed_tokens.weight"))
     layout = decl.layout
     if part_bytes and layout.size > part_bytes:  # a channel's part size: the data in several files
         layout = layout.split(part_bytes)
     return d, fmt, layout, slots, has_bias, decl.embed_base, decl.embed_zp
+
+
+# Where a checkpoint keeps the decoder (its layers, norm and embedding) and the lm_head: a causal LM, or a
+# multimodal wrapper's language model as transformers saved it before 4.52 and since.
+TENSOR_NAMES = (("model.", "lm_head.weight"), ("language_model.model.", "language_model.lm_head.weight"),
+                ("model.language_model.", "lm_head.weight"))
+
+
+def tensor_names(ckpt: Checkpoint) -> tuple[str, str]:
+    """(the decoder's prefix, the lm_head's name) in this checkpoint; a vision tower beside them is not read."""
+    for prefix, head in TENSOR_NAMES:
+        if f"{prefix}embed_tokens.weight" in ckpt:
+            return prefix, head
+    return TENSOR_NAMES[0]  # plan_slots then names the first tensor missing
+
+
+def _caches(cfg: dict[str, Any], arch: OnnxArch, d: Dims) -> dict[str, np.ndarray]:
+    """The cos/sin caches by initializer name: every layer's (the full layers' where the sliding ones have their own)."""
+    rope, local = rope_tables(cfg, arch)
+    out = dict(zip(CACHES, rope_caches(rope, d.rotary_dim, d.max_positions)))
+    if d.local_rope:
+        out.update(zip(LOCAL_CACHES, rope_caches(local or rope, d.rotary_dim, d.max_positions)))
+    return out
 
 
 class _Writer:
@@ -346,13 +407,13 @@ def convert(source: Source, out_dir: Path, opts: OnnxOptions = OnnxOptions(), *,
     model.onnx.data.2, ...) of at most ``part_bytes`` each, the graph naming each initializer's file.
     """
     onnx = _onnx()
-    cfg = read_config(source.path)
+    cfg = text_config(read_config(source.path))  # a multimodal wrapper: its language model's config
     spec = spec_from_config(cfg)
     arch = onnx_arch_for(spec.architecture)
     ckpt = Checkpoint.open(source.path)
     try:
         d, fmt, layout, slots, has_bias, embed_base, embed_zp = plan_slots(ckpt, cfg, arch, opts, part_bytes)
-        cos, sin = rope_caches(cfg, arch, d.rotary_dim, d.max_positions)
+        caches = _caches(cfg, arch, d)
         out_dir.mkdir(parents=True, exist_ok=True)
         data_paths = [out_dir / f for f in layout.data_files]
         fds: list[int] = []
@@ -361,8 +422,8 @@ def convert(source: Source, out_dir: Path, opts: OnnxOptions = OnnxOptions(), *,
                 fds.append(os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644))
                 os.ftruncate(fds[-1], size)
             writer = _Writer(fds, layout, fmt)
-            writer._put("cos_cache", 0, cos)
-            writer._put("sin_cache", 0, sin)
+            for name, table in caches.items():
+                writer._put(name, 0, table)
             if embed_zp == "model.embed_tokens.zp":
                 zp = layout.inits[embed_zp]
                 writer._put(embed_zp, 0, np.full(zp.shape, 0x88, dtype=np.uint8))

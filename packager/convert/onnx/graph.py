@@ -5,7 +5,11 @@ adds the residual), one MatMulNBits over the packed q/k/v rows (with the qkv bia
 its bias input; Qwen3: split, each head of q and k RMS-normalized), GroupQueryAttention
 with rotary embedding inside (cos/sin caches; none on SmolLM3's NoPE layers),
 MatMulNBits for o_proj, then the SwiGLU MLP (gate and up as one MatMulNBits, then Split);
-a final norm and lm_head. The graph's inputs and outputs carry the names genai_config.json
+a final norm and lm_head. Gemma 3 adds to that: the embedding scaled by sqrt(hidden), four
+norms a layer (the attention's and the MLP's outputs normalized before the residual add),
+GELU (tanh) for SiLU, a window on the sliding layers only, which rotate from their own
+cos/sin caches (another RoPE base), and the final logits soft-capped where the config says.
+The graph's inputs and outputs carry the names genai_config.json
 declares (input_ids, attention_mask, past_key_values.N.key/value -> logits,
 present.N.key/value).
 
@@ -66,6 +70,10 @@ class GraphBuilder:
         self.nodes.append(_onnx().helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
         return outputs
 
+    def const_f32(self, name: str, value: float) -> str:
+        self.consts.append(_onnx().numpy_helper.from_array(np.array(value, dtype=np.float32), name))
+        return name
+
     def const_i64(self, name: str, values: list[int] | int) -> str:
         self.consts.append(_onnx().numpy_helper.from_array(np.array(values, dtype=np.int64), name))
         return name
@@ -105,7 +113,6 @@ class GraphBuilder:
         """The whole decoder; ``embed_base`` names the int4 linear whose blocks the embedding gathers
         (None: an f32 embedding table), ``embed_zp`` its zero points."""
         d = self.d
-        q_n, kv_n = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
         # Attention-mask bookkeeping GroupQueryAttention wants: per-row lengths - 1, total length.
         one = self.const_i64("/model/constants/INT64/[1]", [1])
         (ssum,) = self.node("ReduceSum", ["attention_mask", one], "/model/attn_mask/ReduceSum", keepdims=0)
@@ -124,40 +131,71 @@ class GraphBuilder:
                 h = self._gather_correction(embed_base, h)
         else:
             (h,) = self.node("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/embed_tokens/Gather")
+        if d.embed_scale:  # Gemma: the rows times sqrt(hidden); the tied lm_head reads them unscaled
+            scale = self.const_f32("/model/embed_tokens/scale", d.embed_scale)
+            (h,) = self.node("Mul", [h, scale], "/model/embed_tokens/Mul")
         residual, pending = h, None  # pending: the output to add to the residual at the next norm
         for i in range(d.n_layers):
-            p = f"/model/layers.{i}"
-            x, residual = self._norm(f"model.layers.{i}.input_layernorm.weight", residual, pending, f"{p}/input_layernorm")
-            qkv = self.linear(f"model.layers.{i}.attn.qkv_proj", x, q_n + 2 * kv_n, d.hidden, f"{p}/attn/qkv_proj/MatMul",
-                              bias=f"model.layers.{i}.attn.qkv_proj.bias" if qkv_bias else None)
-            qkv_inputs = self._qk_norm(i, qkv) if d.qk_norm else [qkv, "", ""]
-            rope = d.rope(i)  # a NoPE layer (SmolLM3) attends without positions: no rotation, no caches
-            attrs = dict(num_heads=d.n_heads, kv_num_heads=d.n_kv_heads, scale=d.attn_scale, softcap=0.0,
-                         do_rotary=int(rope), rotary_interleaved=0)
-            if d.window > 0:
-                attrs["local_window_size"] = d.window
-            self.nodes.append(_onnx().helper.make_node(
-                "GroupQueryAttention",
-                [*qkv_inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
-                 *(["cos_cache", "sin_cache"] if rope else [])],
-                [f"{p}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
-                name=f"{p}/attn/GroupQueryAttention", domain=MS, **attrs))
-            attn = self.linear(f"model.layers.{i}.attn.o_proj", f"{p}/attn/GroupQueryAttention/output_0", d.hidden, q_n,
-                               f"{p}/attn/o_proj/MatMul")
-            x, residual = self._norm(f"model.layers.{i}.post_attention_layernorm.weight", residual, attn,
-                                     f"{p}/post_attention_layernorm")
-            gate_up = self.linear(f"model.layers.{i}.mlp.gate_up_proj", x, 2 * d.intermediate, d.hidden,
-                                  f"{p}/mlp/gate_up_proj/MatMul")
-            gate, up = self.node("Split", [gate_up], f"{p}/mlp/Split", n_out=2, axis=-1, num_outputs=2)
-            (sig,) = self.node("Sigmoid", [gate], f"{p}/mlp/act_fn/Sigmoid")
-            (silu,) = self.node("Mul", [gate, sig], f"{p}/mlp/act_fn/Mul")
-            (act,) = self.node("Mul", [silu, up], f"{p}/mlp/Mul")
-            pending = self.linear(f"model.layers.{i}.mlp.down_proj", act, d.hidden, d.intermediate,
-                                  f"{p}/mlp/down_proj/MatMul")
+            residual, pending = self._layer(i, residual, pending, seqlens_k, total_len, qkv_bias)
         (final,) = self.node("SkipSimplifiedLayerNormalization", [residual, pending, "model.norm.weight"],
                              "/model/norm", domain=MS, epsilon=d.rms_eps)
-        self.linear("lm_head", final, d.vocab, d.hidden, "/lm_head/MatMul", out="logits")
+        if not d.final_softcap:
+            self.linear("lm_head", final, d.vocab, d.hidden, "/lm_head/MatMul", out="logits")
+            return self._model()
+        logits = self.linear("lm_head", final, d.vocab, d.hidden, "/lm_head/MatMul")
+        cap = self.const_f32("/lm_head/softcap", d.final_softcap)
+        (x,) = self.node("Div", [logits, cap], "/lm_head/softcap/Div")
+        (x,) = self.node("Tanh", [x], "/lm_head/softcap/Tanh")
+        self.node("Mul", [x, cap], "/lm_head/softcap/Mul", outputs=["logits"])
         return self._model()
+
+    def _layer(self, i: int, residual: str, pending: str | None, seqlens_k: str, total_len: str,
+               qkv_bias: bool) -> tuple[str, str]:
+        """One decoder layer: (the residual stream, the output still to add to it at the next norm)."""
+        d, p, w = self.d, f"/model/layers.{i}", f"model.layers.{i}"
+        q_n, kv_n = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
+        x, residual = self._norm(f"{w}.input_layernorm.weight", residual, pending, f"{p}/input_layernorm")
+        qkv = self.linear(f"{w}.attn.qkv_proj", x, q_n + 2 * kv_n, d.hidden, f"{p}/attn/qkv_proj/MatMul",
+                          bias=f"{w}.attn.qkv_proj.bias" if qkv_bias else None)
+        qkv_inputs = self._qk_norm(i, qkv) if d.qk_norm else [qkv, "", ""]
+        rope = d.rope(i)  # a NoPE layer (SmolLM3) attends without positions: no rotation, no caches
+        attrs = dict(num_heads=d.n_heads, kv_num_heads=d.n_kv_heads, scale=d.attn_scale, softcap=0.0,
+                     do_rotary=int(rope), rotary_interleaved=0)
+        if d.sliding(i):
+            attrs["local_window_size"] = d.window
+        self.nodes.append(_onnx().helper.make_node(
+            "GroupQueryAttention",
+            [*qkv_inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
+             *(d.caches(i) if rope else [])],
+            [f"{p}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
+            name=f"{p}/attn/GroupQueryAttention", domain=MS, **attrs))
+        attn = self.linear(f"{w}.attn.o_proj", f"{p}/attn/GroupQueryAttention/output_0", d.hidden, q_n,
+                           f"{p}/attn/o_proj/MatMul")
+        if d.sandwich_norms:  # Gemma normalizes the attention's output before adding it to the residual
+            attn, _ = self._norm(f"{w}.post_attention_layernorm.weight", attn, None, f"{p}/post_attention_layernorm")
+            x, residual = self._norm(f"{w}.pre_feedforward_layernorm.weight", residual, attn,
+                                     f"{p}/pre_feedforward_layernorm")
+        else:
+            x, residual = self._norm(f"{w}.post_attention_layernorm.weight", residual, attn,
+                                     f"{p}/post_attention_layernorm")
+        out = self._mlp(i, x)
+        if d.sandwich_norms:  # and the MLP's
+            out, _ = self._norm(f"{w}.post_feedforward_layernorm.weight", out, None, f"{p}/post_feedforward_layernorm")
+        return residual, out
+
+    def _mlp(self, i: int, x: str) -> str:
+        """down(act(gate(x)) * up(x)): SiLU (SwiGLU) or tanh-approximated GELU (Gemma's GeGLU)."""
+        d, p = self.d, f"/model/layers.{i}/mlp"
+        gate_up = self.linear(f"model.layers.{i}.mlp.gate_up_proj", x, 2 * d.intermediate, d.hidden,
+                              f"{p}/gate_up_proj/MatMul")
+        gate, up = self.node("Split", [gate_up], f"{p}/Split", n_out=2, axis=-1, num_outputs=2)
+        if d.activation == "gelu_tanh":  # ONNX's Gelu (opset 20), which ONNX Runtime's CPU provider runs
+            (act,) = self.node("Gelu", [gate], f"{p}/act_fn/Gelu", approximate="tanh")
+        else:
+            (sig,) = self.node("Sigmoid", [gate], f"{p}/act_fn/Sigmoid")
+            (act,) = self.node("Mul", [gate, sig], f"{p}/act_fn/Mul")
+        (act,) = self.node("Mul", [act, up], f"{p}/Mul")
+        return self.linear(f"model.layers.{i}.mlp.down_proj", act, d.hidden, d.intermediate, f"{p}/down_proj/MatMul")
 
     def _qk_norm(self, i: int, qkv: str) -> list[str]:
         """q, k and v apart, each head of q and k RMS-normalized (Qwen3's q_norm/k_norm), for
