@@ -525,6 +525,27 @@ def test_architecture_neither_path_supports_is_refused_before_any_work(tiny_qwen
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_optimum_beside_a_transformers_it_does_not_take_is_refused_in_one_line(monkeypatch):
+    """optimum-onnx 0.1 pins transformers < 4.58; installed beside transformers 5 (pip warns, or --no-deps) the
+    fallback is refused before any work, in one line read off optimum-onnx's own metadata."""
+    import importlib.metadata as md
+
+    import packager.convert.onnx.converter as conv
+
+    have, version, requires = {"optimum-onnx": "0.1.0", "transformers": "5.25.0"}, md.version, md.requires
+    pins = ["optimum~=2.1.0", "transformers<4.58.0,>=4.36", 'pytest; extra == "tests"']
+    monkeypatch.setattr(md, "version", lambda name: have.get(name) or version(name))
+    monkeypatch.setattr(md, "requires", lambda name: pins if name == "optimum-onnx" else requires(name))
+    monkeypatch.setattr(conv, "optimum_installed", lambda: True)
+    with pytest.raises(UnsupportedArchitectureError) as e:
+        conv.onnx_exporter("GPTNeoXForCausalLM", "gpt_neox")
+    msg = str(e.value)
+    assert "\n" not in msg and "optimum-onnx 0.1.0 needs transformers<4.58.0,>=4.36" in msg and "5.25.0" in msg
+    have["transformers"] = "4.57.6"  # the versions it takes: no clash (the refusal below is optimum's own answer)
+    from packager.convert.onnx.optimum_export import optimum_transformers_clash
+    assert optimum_transformers_clash() == ""
+
+
 # -- the optimum-onnx fallback (architectures the streaming converter lacks) -----------------------
 
 @pytest.fixture(scope="module")
@@ -618,8 +639,9 @@ def test_smollm2_int4_greedy_answers_agree_with_transformers_f32(smollm2_hf, tmp
     model = AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32)
     with packager.load(bundle) as m:
         for q in PROMPTS:
+            # return_dict=False: transformers 5 returns a BatchEncoding by default, 4.x the ids
             ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                          return_tensors="pt")
+                                          return_tensors="pt", return_dict=False)
             with torch.no_grad():
                 ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
             ref_text = tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)

@@ -37,7 +37,9 @@ def hf_greedy(smollm2_hf) -> dict[str, tuple[list[int], list[float], str]]:
     model = AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32)
     out = {}
     for q in PROMPTS:
-        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt")
+        # return_dict=False: transformers 5 returns a BatchEncoding by default, 4.x the ids
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=False)
         with torch.no_grad():
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
                                  output_scores=True, return_dict_in_generate=True)

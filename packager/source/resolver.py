@@ -197,7 +197,7 @@ def _download(repo: str, revision: str | None, allow_pickle: bool, token: str | 
             )
     except GatedRepoError:  # subclass of RepositoryNotFoundError: check it first
         raise GatedSourceError(
-            f"{repo} is gated: accept its terms on the hub, then log in (huggingface-cli login) or set HF_TOKEN"
+            f"{repo} is gated: accept its terms on the hub, then log in (hf auth login) or set HF_TOKEN"
         ) from None
     except RevisionNotFoundError:
         raise SourceNotFoundError(f"{repo} has no revision {revision!r}; check the branch, tag or commit") from None

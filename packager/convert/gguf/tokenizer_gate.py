@@ -133,12 +133,42 @@ def _hf_tokenizer(model_dir: Path) -> Any:
     try:
         # fix_mistral_regex=False: transformers 4.57.3+ otherwise warns about (and, if
         # asked, rewrites) the pre-tokenizer of any local checkpoint it saved itself.
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, fix_mistral_regex=False)
+        hf = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, fix_mistral_regex=False)
     except Exception as exc:  # transformers raises many types here; all mean "cannot compare"
         raise TokenizerMismatchError(
             f"{model_dir}: transformers cannot load the source tokenizer ({type(exc).__name__}: {_short(str(exc))}), "
             f"so the GGUF tokenizer cannot be checked; fix the tokenizer files or {SKIP_HINT}"
         ) from None
+    _keep_file_pre_tokenizer(hf, model_dir / "tokenizer.json")
+    return hf
+
+
+def _state(part: Any) -> Any:
+    return json.loads(part.__getstate__()) if part is not None else None
+
+
+def _keep_file_pre_tokenizer(hf: Any, path: Path) -> None:
+    """The checkpoint's own normalizer and pre-tokenizer, where transformers built others.
+
+    transformers 5 builds some tokenizer classes' pipelines itself instead of taking tokenizer.json's:
+    GPT2Tokenizer sets a plain ByteLevel pre-tokenizer whatever the file says (SmolLM2's digit splitter
+    is lost), LlamaTokenizer a Metaspace one in place of a legacy Llama's Prepend normalizer (" Hello"
+    loses a space). HF would then tokenize unlike the files the model was trained with, transformers 4
+    and the tokenizers library, which llama.cpp matches. The file's two are put back; where transformers
+    kept them (all of 4.x) this changes nothing.
+    """
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None or not path.is_file():  # a slow (SentencePiece-only) tokenizer: nothing rebuilt
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        file = Tokenizer.from_file(str(path))
+    except Exception:  # the file does not parse alone (transformers read it some other way): leave it
+        return
+    for part in ("normalizer", "pre_tokenizer"):
+        if _state(getattr(file, part)) != _state(getattr(backend, part)):
+            setattr(backend, part, getattr(file, part))
 
 
 def _added_tokens(hf: Any) -> list[str]:

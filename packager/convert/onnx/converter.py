@@ -29,7 +29,7 @@ from packager.archs import (FAMILIES, OnnxArch, attention_layers, onnx_arch_for,
                             text_config)
 from packager.archs.registry import instead, unsupported
 from packager.convert.onnx.graph import GraphBuilder
-from packager.convert.onnx.optimum_export import optimum_exports, optimum_installed
+from packager.convert.onnx.optimum_export import optimum_exports, optimum_installed, optimum_transformers_clash
 from packager.convert.onnx.output import DecoderShape, copy_tokenizer, eog_ids, genai_config, read_json
 from packager.convert.result import ConvertResult
 from packager.errors import (BackendMissingError, ConversionError, SourceError, UnknownArchitectureError,
@@ -74,6 +74,9 @@ def onnx_exporter(hf_name: str, model_type: str) -> str:
     if not optimum_installed():
         raise UnknownArchitectureError(f"{ours}; the fallback for other architectures needs optimum-onnx: "
                                        f"pip install 'edgepack[onnx-export]'{hint}")
+    clash = optimum_transformers_clash()
+    if clash:
+        raise UnknownArchitectureError(f"{ours}; {clash}{hint}")
     if not optimum_exports(model_type):
         raise UnknownArchitectureError(f"{ours}, and optimum-onnx does not export model_type {model_type!r} for "
                                        f"text generation{hint}")

@@ -53,6 +53,32 @@ def optimum_installed() -> bool:
         return False
 
 
+def optimum_transformers_clash() -> str:
+    """Why the installed optimum-onnx cannot run beside the installed transformers, or "". optimum-onnx
+    0.1 pins transformers < 4.58 while the core takes transformers 5: an environment can hold both
+    (pip installs with a warning, or --no-deps), and then optimum fails inside its child process with
+    an ImportError; this says it in one line before any work. Read off optimum-onnx's own metadata, so
+    a release that takes transformers 5 passes unchanged."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    try:
+        reqs, have = requires("optimum-onnx") or [], version("transformers")
+    except PackageNotFoundError:  # no optimum-onnx distribution (or no transformers): nothing clashes here
+        return ""
+    from packaging.requirements import InvalidRequirement, Requirement  # transformers' own dependency
+
+    for line in reqs:
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if req.name == "transformers" and not req.marker and not req.specifier.contains(have, prereleases=True):
+            return (f"optimum-onnx {version('optimum-onnx')} needs transformers{req.specifier} and transformers "
+                    f"{have} is installed: use the fallback in its own environment (pip install "
+                    f"'edgepack[onnx-export]' there pins transformers for it)")
+    return ""
+
+
 # optimum runs in a child process: it needs transformers with torch, which the CLI switches off for
 # its own imports (USE_TORCH=0, cli/app.py), and the f32 model it loads is freed when the child exits.
 _CHECK = """
