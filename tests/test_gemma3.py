@@ -308,6 +308,31 @@ def test_plan_kv_equals_what_llama_cpp_allocates_at_load(bundle, n_ctx):
         model.close()
 
 
+def test_more_context_than_planned_is_checked_against_the_windowed_cache(bundle, tmp_path):
+    """A manifest asking for more context than its plan is checked against the cache llama.cpp allocates
+    (sliding layers hold their window), as the plan counts it: a full-context formula refused a Gemma 3
+    context that fits the budget."""
+    import packager
+    from packager.formats.base import kv_bytes
+    from packager.spec.model import ModelSpec
+
+    copy = tmp_path / bundle.name
+    shutil.copytree(bundle, copy)  # the module's bundle stays as packed
+    man = json.loads((copy / "manifest.json").read_text())
+    spec, kv_type, mem = ModelSpec(**man["spec"]), man["runtime"]["kv_type"], man["plan"]["memory"]
+    small, big = (kv_bytes(spec, n, kv_type, windowed=True) for n in (512, 4096))
+    # The rest of the plan made small (8 MB, not the tiny model's 114 MB of compute buffers), so that the
+    # budget's 10% slack cannot hide the difference between the two formulas.
+    rest = 8 << 20
+    mem.update(total=rest + small, kv_cache=small)
+    man["plan"].update(n_ctx=512, budget_bytes=rest + big)  # a 512-token plan whose budget holds 4096 windowed
+    man["runtime"]["n_ctx"] = 4096
+    assert rest + kv_bytes(spec, 4096, kv_type) > (rest + big) * 1.10  # what the full-context formula refused
+    (copy / "manifest.json").write_text(json.dumps(man))
+    with packager.load(copy) as model:
+        assert model.generate("Hello", max_tokens=2, temperature=0.0) is not None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("n_ctx", [1024, 4096])  # above 0.5 MiB: the log prints 2 decimals
 def test_gemma2_plan_kv_equals_llama_cpps_windowed_cache(n_ctx, tmp_path):

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from packager.bundle.manifest import Manifest
 from packager.errors import UsageError, VerificationError
+from packager.formats import FORMATS
 from packager.formats.base import KV_BYTES, kv_bytes
 from packager.spec.model import ModelSpec
 
@@ -74,9 +75,13 @@ def _check_memory(meta: Manifest, spec: ModelSpec, where: str) -> None:
     n_ctx = meta.runtime.n_ctx
     if n_ctx <= planned_ctx:
         return
-    need = mem["total"] - mem["kv_cache"] + kv_bytes(spec, n_ctx, kv_type)
+    # The cache as the bundle's engine allocates it, as the plan counted it: llama.cpp's windowed sliding
+    # layers (a full-context formula refused Gemma contexts that fit), genai's unpadded n_ctx.
+    form = FORMATS.get(meta.format)
+    shape = dict(windowed=form.windowed_kv, padded=form.padded_kv) if form else {}
+    need = mem["total"] - mem["kv_cache"] + kv_bytes(spec, n_ctx, kv_type, **shape)
     if need > budget * BUDGET_SLACK:
-        per_token = kv_bytes(spec, 1 << 16, kv_type) / (1 << 16)
+        per_token = kv_bytes(spec, 1 << 16, kv_type, **shape) / (1 << 16)
         fits = int(planned_ctx + (budget - mem["total"]) / per_token) if per_token else planned_ctx
         raise VerificationError(
             f"{where}/manifest.json: runtime.n_ctx = {n_ctx} needs {need / 1e9:.2f} GB (its KV cache grows with it), "
