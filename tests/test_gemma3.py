@@ -139,13 +139,8 @@ def test_configs_refused_in_one_line(change, error, match, tmp_path):
     assert "\n" not in str(exc.value)
 
 
-@pytest.mark.parametrize(("change", "field"), [
-    ({"layer_types": ["sliding_attention"] * 6 + ["local_attention"]}, "layer_types[6]"),
-    ({"sliding_window": 8192}, "sliding_window"),
-])
-@pytest.mark.parametrize("command", ["plan", "model"])
-def test_cli_refuses_bad_layers_before_writing(change, field, command, tmp_path):
-    """The tiny checkpoint (weights, tokenizer) under a config that says something nothing can run."""
+def _variant(tmp_path: Path, **change) -> Path:
+    """The tiny checkpoint's weights and tokenizer (linked) under its config with ``change`` applied."""
     src = tmp_path / "gemma3"
     src.mkdir()
     for f in models.tiny_gemma3().iterdir():
@@ -153,6 +148,17 @@ def test_cli_refuses_bad_layers_before_writing(change, field, command, tmp_path)
             (src / f.name).symlink_to(f)
     cfg = json.loads((models.tiny_gemma3() / "config.json").read_text())
     (src / "config.json").write_text(json.dumps(dict(cfg, **change)))
+    return src
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"layer_types": ["sliding_attention"] * 6 + ["local_attention"]}, "layer_types[6]"),
+    ({"sliding_window": 8192}, "sliding_window"),
+])
+@pytest.mark.parametrize("command", ["plan", "model"])
+def test_cli_refuses_bad_layers_before_writing(change, field, command, tmp_path):
+    """The tiny checkpoint (weights, tokenizer) under a config that says something nothing can run."""
+    src = _variant(tmp_path, **change)
     out = tmp_path / "dist"
     args = ["plan", str(src)] if command == "plan" else ["model", str(src), "--output", str(out), "--quiet"]
     r = subprocess.run([sys.executable, "-m", "packager.cli", *args], capture_output=True, text=True,
@@ -251,14 +257,8 @@ def test_layers_off_llama_cpps_pattern_compute_as_transformers(f16, tmp_path):
     the layers, llama.cpp reads the list, and its logits past the window are transformers' again."""
     from packager.spec.gguf import spec_from_gguf
 
-    src = tmp_path / "alternating"
-    src.mkdir()
-    for f in models.tiny_gemma3().iterdir():
-        if f.name != "config.json":
-            (src / f.name).symlink_to(f)
     types = ["sliding_attention", "full_attention"] * 3 + ["sliding_attention"]
-    cfg = json.loads((models.tiny_gemma3() / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps(dict(cfg, layer_types=types)))
+    src = _variant(tmp_path, layer_types=types)
     out = tmp_path / "alternating.gguf"
     convert(resolve(src, hash_files=False, quiet=True), get_quant("F16"), out, quiet=True)
     assert spec_from_gguf(out)[0].sliding_layers == tuple(t == "sliding_attention" for t in types)
@@ -484,17 +484,6 @@ def test_onnx_conditional_generation_converts_to_the_same_graph(onnx_f32, tmp_pa
         assert (ours / name).read_bytes() == (onnx_f32 / name).read_bytes(), name
     text, vision = (json.loads((d / "genai_config.json").read_text())["model"] for d in (onnx_f32, ours))
     assert vision == text
-
-
-def _variant(tmp_path: Path, **change) -> Path:
-    src = tmp_path / "gemma3"
-    src.mkdir()
-    for f in models.tiny_gemma3().iterdir():
-        if f.name != "config.json":
-            (src / f.name).symlink_to(f)
-    cfg = json.loads((models.tiny_gemma3() / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps(dict(cfg, **change)))
-    return src
 
 
 @pytest.mark.parametrize(("change", "field"), [
