@@ -58,6 +58,10 @@ def _layer(name: str) -> int:
 
 def gguf_tensors(spec: ModelSpec, *, has_bias: bool | None = None, tied: bool | None = None) -> list[Tensor]:
     """The GGUF tensors a checkpoint of this config converts to (names as llama.cpp's, numpy-order shapes)."""
+    if spec.tensors:  # the family's own layout (a hybrid's layers differ by kind)
+        tied = spec.tied_embeddings if tied is None else tied
+        return [t for t in spec.tensors if t[0] != "output.weight"] + (
+            [] if tied else [("output.weight", (spec.vocab_size, spec.hidden_size))])
     h, q, kv, ff = spec.hidden_size, spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim, spec.intermediate_size
     bias = spec.attention_bias if has_bias is None else has_bias
     tied = spec.tied_embeddings if tied is None else tied
@@ -103,6 +107,9 @@ def first_mismatch(found: Sequence[Tensor], spec: ModelSpec) -> str | None:
                 return (f"{name} is {tuple(shape)} in the weights but config.json implies {tuple(want_shape[name])} "
                         f"(hidden_size {spec.hidden_size}, intermediate_size {spec.intermediate_size}, "
                         f"{spec.n_heads} heads x {spec.head_dim}, {spec.n_kv_heads} kv heads, vocab {spec.vocab_size})")
+        elif spec.tensors and 0 <= _layer(name) < spec.n_layers:  # a hybrid's layer of another kind
+            return (f"layer {_layer(name)} holds {name}, which its kind in config.json's layer_types does not have; "
+                    "the layer kinds disagree with the weights")
         elif _layer(name) >= 0 or name.startswith(("token_embd.", "output")):
             return (f"the weights have {name}, which config.json does not imply "
                     f"({spec.n_layers} layers: blk.0 .. blk.{spec.n_layers - 1})")

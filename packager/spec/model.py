@@ -7,11 +7,12 @@ tensor sizes, the safetensors headers or index).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from packager.archs import attention_layers, text_config
+from packager.archs import attention_layers, implied_tensors, text_config
 from packager.errors import SourceError
 
 
@@ -38,6 +39,9 @@ class ModelSpec:
     # Layers that attend to a sliding window of this many tokens (one flag per layer; empty: none).
     sliding_window: int = 0
     sliding_layers: tuple[bool, ...] = ()
+    # The GGUF tensors (names, numpy-order shapes) where the family's layers are not all the plain decoder's
+    # (a hybrid: each layer holds the tensors of its kind); empty: formats.gguf.gguf_tensors derives them.
+    tensors: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "hidden_size", "intermediate_size", "n_heads", "n_kv_heads", "head_dim", "vocab_size",
@@ -109,11 +113,14 @@ def spec_from_config(config: dict[str, Any], where: str = "config.json") -> Mode
         per_layer += q + 2 * kv
     params = vocab * hidden * (1 if tied else 2) + n_layers * per_layer + hidden
     window, sliding = attention_layers({**config, "num_hidden_layers": n_layers})
+    tensors = implied_tensors(config)
+    if tensors:
+        params = sum(math.prod(shape) for _, shape in tensors)
     return ModelSpec(
         architecture=archs[0], model_type=str(config.get("model_type", "")), n_layers=n_layers,
         hidden_size=hidden, intermediate_size=inter, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
         vocab_size=vocab, context_length=ctx, tied_embeddings=tied, n_params=params, attention_bias=bias,
-        sliding_window=window, sliding_layers=sliding,
+        sliding_window=window, sliding_layers=sliding, tensors=tensors,
     )
 
 
