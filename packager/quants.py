@@ -145,13 +145,13 @@ def tensor_bytes(qtype: GGMLQuantizationType, shape: Sequence[int]) -> int:
 
 # --- per-tensor policy -------------------------------------------------------
 
-# The convolution kernels of the hybrids (Qwen3.5's ssm_conv1d, LFM2's shortconv.conv) are kept F32 by the
-# converter and never quantized by llama.cpp: their rows (the kernel width, 3-4) are shorter than any block.
-CONV_KERNELS = ("ssm_conv1d.weight", "shortconv.conv.weight")
 # Substrings that keep a 2-D ".weight" tensor out of quantization (tensor_allows_quantization),
-# minus those only MoE, RWKV or multimodal models have.
-_NEVER_QUANTIZED = CONV_KERNELS + ("_norm.weight", "ffn_gate_inp.weight", "altup", "laurel", "per_layer_model_proj",
-                    "attn_rel_b.weight", "position_embd", "token_types")
+# minus those only MoE, SSM, RWKV or multimodal models have.
+_NEVER_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "altup", "laurel", "per_layer_model_proj",
+                    "attn_rel_b.weight", "position_embd", "token_types", "ssm_conv1d", "shortconv.conv.weight")
+# Small convolution kernels (Mamba-style ssm_conv1d, LFM2's shortconv) that llama.cpp's converter always
+# writes F32 (its SSM_CONV1D / SHORTCONV_CONV rule) and its quantizer leaves as they are.
+_ALWAYS_F32 = ("ssm_conv1d", "shortconv.conv.weight")
 _BLK = re.compile(r"blk\.(\d+)\.")
 
 # tensor_type_fallback: a type whose block does not divide the row length drops to one
@@ -394,7 +394,7 @@ def tensor_types(
             # Kept as the converter wrote it: F32 for what convert_hf_to_gguf.py always keeps
             # in F32 (its rule counts numpy dims), else the file's float type (F16 for quants).
             keep_f32 = (len(shape) < 2 or not name.endswith(".weight") or name.endswith("_norm.weight")
-                        or name.endswith(CONV_KERNELS))
+                        or any(s in name for s in _ALWAYS_F32))
             out[name] = QT.F32 if keep_f32 or quant.base == QT.F32 else (quant.base if quant.is_float else QT.F16)
             continue
         if quant.is_float:

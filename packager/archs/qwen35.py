@@ -21,6 +21,7 @@ from typing import Callable
 import gguf
 import numpy as np
 
+from packager.archs.layers import LayerKind
 from packager.archs.registry import Arch, Config, Family, register
 from packager.errors import IncompleteConfigError, UnsupportedArchitectureError
 
@@ -149,6 +150,16 @@ def _skip(src: str) -> bool:
     return src.startswith(("mtp.", "model.mtp.", "model.visual.", "visual."))
 
 
+def _layers(cfg: Config) -> tuple[LayerKind, ...]:
+    """Full-attention layers own a KV cache; each delta-net layer holds, per sequence, its convolution's last
+    kernel-1 inputs over the q, k and v channels (llama.cpp's n_embd_r) and a key x value matrix per value head
+    (n_embd_s), in F32."""
+    hk, hv, dk, dv, kernel = _linear(cfg)
+    nkv, hd = int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]), _head_dim(cfg)
+    linear = LayerKind("linear", 0, hd, r_floats=(kernel - 1) * (2 * hk * dk + hv * dv), s_floats=dk * hv * dv)
+    return tuple(linear if k == "linear_attention" else LayerKind("full", nkv, hd) for k in layer_kinds(cfg))
+
+
 def _tensors(cfg: Config) -> list[tuple[str, tuple[int, ...]]]:
     """The GGUF tensors a Qwen3.5 config implies, each layer those of its kind (numpy-order shapes)."""
     h, ff, vocab = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["vocab_size"])
@@ -176,12 +187,13 @@ def _tensors(cfg: Config) -> list[tuple[str, tuple[int, ...]]]:
 
 
 QWEN35 = Arch(ARCH, extra_hparams=_hparams, common_hparams=False, renames=((".dt_bias", ".dt_proj.bias"),),
-              skip=_skip, tensor_transform=_transform)
+              skip=_skip, tensor_transform=_transform, squeeze=("ssm_conv1d.weight",))
 ONNX_REFUSAL = ("Qwen3.5's linear-attention layers carry a recurrent state between tokens, which onnxruntime-genai "
                 "0.11 cannot hold; pack it with --format gguf")
-register(Family(("Qwen3_5ForCausalLM",), gguf=QWEN35, onnx_refusal=ONNX_REFUSAL, tensors=_tensors,
+register(Family(("Qwen3_5ForCausalLM",), gguf=QWEN35, onnx_refusal=ONNX_REFUSAL, tensors=_tensors, layers=_layers,
                 note="Qwen3.5: the multi-token-prediction head (mtp.*), where the checkpoint has one, was left out, "
                      "as convert_hf_to_gguf.py --no-mtp does; llama.cpp decodes without it"))
 register(Family(("Qwen3_5ForConditionalGeneration",), gguf=QWEN35, onnx_refusal=ONNX_REFUSAL, tensors=_tensors,
+                layers=_layers,
                 note="Qwen3_5ForConditionalGeneration: the vision tower and the multi-token-prediction head (mtp.*) "
                      "were left out; the bundle is the language model (text in, text out)"))
