@@ -14,7 +14,9 @@ steps after the prompt's pass). Target (issue 29): web >= 0.25x native, on a Qwe
 (tiny-qwen2: 41M parameters, 151k vocabulary) and on SmolLM2-135M. Each page run also records where its
 decode steps' time went (page_step_ms, ms a step: building the feeds, session.run, the top-k over the
 vocabulary, detokenizing and painting, the yield to the event loop), and the load average beside the figures.
-The page served is this checkout's, over the cached bundle's copy.
+The page served is this checkout's, over the cached bundle's copy. Read the ratio beside load_avg: other
+processes on the cores slow native ONNX Runtime's spinning thread pool more than the page (SmolLM2 native 139
+tokens/s quiet, 34 at load 5), so a busy machine shows 0.15-0.22x where a quiet one shows 0.05-0.13x.
 
     python benchmarks/web_page.py                              # ~6 min on 2 busy cores
     python benchmarks/web_page.py --models tiny-qwen2 --rounds 2 --no-int4
