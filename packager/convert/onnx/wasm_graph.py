@@ -19,8 +19,8 @@ What it buys and where it stops (benchmarks/web_page.py): page decode 3-5x the i
 the bytes int4 reads a token (profiled in onnxruntime-web: Gemm is ~75% of a SmolLM2 step). WASM's int8
 kernels do not help: they run at ~2 GB/s of weights, compute-bound, slower than f32 from memory.
 
-Where a page decode step goes (app.js run.timing, 2 threads, isolated, 47 steps, load 1.2; web_page.jsonl
-page_step_ms): tiny-qwen2 30 ms = session.run 19.4 + top-k over 151k logits 2.8 + yield to the event loop
+Where a page decode step goes (app.js run.timing, 2 threads, isolated, 47 steps, load 1.0-1.6; web_page.jsonl
+2026-12-06T21:10, page_step_ms): tiny-qwen2 30 ms = session.run 19.4 + top-k over 151k logits 2.8 + yield to the event loop
 7.3 + feeds and text 0.5; SmolLM2-135M 64 ms = session.run 57.5 + yield 5.4 + top-k 0.7 + 0.6. session.run
 is the f32 weights streamed from memory (160 MB in 19 ms, 538 MB in 58 ms: 8-9 GB/s); the KV cache it copies
 in and out (at most 0.2 MB and 4 MB a step) and the one row of logits are ~2% of it. So the JS around the
