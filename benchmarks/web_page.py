@@ -11,7 +11,12 @@ alternating rounds on the same machine:
 
 All decode the same prompt greedily for --n-gen tokens (EOS ignored) and report decode tokens/s (the
 steps after the prompt's pass). Target (issue 29): web >= 0.25x native, on a Qwen2.5-vocabulary model
-(tiny-qwen2: 41M parameters, 151k vocabulary) and on SmolLM2-135M.
+(tiny-qwen2: 41M parameters, 151k vocabulary) and on SmolLM2-135M. Each page run also records where its
+decode steps' time went (page_step_ms, ms a step: building the feeds, session.run, the top-k over the
+vocabulary, detokenizing and painting, the yield to the event loop), and the load average beside the figures.
+The page served is this checkout's, over the cached bundle's copy. Read the ratio beside load_avg: other
+processes on the cores slow native ONNX Runtime's spinning thread pool more than the page (SmolLM2 native 139
+tokens/s quiet, 34 at load 5), so a busy machine shows 0.15-0.22x where a quiet one shows 0.05-0.13x.
 
     python benchmarks/web_page.py                              # ~6 min on 2 busy cores
     python benchmarks/web_page.py --models tiny-qwen2 --rounds 2 --no-int4
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -35,6 +41,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 import models  # noqa: E402
 import web_support as ws  # noqa: E402
 
+from packager.bundle.web import PAGE_FILES, WEB_DIR  # noqa: E402
 from packager.pack.options import PackOptions  # noqa: E402
 from packager.pack.pipeline import pack_model  # noqa: E402
 
@@ -97,7 +104,15 @@ def page_run(browser, srv, n_gen: int, threads: int, wasm_graph: bool) -> dict:
     stats = page.inner_text("#stats")
     page.close()
     return {"tps": run["tps"], "tokens": len(run["tokens"]), "prompt_ids": run["prompt_ids"], "ready": ready,
-            "stats": stats}
+            "stats": stats, "timing": run["timing"]}
+
+
+def step_split(timing: dict) -> dict:
+    """The page's decode-step time split (app.js run.timing), in ms per step."""
+    n = max(1, timing["steps"])
+    out = {k[:-3]: round(v / n, 3) for k, v in timing.items() if k.endswith("_ms")}
+    return {**out, "steps": timing["steps"], "kv_bytes_last": timing["kv_bytes"],
+            "logits_bytes": timing["logits_bytes"]}
 
 
 def main() -> None:
@@ -119,7 +134,8 @@ def main() -> None:
         browser = p.chromium.launch(executable_path=exe, headless=True, args=ws.BROWSER_ARGS)
         for name in args.models:
             bundle = web_bundle(name)
-            files = ws.page_files(bundle)
+            # the page as this checkout ships it over the cached bundle's copy (the bundle is cached across edits)
+            files = {**ws.page_files(bundle), **{f"{WEB_DIR}/{f}": ws.page_asset(f) for f in PAGE_FILES}}
             config = json.loads(files["web/edgepack-web.json"])
             manifest = json.loads((bundle / "manifest.json").read_text())
             model_dir = (bundle / manifest["model_file"]).parent
@@ -138,6 +154,9 @@ def main() -> None:
                             info.setdefault("prompt_ids", got["prompt_ids"])
                             info[side] = {"load_ms": got["ready"]["load_ms"], "graph": got["ready"]["graph"],
                                           "stats": got["stats"]}
+                            split = step_split(got["timing"])
+                            info.setdefault(f"{side}_step_ms", []).append(split)
+                            print(f"{name} round {r + 1} {side} step ms: {split}", file=sys.stderr)
                             tps = got["tps"]
                         samples[side].append(tps)
                         print(f"{name} round {r + 1} {side}: {tps:.1f} tokens/s", file=sys.stderr)
@@ -155,6 +174,9 @@ def main() -> None:
                 **({"ratio_web_int4_vs_native": statistics.median(
                     [w / n for w, n in zip(samples["web_int4"], samples["native"])])} if "web_int4" in samples else {}),
                 "page": {s: info[s] for s in sides if s in info},
+                # per round, ms a decode step spends in each part of the page's loop (app.js run.timing)
+                "page_step_ms": {s: info[f"{s}_step_ms"] for s in sides if f"{s}_step_ms" in info},
+                "load_avg": [round(x, 2) for x in os.getloadavg()],
                 "download_bytes": {"webgpu": webgpu_download,
                                    "wasm": webgpu_download - files_bytes[config["model"]["graph"][3:]]
                                    + (files_bytes[wasm_graph[3:]] if wasm_graph else 0)},

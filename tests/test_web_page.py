@@ -265,6 +265,12 @@ def _check_chat(browser, bundle: Path, max_tokens: int, tmp_path: Path, min_agre
     assert run["tokens"] and run["done"] and got["user"] == MESSAGE
     if len(run["tokens"]) > 1:
         assert run["tps"] > 0 and f"{run['tps']:.1f} tokens/s" in got["stats"], got["stats"]
+    # where the decode steps' time went (benchmarks/web_page.py reports it): one count per pass after the prompt's
+    timing = run["timing"]
+    assert timing["steps"] in (len(run["tokens"]) - 1, len(run["tokens"])), timing
+    if timing["steps"]:
+        assert timing["run_ms"] > 0 and timing["logits_bytes"] > 0, timing
+        assert (timing["kv_bytes"] > 0) == (run["backend"] == "wasm"), timing  # WebGPU keeps the cache on the GPU
     lengths = [len(text) for _, text in got["seen"]]
     assert lengths == sorted(lengths), "the reply's text shrank while streaming"
     growth = sorted(set(n for n in lengths if n))
