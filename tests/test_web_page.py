@@ -36,6 +36,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import attention_node  # noqa: E402
 import web_support as ws  # noqa: E402
 
 from packager.pack.options import PackOptions  # noqa: E402
@@ -348,6 +349,31 @@ def test_web_page_runs_webgpu_on_swiftshader(webgpu_browser, qwen_web, tmp_path)
                          query="&backend=webgpu")
     assert report["backend"] == "webgpu", report
     assert report["prompt_tokens"] > report["ready"]["max_pass"] == 31, report  # more than one pass
+
+
+@pytest.mark.parametrize("seq_len", [
+    31,
+    pytest.param(32, marks=pytest.mark.xfail(strict=True, reason=(
+        "onnxruntime-web 1.31.1's WebGPU attention over 32+ tokens is wrong on 4-lane subgroups; once this "
+        "passes, app.js's webgpuMaxPass can go"))),
+])
+def test_webgpu_attention_pass_the_page_caps_at(webgpu_browser, tmp_path, seq_len):
+    """Why the page's WebGPU passes stop at 31 tokens on SwiftShader: one GroupQueryAttention node as our graph
+    writes it (packed qkv, rotary, first pass), onnxruntime-web on WebGPU against ONNX Runtime's CPU kernel."""
+    model = tmp_path / "gqa.onnx"
+    attention_node.write_node(model, seq_len)
+    inputs = attention_node.feeds(seq_len)
+    with ws.PageServer(tmp_path, {"runner.html": attention_node.RUNNER_HTML}, webgpu_browser.ort_dist) as srv:
+        page = webgpu_browser.chromium.new_page()
+        page.goto(srv.url + "runner.html")
+        page.wait_for_function("window.runnerReady === true", timeout=STARTUP_S * 1000)
+        lanes = page.evaluate("navigator.gpu.requestAdapter().then((a) => a.info.subgroupMinSize ?? null)")
+        got = attention_node.run_in_page(page, inputs, "webgpu")
+        page.close()
+    if lanes is None or lanes >= 8:
+        pytest.skip(f"this adapter's subgroups have {lanes} lanes: the page caps passes only below 8")
+    off = attention_node.off_by_position(got, attention_node.run_native(model, inputs))
+    assert max(off) < 1e-4, [f"{x:.2g}" for x in off]
 
 
 @pytest.mark.slow
