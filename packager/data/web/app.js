@@ -111,13 +111,13 @@ function halfToFloat(h) {
   return s * 2 ** (e - 15) * (1 + f / 1024);
 }
 
-// onnxruntime-web 1.31.1's WebGPU attention runs a pass of 32 tokens or more through its flash-attention
-// prefill shader, which walks the keys min(subgroup size, 16) at a time but scores 8 keys per step: on an
-// adapter with 4-lane subgroups (SwiftShader; some mobile GPUs) every query past the 4th attends to keys it
-// should not (measured on one GroupQueryAttention node against ONNX Runtime's CPU kernel: 31 tokens agree to
-// 1e-6, 32 are off by 20-90% from position 4 on, packed or separate q/k/v, rotary or not, with or without a
-// cache). Passes of at most 31 tokens take its other path, which agrees; adapters with subgroups of 8 lanes or
-// more keep the bundle's prefill_chunk.
+// onnxruntime-web 1.31.1's WebGPU attention is wrong for a pass of 32 tokens or more on an adapter with 4-lane
+// subgroups (SwiftShader's; a mobile GPU may have them too): every query past the 4th attends to keys it should
+// not. Measured on one GroupQueryAttention node against ONNX Runtime's CPU kernel (tests/attention_node.py):
+// 31 tokens agree to 1e-6, 32 are off by 20-130% from position 4 on, packed or separate q/k/v, rotary or not,
+// with or without a cache. Its source reads why: the flash-attention prefill walks the keys min(subgroup size,
+// 16) at a time but scores at least 8 per step. Passes of at most 31 tokens agree, so the prompt goes in those
+// there; adapters whose subgroups have 8 lanes or more keep the bundle's prefill_chunk.
 const SMALL_SUBGROUP_MAX_PASS = 31;
 const MIN_FLASH_SUBGROUP = 8;
 
