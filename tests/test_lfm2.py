@@ -127,6 +127,17 @@ def test_plan_shows_the_state_on_its_own_line_and_reads_it_per_token():
     assert plain.predicted_decode_tps >= p.predicted_decode_tps and plain.memory.state == 0
 
 
+def test_on_a_discrete_gpu_the_state_follows_its_layers():
+    """llama.cpp puts each recurrent layer's state on that layer's device, as it does the KV cache."""
+    from packager.plan.planner import Overrides, plan
+    from packager.plan.targets import load_target
+
+    spec = spec_from_config(LFM2_12B)
+    p = plan(spec, load_target("gpu-4gb"), Overrides(n_ctx=4096))
+    assert p.vram is not None and p.n_gpu_layers == spec.n_layers + 1  # all of it fits: every state on the GPU
+    assert p.vram.state == state_bytes(spec) and p.memory.state == 0
+
+
 def test_conv_kernels_are_never_quantized():
     """llama.cpp keeps shortconv.conv and ssm_conv1d in F32 (converter and quantizer alike)."""
     tensors = [("blk.0.shortconv.conv.weight", (256, 3)), ("blk.0.shortconv.in_proj.weight", (768, 256)),
@@ -272,7 +283,15 @@ def test_chat_through_load_twice_the_same(bundle):
             reply = m.chat(question, stream=True, max_tokens=8)
             replies.append("".join(reply))
             assert reply.n_generated >= 1
-    assert replies[0] == replies[1]  # greedy: the same reply from a fresh load
+            # the same again in the same session, and a next turn: llama.cpp cannot rewind a convolution's
+            # state by a token as it rewinds a KV cache, so what the session reuses must still give a fresh
+            # load's replies
+            assert m.chat(question, max_tokens=8) == replies[-1]
+            turn = question + [{"role": "assistant", "content": replies[-1]}, {"role": "user", "content": "And Spain?"}]
+            replies.append(m.chat(turn, max_tokens=8))
+    with packager.load(bundle, n_threads=1, n_ctx=256) as m:
+        fresh = m.chat(turn, max_tokens=8)
+    assert replies[0] == replies[2] and replies[1] == replies[3] == fresh  # greedy: the same from a fresh load
 
 
 # -- bad input through the CLI: one line, exit 2, nothing written ----------------------------------------
