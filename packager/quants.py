@@ -148,7 +148,10 @@ def tensor_bytes(qtype: GGMLQuantizationType, shape: Sequence[int]) -> int:
 # Substrings that keep a 2-D ".weight" tensor out of quantization (tensor_allows_quantization),
 # minus those only MoE, SSM, RWKV or multimodal models have.
 _NEVER_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "altup", "laurel", "per_layer_model_proj",
-                    "attn_rel_b.weight", "position_embd", "token_types")
+                    "attn_rel_b.weight", "position_embd", "token_types", "ssm_conv1d", "shortconv.conv.weight")
+# Small convolution kernels (Mamba-style ssm_conv1d, LFM2's shortconv) that llama.cpp's converter always
+# writes F32 (its SSM_CONV1D / SHORTCONV_CONV rule) and its quantizer leaves as they are.
+_ALWAYS_F32 = ("ssm_conv1d", "shortconv.conv.weight")
 _BLK = re.compile(r"blk\.(\d+)\.")
 
 # tensor_type_fallback: a type whose block does not divide the row length drops to one
@@ -390,7 +393,8 @@ def tensor_types(
         if not _allows_quantization(name, ne):
             # Kept as the converter wrote it: F32 for what convert_hf_to_gguf.py always keeps
             # in F32 (its rule counts numpy dims), else the file's float type (F16 for quants).
-            keep_f32 = len(shape) < 2 or not name.endswith(".weight") or name.endswith("_norm.weight")
+            keep_f32 = (len(shape) < 2 or not name.endswith(".weight") or name.endswith("_norm.weight")
+                        or any(s in name for s in _ALWAYS_F32))
             out[name] = QT.F32 if keep_f32 or quant.base == QT.F32 else (quant.base if quant.is_float else QT.F16)
             continue
         if quant.is_float:

@@ -48,28 +48,38 @@ LLAMA3_CHAT_TEMPLATE = (
 
 
 KV_LINE = re.compile(r"KV buffer size\s*=\s*([0-9.]+) MiB")
+# llama_memory_recurrent's buffer (src/llama-memory-recurrent.cpp): the state layers' R and S rows, F32.
+RS_LINE = re.compile(r"RS buffer size\s*=\s*([0-9.]+) MiB")
 
 
 @contextmanager
-def logged_kv_buffers() -> Iterator[list[float]]:
-    """MiB of each KV buffer llama.cpp logs while the block runs (its log caught at the source, the list filled
-    when the block ends; llama-cpp-python's own logger restored)."""
+def logged_buffers(*lines: re.Pattern) -> Iterator[list[list[float]]]:
+    """MiB of each buffer llama.cpp logs while the block runs, one list per pattern in ``lines`` (its log caught
+    at the source, the lists filled when the block ends; llama-cpp-python's own logger restored)."""
     import llama_cpp
     from llama_cpp import _logger
 
-    lines: list[str] = []
-    found: list[float] = []
+    text: list[str] = []
+    found: list[list[float]] = [[] for _ in lines]
 
     @llama_cpp.llama_log_callback
-    def catch(level, text, user_data):
-        lines.append(text.decode("utf-8", "replace"))
+    def catch(level, chunk, user_data):
+        text.append(chunk.decode("utf-8", "replace"))
 
     llama_cpp.llama_log_set(catch, ctypes.c_void_p(0))
     try:
         yield found
     finally:
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-        found.extend(float(m.group(1)) for m in KV_LINE.finditer("".join(lines)))
+        for line, into in zip(lines, found):
+            into.extend(float(m.group(1)) for m in line.finditer("".join(text)))
+
+
+@contextmanager
+def logged_kv_buffers() -> Iterator[list[float]]:
+    """MiB of each KV buffer llama.cpp logs while the block runs (filled when the block ends)."""
+    with logged_buffers(KV_LINE) as (found,):
+        yield found
 
 
 def _atomic_build(final: Path, build) -> Path:
@@ -139,8 +149,8 @@ def _drop_bogus_spm(out: Path) -> None:
     (out / "tokenizer.model").unlink(missing_ok=True)
 
 
-def _save_random(config, out: Path, seed: int, norm_std: float = 0.0) -> None:
-    """Random bf16 weights; with ``norm_std`` the 1-D ones (norms) are perturbed too, so that
+def _save_random(config, out: Path, seed: int, norm_std: float = 0.0, dtype: str = "bfloat16") -> None:
+    """Random bf16 (or ``dtype``) weights; with ``norm_std`` the 1-D ones (norms) are perturbed too, so that
     their conversion is tested, not assumed."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -154,7 +164,7 @@ def _save_random(config, out: Path, seed: int, norm_std: float = 0.0) -> None:
                 p.normal_(0.0, 0.05)
             elif norm_std:
                 p.add_(torch.randn_like(p) * norm_std)
-    model = model.to(torch.bfloat16)
+    model = model.to(getattr(torch, dtype))
     model.save_pretrained(out, safe_serialization=True)
 
 
@@ -734,3 +744,32 @@ def tiny_smollm3() -> Path:
         (tmp / "LICENSE").write_text("Apache License 2.0 (test fixture)\n")
 
     return _atomic_build(CACHE / f"tiny-smollm3-v{FIXTURE_VERSION}.{ARCH_RECIPE}", build)
+
+
+# -- LFM2 for tests/test_lfm2.py ---------------------------------------------------------------
+
+LFM2_RECIPE = "1"  # bump when tiny_lfm2's recipe changes
+LFM2_LAYER_TYPES = ["conv", "conv", "full_attention", "conv", "full_attention", "conv"]
+
+
+def tiny_lfm2() -> Path:
+    """A random 6-layer LFM2 (docs/hybrids.md's tiny config: convolution layers first and around two attention
+    layers, as the real checkpoints; FFN 768 -> 512 by LFM2's adjustment; tied), saved in f32 by transformers'
+    own Lfm2Config. No LFM2 tokenizer is available offline: it takes Llama-3's (tiny_llama's, whose
+    pre-tokenizer has the same structure as LFM2's, which llama.cpp runs the same way) and its chat template."""
+
+    def build(tmp: Path) -> None:
+        from transformers import Lfm2Config
+
+        config = Lfm2Config(
+            vocab_size=128256, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, conv_L_cache=3,
+            layer_types=LFM2_LAYER_TYPES, norm_eps=1e-5, rope_theta=1000000.0, tie_word_embeddings=True,
+            bos_token_id=128000, eos_token_id=128009, pad_token_id=128004,
+        )
+        config.architectures = ["Lfm2ForCausalLM"]
+        _save_random(config, tmp, seed=8, norm_std=0.1, dtype="float32")
+        _copy_tokenizer(tiny_llama(), tmp)  # after saving: the source's generation config, not transformers'
+        (tmp / "LICENSE").write_text("LFM Open License v1.0 (test fixture)\n")
+
+    return _atomic_build(CACHE / f"tiny-lfm2-v{FIXTURE_VERSION}.{LFM2_RECIPE}", build)

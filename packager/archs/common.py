@@ -6,11 +6,9 @@ from typing import Any
 
 import gguf
 
+from packager.archs.layers import LAYER_TYPES
 from packager.archs.registry import Arch, Config
 from packager.errors import IncompleteConfigError, UnsupportedArchitectureError
-
-# transformers' layer_types entries, and whether the layer attends to a sliding window.
-LAYER_TYPES = {"full_attention": False, "sliding_attention": True}
 
 
 def head_dim(cfg: Config) -> int:
@@ -30,7 +28,9 @@ def text_config(cfg: Config) -> Config:
 def write_hparams(arch: Arch, cfg: Config, w: gguf.GGUFWriter) -> None:
     """All hyper-parameters llama.cpp reads for this architecture."""
     cfg = text_config(cfg)
-    if arch.common_hparams:
+    if arch.own_hparams:
+        pass  # extra_hparams writes them all
+    elif arch.common_hparams:
         write_common_hparams(cfg, w)
     else:
         write_shape_hparams(cfg, w)
@@ -93,24 +93,36 @@ def refuse_sliding_window(cfg: Config, family: str) -> None:
         )
 
 
-def sliding_layers(cfg: Config, pattern: int) -> tuple[int, tuple[bool, ...]]:
+def layer_types(cfg: Config, known: tuple[str, ...] = tuple(LAYER_TYPES)) -> tuple[str, ...] | None:
+    """Each layer's kind (LAYER_TYPES' values: full, sliding, conv, linear) from the config's ``layer_types``;
+    None where the config has none. An entry that is not one of ``known`` (the family's own: a Gemma has no
+    convolution layers) is one line naming it."""
+    n = int(cfg["num_hidden_layers"])
+    types = cfg.get("layer_types")
+    if types is None:
+        return None
+    if not isinstance(types, list) or len(types) != n:
+        raise IncompleteConfigError(f"config.json: layer_types must list {n} entries (num_hidden_layers), "
+                                    f"got {types!r:.60}; fix config.json")
+    for i, t in enumerate(types):
+        if not isinstance(t, str) or t not in known:
+            raise IncompleteConfigError(
+                f"config.json: layer_types[{i}] is {t!r:.40}, which edgepack does not know (it knows "
+                f"{', '.join(known)}); fix config.json or use a checkpoint of a supported model")
+    return tuple(LAYER_TYPES[t] for t in types)
+
+
+def sliding_layers(cfg: Config, pattern: int,
+                   known: tuple[str, ...] = ("full_attention", "sliding_attention")) -> tuple[int, tuple[bool, ...]]:
     """(window, one flag per layer): from ``layer_types`` where the config has them, else every
     ``sliding_window_pattern``-th layer (default ``pattern``) is full, as transformers builds them.
 
     A layer type nothing here knows, or a window no context could use, is one line naming the field.
     """
     n = int(cfg["num_hidden_layers"])
-    types = cfg.get("layer_types")
-    if types is not None:
-        if not isinstance(types, list) or len(types) != n:
-            raise IncompleteConfigError(f"config.json: layer_types must list {n} entries (num_hidden_layers), "
-                                        f"got {types!r:.60}; fix config.json")
-        for i, t in enumerate(types):
-            if not isinstance(t, str) or t not in LAYER_TYPES:
-                raise IncompleteConfigError(
-                    f"config.json: layer_types[{i}] is {t!r:.40}, which edgepack does not know (it knows "
-                    f"{', '.join(LAYER_TYPES)}); fix config.json or use a checkpoint of a supported model")
-        flags = tuple(LAYER_TYPES[t] for t in types)
+    kinds = layer_types(cfg, known)
+    if kinds is not None:
+        flags = tuple(k == "sliding" for k in kinds)
     else:
         every = cfg.get("sliding_window_pattern", pattern)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:

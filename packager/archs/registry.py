@@ -14,6 +14,7 @@ from typing import Any, Callable
 import gguf
 import numpy as np
 
+from packager.archs.layers import LayerKind
 from packager.errors import UnknownArchitectureError
 
 Config = dict[str, Any]
@@ -31,6 +32,15 @@ class Arch:
     extra_hparams: Callable[[Config, gguf.GGUFWriter], None] | None = None
     # Gemma-2 writes no rope keys (llama.cpp's defaults are Gemma's) and its own head dims.
     common_hparams: bool = True
+    # extra_hparams writes every hyper-parameter itself, shape keys included, in the converter's order (LFM2's
+    # per-layer head_count_kv and adjusted FFN width); False: the shape keys come first, from the config.
+    own_hparams: bool = False
+    # Keys the converter writes after general.file_type (LFM2's vocab_size and shortconv.l_cache).
+    after_file_type: Callable[[Config, gguf.GGUFWriter], None] | None = None
+    # The final norm's GGUF name (LFM2's model.embedding_norm is llama.cpp's token_embd_norm).
+    output_norm: str = "output_norm"
+    # GGUF name suffixes whose singleton dims the converter squeezes out (LFM2's conv kernel (H, 1, L) -> (H, L)).
+    squeeze: tuple[str, ...] = ()
     extra_tensors: Callable[[Config], list[tuple[str, np.ndarray]]] = field(default=lambda cfg: [])
     # Qwen3 stores an RMSNorm per head for q and k (attn_q_norm / attn_k_norm, head_dim wide, each layer).
     qk_norm: bool = False
@@ -84,6 +94,12 @@ class Family:
     # Which layers attend to a sliding window, as the runtime computes them: (window, one flag per
     # layer) from the config; None: every layer attends to the whole context.
     attention: Callable[[Config], tuple[int, tuple[bool, ...]]] | None = None
+    # Each layer's kind where the family mixes kinds (state layers, per-layer KV heads); None: every layer
+    # attends with the config's heads (the spec derives the kinds from its own fields).
+    layers: Callable[[Config], tuple[LayerKind, ...]] | None = None
+    # Spec fields the family computes otherwise than a plain transformer's config gives them (LFM2's
+    # adjusted FFN width, a parameter count without attention on its convolution layers); None: none.
+    spec_fields: Callable[[Config], dict[str, Any]] | None = None
     # Why --format onnx refuses this family outright (no fallback exporter tried); "" where it does not.
     onnx_refusal: str = ""
     # One line a pack of this class reports (what of the checkpoint the bundle leaves out); "" for none.
@@ -103,6 +119,18 @@ def attention_layers(cfg: Config) -> tuple[int, tuple[bool, ...]]:
     """(sliding window, which layers slide) of a config's family; (0, ()) where no layer slides."""
     family = FAMILIES.get((cfg.get("architectures") or [""])[0])
     return family.attention(cfg) if family is not None and family.attention is not None else (0, ())
+
+
+def layer_kinds(cfg: Config) -> tuple[LayerKind, ...]:
+    """Each layer's kind, where the config's family mixes kinds; () where the spec derives them itself."""
+    family = FAMILIES.get((cfg.get("architectures") or [""])[0])
+    return family.layers(cfg) if family is not None and family.layers is not None else ()
+
+
+def spec_fields(cfg: Config) -> dict[str, Any]:
+    """The spec fields the config's family computes itself; {} for a plain transformer."""
+    family = FAMILIES.get((cfg.get("architectures") or [""])[0])
+    return family.spec_fields(cfg) if family is not None and family.spec_fields is not None else {}
 
 
 def supported(fmt: str) -> list[str]:

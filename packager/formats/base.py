@@ -36,10 +36,12 @@ class Memory:
     # copy, they stay in RSS while memory is plentiful and are the first pages the OS reclaims,
     # so they are not part of the budget (``total``) but are of the RSS a host measures (``rss``).
     page_cache: int = 0
+    # Recurrent state of the state layers (LFM2's convolutions): fixed per sequence, F32 whatever the KV type.
+    state: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.compute + self.overhead
+        return self.weights + self.kv_cache + self.compute + self.overhead + self.state
 
     @property
     def rss(self) -> int:
@@ -65,17 +67,29 @@ def window_cells(spec: ModelSpec, n_ctx: int, n_ubatch: int = N_UBATCH) -> int:
 
 def kv_bytes(spec: ModelSpec, n_ctx: int, kv_type: str, n_layers: int | None = None, *,
              layers: Iterable[int] | None = None, windowed: bool = False, padded: bool = True) -> int:
-    """K and V per layer, added up: kv heads x head dim x cells x bytes, twice.
+    """K and V per layer, added up: the layer's kv heads x head dim x cells x bytes, twice.
 
-    Every layer holds the whole context (padded, unless ``padded`` is False), unless ``windowed``: then
-    a sliding layer holds :func:`window_cells`, as llama.cpp allocates it. ``layers`` (default: the first
-    ``n_layers``, or all) picks which layers count (a GPU split holds the last ones).
+    Every layer that owns a cache holds the whole context (padded, unless ``padded`` is False), unless
+    ``windowed``: then a sliding layer holds :func:`window_cells`, as llama.cpp allocates it; state layers
+    (and layers reading another's cache) hold none. ``layers`` (default: the first ``n_layers``, or all)
+    picks which layers count (a GPU split holds the last ones).
     """
     if layers is None:
         layers = range(spec.n_layers if n_layers is None else n_layers)
     full, window = padded_ctx(n_ctx) if padded else n_ctx, window_cells(spec, n_ctx)
-    cells = sum(window if windowed and spec.is_sliding(i) else full for i in layers)
-    return int(2 * spec.kv_dim * cells * KV_BYTES[kv_type])
+    kinds = spec.layer_kinds
+    elems = sum(kinds[i].kv_dim * (window if windowed and kinds[i].kind == "sliding" else full)
+                for i in layers if kinds[i].owns_kv)
+    return int(2 * elems * KV_BYTES[kv_type])
+
+
+STATE_BYTES = 4  # llama.cpp's recurrent state is F32 whatever --cache-type-k/v say (llama-model.cpp create_memory)
+
+
+def state_bytes(spec: ModelSpec, layers: Iterable[int] | None = None, n_seq: int = 1) -> int:
+    """The recurrent state of ``n_seq`` sequences over ``layers`` (default: all): each state layer's R and S
+    rows in F32, allocated once at load whatever the context (llama_memory_recurrent)."""
+    return STATE_BYTES * n_seq * spec.state_floats(None if layers is None else list(layers))
 
 
 def part_too_small(part_bytes: int, what: str, size: int, need_bytes: int, also: str = "") -> PartSizeError:

@@ -10,7 +10,9 @@ The memory model is llama.cpp's, as measured by benchmarks/plan_calibration.py
   reclaimable page cache: ``Memory.page_cache``);
 - KV cache: 2 x kv heads x head dim x cells x bytes of the type, per layer: n_ctx (padded to 256),
   or on a sliding-window layer the window plus a micro-batch, padded (llama_kv_cache_iswa, which
-  the runtime opens with swa_full=False);
+  the runtime opens with swa_full=False); none on a state layer;
+- recurrent state (hybrids: LFM2's convolution layers): each state layer's rows in F32, once per
+  sequence, whatever the KV type (llama_memory_recurrent);
 - compute buffer: the ggml allocator's peak for one micro-batch, the largest of the
   attention scores (n_tokens x n_kv x heads, f32, plus the mask), the FFN activations
   and the logits; only the pages a graph uses become resident, so the planner
@@ -27,7 +29,8 @@ from typing import Sequence
 from gguf import GGMLQuantizationType
 
 from packager.archs import FAMILIES
-from packager.formats.base import N_UBATCH, MiB, Format, Memory, gb, kv_bytes, padded_ctx, part_too_small
+from packager.formats.base import (N_UBATCH, MiB, Format, Memory, gb, kv_bytes, padded_ctx, part_too_small,
+                                   state_bytes)
 from packager.formats.weights import Tensor, WeightLayout
 from packager.quants import QUANTS, QuantType, get_quant, tensor_bytes, tensor_types
 from packager.spec.model import ModelSpec
@@ -65,12 +68,19 @@ def gguf_tensors(spec: ModelSpec, *, has_bias: bool | None = None, tied: bool | 
     gemma2 = spec.model_type in ("gemma2", "gemma3", "gemma3_text")
     family = FAMILIES.get(spec.architecture)
     qk_norm = bool(family and family.gguf and family.gguf.qk_norm)
-    out: list[Tensor] = [("token_embd.weight", (spec.vocab_size, h)), ("output_norm.weight", (h,))]
+    output_norm = family.gguf.output_norm if family and family.gguf else "output_norm"
+    out: list[Tensor] = [("token_embd.weight", (spec.vocab_size, h)), (output_norm + ".weight", (h,))]
     if not tied:
         out.append(("output.weight", (spec.vocab_size, h)))
-    for i in range(spec.n_layers):
+    for i, kind in enumerate(spec.layer_kinds):
         b = f"blk.{i}."
         out += [(b + "attn_norm.weight", (h,)), (b + "ffn_norm.weight", (h,))]
+        if kind.kind == "conv":  # LFM2's short convolution in place of attention (gguf-py's SHORTCONV_*)
+            out += [(b + "shortconv.in_proj.weight", (3 * h, h)), (b + "shortconv.conv.weight", (h, kind.conv_kernel)),
+                    (b + "shortconv.out_proj.weight", (h, h)), (b + "ffn_gate.weight", (ff, h)),
+                    (b + "ffn_up.weight", (ff, h)), (b + "ffn_down.weight", (h, ff))]
+            continue
+        kv = kind.kv_dim
         if fused:
             out += [(b + "attn_qkv.weight", (q + 2 * kv, h)), (b + "ffn_up.weight", (2 * ff, h))]
         else:
@@ -84,6 +94,29 @@ def gguf_tensors(spec: ModelSpec, *, has_bias: bool | None = None, tied: bool | 
         if qk_norm:
             out += [(b + "attn_q_norm.weight", (spec.head_dim,)), (b + "attn_k_norm.weight", (spec.head_dim,))]
     return out
+
+
+# Tensors only one kind of layer has: where a checkpoint's layer holds them, that is the layer's kind.
+_KIND_TENSORS = (("shortconv.", "conv"), ("attn_q.", "attention"), ("attn_qkv.", "attention"))
+
+
+def layer_kind_mismatch(found: Sequence[Tensor], spec: ModelSpec) -> str | None:
+    """Where a hybrid config's layer kinds disagree with the weights (layer_types calls a layer a convolution
+    while its weights are attention's, or the reverse): one sentence naming the first such layer; None when
+    they agree or the model does not mix kinds."""
+    if not spec.layers:
+        return None
+    kinds = spec.layer_kinds
+    for name, _ in found:
+        i = _layer(name)
+        if not 0 <= i < spec.n_layers:
+            continue
+        held = next((k for part, k in _KIND_TENSORS if name[len(f"blk.{i}."):].startswith(part)), None)
+        said = "attention" if kinds[i].kind in ("full", "sliding") else kinds[i].kind
+        if held is not None and held != said:
+            return (f"config.json's layer_types make layer {i} a {said} layer, but its weights are a {held} "
+                    f"layer's ({name})")
+    return None
 
 
 def first_mismatch(found: Sequence[Tensor], spec: ModelSpec) -> str | None:
@@ -132,7 +165,7 @@ def gguf_layout(spec: ModelSpec, quant: QuantType, tensors: Sequence[Tensor] | N
     if exact_types is not None:
         types = {n: QT(exact_types[n]) for n, _ in tensors}
     else:
-        types = tensor_types(quant, tensors, n_head=spec.n_heads, n_head_kv=spec.n_kv_heads, has_imatrix=has_imatrix,
+        types = tensor_types(quant, tensors, n_head=spec.n_heads, n_head_kv=spec.quant_kv_heads, has_imatrix=has_imatrix,
                              tied_embeddings=tied)
     repack = repack_types(arch)
     per_layer = [0] * spec.n_layers
@@ -194,7 +227,7 @@ def memory(spec: ModelSpec, layout: WeightLayout, n_ctx: int, kv_type: str, n_kv
     n_kv = n_ctx if n_kv is None else n_kv
     n_tokens = min(N_UBATCH, n_ctx) if n_tokens is None else n_tokens
     return Memory(layout.total, kv_bytes(spec, n_ctx, kv_type, windowed=True), compute_bytes(spec, n_tokens, n_kv),
-                  overhead_bytes(spec), layout.repacked)
+                  overhead_bytes(spec), layout.repacked, state_bytes(spec))
 
 
 def explain(spec: ModelSpec, layout: WeightLayout, n_ctx: int, ram: Memory) -> list[str]:

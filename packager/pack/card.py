@@ -83,6 +83,15 @@ def thinking_section(src: Source) -> dict[str, Any] | None:
         return None
 
 
+def _spec_record(spec: ModelSpec) -> dict[str, Any]:
+    """The spec as the manifest holds it; ``layers`` only where the model mixes layer kinds (a plain
+    transformer's manifest stays as it was: its kinds follow from the other fields)."""
+    record = asdict(spec)
+    if not spec.layers:
+        del record["layers"]
+    return record
+
+
 def bundle_manifest(src: Source, spec: ModelSpec, tgt: Target, p: Plan, *, quant: str, model_file: str,
                     generation: dict[str, Any], warnings: list[str], execution_provider: str | None = None,
                     **extras: Any) -> Manifest:
@@ -95,7 +104,7 @@ def bundle_manifest(src: Source, spec: ModelSpec, tgt: Target, p: Plan, *, quant
         runtime=Runtime(n_ctx=p.n_ctx, n_threads=p.n_threads, n_gpu_layers=p.n_gpu_layers, kv_type=p.kv_type,
                         generation=generation, execution_provider=execution_provider),
         source=src.manifest(), target={"name": tgt.name, "profile": tgt.as_dict()},
-        spec=asdict(spec),  # what bench and quality plan with, without re-reading the weights
+        spec=_spec_record(spec),  # what bench and quality plan with, without re-reading the weights
         plan=p.as_dict(),
         predicted={"memory_bytes": p.memory.total, "decode_tokens_per_s": p.predicted_decode_tps,
                    "prefill_tokens_per_s": p.predicted_prefill_tps},

@@ -158,7 +158,7 @@ class Mixer:
         """File bytes of each uniform type, from llama.cpp's per-tensor choices (quants.tensor_types)."""
         spec, sizes = self.spec, {}
         for q in UNIFORM:
-            types = quants.tensor_types(get_quant(q), self.tensors, n_head=spec.n_heads, n_head_kv=spec.n_kv_heads,
+            types = quants.tensor_types(get_quant(q), self.tensors, n_head=spec.n_heads, n_head_kv=spec.quant_kv_heads,
                                         has_imatrix=True, tied_embeddings=spec.tied_embeddings)
             sizes[q] = self.overhead + sum(padded(quants.tensor_bytes(types[n], s)) for n, s in self.tensors)
         return sizes

@@ -20,8 +20,8 @@ from typing import Any, Sequence
 
 from packager.errors import DoesNotFit, UsageError
 from packager.formats import get_format
-from packager.formats.base import (KV_BYTES, MiB, Format, Memory, Scheme, gb as _gb, kv_bytes, padded_ctx,
-                                   window_cells)
+from packager.formats.base import (KV_BYTES, STATE_BYTES, MiB, Format, Memory, Scheme, gb as _gb, kv_bytes,
+                                   padded_ctx, state_bytes, window_cells)
 from packager.formats.gguf import N_UBATCH, compute_bytes, overhead_bytes
 from packager.formats.onnx import WASM_F32_LIMIT
 from packager.formats.weights import Tensor, WeightLayout
@@ -205,10 +205,12 @@ def _split(spec: ModelSpec, layout: WeightLayout, n_ctx: int, kv_type: str, k: i
     # the CPU keeps a small one for the embedding lookup and what stays there.
     gpu_compute = compute_bytes(spec, n_tok, n_ctx) if k else 0
     cpu_compute = compute_bytes(spec, n_tok, n_ctx) if on_gpu < n else n_tok * spec.hidden_size * 4 * 2
+    # The recurrent state follows its layer's device, as the KV cache does (llama_memory_recurrent's dev_layer).
     ram = Memory(cpu_w, kv_bytes(spec, n_ctx, kv_type, layers=range(n - on_gpu), windowed=True), cpu_compute,
-                 overhead_bytes(spec), sum(layout.repacked_per_layer[:n - on_gpu]))
-    vram = (Memory(gpu_w, kv_bytes(spec, n_ctx, kv_type, layers=gpu_layers, windowed=True), gpu_compute, 0)
-            if k else None)
+                 overhead_bytes(spec), sum(layout.repacked_per_layer[:n - on_gpu]),
+                 state_bytes(spec, range(n - on_gpu)))
+    vram = (Memory(gpu_w, kv_bytes(spec, n_ctx, kv_type, layers=gpu_layers, windowed=True), gpu_compute, 0,
+                   state=state_bytes(spec, gpu_layers)) if k else None)
     return _Fit(ram, vram, k)
 
 
@@ -323,6 +325,12 @@ def _advice(spec: ModelSpec, target: Target, o: Overrides, form: Format, tensors
 
 def _kv_line(spec: ModelSpec, form: Format, n_ctx: int, kv_type: str, kv: int) -> str:
     n_sliding = sum(spec.is_sliding(i) for i in range(spec.n_layers))
+    n_kv_layers = len(spec.kv_layers())
+    if n_kv_layers < spec.n_layers and not n_sliding:  # a hybrid: only its attention layers hold a cache
+        cells = padded_ctx(n_ctx) if form.padded_kv else n_ctx
+        return (f"KV cache: 2 x {n_kv_layers} attention layers (of {spec.n_layers}; state layers hold none) x "
+                f"{spec.n_kv_heads} kv heads x {spec.head_dim} head dim x {cells} ctx x {KV_BYTES[kv_type]:g} B "
+                f"({kv_type}) = {_gb(kv)}")
     if form.windowed_kv and n_sliding:
         return (f"KV cache: 2 x {spec.n_kv_heads} kv heads x {spec.head_dim} head dim x {KV_BYTES[kv_type]:g} B "
                 f"({kv_type}) x ({spec.n_layers - n_sliding} full layers x {padded_ctx(n_ctx)} ctx + {n_sliding} "
@@ -331,6 +339,19 @@ def _kv_line(spec: ModelSpec, form: Format, n_ctx: int, kv_type: str, kv: int) -
     cells = padded_ctx(n_ctx) if form.padded_kv else n_ctx
     return (f"KV cache: 2 x {spec.n_layers} layers x {spec.n_kv_heads} kv heads x {spec.head_dim} head dim x "
             f"{cells} ctx x {KV_BYTES[kv_type]:g} B ({kv_type}) = {_gb(kv)}")
+
+
+def _state_line(spec: ModelSpec, state: int) -> list[str]:
+    """The recurrent state's line of the arithmetic; none for a model without state layers."""
+    kinds = spec.layer_kinds
+    layers = [k for k in kinds if k.state_floats]
+    if not layers:
+        return []
+    counts = sorted({(k.kind, k.state_floats) for k in layers})
+    parts = " + ".join(f"{sum(1 for k in layers if (k.kind, k.state_floats) == c)} {c[0]} layers x {c[1]} floats"
+                       for c in counts)
+    return [f"recurrent state: ({parts}) x {STATE_BYTES} B (f32, whatever the KV type) x 1 sequence = {_gb(state)}"
+            f", read and written in full each token"]
 
 
 def _ship(target: Target, model_bytes: int, part_override: int | None = None) -> Shipping:
@@ -384,12 +405,13 @@ def _finish(spec, target, o, form: Format, qname, layout, fit: _Fit, n_ctx, thre
         req.append(ship.setting)
 
     kv_type = form.kv_type_for(target.kv_cache_type)
-    # Roofline: bytes read per token (weights + half the cache on average) over bandwidth.
-    kv_avg_cpu = ram.kv_cache / 2
+    # Roofline: bytes read per token (weights + half the cache on average + the whole recurrent state, which
+    # each state layer reads in full every token) over bandwidth.
+    kv_avg_cpu = ram.kv_cache / 2 + ram.state
     fixed = spec.n_layers * target.decode_layer_overhead_us * 1e-6
     if fit.vram is not None:
         gpu_frac = min(fit.n_gpu_layers, spec.n_layers) / spec.n_layers
-        gpu_bytes = layout.per_token * gpu_frac + fit.vram.kv_cache / 2
+        gpu_bytes = layout.per_token * gpu_frac + fit.vram.kv_cache / 2 + fit.vram.state
         cpu_bytes = layout.per_token * (1 - gpu_frac) + kv_avg_cpu
         decode = decode_tps(cpu_bytes, target.memory_bandwidth_gbps, gpu_bytes, target.vram_bandwidth_gbps, fixed)
         gflops = target.compute_gflops * (1 - gpu_frac) + target.gpu_compute_gflops * gpu_frac
@@ -406,13 +428,15 @@ def _finish(spec, target, o, form: Format, qname, layout, fit: _Fit, n_ctx, thre
         + (f" ({_gb(layout.repacked)} of them repacked for the CPU's kernels: their mapped pages stay in RSS "
            f"as reclaimable page cache)" if layout.repacked else ""),
         _kv_line(spec, form, n_ctx, kv_type, ram.kv_cache),
+        *_state_line(spec, ram.state + (fit.vram.state if fit.vram else 0)),
         *form.explain(spec, layout, n_ctx, ram),
         f"RAM: {_gb(ram.total)} of {_gb(budget.ram)}" + (f"; VRAM: {_gb(fit.vram.total)} of {_gb(vram_budget)} "
                                                         f"({fit.n_gpu_layers} of {spec.n_layers + 1} layers)"
                                                         if fit.vram is not None else ""),
         f"decode: {target.memory_bandwidth_gbps:g} GB/s / ({_gb(layout.per_token)} weights + {_gb(kv_avg_cpu)} "
-        f"half the KV cache) per token" + (f" + {spec.n_layers} layers x {target.decode_layer_overhead_us:g} us"
-                                           if fixed else "") + f" = {decode:.1f} tokens/s" if fit.vram is None else
+        f"half the KV cache" + (" and the recurrent state" if ram.state else "") + ") per token"
+        + (f" + {spec.n_layers} layers x {target.decode_layer_overhead_us:g} us" if fixed else "")
+        + f" = {decode:.1f} tokens/s" if fit.vram is None else
         f"decode: GPU part at {target.vram_bandwidth_gbps:g} GB/s + CPU part at {target.memory_bandwidth_gbps:g} GB/s "
         f"= {decode:.1f} tokens/s",
         f"prefill: {gflops:g} GFLOP/s / (2 x {spec.n_params / 1e9:.2f} B params + attention) = {prefill:.1f} tokens/s",

@@ -69,7 +69,8 @@ def render(inp: PlanInput, tgt: Target, p: Plan, explain: bool = False) -> str:
         f"{inp.name} on {tgt.name}: {p.format} {p.quant}, {p.n_ctx} context, KV cache {p.kv_type}, "
         f"{p.n_threads} threads" + (f", {p.n_gpu_layers}/{p.n_layers} layers on the GPU" if p.n_gpu_layers else ""),
         f"  memory  {_gb(m.total)} of {_gb(p.budget_bytes)}: weights {_gb(m.weights)}, KV {_gb(m.kv_cache)}, "
-        f"compute {_gb(m.compute)}, overhead {_gb(m.overhead)}",
+        + (f"recurrent state {_gb(m.state)}, " if m.state else "")  # hybrids only: other plans read as before
+        + f"compute {_gb(m.compute)}, overhead {_gb(m.overhead)}",
     ]
     if p.vram is not None:
         v = p.vram

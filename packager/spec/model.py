@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from packager.archs import attention_layers, text_config
+from packager.archs import LayerKind, attention_layers, layer_kinds, spec_fields, text_config
 from packager.errors import SourceError
 
 
@@ -38,8 +38,19 @@ class ModelSpec:
     # Layers that attend to a sliding window of this many tokens (one flag per layer; empty: none).
     sliding_window: int = 0
     sliding_layers: tuple[bool, ...] = ()
+    # Each layer's kind where the model mixes kinds (LFM2's convolutions, per-layer KV heads); empty: every
+    # layer attends with n_kv_heads x head_dim, sliding where sliding_layers says (see ``layer_kinds``).
+    layers: tuple[LayerKind, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.layers and not all(isinstance(k, LayerKind) for k in self.layers):  # a manifest's spec: dicts
+            try:
+                object.__setattr__(self, "layers", tuple(k if isinstance(k, LayerKind) else LayerKind(**k)
+                                                         for k in self.layers))
+            except (TypeError, ValueError) as exc:
+                raise SourceError(f"spec: layers are malformed ({exc})") from None
+        if self.layers and len(self.layers) != self.n_layers:
+            raise SourceError(f"spec: {len(self.layers)} layer kinds for {self.n_layers} layers")
         for name in ("n_layers", "hidden_size", "intermediate_size", "n_heads", "n_kv_heads", "head_dim", "vocab_size",
                      "context_length"):
             if getattr(self, name) <= 0:
@@ -58,6 +69,30 @@ class ModelSpec:
 
     def is_sliding(self, layer: int) -> bool:
         return bool(self.sliding_window) and layer < len(self.sliding_layers) and self.sliding_layers[layer]
+
+    @property
+    def layer_kinds(self) -> tuple[LayerKind, ...]:
+        """Every layer's kind: the explicit ones, else derived from the shape fields (each layer attends
+        with n_kv_heads x head_dim and owns its cache; sliding where is_sliding)."""
+        if self.layers:
+            return self.layers
+        return tuple(LayerKind("sliding" if self.is_sliding(i) else "full", self.n_kv_heads, self.head_dim)
+                     for i in range(self.n_layers))
+
+    @property
+    def quant_kv_heads(self) -> int:
+        """The KV heads llama.cpp's quant mixes derive n_gqa from: hparams.n_gqa() without a layer reads
+        layer 0's (0 on a hybrid whose first layer is a convolution, which turns the GQA rules off)."""
+        return self.layer_kinds[0].n_kv_heads
+
+    def kv_layers(self) -> list[int]:
+        """The layers that own a KV cache (llama.cpp's cache skips state layers and shared-KV layers)."""
+        return [i for i, k in enumerate(self.layer_kinds) if k.owns_kv]
+
+    def state_floats(self, layers: "range | list[int] | None" = None) -> int:
+        """F32 floats of recurrent state of one sequence over ``layers`` (default: all)."""
+        kinds = self.layer_kinds
+        return sum(kinds[i].state_floats for i in (range(self.n_layers) if layers is None else layers))
 
 
 def _get(config: dict[str, Any], keys: list[str], where: str, default: Any = None) -> Any:
@@ -109,12 +144,14 @@ def spec_from_config(config: dict[str, Any], where: str = "config.json") -> Mode
         per_layer += q + 2 * kv
     params = vocab * hidden * (1 if tied else 2) + n_layers * per_layer + hidden
     window, sliding = attention_layers({**config, "num_hidden_layers": n_layers})
-    return ModelSpec(
+    fields = dict(
         architecture=archs[0], model_type=str(config.get("model_type", "")), n_layers=n_layers,
         hidden_size=hidden, intermediate_size=inter, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
         vocab_size=vocab, context_length=ctx, tied_embeddings=tied, n_params=params, attention_bias=bias,
-        sliding_window=window, sliding_layers=sliding,
+        sliding_window=window, sliding_layers=sliding, layers=layer_kinds({**config, "num_hidden_layers": n_layers}),
     )
+    fields.update(spec_fields(config))  # what a hybrid family computes itself (LFM2's FFN width, its params)
+    return ModelSpec(**fields)
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:

@@ -68,11 +68,14 @@ def plan_tensors(ckpt: Checkpoint, cfg: dict, arch: Arch, quant: quants.QuantTyp
         elif arch.norm_offset and name.endswith("norm.weight"):
             transform = "norm_offset"
         shape = ref.shape
+        if arch.squeeze and name.endswith(arch.squeeze):
+            # the rows read stay the same (each block is flattened to rows x columns); only the shape is squeezed
+            shape = (shape[0], *(d for d in shape[1:] if d != 1))
         if arch.trim_embedding and n_vocab and name == "token_embd.weight" and shape[0] > n_vocab:
             shape = (n_vocab, *shape[1:])  # rows past the tokenizer's ids: llama.cpp's converter drops them
         entries.append((name, src, shape, transform))
     types = quants.tensor_types(
-        quant, [(e[0], e[2]) for e in entries], n_head=spec.n_heads, n_head_kv=spec.n_kv_heads,
+        quant, [(e[0], e[2]) for e in entries], n_head=spec.n_heads, n_head_kv=spec.quant_kv_heads,
         has_imatrix=has_imatrix, tied_embeddings=spec.tied_embeddings,
     )
     jobs = [TensorJob(name, src, tuple(shape), types[name], transform) for name, src, shape, transform in entries]

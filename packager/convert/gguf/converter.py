@@ -110,6 +110,8 @@ def _metadata_writer(path: Path, source: Source, cfg: dict, quant: quants.QuantT
     write_general_metadata(w, source, spec.n_params)
     archs.write_hparams(arch, cfg, w)
     w.add_file_type(int(quant.ftype))
+    if arch.after_file_type:
+        arch.after_file_type(archs.text_config(cfg), w)
     vocab.write(w)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     return w
