@@ -746,6 +746,35 @@ def tiny_smollm3() -> Path:
     return _atomic_build(CACHE / f"tiny-smollm3-v{FIXTURE_VERSION}.{ARCH_RECIPE}", build)
 
 
+# -- LFM2 for tests/test_lfm2.py ---------------------------------------------------------------
+
+LFM2_RECIPE = "1"  # bump when tiny_lfm2's recipe changes
+LFM2_LAYER_TYPES = ["conv", "conv", "full_attention", "conv", "full_attention", "conv"]
+
+
+def tiny_lfm2() -> Path:
+    """A random 6-layer LFM2 (docs/hybrids.md's tiny config: convolution layers first and around two attention
+    layers, as the real checkpoints; FFN 768 -> 512 by LFM2's adjustment; tied), saved in f32 by transformers'
+    own Lfm2Config. No LFM2 tokenizer is available offline: it takes Llama-3's (tiny_llama's, whose
+    pre-tokenizer has the same structure as LFM2's, which llama.cpp runs the same way) and its chat template."""
+
+    def build(tmp: Path) -> None:
+        from transformers import Lfm2Config
+
+        config = Lfm2Config(
+            vocab_size=128256, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, conv_L_cache=3,
+            layer_types=LFM2_LAYER_TYPES, norm_eps=1e-5, rope_theta=1000000.0, tie_word_embeddings=True,
+            bos_token_id=128000, eos_token_id=128009, pad_token_id=128004,
+        )
+        config.architectures = ["Lfm2ForCausalLM"]
+        _save_random(config, tmp, seed=8, norm_std=0.1, dtype="float32")
+        _copy_tokenizer(tiny_llama(), tmp)  # after saving: the source's generation config, not transformers'
+        (tmp / "LICENSE").write_text("LFM Open License v1.0 (test fixture)\n")
+
+    return _atomic_build(CACHE / f"tiny-lfm2-v{FIXTURE_VERSION}.{LFM2_RECIPE}", build)
+
+
 # -- Qwen3.5 (issue 27): hybrid gated delta-net + gated attention ----------------------------------------
 
 # Qwen3_5TextConfig(vocab_size=151936, hidden_size=256, intermediate_size=512, num_hidden_layers=8,

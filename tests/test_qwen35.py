@@ -236,9 +236,9 @@ def test_layer_kinds_that_disagree_with_the_weights_are_refused(tmp_path):
     src, out = _variant(tmp_path, layer_types=types), tmp_path / "dist"
     r = subprocess.run([sys.executable, "-m", "packager.cli", "model", str(src), "--output", str(out), "--quiet"],
                        capture_output=True, text=True, env=ENV)
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "layer 0 a full layer, which has no blk.0." in lines[0], r.stderr
+    assert len(lines) == 1 and "make layer 0 an attention layer, but its weights hold blk.0." in lines[0], r.stderr
     assert not out.exists()
 
 
@@ -248,7 +248,7 @@ def test_onnx_refused_in_one_line_pointing_at_gguf(command, tmp_path):
     args = (["plan", str(models.tiny_qwen35()), "--format", "onnx"] if command == "plan" else
             ["model", str(models.tiny_qwen35()), "--format", "onnx", "--output", str(out), "--quiet"])
     r = subprocess.run([sys.executable, "-m", "packager.cli", *args], capture_output=True, text=True, env=ENV)
-    assert r.returncode != 0
+    assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "recurrent state" in lines[0] and "--format gguf" in lines[0], r.stderr
     assert not out.exists()

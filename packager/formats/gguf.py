@@ -100,26 +100,20 @@ def gguf_tensors(spec: ModelSpec, *, has_bias: bool | None = None, tied: bool | 
     return out
 
 
-# Tensors only one kind of layer has: where a checkpoint's layer holds them, that is the layer's kind.
-_KIND_TENSORS = (("shortconv.", "conv"), ("attn_q.", "attention"), ("attn_qkv.", "attention"))
-
-
 def layer_kind_mismatch(found: Sequence[Tensor], spec: ModelSpec) -> str | None:
     """Where a hybrid config's layer kinds disagree with the weights (layer_types calls a layer a convolution
     while its weights are attention's, or the reverse): one sentence naming the first such layer; None when
-    they agree or the model does not mix kinds."""
+    they agree or the model does not mix kinds. A layer holds a tensor its kind lacks (each kind's tensors are
+    gguf_tensors', so a family with its own list, Qwen3.5's, is judged by it)."""
     if not spec.layers:
         return None
+    implied = {name for name, _ in gguf_tensors(spec)}
     kinds = spec.layer_kinds
     for name, _ in found:
         i = _layer(name)
-        if not 0 <= i < spec.n_layers:
-            continue
-        held = next((k for part, k in _KIND_TENSORS if name[len(f"blk.{i}."):].startswith(part)), None)
-        said = "attention" if kinds[i].kind in ("full", "sliding") else kinds[i].kind
-        if held is not None and held != said:
-            return (f"config.json's layer_types make layer {i} a {said} layer, but its weights are a {held} "
-                    f"layer's ({name})")
+        if 0 <= i < spec.n_layers and name not in implied:
+            kind = "an attention" if kinds[i].kind in ("full", "sliding") else f"a {kinds[i].kind}"
+            return f"config.json's layer_types make layer {i} {kind} layer, but its weights hold {name}"
     return None
 
 
@@ -140,9 +134,6 @@ def first_mismatch(found: Sequence[Tensor], spec: ModelSpec) -> str | None:
                 return (f"{name} is {tuple(shape)} in the weights but config.json implies {tuple(want_shape[name])} "
                         f"(hidden_size {spec.hidden_size}, intermediate_size {spec.intermediate_size}, "
                         f"{spec.n_heads} heads x {spec.head_dim}, {spec.n_kv_heads} kv heads, vocab {spec.vocab_size})")
-        elif spec.layers and 0 <= _layer(name) < spec.n_layers:  # a hybrid's layer of another kind
-            return (f"config.json's layer_types make layer {_layer(name)} a {spec.layers[_layer(name)].kind} layer, "
-                    f"which has no {name}; the layer kinds disagree with the weights")
         elif _layer(name) >= 0 or name.startswith(("token_embd.", "output")):
             return (f"the weights have {name}, which config.json does not imply "
                     f"({spec.n_layers} layers: blk.0 .. blk.{spec.n_layers - 1})")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import gguf
 
-from packager.archs import FAMILIES
+from packager.archs import FAMILIES, LayerKind
+from packager.archs.layers import conv_layer
 from packager.errors import CorruptFileError
 from packager.quants import QUANTS
 from packager.source.gguf_check import check_layout
@@ -63,6 +64,17 @@ def _sliding(r: gguf.GGUFReader, arch: str, n_layers: int, path: Path) -> dict:
     return {"sliding_window": window, "sliding_layers": flags} if any(flags) else {}
 
 
+def _layers(r: gguf.GGUFReader, arch: str, hidden: int, n_heads: int) -> tuple[LayerKind, ...]:
+    """Each layer's kind where the GGUF mixes kinds: a per-layer head_count_kv with zeros on LFM2's
+    convolution layers (llama.cpp's is_recr); () for a plain transformer."""
+    per_layer = _field(r, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch))
+    width = _field(r, gguf.Keys.ShortConv.L_CACHE.format(arch=arch))
+    if not isinstance(per_layer, list) or 0 not in per_layer or not isinstance(width, int):
+        return ()
+    return tuple(LayerKind("full", int(n), hidden // n_heads) if n else conv_layer(hidden, hidden // n_heads, width)
+                 for n in per_layer)
+
+
 def spec_from_gguf(path: Path) -> tuple[ModelSpec, str | None]:
     """The model's spec and its quant name (None when the file type is one edgepack does not list)."""
     r = open_gguf(path)
@@ -92,6 +104,7 @@ def spec_from_gguf(path: Path) -> tuple[ModelSpec, str | None]:
         tied_embeddings="output.weight" not in names,
         n_params=int(sum(int(t.n_elements) for t in r.tensors)),
         **_sliding(r, arch, int(hp(gguf.Keys.LLM.BLOCK_COUNT)), path),
+        layers=_layers(r, arch, hidden, n_heads),
     )
     ftype = _field(r, gguf.Keys.General.FILE_TYPE)
     quant = None

@@ -79,6 +79,9 @@ class PreTokenizer:
     name: str  # tokenizer.ggml.pre
     steps: tuple[Step, ...]
     models: str  # who ships it; for messages and readers
+    # Other names llama.cpp's converter gives this same structure (it picks a name by hashing a vocabulary's
+    # ids for a test text, not by structure) and that llama.cpp runs identically (llama-vocab.cpp).
+    aliases: tuple[str, ...] = ()
 
 
 # Exact structures, first match wins. Each name is one llama.cpp implements with the
@@ -88,7 +91,10 @@ class PreTokenizer:
 PRE_TOKENIZERS: tuple[PreTokenizer, ...] = (
     PreTokenizer("qwen2", (_split(QWEN2_REGEX), _BYTES), "Qwen2, Qwen2.5, Qwen3, DeepSeek-R1-Distill-Qwen"),
     PreTokenizer("qwen35", (_split(QWEN35_REGEX), _BYTES), "Qwen3.5"),
-    PreTokenizer("llama-bpe", (_split(LLAMA3_REGEX), _BYTES), "Llama 3, 3.1, 3.2, Falcon3"),
+    # LFM2/LFM2.5 ship this structure too; llama.cpp's converter names their vocabularies "lfm2", which
+    # llama.cpp runs as LLAMA3 with ignore_merges and add_bos, exactly as "llama-bpe" (llama-vocab.cpp).
+    PreTokenizer("llama-bpe", (_split(LLAMA3_REGEX), _BYTES), "Llama 3, 3.1, 3.2, Falcon3, LFM2, LFM2.5",
+                 aliases=("falcon3", "lfm2")),
     PreTokenizer("gpt-4o", (_split(O200K_REGEX), _BYTES), "Phi-4-mini, Llama 4"),
     PreTokenizer("tekken", (_split(TEKKEN_REGEX), _BYTES), "Mistral NeMo, Ministral"),
     PreTokenizer("smollm", (("Digits", True), _GPT2), "SmolLM, SmolLM2, StarCoder2"),

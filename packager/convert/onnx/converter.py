@@ -61,7 +61,7 @@ def check_family(hf_name: str) -> None:
     """A family known to need what neither exporter gives it is refused in one line (no fallback tried)."""
     refusal = getattr(FAMILIES.get(hf_name), "onnx_refusal", "")
     if refusal:
-        raise UnsupportedArchitectureError(f"architecture {hf_name!r}: {refusal}")
+        raise UnknownArchitectureError(f"architecture {hf_name!r}: {refusal}")  # bad input: exit 2
 
 
 def onnx_exporter(hf_name: str, model_type: str) -> str:

@@ -18,6 +18,18 @@ What it buys and where it stops (benchmarks/web_page.py): page decode 3-5x the i
 0.05-0.13x native ONNX Runtime on a quiet machine, because decode is bandwidth-bound and f32 weights are 8x
 the bytes int4 reads a token (profiled in onnxruntime-web: Gemm is ~75% of a SmolLM2 step). WASM's int8
 kernels do not help: they run at ~2 GB/s of weights, compute-bound, slower than f32 from memory.
+
+Where a page decode step goes (app.js run.timing, 2 threads, isolated, 47 steps, load 1.0-1.6; web_page.jsonl
+2026-12-06T21:10, page_step_ms): tiny-qwen2 30 ms = session.run 19.4 + top-k over 151k logits 2.8 + yield to
+the event loop 7.3 + feeds and text 0.5; SmolLM2-135M 64 ms = session.run 57.5 + yield 5.4 + top-k 0.7 + 0.6.
+session.run is the f32 weights streamed from memory (160 MB in 19 ms, 538 MB in 58 ms: 8-9 GB/s); the KV cache
+it copies in and out (at most 0.2 MB and 4 MB a step) and the one row of logits are ~2% of it. So the JS
+around the graph is 10-35% of a step and the graph's weight bytes the rest: no page-side change reaches 0.25x
+native.
+Folding to int8 instead (DequantizeLinear, QuantizeLinear per column, MatMulInteger with
+DynamicQuantizeLinear's activations: what WASM's int8 kernels take) was tried on SmolLM2 and changes its
+answer: per-tensor uint8 activations lose its outlier channels (all matmuls int8: no sentence; down_proj kept
+f32: leaves the int4 graph's tokens at the 4th, down_proj and o_proj kept f32: at the 7th).
 """
 
 from __future__ import annotations

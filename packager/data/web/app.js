@@ -18,10 +18,12 @@
 // ?prefill_chunk=N, ?threads=N (WASM threads; default: up to 4 where the page is cross-origin isolated),
 // ?wasm_graph=0 (WASM runs the int4 graph: slow, for comparison), ?ignore_eos=1 (decode max_tokens: benchmarks).
 //
-// For tests and tools: window.edgepackReady (a promise of {backend, graph, threads, isolated, load_ms}),
+// For tests and tools: window.edgepackReady (a promise of {backend, graph, threads, isolated, load_ms, max_pass}:
+// max_pass, tokens per pass where the backend caps the prompt's passes, else null),
 // window.edgepackTokenizer, and after
-// each reply window.edgepackLastRun = {backend, prompt_ids, tokens, text, tps, prefill_ms, top, done}
-// (top: the 8 best [token id, logit] of each step, in order).
+// each reply window.edgepackLastRun = {backend, prompt_ids, tokens, text, tps, prefill_ms, top, timing, done}
+// (top: the 8 best [token id, logit] of each step, in order; timing: the decode steps' time summed by part,
+// as benchmarks/web_page.py reports it).
 
 import { BPETokenizer } from "./tokenizer.js";
 
@@ -109,16 +111,36 @@ function halfToFloat(h) {
   return s * 2 ** (e - 15) * (1 + f / 1024);
 }
 
+// onnxruntime-web 1.31.1's WebGPU attention is wrong for a pass of 32 tokens or more on an adapter with 4-lane
+// subgroups (SwiftShader's; a mobile GPU may have them too): every query past the 4th attends to keys it should
+// not. Measured on one GroupQueryAttention node against ONNX Runtime's CPU kernel (tests/attention_node.py):
+// 31 tokens agree to 1e-6, 32 are off by 20-130% from position 4 on, packed or separate q/k/v, rotary or not,
+// with or without a cache. Its source reads why: the flash-attention prefill walks the keys min(subgroup size,
+// 16) at a time but scores at least 8 per step. Passes of at most 31 tokens agree, so the prompt goes in those
+// there; adapters whose subgroups have 8 lanes or more keep the bundle's prefill_chunk.
+const SMALL_SUBGROUP_MAX_PASS = 31;
+const MIN_FLASH_SUBGROUP = 8;
+
+function webgpuMaxPass(adapter) {
+  const lanes = adapter?.info?.subgroupMinSize;
+  return lanes !== undefined && lanes < MIN_FLASH_SUBGROUP ? SMALL_SUBGROUP_MAX_PASS : Infinity;
+}
+
 // The TOP_K best [id, logit] of one row of logits, best first. Ties go to the lower id, as argmax does.
+// The bar to enter is kept in a local: read from the list on every logit, the scan of Qwen2.5's 151k
+// vocabulary took 2.6 ms in headless Chromium against 1.3 ms (the same 40 rows, load 5.5).
 function topK(row, isHalf) {
   const best = [];
+  let full = false, bar = -Infinity;
   for (let i = 0; i < row.length; i++) {
     const v = isHalf ? halfToFloat(row[i]) : row[i];
-    if (best.length === TOP_K && v <= best[TOP_K - 1][1]) continue;
+    if (full && v <= bar) continue;
     let j = best.length;
     while (j > 0 && best[j - 1][1] < v) j--;
     best.splice(j, 0, [i, v]);
     if (best.length > TOP_K) best.pop();
+    full = best.length === TOP_K;
+    if (full) bar = best[TOP_K - 1][1];
   }
   return best;
 }
@@ -130,6 +152,7 @@ class Chat {
     this.pastNames = [...layerNames(io.past_key, kv.n_layers), ...layerNames(io.past_value, kv.n_layers)];
     this.presentNames = [...layerNames(io.present_key, kv.n_layers), ...layerNames(io.present_value, kv.n_layers)];
     this.eos = new Set(cfg.eos_token_ids);
+    this.maxPass = Infinity;  // tokens per pass of the graph the backend computes right (webgpuMaxPass)
   }
 
   emptyPast() {
@@ -160,43 +183,67 @@ class Chat {
     const decoder = tokenizer.streamDecoder();
     let past = this.emptyPast(), pos = 0;
 
+    // Where a decode step's time goes (the passes after the prompt's), for benchmarks/web_page.py: building
+    // the feeds, session.run (which copies the KV cache into the WASM heap and every output out of it), the
+    // top-k over the vocabulary, detokenizing and painting, and the yield to the event loop.
+    const timing = { steps: 0, feeds_ms: 0, run_ms: 0, topk_ms: 0, text_ms: 0, yield_ms: 0, kv_bytes: 0,
+                     logits_bytes: 0 };
+    run.timing = timing;
+    let decoding = false;
+    const clock = (key, t) => { const now = performance.now(); if (decoding) timing[key] += now - t; return now; };
+
     // One pass of the graph over `ids` after the cache; the best logits of the last position.
     const forward = async (ids) => {
+      let t = performance.now();
       const feeds = { ...past };
       const total = pos + ids.length;
       feeds[io.input_ids] = this.int64(ids, [1, ids.length]);
       if (io.attention_mask) feeds[io.attention_mask] = this.int64(new Array(total).fill(1), [1, total]);
       if (io.position_ids) feeds[io.position_ids] = this.int64(ids.map((_, i) => pos + i), [1, ids.length]);
+      t = clock("feeds_ms", t);
       const out = await session.run(feeds);
+      t = clock("run_ms", t);
       for (const name of this.pastNames) if (feeds[name].location === "gpu-buffer") feeds[name].dispose();
       past = {};
       this.presentNames.forEach((name, i) => { past[this.pastNames[i]] = out[name]; });
       pos = total;
       const logits = out[io.logits];
       const V = logits.dims[logits.dims.length - 1], n = logits.dims[logits.dims.length - 2];
-      return topK(logits.data.subarray((n - 1) * V, n * V), logits.type === "float16");
+      const best = topK(logits.data.subarray((n - 1) * V, n * V), logits.type === "float16");
+      clock("topk_ms", t);
+      if (decoding) {
+        timing.steps += 1;
+        timing.logits_bytes = logits.data.byteLength;
+        timing.kv_bytes = Object.values(past).reduce((a, x) => a + (x.location === "cpu" ? x.data.byteLength : 0), 0);
+      }
+      return best;
     };
 
     try {
       const t0 = performance.now();
       // The prompt a chunk at a time, as packager.load's runtime feeds it: one pass returns every
       // position's logits, which for a long prompt would be prompt x vocabulary floats.
-      const chunk = Number(params.get("prefill_chunk")) || cfg.prefill_chunk || promptIds.length;
+      const chunk = Math.min(Number(params.get("prefill_chunk")) || cfg.prefill_chunk || promptIds.length,
+                             this.maxPass);
       let top;
       for (let i = 0; i < promptIds.length; i += chunk) top = await forward(promptIds.slice(i, i + chunk));
       const tFirst = performance.now();
       run.prefill_ms = tFirst - t0;
+      decoding = true;
       for (;;) {
         run.top.push(top);
         const next = top[0][0];
         if (this.eos.has(next) && params.get("ignore_eos") !== "1") break;
+        let t = performance.now();
         run.tokens.push(next);
         run.text += decoder.push(next);
         // Decode speed: the passes after the prompt's, over their time.
         if (run.tokens.length > 1) run.tps = (run.tokens.length - 1) / ((performance.now() - tFirst) / 1000);
         onText(run);
+        t = clock("text_ms", t);
         if (run.tokens.length >= maxNew) break;
         await new Promise((r) => setTimeout(r, 0));  // let the page paint the new text
+        clock("yield_ms", t);
         top = await forward([next]);
       }
       run.text += decoder.flush();
@@ -302,8 +349,10 @@ async function start() {
   const chat = new Chat(cfg, ort, sess, tokenizer, backend);
   chat.graph = graphUrl(backend);
   chat.threads = backend === "wasm" ? ort.env.wasm.numThreads : 0;
+  if (backend === "webgpu") chat.maxPass = webgpuMaxPass(adapter);
   chat.loadMs = performance.now() - tLoad;
   let note = backend === "wasm" && why ? ` (${why})` : "";
+  if (Number.isFinite(chat.maxPass)) note += ` · prompt in passes of ${chat.maxPass} tokens (small GPU subgroups)`;
   if (backend === "wasm") {
     note += self.crossOriginIsolated ? ` · ${chat.threads} threads`
       : " · 1 thread: the page is not cross-origin isolated (serve it with COOP/COEP headers, e.g. pack serve)";
@@ -326,7 +375,7 @@ function addMessage(role, text) {
 const ready = start();
 window.edgepackReady = ready.then((chat) => ({
   backend: chat.backend, graph: chat.graph, threads: chat.threads, isolated: self.crossOriginIsolated,
-  load_ms: chat.loadMs,
+  load_ms: chat.loadMs, max_pass: Number.isFinite(chat.maxPass) ? chat.maxPass : null,
 }));
 
 ready.then((chat) => {
