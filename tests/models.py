@@ -404,31 +404,34 @@ def random_qwen2(name: str, config: dict, max_shard_bytes: int = 4 << 30, family
             model = AutoModelForCausalLM.from_config(cfg)
         shapes = [(n, tuple(p.shape)) for n, p in model.state_dict().items()
                   if not (cfg.tie_word_embeddings and n == "lm_head.weight")]
-        shards, current, size = [], [], 0
-        for n, s in shapes:
-            b = int(np.prod(s)) * 2
-            if current and size + b > max_shard_bytes:
-                shards.append(current)
-                current, size = [], 0
-            current.append((n, s))
-            size += b
-        shards.append(current)
-        rng = np.random.default_rng(0)
-        index = {"metadata": {"total_size": sum(int(np.prod(s)) * 2 for _, s in shapes)}, "weight_map": {}}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _write_safetensors_streaming(tmp / fname, shard, rng)
-            index["weight_map"].update({n: fname for n, _ in shard})
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        _write_random_shards(tmp, shapes, max_shard_bytes)
         cfg.torch_dtype = "bfloat16"
         cfg.save_pretrained(tmp)
-        tok = tiny_qwen2()
-        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                  "chat_template.jinja", "generation_config.json"):
-            if (tok / f).exists():
-                shutil.copyfile(tok / f, tmp / f)
+        _copy_tokenizer(tiny_qwen2(), tmp)
 
     return _atomic_build(CACHE / f"random-{name}-v{FIXTURE_VERSION}", build)
+
+
+def _write_random_shards(out: Path, shapes: list[tuple[str, tuple[int, ...]]], max_shard_bytes: int) -> None:
+    """Random bf16 tensors in shards of at most ``max_shard_bytes``, with the hub's index file."""
+    import numpy as np
+
+    shards, current, size = [], [], 0
+    for n, s in shapes:
+        b = int(np.prod(s)) * 2
+        if current and size + b > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((n, s))
+        size += b
+    shards.append(current)
+    rng = np.random.default_rng(0)
+    index = {"metadata": {"total_size": sum(int(np.prod(s)) * 2 for _, s in shapes)}, "weight_map": {}}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _write_safetensors_streaming(out / fname, shard, rng)
+        index["weight_map"].update({n: fname for n, _ in shard})
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 # -- Gemma-2 and Phi-3 fixtures for tests/test_archs.py ---------------------------------------
@@ -874,17 +877,11 @@ def tiny_qwen35() -> Path:
     def build(tmp: Path) -> None:
         from safetensors.torch import save_file
 
-        tok = tiny_qwen2()
-        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                  "chat_template.jinja"):
-            if (tok / f).exists():
-                shutil.copyfile(tok / f, tmp / f)
+        _copy_tokenizer(tiny_qwen2(), tmp)
         cfg = dict(QWEN35_TINY_CONFIG, torch_dtype="bfloat16")
         save_file(_random_qwen35_weights(qwen35_tensor_shapes(cfg), seed=35), str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}))
         (tmp / "LICENSE").write_text("Apache License 2.0 (test fixture)\n")
 
     return _atomic_build(CACHE / f"tiny-qwen35-v{FIXTURE_VERSION}.{QWEN35_RECIPE}", build)
@@ -922,3 +919,33 @@ def tiny_qwen35_vision() -> Path:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
 
     return _atomic_build(CACHE / f"tiny-qwen35-vision-v{FIXTURE_VERSION}.{QWEN35_RECIPE}", build)
+
+
+# Qwen/Qwen3.5-4B's language model (its config.json's text_config: 24 delta-net + 8 attention layers, 248k
+# vocabulary, tied), as Qwen3_5ForCausalLM: issue 27's figures. The vision tower, which the bundle leaves
+# out unread, is not built.
+QWEN35_4B_CONFIG = dict(
+    QWEN35_TINY_CONFIG, hidden_size=2560, intermediate_size=9216, num_hidden_layers=32, num_attention_heads=16,
+    num_key_value_heads=4, head_dim=256, linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
+    linear_num_value_heads=32, linear_conv_kernel_dim=4, max_position_embeddings=262144, vocab_size=248320,
+    tie_word_embeddings=True, layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 8,
+    rope_parameters={"mrope_interleaved": True, "mrope_section": [11, 11, 10], "partial_rotary_factor": 0.25,
+                     "rope_theta": 10000000.0, "rope_type": "default"},
+)
+
+
+def random_qwen35(name: str, config: dict, max_shard_bytes: int = 4 << 30) -> Path:
+    """A random bf16 Qwen3.5 checkpoint (text, with its MTP head) of the given config and Qwen2.5's tokenizer
+    (ids past it are padding to llama.cpp), written tensor by tensor: never in memory whole."""
+
+    def build(tmp: Path) -> None:
+        shapes = [(n, s) for n, s in qwen35_tensor_shapes(config)
+                  if not (config["tie_word_embeddings"] and n == "lm_head.weight")]
+        _write_random_shards(tmp, shapes, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(dict(config, torch_dtype="bfloat16"), indent=2))
+        _copy_tokenizer(tiny_qwen2(), tmp)
+
+    return _atomic_build(CACHE / f"random-{name}-v{FIXTURE_VERSION}.{QWEN35_RECIPE}", build)
+
+
+BENCH_MODELS["qwen3.5-4b"] = lambda: random_qwen35("qwen3.5-4b", QWEN35_4B_CONFIG)
