@@ -697,6 +697,18 @@ def tiny_phi35() -> Path:
 
 # -- Qwen3 and SmolLM3 fixtures for tests/test_families.py ------------------------------------
 
+def linked_variant(fixture: Path, out: Path, **change) -> Path:
+    """``fixture``'s weights and tokenizer (linked, not copied) in ``out`` under its config with ``change``
+    applied: a checkpoint whose config says something else of the same weights."""
+    out.mkdir()
+    for f in fixture.iterdir():
+        if f.name != "config.json" and not f.name.startswith("."):
+            (out / f.name).symlink_to(f)
+    cfg = json.loads((fixture / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(cfg, **change)))
+    return out
+
+
 def _copy_tokenizer(src: Path, dst: Path) -> None:
     """A fixture's real tokenizer files (and its generation config) into another checkpoint."""
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",

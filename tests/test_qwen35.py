@@ -218,14 +218,7 @@ def test_pack_and_chat_reuse_what_the_state_holds(tmp_path):
 
 def _variant(tmp_path: Path, **change) -> Path:
     """The tiny checkpoint's weights and tokenizer (linked) under its config with ``change`` applied."""
-    src = tmp_path / "qwen35"
-    src.mkdir()
-    for f in models.tiny_qwen35().iterdir():
-        if f.name != "config.json":
-            (src / f.name).symlink_to(f)
-    cfg = json.loads((models.tiny_qwen35() / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps(dict(cfg, **change)))
-    return src
+    return models.linked_variant(models.tiny_qwen35(), tmp_path / "qwen35", **change)
 
 
 def test_layer_kinds_that_disagree_with_the_weights_are_refused(tmp_path):
