@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 import models  # noqa: E402
 
-MODELS = {k: models.BENCH_MODELS[k] for k in ("smollm2", "qwen2.5-0.5b", "qwen2.5-1.5b")}
+MODELS = {k: models.BENCH_MODELS[k] for k in ("smollm2", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen3.5-4b")}
 QUANTS = ("Q8_0", "Q4_K_M")
 ONNX_QUANTS = ("INT4_B32", "INT4_B32_HQQ")  # pack model --format onnx [--algorithm hqq]
 CONTEXTS = (512, 2048, 8192)

@@ -404,31 +404,34 @@ def random_qwen2(name: str, config: dict, max_shard_bytes: int = 4 << 30, family
             model = AutoModelForCausalLM.from_config(cfg)
         shapes = [(n, tuple(p.shape)) for n, p in model.state_dict().items()
                   if not (cfg.tie_word_embeddings and n == "lm_head.weight")]
-        shards, current, size = [], [], 0
-        for n, s in shapes:
-            b = int(np.prod(s)) * 2
-            if current and size + b > max_shard_bytes:
-                shards.append(current)
-                current, size = [], 0
-            current.append((n, s))
-            size += b
-        shards.append(current)
-        rng = np.random.default_rng(0)
-        index = {"metadata": {"total_size": sum(int(np.prod(s)) * 2 for _, s in shapes)}, "weight_map": {}}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _write_safetensors_streaming(tmp / fname, shard, rng)
-            index["weight_map"].update({n: fname for n, _ in shard})
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        _write_random_shards(tmp, shapes, max_shard_bytes)
         cfg.torch_dtype = "bfloat16"
         cfg.save_pretrained(tmp)
-        tok = tiny_qwen2()
-        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                  "chat_template.jinja", "generation_config.json"):
-            if (tok / f).exists():
-                shutil.copyfile(tok / f, tmp / f)
+        _copy_tokenizer(tiny_qwen2(), tmp)
 
     return _atomic_build(CACHE / f"random-{name}-v{FIXTURE_VERSION}", build)
+
+
+def _write_random_shards(out: Path, shapes: list[tuple[str, tuple[int, ...]]], max_shard_bytes: int) -> None:
+    """Random bf16 tensors in shards of at most ``max_shard_bytes``, with the hub's index file."""
+    import numpy as np
+
+    shards, current, size = [], [], 0
+    for n, s in shapes:
+        b = int(np.prod(s)) * 2
+        if current and size + b > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((n, s))
+        size += b
+    shards.append(current)
+    rng = np.random.default_rng(0)
+    index = {"metadata": {"total_size": sum(int(np.prod(s)) * 2 for _, s in shapes)}, "weight_map": {}}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _write_safetensors_streaming(out / fname, shard, rng)
+        index["weight_map"].update({n: fname for n, _ in shard})
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 # -- Gemma-2 and Phi-3 fixtures for tests/test_archs.py ---------------------------------------
@@ -694,6 +697,18 @@ def tiny_phi35() -> Path:
 
 # -- Qwen3 and SmolLM3 fixtures for tests/test_families.py ------------------------------------
 
+def linked_variant(fixture: Path, out: Path, **change) -> Path:
+    """``fixture``'s weights and tokenizer (linked, not copied) in ``out`` under its config with ``change``
+    applied: a checkpoint whose config says something else of the same weights."""
+    out.mkdir()
+    for f in fixture.iterdir():
+        if f.name != "config.json" and not f.name.startswith("."):
+            (out / f.name).symlink_to(f)
+    cfg = json.loads((fixture / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(cfg, **change)))
+    return out
+
+
 def _copy_tokenizer(src: Path, dst: Path) -> None:
     """A fixture's real tokenizer files (and its generation config) into another checkpoint."""
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -773,3 +788,176 @@ def tiny_lfm2() -> Path:
         (tmp / "LICENSE").write_text("LFM Open License v1.0 (test fixture)\n")
 
     return _atomic_build(CACHE / f"tiny-lfm2-v{FIXTURE_VERSION}.{LFM2_RECIPE}", build)
+
+
+# -- Qwen3.5 (issue 27): hybrid gated delta-net + gated attention ----------------------------------------
+
+# Qwen3_5TextConfig(vocab_size=151936, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+# num_attention_heads=4, num_key_value_heads=2, head_dim=64, linear_conv_kernel_dim=4, linear_key_head_dim=64,
+# linear_value_head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8, max_position_embeddings=4096,
+# rope_parameters={rope_theta 1e7, partial_rotary_factor 0.25, mrope_section [3, 3, 2], mrope_interleaved})
+# as transformers 5.25's save_pretrained writes it (tests/test_qwen35.py checks that it still does, where
+# transformers 5 is installed), plus what real checkpoints carry beside it: mtp_num_hidden_layers.
+# Written as JSON here so that the fixture needs no transformers 5: 4.57 has no Qwen3.5 class.
+QWEN35_TINY_CONFIG = {
+    "architectures": ["Qwen3_5ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": None, "eos_token_id": 151645, "head_dim": 64, "hidden_act": "silu", "hidden_size": 256,
+    "initializer_range": 0.02, "intermediate_size": 512,
+    "layer_types": ["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3 + ["full_attention"],
+    "linear_conv_kernel_dim": 4, "linear_key_head_dim": 64, "linear_num_key_heads": 4,
+    "linear_num_value_heads": 8, "linear_value_head_dim": 64, "max_position_embeddings": 4096,
+    "model_type": "qwen3_5_text", "mtp_num_hidden_layers": 1, "num_attention_heads": 4, "num_hidden_layers": 8,
+    "num_key_value_heads": 2, "pad_token_id": None, "rms_norm_eps": 1e-06,
+    "rope_parameters": {"mrope_interleaved": True, "mrope_section": [3, 3, 2], "partial_rotary_factor": 0.25,
+                        "rope_theta": 10000000.0, "rope_type": "default"},
+    "tie_word_embeddings": False, "transformers_version": "5.25.0", "use_cache": True, "vocab_size": 151936,
+}
+QWEN35_RECIPE = "2"
+
+
+def qwen35_tensor_shapes(cfg: dict, prefix: str = "model.") -> list[tuple[str, tuple[int, ...]]]:
+    """The state dict of Qwen3_5ForCausalLM (transformers 5.25, read on the meta device) for a config, and
+    the multi-token-prediction head real checkpoints carry (mtp.*: one layer, transformers ignores it)."""
+    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd, nh, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hk, hv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+    dk, dv, k = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"], cfg["linear_conv_kernel_dim"]
+    conv = 2 * hk * dk + hv * dv
+
+    def attention(p: str) -> list[tuple[str, tuple[int, ...]]]:
+        return [(f"{p}self_attn.q_proj.weight", (2 * nh * hd, h)), (f"{p}self_attn.k_proj.weight", (nkv * hd, h)),
+                (f"{p}self_attn.v_proj.weight", (nkv * hd, h)), (f"{p}self_attn.o_proj.weight", (h, nh * hd)),
+                (f"{p}self_attn.q_norm.weight", (hd,)), (f"{p}self_attn.k_norm.weight", (hd,))]
+
+    def mlp_norms(p: str) -> list[tuple[str, tuple[int, ...]]]:
+        return [(f"{p}mlp.gate_proj.weight", (inter, h)), (f"{p}mlp.up_proj.weight", (inter, h)),
+                (f"{p}mlp.down_proj.weight", (h, inter)), (f"{p}input_layernorm.weight", (h,)),
+                (f"{p}post_attention_layernorm.weight", (h,))]
+
+    out = [(f"{prefix}embed_tokens.weight", (v, h))]
+    for i, kind in enumerate(cfg["layer_types"]):
+        p = f"{prefix}layers.{i}."
+        if kind == "linear_attention":
+            la = f"{p}linear_attn."
+            out += [(f"{la}dt_bias", (hv,)), (f"{la}A_log", (hv,)), (f"{la}conv1d.weight", (conv, 1, k)),
+                    (f"{la}norm.weight", (dv,)), (f"{la}out_proj.weight", (h, hv * dv)),
+                    (f"{la}in_proj_qkv.weight", (conv, h)), (f"{la}in_proj_z.weight", (hv * dv, h)),
+                    (f"{la}in_proj_b.weight", (hv, h)), (f"{la}in_proj_a.weight", (hv, h))]
+        else:
+            out += attention(p)
+        out += mlp_norms(p)
+    out += [(f"{prefix}norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    for i in range(int(cfg.get("mtp_num_hidden_layers") or 0)):
+        out += [("mtp.fc.weight", (h, 2 * h)), ("mtp.pre_fc_norm_embedding.weight", (h,)),
+                ("mtp.pre_fc_norm_hidden.weight", (h,)), ("mtp.norm.weight", (h,))]
+        out += attention(f"mtp.layers.{i}.") + mlp_norms(f"mtp.layers.{i}.")
+    return out
+
+
+def _random_qwen35_weights(shapes: list[tuple[str, tuple[int, ...]]], seed: int) -> dict:
+    """bf16 weights with each kind of tensor in a range that gives a working (if meaningless) model: the
+    zero-centred norms (x * (1 + w)) near 0, A_log = log of decay rates in [1, 16], dt_bias small."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in shapes:
+        if name.endswith("A_log"):
+            t = torch.log(torch.rand(shape, generator=g) * 15 + 1)
+        elif name.endswith("linear_attn.norm.weight"):  # plain w (not zero-centred)
+            t = 1 + 0.1 * torch.randn(shape, generator=g)
+        elif len(shape) == 1:
+            t = 0.1 * torch.randn(shape, generator=g)
+        elif "conv1d" in name:
+            t = 0.3 * torch.randn(shape, generator=g)
+        else:
+            t = 0.05 * torch.randn(shape, generator=g)
+        # No value in f16's subnormal range: llama.cpp's quantizer reads the reference's F16 file, where such
+        # a bf16 value is rounded, edgepack reads the bf16 itself; the 39M-value embedding would hold ~40k.
+        t = torch.where(t.abs() < 2 ** -14, torch.copysign(torch.full_like(t, 2 ** -14), t), t)
+        out[name] = t.to(torch.bfloat16)
+    return out
+
+
+def tiny_qwen35() -> Path:
+    """A random 8-layer Qwen3.5 text model (6 gated delta-net layers, 2 gated attention layers; 4 key heads
+    to 8 value heads, so the V-head reorder is exercised; an explicit mrope section; an untied lm_head; a
+    one-layer MTP head as real checkpoints have) with Qwen2.5's real tokenizer (a tokenizer.json of
+    Qwen3.5's own 248k vocabulary is not on this machine; the architecture is what this fixture tests).
+    Built without transformers: its config is QWEN35_TINY_CONFIG, its tensors those of qwen35_tensor_shapes."""
+
+    def build(tmp: Path) -> None:
+        from safetensors.torch import save_file
+
+        _copy_tokenizer(tiny_qwen2(), tmp)
+        cfg = dict(QWEN35_TINY_CONFIG, torch_dtype="bfloat16")
+        save_file(_random_qwen35_weights(qwen35_tensor_shapes(cfg), seed=35), str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "LICENSE").write_text("Apache License 2.0 (test fixture)\n")
+
+    return _atomic_build(CACHE / f"tiny-qwen35-v{FIXTURE_VERSION}.{QWEN35_RECIPE}", build)
+
+
+def tiny_qwen35_vision() -> Path:
+    """tiny_qwen35's tensors as Qwen3_5ForConditionalGeneration stores them (model.language_model.*, lm_head at
+    the top, the MTP head) beside a one-block vision tower (model.visual.*: random, never read by the bundle),
+    its config the text config under text_config as transformers 5 nests it."""
+
+    def build(tmp: Path) -> None:
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        text_dir = tiny_qwen35()
+        for f in text_dir.iterdir():
+            if f.name not in ("config.json", "model.safetensors", ".complete"):
+                shutil.copyfile(f, tmp / f.name)
+        text = load_file(str(text_dir / "model.safetensors"))
+        tensors = {(n.replace("model.", "model.language_model.", 1) if n.startswith("model.") else n): t
+                   for n, t in text.items()}
+        g = torch.Generator().manual_seed(36)
+        for name, shape in [("model.visual.patch_embed.proj.weight", (32, 3, 2, 16, 16)),
+                            ("model.visual.blocks.0.attn.qkv.weight", (96, 32)),
+                            ("model.visual.blocks.0.norm1.weight", (32,)),
+                            ("model.visual.merger.linear_fc2.weight", (256, 128))]:
+            tensors[name] = (0.05 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        inner = {k: v for k, v in QWEN35_TINY_CONFIG.items() if k not in ("architectures", "transformers_version")}
+        cfg = {"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5",
+               "text_config": inner, "tie_word_embeddings": False, "image_token_id": 151655,
+               "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                                 "out_hidden_size": 256, "model_type": "qwen3_5"},
+               "torch_dtype": "bfloat16", "transformers_version": "5.25.0"}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    return _atomic_build(CACHE / f"tiny-qwen35-vision-v{FIXTURE_VERSION}.{QWEN35_RECIPE}", build)
+
+
+# Qwen/Qwen3.5-4B's language model (its config.json's text_config: 24 delta-net + 8 attention layers, 248k
+# vocabulary, tied), as Qwen3_5ForCausalLM: issue 27's figures. The vision tower, which the bundle leaves
+# out unread, is not built.
+QWEN35_4B_CONFIG = dict(
+    QWEN35_TINY_CONFIG, hidden_size=2560, intermediate_size=9216, num_hidden_layers=32, num_attention_heads=16,
+    num_key_value_heads=4, head_dim=256, linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
+    linear_num_value_heads=32, linear_conv_kernel_dim=4, max_position_embeddings=262144, vocab_size=248320,
+    tie_word_embeddings=True, layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 8,
+    rope_parameters={"mrope_interleaved": True, "mrope_section": [11, 11, 10], "partial_rotary_factor": 0.25,
+                     "rope_theta": 10000000.0, "rope_type": "default"},
+)
+
+
+def random_qwen35(name: str, config: dict, max_shard_bytes: int = 4 << 30) -> Path:
+    """A random bf16 Qwen3.5 checkpoint (text, with its MTP head) of the given config and Qwen2.5's tokenizer
+    (ids past it are padding to llama.cpp), written tensor by tensor: never in memory whole."""
+
+    def build(tmp: Path) -> None:
+        shapes = [(n, s) for n, s in qwen35_tensor_shapes(config)
+                  if not (config["tie_word_embeddings"] and n == "lm_head.weight")]
+        _write_random_shards(tmp, shapes, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(dict(config, torch_dtype="bfloat16"), indent=2))
+        _copy_tokenizer(tiny_qwen2(), tmp)
+
+    return _atomic_build(CACHE / f"random-{name}-v{FIXTURE_VERSION}.{QWEN35_RECIPE}", build)
+
+
+BENCH_MODELS["qwen3.5-4b"] = lambda: random_qwen35("qwen3.5-4b", QWEN35_4B_CONFIG)

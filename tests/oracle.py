@@ -14,17 +14,18 @@ from pathlib import Path
 from models import CACHE, FIXTURE_VERSION, _atomic_build, llama_cpp_src
 
 
-def reference_gguf(model_dir: Path, outtype: str = "f16") -> Path:
-    """The GGUF that convert_hf_to_gguf.py writes for ``model_dir`` (outtype f16/bf16/q8_0/f32)."""
+def reference_gguf(model_dir: Path, outtype: str = "f16", args: tuple[str, ...] = ()) -> Path:
+    """The GGUF that convert_hf_to_gguf.py writes for ``model_dir`` (outtype f16/bf16/q8_0/f32), with
+    its further ``args`` (e.g. ``--no-mtp``)."""
     model_dir = Path(model_dir)
-    final = CACHE / f"ref-{model_dir.name}-{outtype}-v{FIXTURE_VERSION}"
+    final = CACHE / f"ref-{model_dir.name}-{outtype}{''.join(args)}-v{FIXTURE_VERSION}"
 
     def build(tmp: Path) -> None:
         src = llama_cpp_src()
         env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"), NO_LOCAL_GGUF="")
         subprocess.run(
             [sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir),
-             "--outtype", outtype, "--outfile", str(tmp / "model.gguf")],
+             "--outtype", outtype, "--outfile", str(tmp / "model.gguf"), *args],
             check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
 

@@ -141,14 +141,7 @@ def test_configs_refused_in_one_line(change, error, match, tmp_path):
 
 def _variant(tmp_path: Path, **change) -> Path:
     """The tiny checkpoint's weights and tokenizer (linked) under its config with ``change`` applied."""
-    src = tmp_path / "gemma3"
-    src.mkdir()
-    for f in models.tiny_gemma3().iterdir():
-        if f.name != "config.json":
-            (src / f.name).symlink_to(f)
-    cfg = json.loads((models.tiny_gemma3() / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps(dict(cfg, **change)))
-    return src
+    return models.linked_variant(models.tiny_gemma3(), tmp_path / "gemma3", **change)
 
 
 @pytest.mark.parametrize(("change", "field"), [

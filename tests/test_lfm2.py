@@ -297,13 +297,8 @@ def test_chat_through_load_twice_the_same(bundle):
 # -- bad input through the CLI: one line, exit 2, nothing written ----------------------------------------
 
 def _variant(tmp_path: Path, **change) -> Path:
-    src = tmp_path / "lfm2"
-    src.mkdir()
-    for f in models.tiny_lfm2().iterdir():
-        if f.name != "config.json" and not f.name.startswith("."):
-            (src / f.name).symlink_to(f)
-    (src / "config.json").write_text(json.dumps(dict(_config(), **change)))
-    return src
+    """The tiny checkpoint's weights and tokenizer (linked) under its config with ``change`` applied."""
+    return models.linked_variant(models.tiny_lfm2(), tmp_path / "lfm2", **change)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -49,6 +49,13 @@ class Arch:
     # llama.cpp's own sliding-window pattern for this architecture when the GGUF names none
     # (every n-th layer full; 0: the architecture has no sliding layers in llama.cpp).
     swa_pattern: int = 0
+    # Source-name suffixes renamed before gguf-py's name map (Qwen3.5's dt_bias is its dt_proj.bias).
+    renames: tuple[tuple[str, str], ...] = ()
+    # Source tensors the GGUF leaves out (Qwen3.5's multi-token-prediction head), as llama.cpp's converter does.
+    skip: Callable[[str], bool] | None = None
+    # A change to a whole tensor (f32, numpy order) by its GGUF name, or None where it is written as read:
+    # what convert_hf_to_gguf.py's modify_tensors does that the fields above do not say.
+    tensor_transform: Callable[[Config, str], Callable[[np.ndarray], np.ndarray] | None] | None = None
 
     @property
     def name(self) -> str:
@@ -104,6 +111,9 @@ class Family:
     onnx_refusal: str = ""
     # One line a pack of this class reports (what of the checkpoint the bundle leaves out); "" for none.
     note: str = ""
+    # The GGUF tensors (names, numpy-order shapes) a config implies, where they are not the plain decoder's
+    # (formats.gguf.gguf_tensors): a hybrid's layers each hold the tensors of their own kind.
+    tensors: Callable[[Config], list[tuple[str, tuple[int, ...]]]] | None = None
 
 
 FAMILIES: dict[str, Family] = {}  # by HF class name
@@ -119,6 +129,12 @@ def attention_layers(cfg: Config) -> tuple[int, tuple[bool, ...]]:
     """(sliding window, which layers slide) of a config's family; (0, ()) where no layer slides."""
     family = FAMILIES.get((cfg.get("architectures") or [""])[0])
     return family.attention(cfg) if family is not None and family.attention is not None else (0, ())
+
+
+def implied_tensors(cfg: Config) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The GGUF tensors a config's family says it implies; () where the plain decoder's layout holds."""
+    family = FAMILIES.get((cfg.get("architectures") or [""])[0])
+    return tuple(family.tensors(cfg)) if family is not None and family.tensors is not None else ()
 
 
 def layer_kinds(cfg: Config) -> tuple[LayerKind, ...]:

@@ -61,6 +61,10 @@ def _layer(name: str) -> int:
 
 def gguf_tensors(spec: ModelSpec, *, has_bias: bool | None = None, tied: bool | None = None) -> list[Tensor]:
     """The GGUF tensors a checkpoint of this config converts to (names as llama.cpp's, numpy-order shapes)."""
+    if spec.tensors:  # the family's own layout (a hybrid's layers differ by kind)
+        tied = spec.tied_embeddings if tied is None else tied
+        return [t for t in spec.tensors if t[0] != "output.weight"] + (
+            [] if tied else [("output.weight", (spec.vocab_size, spec.hidden_size))])
     h, q, kv, ff = spec.hidden_size, spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim, spec.intermediate_size
     bias = spec.attention_bias if has_bias is None else has_bias
     tied = spec.tied_embeddings if tied is None else tied
@@ -96,26 +100,20 @@ def gguf_tensors(spec: ModelSpec, *, has_bias: bool | None = None, tied: bool | 
     return out
 
 
-# Tensors only one kind of layer has: where a checkpoint's layer holds them, that is the layer's kind.
-_KIND_TENSORS = (("shortconv.", "conv"), ("attn_q.", "attention"), ("attn_qkv.", "attention"))
-
-
 def layer_kind_mismatch(found: Sequence[Tensor], spec: ModelSpec) -> str | None:
     """Where a hybrid config's layer kinds disagree with the weights (layer_types calls a layer a convolution
     while its weights are attention's, or the reverse): one sentence naming the first such layer; None when
-    they agree or the model does not mix kinds."""
+    they agree or the model does not mix kinds. A layer holds a tensor its kind lacks (each kind's tensors are
+    gguf_tensors', so a family with its own list, Qwen3.5's, is judged by it)."""
     if not spec.layers:
         return None
+    implied = {name for name, _ in gguf_tensors(spec)}
     kinds = spec.layer_kinds
     for name, _ in found:
         i = _layer(name)
-        if not 0 <= i < spec.n_layers:
-            continue
-        held = next((k for part, k in _KIND_TENSORS if name[len(f"blk.{i}."):].startswith(part)), None)
-        said = "attention" if kinds[i].kind in ("full", "sliding") else kinds[i].kind
-        if held is not None and held != said:
-            return (f"config.json's layer_types make layer {i} a {said} layer, but its weights are a {held} "
-                    f"layer's ({name})")
+        if 0 <= i < spec.n_layers and name not in implied:
+            kind = "an attention" if kinds[i].kind in ("full", "sliding") else f"a {kinds[i].kind}"
+            return f"config.json's layer_types make layer {i} {kind} layer, but its weights hold {name}"
     return None
 
 

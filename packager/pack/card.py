@@ -87,6 +87,7 @@ def _spec_record(spec: ModelSpec) -> dict[str, Any]:
     """The spec as the manifest holds it; ``layers`` only where the model mixes layer kinds (a plain
     transformer's manifest stays as it was: its kinds follow from the other fields)."""
     record = asdict(spec)
+    del record["tensors"]  # read from the config where planned; a bundle's tensors are its GGUF's own
     if not spec.layers:
         del record["layers"]
     return record

@@ -7,11 +7,12 @@ tensor sizes, the safetensors headers or index).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from packager.archs import LayerKind, attention_layers, layer_kinds, spec_fields, text_config
+from packager.archs import LayerKind, attention_layers, implied_tensors, layer_kinds, spec_fields, text_config
 from packager.errors import SourceError
 
 
@@ -41,6 +42,10 @@ class ModelSpec:
     # Each layer's kind where the model mixes kinds (LFM2's convolutions, per-layer KV heads); empty: every
     # layer attends with n_kv_heads x head_dim, sliding where sliding_layers says (see ``layer_kinds``).
     layers: tuple[LayerKind, ...] = ()
+    # The GGUF tensors (names, numpy-order shapes) where the family's layers are not the plain decoder's
+    # (Qwen3.5's: formats.gguf.gguf_tensors takes them as they are); empty: gguf_tensors derives them. Read from
+    # the config, never kept in a manifest (its tensors are the GGUF's own).
+    tensors: tuple[tuple[str, tuple[int, ...]], ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.layers and not all(isinstance(k, LayerKind) for k in self.layers):  # a manifest's spec: dicts
@@ -144,11 +149,15 @@ def spec_from_config(config: dict[str, Any], where: str = "config.json") -> Mode
         per_layer += q + 2 * kv
     params = vocab * hidden * (1 if tied else 2) + n_layers * per_layer + hidden
     window, sliding = attention_layers({**config, "num_hidden_layers": n_layers})
+    tensors = implied_tensors(config)
+    if tensors:  # the family's exact list: its parameters are those tensors'
+        params = sum(math.prod(shape) for _, shape in tensors)
     fields = dict(
         architecture=archs[0], model_type=str(config.get("model_type", "")), n_layers=n_layers,
         hidden_size=hidden, intermediate_size=inter, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
         vocab_size=vocab, context_length=ctx, tied_embeddings=tied, n_params=params, attention_bias=bias,
         sliding_window=window, sliding_layers=sliding, layers=layer_kinds({**config, "num_hidden_layers": n_layers}),
+        tensors=tensors,
     )
     fields.update(spec_fields(config))  # what a hybrid family computes itself (LFM2's FFN width, its params)
     return ModelSpec(**fields)

@@ -12,7 +12,7 @@ import gguf
 import numpy as np
 
 from packager import quants
-from packager.archs import Arch
+from packager.archs import Arch, text_config
 from packager.errors import SourceError
 from packager.source.safetensors import Checkpoint
 from packager.spec.model import spec_from_config
@@ -31,7 +31,8 @@ class TensorJob:
     src: str | None  # checkpoint tensor name; None for generated tensors
     shape: tuple[int, ...]
     qtype: gguf.GGMLQuantizationType
-    transform: str = ""  # "permute_q", "permute_k", "norm_offset" or ""
+    # "permute_q", "permute_k", "norm_offset", "arch" (the family's Arch.tensor_transform) or ""
+    transform: str = ""
 
 
 def plan_tensors(ckpt: Checkpoint, cfg: dict, arch: Arch, quant: quants.QuantType,
@@ -40,6 +41,7 @@ def plan_tensors(ckpt: Checkpoint, cfg: dict, arch: Arch, quant: quants.QuantTyp
 
     ``n_vocab``: the GGUF vocabulary's size, where the family trims token_embd to it (Gemma 3).
     """
+    cfg = text_config(cfg)  # a multimodal wrapper's language model, as the family's hooks read it
     spec = spec_from_config(cfg)
     tmap = gguf.get_tensor_name_map(arch.gguf_arch, spec.n_layers)
     generated = dict(arch.extra_tensors(cfg))
@@ -48,13 +50,16 @@ def plan_tensors(ckpt: Checkpoint, cfg: dict, arch: Arch, quant: quants.QuantTyp
     ]
     # In file order: each shard is then read (and hashed) front to back, once.
     for src, ref in sorted(ckpt.refs.items(), key=lambda kv: (str(kv[1].file), kv[1].start)):
-        if src.endswith(SKIP_SUFFIXES) or any(part in src for part in VISION_PARTS):
+        if src.endswith(SKIP_SUFFIXES) or any(part in src for part in VISION_PARTS) or (arch.skip and arch.skip(src)):
             continue
         if src == "lm_head.weight" and spec.tied_embeddings:
             continue  # tied: llama.cpp reuses token_embd
         # A multimodal wrapper's language model (model.language_model.*, language_model.model.*) is named
         # as the plain model's, as llama.cpp's converter does.
-        name = tmap.get_name(src.replace("language_model.", ""), try_suffixes=(".weight", ".bias"))
+        key = src.replace("language_model.", "")
+        for old, new in arch.renames:
+            key = key[: -len(old)] + new if key.endswith(old) else key
+        name = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise SourceError(
                 f"tensor {src!r} in {ref.file.name} has no GGUF name for {arch.name}; "
@@ -67,6 +72,8 @@ def plan_tensors(ckpt: Checkpoint, cfg: dict, arch: Arch, quant: quants.QuantTyp
             transform = "permute_k"
         elif arch.norm_offset and name.endswith("norm.weight"):
             transform = "norm_offset"
+        elif arch.tensor_transform and arch.tensor_transform(cfg, name) is not None:
+            transform = "arch"
         shape = ref.shape
         if arch.squeeze and name.endswith(arch.squeeze):
             # the rows read stay the same (each block is flattened to rows x columns); only the shape is squeezed

@@ -44,7 +44,7 @@ def _row_blocks(job: TensorJob) -> list[slice]:
 
 
 def _load_block(ckpt: Checkpoint, job: TensorJob, block: slice, cfg: dict, generated: dict,
-                hasher: FileHasher) -> np.ndarray:
+                hasher: FileHasher, arch: archs.Arch) -> np.ndarray:
     if job.src is None:
         data = generated[job.name].astype(np.float32)
     else:
@@ -55,18 +55,20 @@ def _load_block(ckpt: Checkpoint, job: TensorJob, block: slice, cfg: dict, gener
         data = _permute_rows(data, int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]))
     elif job.transform == "norm_offset":
         data = data + np.float32(1.0)
+    elif job.transform == "arch":
+        data = arch.tensor_transform(cfg, job.name)(data)
     return np.ascontiguousarray(data.reshape(data.shape[0], -1) if data.ndim > 1 else data.reshape(1, -1))
 
 
-def _blocks(ckpt, jobs, cfg, generated, hasher) -> Iterator[tuple[TensorJob, np.ndarray]]:
+def _blocks(ckpt, jobs, cfg, generated, hasher, arch) -> Iterator[tuple[TensorJob, np.ndarray]]:
     """Each tensor's row blocks in order, the next one read (and hashed) while the current is quantized."""
     work = [(job, block) for job in jobs for block in _row_blocks(job)]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgepack-read") as pool:
-        pending = pool.submit(_load_block, ckpt, *work[0], cfg, generated, hasher) if work else None
+        pending = pool.submit(_load_block, ckpt, *work[0], cfg, generated, hasher, arch) if work else None
         for i, (job, _block) in enumerate(work):
             data = pending.result()
             if i + 1 < len(work):
-                pending = pool.submit(_load_block, ckpt, *work[i + 1], cfg, generated, hasher)
+                pending = pool.submit(_load_block, ckpt, *work[i + 1], cfg, generated, hasher, arch)
             yield job, data
 
 
@@ -173,7 +175,7 @@ def convert(
     desc = f"converting to {quant.name}" + (f" ({len(layout.parts)} parts)" if layout else "")
     try:
         with progress_bar(total=total, desc=desc, unit="B", quiet=quiet) as bar:
-            for job, rows in _blocks(ckpt, jobs, cfg, generated, hasher):
+            for job, rows in _blocks(ckpt, jobs, cfg, generated, hasher, arch):
                 im = imatrix.get(job.name) if imatrix else None
                 data = ggml.quantize_rows(job.qtype, rows, imatrix=im, n_threads=n_threads)
                 out.write(job.name, data)
