@@ -107,6 +107,11 @@ def test_f16_is_byte_identical_to_convert_hf_to_gguf(f16):
     assert g["qwen35.rope.dimension_sections"] == [3, 3, 2, 0] and g["qwen35.ssm.time_step_rank"] == 8
     assert t["blk.0.ssm_conv1d.weight"].tensor_type == gguf.GGMLQuantizationType.F32
     assert not [n for n in t if int(n.split(".")[1] if n.startswith("blk.") else 0) >= 8]  # no MTP block
+    # A GGUF source's spec (pack plan x.gguf) knows the same layers, and so the same KV and state.
+    from packager.spec.gguf import spec_from_gguf
+
+    ours = spec_from_gguf(f16)[0]
+    assert ours.layers == load_spec(models.tiny_qwen35()).layers and ours.kv_layers() == [3, 7]
 
 
 @pytest.mark.slow
