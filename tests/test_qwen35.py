@@ -226,14 +226,15 @@ def _variant(tmp_path: Path, **change) -> Path:
     return models.linked_variant(models.tiny_qwen35(), tmp_path / "qwen35", **change)
 
 
-def test_layer_kinds_that_disagree_with_the_weights_are_refused(tmp_path):
+@pytest.mark.parametrize("command", ["plan", "model"])
+def test_layer_kinds_that_disagree_with_the_weights_are_refused(command, tmp_path):
     """Layer 0 called full attention while it holds a delta-net's weights: one line naming the layer, nothing
-    written."""
+    written, at `pack plan` as at `pack model`."""
     types = list(models.QWEN35_TINY_CONFIG["layer_types"])
     types[0] = "full_attention"
     src, out = _variant(tmp_path, layer_types=types), tmp_path / "dist"
-    r = subprocess.run([sys.executable, "-m", "packager.cli", "model", str(src), "--output", str(out), "--quiet"],
-                       capture_output=True, text=True, env=ENV)
+    args = ["plan", str(src)] if command == "plan" else ["model", str(src), "--output", str(out), "--quiet"]
+    r = subprocess.run([sys.executable, "-m", "packager.cli", *args], capture_output=True, text=True, env=ENV)
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "make layer 0 an attention layer, but its weights hold blk.0." in lines[0], r.stderr
