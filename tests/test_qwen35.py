@@ -107,6 +107,11 @@ def test_f16_is_byte_identical_to_convert_hf_to_gguf(f16):
     assert g["qwen35.rope.dimension_sections"] == [3, 3, 2, 0] and g["qwen35.ssm.time_step_rank"] == 8
     assert t["blk.0.ssm_conv1d.weight"].tensor_type == gguf.GGMLQuantizationType.F32
     assert not [n for n in t if int(n.split(".")[1] if n.startswith("blk.") else 0) >= 8]  # no MTP block
+    # A GGUF source's spec (pack plan x.gguf) knows the same layers, and so the same KV and state.
+    from packager.spec.gguf import spec_from_gguf
+
+    ours = spec_from_gguf(f16)[0]
+    assert ours.layers == load_spec(models.tiny_qwen35()).layers and ours.kv_layers() == [3, 7]
 
 
 @pytest.mark.slow
@@ -221,14 +226,15 @@ def _variant(tmp_path: Path, **change) -> Path:
     return models.linked_variant(models.tiny_qwen35(), tmp_path / "qwen35", **change)
 
 
-def test_layer_kinds_that_disagree_with_the_weights_are_refused(tmp_path):
+@pytest.mark.parametrize("command", ["plan", "model"])
+def test_layer_kinds_that_disagree_with_the_weights_are_refused(command, tmp_path):
     """Layer 0 called full attention while it holds a delta-net's weights: one line naming the layer, nothing
-    written."""
+    written, at `pack plan` as at `pack model`."""
     types = list(models.QWEN35_TINY_CONFIG["layer_types"])
     types[0] = "full_attention"
     src, out = _variant(tmp_path, layer_types=types), tmp_path / "dist"
-    r = subprocess.run([sys.executable, "-m", "packager.cli", "model", str(src), "--output", str(out), "--quiet"],
-                       capture_output=True, text=True, env=ENV)
+    args = ["plan", str(src)] if command == "plan" else ["model", str(src), "--output", str(out), "--quiet"]
+    r = subprocess.run([sys.executable, "-m", "packager.cli", *args], capture_output=True, text=True, env=ENV)
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "make layer 0 an attention layer, but its weights hold blk.0." in lines[0], r.stderr

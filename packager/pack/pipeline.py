@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Callable
 
 from packager.archs import FAMILIES
-from packager.errors import IncompleteConfigError, SourceError, UsageError
+from packager.errors import SourceError, UsageError
 from packager.formats import format_of_scheme, get_format
-from packager.formats.gguf import first_mismatch, layer_kind_mismatch
+from packager.formats.gguf import first_mismatch
 from packager.pack import gguf, onnx
 from packager.pack.draft import parse_draft
 from packager.pack.options import AutoJob, Candidate, PackJob, PackOptions, PackResult, ReadyFile
@@ -113,12 +113,10 @@ def pack_model(source: str | os.PathLike[str] | None, opts: PackOptions) -> Pack
     overrides = Overrides(quant=opts.quant, format=opts.format, n_ctx=opts.n_ctx, ram_bytes=opts.ram_bytes,
                           vram_bytes=opts.vram_bytes, n_threads=opts.n_threads,
                           part_bytes=0 if opts.no_split else opts.part_size)
-    inp = plan_input(src.path)  # the tensor list `pack plan` reads (headers only), so both plan alike
+    # The tensor list `pack plan` reads (headers only), so both plan alike; a hybrid whose layer kinds
+    # disagree with its weights is refused there.
+    inp = plan_input(src.path)
     if src.kind == "hf" and inp.tensors is not None:
-        wrong_kind = layer_kind_mismatch(inp.tensors, spec)  # a hybrid's layer_types against its weights
-        if wrong_kind:
-            raise IncompleteConfigError(f"{src.name}: {wrong_kind}; fix config.json's layer_types or re-download "
-                                        "the checkpoint")
         mismatch = first_mismatch(inp.tensors, spec)  # a config that lies about the weights: nothing written
         if mismatch:
             raise SourceError(f"{src.name}: {mismatch}; the config and the weights are not the same model, "

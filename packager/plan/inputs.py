@@ -19,7 +19,7 @@ from typing import Any
 from packager.archs import arch_for
 from packager.errors import (GatedSourceError, IncompleteConfigError, SourceError, SourceNotFoundError,
                              UnsupportedArchitectureError)
-from packager.formats.gguf import gguf_tensors
+from packager.formats.gguf import gguf_tensors, layer_kind_mismatch
 from packager.formats.weights import Tensor
 from packager.quants import get_quant
 from packager.source.resolver import HUB_ID, _gguf_name
@@ -92,8 +92,12 @@ def _from_dir(path: Path) -> PlanInput:
         jobs, _ = plan_tensors(ckpt, cfg, arch, get_quant("Q8_0"))
     finally:
         ckpt.close()
-    return PlanInput(path.name, spec, tuple((j.name, tuple(j.shape)) for j in jobs),
-                     "config.json + safetensors headers (exact tensor list)")
+    tensors = tuple((j.name, tuple(j.shape)) for j in jobs)
+    wrong_kind = layer_kind_mismatch(tensors, spec)  # a hybrid's layer_types against its weights: plan and pack alike
+    if wrong_kind:
+        raise IncompleteConfigError(f"{path.name}: {wrong_kind}; fix config.json's layer_types or re-download the "
+                                    "checkpoint")
+    return PlanInput(path.name, spec, tensors, "config.json + safetensors headers (exact tensor list)")
 
 
 def _from_gguf(path: Path) -> PlanInput:

@@ -64,9 +64,19 @@ def _sliding(r: gguf.GGUFReader, arch: str, n_layers: int, path: Path) -> dict:
     return {"sliding_window": window, "sliding_layers": flags} if any(flags) else {}
 
 
-def _layers(r: gguf.GGUFReader, arch: str, hidden: int, n_heads: int) -> tuple[LayerKind, ...]:
-    """Each layer's kind where the GGUF mixes kinds: a per-layer head_count_kv with zeros on LFM2's
-    convolution layers (llama.cpp's is_recr); () for a plain transformer."""
+def _layers(r: gguf.GGUFReader, arch: str, hidden: int, n_heads: int, n_kv: int, head_dim: int) -> tuple[LayerKind, ...]:
+    """Each layer's kind where the GGUF mixes kinds, as llama.cpp tells them (its is_recr): a per-layer
+    head_count_kv with zeros on LFM2's convolution layers, or Qwen3.5's recurrent_layers with its delta-net's
+    sizes (R: (conv_kernel - 1) x (inner + 2 x groups x state) floats, S: state x inner); () for a plain
+    transformer."""
+    recurrent = _field(r, f"{arch}.attention.recurrent_layers")
+    if isinstance(recurrent, list):
+        ssm = {k: _field(r, f"{arch}.ssm.{k}") for k in ("conv_kernel", "state_size", "group_count", "inner_size")}
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in ssm.values()):
+            conv, state, groups, inner = (ssm[k] for k in ("conv_kernel", "state_size", "group_count", "inner_size"))
+            linear = LayerKind("linear", 0, head_dim, r_floats=(conv - 1) * (inner + 2 * groups * state),
+                               s_floats=state * inner)
+            return tuple(linear if rec else LayerKind("full", n_kv, head_dim) for rec in recurrent)
     per_layer = _field(r, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch))
     width = _field(r, gguf.Keys.ShortConv.L_CACHE.format(arch=arch))
     if not isinstance(per_layer, list) or 0 not in per_layer or not isinstance(width, int):
@@ -94,17 +104,18 @@ def spec_from_gguf(path: Path) -> tuple[ModelSpec, str | None]:
         raise CorruptFileError(f"{path}: {gguf.Keys.Attention.HEAD_COUNT.format(arch=arch)} must be positive, got {n_heads}")
     tokens = r.fields.get(gguf.Keys.Tokenizer.LIST)
     names = {t.name for t in r.tensors}
+    n_kv = int(hp(gguf.Keys.Attention.HEAD_COUNT_KV, n_heads))
+    head_dim = int(hp(gguf.Keys.Attention.KEY_LENGTH, hidden // n_heads))
     spec = ModelSpec(
         architecture=arch, model_type=arch, n_layers=int(hp(gguf.Keys.LLM.BLOCK_COUNT)), hidden_size=hidden,
         intermediate_size=int(hp(gguf.Keys.LLM.FEED_FORWARD_LENGTH)), n_heads=n_heads,
-        n_kv_heads=int(hp(gguf.Keys.Attention.HEAD_COUNT_KV, n_heads)),
-        head_dim=int(hp(gguf.Keys.Attention.KEY_LENGTH, hidden // n_heads)),
+        n_kv_heads=n_kv, head_dim=head_dim,
         vocab_size=int(hp(gguf.Keys.LLM.VOCAB_SIZE, len(tokens.data) if tokens else 0)),
         context_length=int(hp(gguf.Keys.LLM.CONTEXT_LENGTH, 2048)),
         tied_embeddings="output.weight" not in names,
         n_params=int(sum(int(t.n_elements) for t in r.tensors)),
         **_sliding(r, arch, int(hp(gguf.Keys.LLM.BLOCK_COUNT)), path),
-        layers=_layers(r, arch, hidden, n_heads),
+        layers=_layers(r, arch, hidden, n_heads, n_kv, head_dim),
     )
     ftype = _field(r, gguf.Keys.General.FILE_TYPE)
     quant = None
