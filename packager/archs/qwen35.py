@@ -21,6 +21,7 @@ from typing import Callable
 import gguf
 import numpy as np
 
+from packager.archs.common import head_dim, layer_types, rope_parameters
 from packager.archs.layers import LayerKind
 from packager.archs.registry import Arch, Config, Family, register
 from packager.errors import IncompleteConfigError, UnsupportedArchitectureError
@@ -35,29 +36,19 @@ MROPE_DEFAULT = [11, 11, 10, 0]
 
 
 def _rope(cfg: Config) -> dict:
-    rope = dict(cfg.get("rope_scaling") or {})
-    rope.update(cfg.get("rope_parameters") or {})
-    for key in ("rope_theta", "partial_rotary_factor"):  # transformers 4.x kept them at the top level
-        if key not in rope and cfg.get(key) is not None:
-            rope[key] = cfg[key]
+    rope = rope_parameters(cfg)
+    if "partial_rotary_factor" not in rope and cfg.get("partial_rotary_factor") is not None:
+        rope["partial_rotary_factor"] = cfg["partial_rotary_factor"]  # transformers 4.x kept it at the top level
     return rope
 
 
 def layer_kinds(cfg: Config) -> tuple[str, ...]:
     """Each layer's kind, "linear_attention" or "full_attention", as transformers builds them."""
-    n = int(cfg["num_hidden_layers"])
-    types = cfg.get("layer_types")
-    if types is None:
+    if layer_types(cfg, KINDS) is None:  # checks a listed layer_types: its length, each entry one of KINDS
         every = int(cfg.get("full_attention_interval") or INTERVAL)
+        n = int(cfg["num_hidden_layers"])
         return tuple("full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(n))
-    if not isinstance(types, list) or len(types) != n:
-        raise IncompleteConfigError(f"config.json: layer_types must list {n} entries (num_hidden_layers), "
-                                    f"got {types!r:.60}; fix config.json")
-    for i, t in enumerate(types):
-        if t not in KINDS:
-            raise IncompleteConfigError(f"config.json: layer_types[{i}] is {t!r:.40}, which Qwen3.5 does not have "
-                                        f"({' or '.join(KINDS)}); fix config.json")
-    return tuple(types)
+    return tuple(cfg["layer_types"])
 
 
 def _linear(cfg: Config) -> tuple[int, int, int, int, int]:
@@ -79,14 +70,10 @@ def _linear(cfg: Config) -> tuple[int, int, int, int, int]:
     return hk, hv, dk, dv, kernel
 
 
-def _head_dim(cfg: Config) -> int:
-    return int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
-
-
 def _hparams(cfg: Config, w: gguf.GGUFWriter) -> None:
     # After the shape keys and the norm's epsilon (common.write_hparams): what conversion/qwen.py adds.
     hk, hv, dk, dv, kernel = _linear(cfg)
-    rope, dim = _rope(cfg), _head_dim(cfg)
+    rope, dim = _rope(cfg), head_dim(cfg)
     if rope.get("mrope_section") is not None:
         w.add_rope_dimension_sections([*rope["mrope_section"], *[0] * (4 - len(rope["mrope_section"]))])
     kind = rope.get("rope_type") or rope.get("type")
@@ -155,7 +142,7 @@ def _layers(cfg: Config) -> tuple[LayerKind, ...]:
     kernel-1 inputs over the q, k and v channels (llama.cpp's n_embd_r) and a key x value matrix per value head
     (n_embd_s), in F32."""
     hk, hv, dk, dv, kernel = _linear(cfg)
-    nkv, hd = int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]), _head_dim(cfg)
+    nkv, hd = int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]), head_dim(cfg)
     linear = LayerKind("linear", 0, hd, r_floats=(kernel - 1) * (2 * hk * dk + hv * dv), s_floats=dk * hv * dv)
     return tuple(linear if k == "linear_attention" else LayerKind("full", nkv, hd) for k in layer_kinds(cfg))
 
@@ -163,7 +150,7 @@ def _layers(cfg: Config) -> tuple[LayerKind, ...]:
 def _tensors(cfg: Config) -> list[tuple[str, tuple[int, ...]]]:
     """The GGUF tensors a Qwen3.5 config implies, each layer those of its kind (numpy-order shapes)."""
     h, ff, vocab = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["vocab_size"])
-    nh, hd = int(cfg["num_attention_heads"]), _head_dim(cfg)
+    nh, hd = int(cfg["num_attention_heads"]), head_dim(cfg)
     nkv = int(cfg.get("num_key_value_heads") or nh)
     hk, hv, dk, dv, kernel = _linear(cfg)
     conv = 2 * hk * dk + hv * dv
