@@ -15,7 +15,6 @@ SentencePiece model rebuilt from llama.cpp's ggml-vocab-phi-3.gguf. Three kinds 
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from pathlib import Path
@@ -25,6 +24,7 @@ import gguf
 import numpy as np
 import pytest
 
+import ggufview
 import models
 import oracle
 from packager import archs
@@ -32,6 +32,7 @@ from packager.convert.gguf.converter import convert
 from packager.source.safetensors import Checkpoint
 from packager.errors import SourceError, UnsupportedArchitectureError
 from packager.quants import get_quant
+from packager.source.gguf_check import Layout, check_layout
 from packager.source.resolver import resolve
 
 FIXTURES: dict[str, Callable[[], Path]] = {
@@ -64,17 +65,16 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], 
     return get
 
 
-@functools.lru_cache(maxsize=None)
-def _reader(path: Path) -> gguf.GGUFReader:
-    return gguf.GGUFReader(path)  # 1.6 s for a 32k-token vocabulary: once per file and session
+def _reader(path: Path) -> Layout:
+    return check_layout(path)  # keys in the file's order, values decoded on demand (see ggufview)
 
 
 def _fields(path: Path) -> dict[str, object]:
-    return {k: f.contents() for k, f in _reader(path).fields.items() if not k.startswith(("general.", "GGUF."))}
+    return ggufview.fields(path, skip=("general.",))
 
 
-def _tensors(path: Path) -> dict[str, gguf.ReaderTensor]:
-    return {t.name: t for t in _reader(path).tensors}
+def _tensors(path: Path) -> dict[str, ggufview.Tensor]:
+    return ggufview.tensors(path)
 
 
 def _assert_same_tensors(ours: Path, ref: Path) -> None:

@@ -6,10 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 
+import ggufview
 import oracle
 from packager.convert.gguf.converter import convert
 from packager.errors import CorruptFileError, SourceError, UnsupportedArchitectureError
@@ -20,18 +20,11 @@ HPARAM_SKIP = ("general.", "GGUF.")
 
 
 def _fields(path: Path) -> dict[str, object]:
-    r = gguf.GGUFReader(path)
-    out = {}
-    for k, f in r.fields.items():
-        if k.startswith(HPARAM_SKIP):
-            continue
-        v = f.contents()
-        out[k] = v
-    return out
+    return ggufview.fields(path, skip=HPARAM_SKIP)
 
 
-def _tensors(path: Path) -> dict[str, gguf.ReaderTensor]:
-    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+def _tensors(path: Path) -> dict[str, ggufview.Tensor]:
+    return ggufview.tensors(path)
 
 
 def _convert(model_dir: Path, quant: str, out: Path) -> Path:

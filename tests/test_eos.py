@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import ggufview
 import packager
 from packager.spec.eos import resolve_eos
 
@@ -57,8 +58,6 @@ def test_conflicting_qwen_eos_packs_in_both_formats_and_says_what_it_chose(tiny_
     """tokenizer_config.json and special_tokens_map.json say <|endoftext|> (151643), generation_config
     151645: `pack model` used to refuse ("the GGUF's eos token 151643 ... is not one of
     generation_config.json's eos ids [151645]") with no useful way forward."""
-    import gguf
-
     src = conflicting(tiny_qwen2, tmp_path / "src", tokenizer_eos="<|endoftext|>", generation_eos=151645)
     for fmt in ("gguf", "onnx"):
         out = tmp_path / f"dist-{fmt}"
@@ -73,9 +72,7 @@ def test_conflicting_qwen_eos_packs_in_both_formats_and_says_what_it_chose(tiny_
         assert set(man["eos"]["disagreed"]) == set(disagreed)
         bundle = Path(man["path"]) if "path" in man else next(p for p in out.iterdir() if (p / "manifest.json").exists())
         if fmt == "gguf":
-            reader = gguf.GGUFReader(next(bundle.glob("model/*.gguf")))
-            field = reader.fields["tokenizer.ggml.eos_token_id"]
-            assert int(field.parts[field.data[0]][0]) == 151645
+            assert ggufview.fields(next(bundle.glob("model/*.gguf")))["tokenizer.ggml.eos_token_id"] == 151645
             assert man["tokenizer_check"]["status"] == "passed" and man["tokenizer_check"]["eos_id"] == 151645
         else:
             genai = json.loads((bundle / "model" / "genai_config.json").read_text())

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
 import fuzzkit  # noqa: E402
 
 from packager.errors import CorruptFileError  # noqa: E402
+from packager.source.gguf_check import check_layout  # noqa: E402
 from packager.spec.gguf import spec_from_gguf  # noqa: E402
 
 ENV = dict(os.environ, EDGEPACK_NO_PROGRESS="1")
@@ -39,6 +40,33 @@ def assert_refused(r: subprocess.CompletedProcess, out: Path, needle: str) -> No
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
     leftovers = list(out.iterdir()) if out.exists() else []
     assert not [p for p in leftovers if (p / "manifest.json").exists() or ".partial-" in p.name], leftovers
+
+
+# -- the header walk is a GGUF reader ----------------------------------------------------------
+
+def test_the_header_walk_reads_what_gguf_py_reads(smollm2_gguf):
+    # spec/gguf.py and the tests' ggufview read GGUFs through check_layout's fields, not GGUFReader
+    # (20 s for a 150k-token vocabulary): on a real file, every value and tensor must come out the same.
+    import gguf
+    import numpy as np
+
+    import ggufview
+
+    reader = gguf.GGUFReader(smollm2_gguf)
+    theirs = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    layout = check_layout(smollm2_gguf)
+    assert list(layout.fields) == list(theirs)  # every key, in the file's order
+    assert {k: f.contents() for k, f in layout.fields.items()} == theirs
+    assert {k: f.type for k, f in layout.fields.items()} == {k: int(reader.fields[k].types[0]) for k in theirs}
+    assert ggufview.fields(smollm2_gguf) == theirs
+    ours = ggufview.tensors(smollm2_gguf)
+    assert list(ours) == [t.name for t in reader.tensors]
+    for t in reader.tensors:
+        o = ours[t.name]
+        assert (o.tensor_type, list(o.shape), o.n_bytes, o.n_elements) == \
+            (t.tensor_type, [int(d) for d in t.shape], int(t.n_bytes), int(t.n_elements)), t.name
+        assert o.data.shape == np.asarray(t.data).shape and o.data.dtype == np.asarray(t.data).dtype, t.name
+        assert o.data.tobytes() == np.asarray(t.data).tobytes(), t.name
 
 
 # -- GGUFs that lie -----------------------------------------------------------------------------

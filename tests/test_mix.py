@@ -10,6 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
+import ggufview
 from packager.errors import QualityError, UsageError
 from packager.kernels import ggml
 from packager.plan.mix import (Option, TensorOptions, allocate, hull, mix_at, path_totals, smallest_bytes,
@@ -112,12 +113,12 @@ def qwen_imatrix(qwen_f16) -> dict[str, np.ndarray]:
 
 
 def _types(path: Path) -> dict[str, str]:
-    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    return {t.name: t.tensor_type.name for t in ggufview.tensors(path).values()}
 
 
 def _tensor_bytes(path: Path) -> dict[str, str]:
     return {t.name: hashlib.sha256(np.ascontiguousarray(t.data).tobytes()).hexdigest()
-            for t in gguf.GGUFReader(path).tensors}
+            for t in ggufview.tensors(path).values()}
 
 
 def test_mix_of_llama_cpps_own_types_has_llama_cpps_bytes(qwen_f16, qwen_imatrix, tmp_path):
@@ -152,7 +153,7 @@ def test_mix_types_equal_the_recipe_and_llama_cpp_runs_it(qwen_f16, qwen_imatrix
     written = _types(out.path)
     assert {n: written[n] for n in recipe} == recipe
     assert all(written[n] == q.name for n, q in kept.items())  # norms and the rest as they were
-    assert out.n_bytes == sum(t.n_bytes for t in gguf.GGUFReader(out.path).tensors)
+    assert out.n_bytes == sum(t.n_bytes for t in ggufview.tensors(out.path).values())
     llm = Llama(str(out.path), n_ctx=128, n_threads=2, verbose=False)
     try:
         ids = llm.tokenize(b"Hello, world", add_bos=False)

@@ -18,6 +18,7 @@ import pytest
 import gguf
 from gguf import GGMLQuantizationType as QT
 
+import ggufview
 from packager.errors import UnknownQuantError, UsageError
 from packager.quants import (
     QUANTS,
@@ -34,10 +35,6 @@ needs_llama = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, 
 ORACLE_QUANTS = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "IQ4_NL", "Q3_K_M", "Q2_K"]
 
 
-def _field(reader: gguf.GGUFReader, key: str) -> int:
-    return int(reader.fields[key].contents())
-
-
 def _tensors(reader: gguf.GGUFReader) -> list[tuple[str, tuple[int, ...]]]:
     # GGUFReader's shape is ggml's ne (columns first); tensor_types wants numpy order.
     return [(t.name, tuple(int(d) for d in reversed(t.shape))) for t in reader.tensors]
@@ -46,10 +43,10 @@ def _tensors(reader: gguf.GGUFReader) -> list[tuple[str, tuple[int, ...]]]:
 @functools.cache
 def _source(path: Path) -> tuple[list[tuple[str, tuple[int, ...]]], int, int]:
     """Tensors and head counts of a source GGUF (read once: parsing a 150k-token vocab is slow)."""
-    src = gguf.GGUFReader(path)
-    arch = src.fields["general.architecture"].contents()
-    heads = _field(src, f"{arch}.attention.head_count"), _field(src, f"{arch}.attention.head_count_kv")
-    return _tensors(src), *heads
+    meta = ggufview.fields(path)
+    arch = meta["general.architecture"]
+    heads = int(meta[f"{arch}.attention.head_count"]), int(meta[f"{arch}.attention.head_count_kv"])
+    return [(t.name, tuple(reversed(t.shape))) for t in ggufview.tensors(path).values()], *heads
 
 
 class _GGUFInitParams(ctypes.Structure):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import gguf
@@ -10,28 +11,24 @@ from packager.archs import FAMILIES, LayerKind
 from packager.archs.layers import conv_layer
 from packager.errors import CorruptFileError
 from packager.quants import QUANTS
-from packager.source.gguf_check import check_layout
+from packager.source.gguf_check import Layout, check_layout
 from packager.spec.model import ModelSpec
 
 
-def open_gguf(path: Path) -> gguf.GGUFReader:
-    # GGUFReader trusts every count in the file (a lying array length makes it loop for
-    # ages): the layout is checked against the file's size first (packager.source.gguf_check).
-    check_layout(path)
-    try:
-        return gguf.GGUFReader(path)
-    except (ValueError, IndexError, OSError, KeyError, TypeError) as exc:
-        raise CorruptFileError(f"{path}: not a readable GGUF file ({exc}); re-download it") from None
+def open_gguf(path: Path) -> Layout:
+    """The GGUF's metadata and tensor table, every length checked against the file (packager.source.gguf_check);
+    values are decoded when asked for, so a 150k-token vocabulary costs nothing until read."""
+    return check_layout(path)
 
 
-def _field(reader: gguf.GGUFReader, key: str, default=None):
+def _field(reader: Layout, key: str, default=None):
     f = reader.fields.get(key)
     if f is None:
         return default
     try:
         return f.contents()
-    except (ValueError, IndexError, TypeError) as exc:  # e.g. a string that is not UTF-8
-        raise CorruptFileError(f"{reader.data.filename}: field {key} is unreadable ({exc}); re-download the GGUF") from None
+    except (ValueError, IndexError, TypeError, struct.error) as exc:  # e.g. a string that is not UTF-8
+        raise CorruptFileError(f"{reader.path}: field {key} is unreadable ({exc}); re-download the GGUF") from None
 
 
 def _int(value, key: str, path: Path) -> int:
@@ -43,7 +40,7 @@ def _int(value, key: str, path: Path) -> int:
     return value
 
 
-def _sliding(r: gguf.GGUFReader, arch: str, n_layers: int, path: Path) -> dict:
+def _sliding(r: Layout, arch: str, n_layers: int, path: Path) -> dict:
     """Which layers llama.cpp gives a sliding window: the GGUF's per-layer list, else its pattern (or the
     architecture's own), over the window it names; none where it names no window or the family has none."""
     pattern = next((f.gguf.swa_pattern for f in FAMILIES.values()
@@ -64,7 +61,7 @@ def _sliding(r: gguf.GGUFReader, arch: str, n_layers: int, path: Path) -> dict:
     return {"sliding_window": window, "sliding_layers": flags} if any(flags) else {}
 
 
-def _layers(r: gguf.GGUFReader, arch: str, hidden: int, n_heads: int, n_kv: int, head_dim: int) -> tuple[LayerKind, ...]:
+def _layers(r: Layout, arch: str, hidden: int, n_heads: int, n_kv: int, head_dim: int) -> tuple[LayerKind, ...]:
     """Each layer's kind where the GGUF mixes kinds, as llama.cpp tells them (its is_recr): a per-layer
     head_count_kv with zeros on LFM2's convolution layers, or Qwen3.5's recurrent_layers with its delta-net's
     sizes (R: (conv_kernel - 1) x (inner + 2 x groups x state) floats, S: state x inner); () for a plain
@@ -110,7 +107,7 @@ def spec_from_gguf(path: Path) -> tuple[ModelSpec, str | None]:
         architecture=arch, model_type=arch, n_layers=int(hp(gguf.Keys.LLM.BLOCK_COUNT)), hidden_size=hidden,
         intermediate_size=int(hp(gguf.Keys.LLM.FEED_FORWARD_LENGTH)), n_heads=n_heads,
         n_kv_heads=n_kv, head_dim=head_dim,
-        vocab_size=int(hp(gguf.Keys.LLM.VOCAB_SIZE, len(tokens.data) if tokens else 0)),
+        vocab_size=int(hp(gguf.Keys.LLM.VOCAB_SIZE, tokens.count if tokens else 0)),
         context_length=int(hp(gguf.Keys.LLM.CONTEXT_LENGTH, 2048)),
         tied_embeddings="output.weight" not in names,
         n_params=int(sum(int(t.n_elements) for t in r.tensors)),

@@ -216,7 +216,7 @@ def split_gguf(src: Path, dst: Path, part_bytes: int, *, quiet: bool = False) ->
 
 
 def read_table(path: Path) -> tuple[bytes, int, list[TensorInfo], list[int], np.memmap]:
-    """A GGUF's packed metadata, key count, tensor table and data offsets (gguf-py's reader; nothing copied)."""
+    """A GGUF's packed metadata, key count, tensor table and data offsets (its data mapped, nothing copied)."""
     reader = open_gguf(path)
     if reader.alignment != GGUF_ALIGNMENT:
         raise CorruptFileError(f"{path}: alignment {reader.alignment}, not llama.cpp's default {GGUF_ALIGNMENT}: "
@@ -225,10 +225,7 @@ def read_table(path: Path) -> tuple[bytes, int, list[TensorInfo], list[int], np.
         raise CorruptFileError(f"{path} is already a part of a split GGUF; join the parts first (llama-gguf-split --merge)")
     if not reader.tensors:
         raise CorruptFileError(f"{path} has no tensors; not a model GGUF")
-    data = reader.data
-    kv_end = reader.tensors[0].field.offset  # the tensor table starts where the keys end
-    kv_block = bytes(data[HEADER_BYTES:kv_end])
-    n_kv = int(np.frombuffer(bytes(data[16:24]), dtype="<u8")[0])
-    tensors = [TensorInfo(t.name, tuple(int(d) for d in reversed(t.shape)), int(t.tensor_type), int(t.n_bytes))
-               for t in reader.tensors]
-    return kv_block, n_kv, tensors, [int(t.data_offset) for t in reader.tensors], data
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    kv_block = bytes(data[HEADER_BYTES:reader.table_offset])  # the tensor table starts where the keys end
+    tensors = [TensorInfo(t.name, tuple(reversed(t.shape)), t.type, t.nbytes) for t in reader.tensors]
+    return kv_block, reader.n_kv, tensors, [t.offset for t in reader.tensors], data

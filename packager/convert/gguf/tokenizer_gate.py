@@ -160,6 +160,12 @@ def _keep_file_pre_tokenizer(hf: Any, path: Path) -> None:
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is None or not path.is_file():  # a slow (SentencePiece-only) tokenizer: nothing rebuilt
         return
+    try:  # the usual case, both as the file has them: no second Tokenizer built (it takes a second)
+        text = json.loads(path.read_text(encoding="utf-8"))
+        if all(text.get(part) == _state(getattr(backend, part)) for part in ("normalizer", "pre_tokenizer")):
+            return
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        pass
     from tokenizers import Tokenizer
 
     try:

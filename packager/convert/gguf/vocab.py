@@ -312,7 +312,10 @@ def _load_bpe(model_dir: Path, tok_json: Json, tok_config: Json, n_vocab: Any) -
     for a in added:
         text, kind = _added_type(a["content"], bool(a.get("special")))
         tokens[int(a["id"])], types[int(a["id"])] = text, int(kind)
-    special = gguf.SpecialVocab(model_dir, load_merges=True)
+    merges = _pair_merges(tok_json)
+    special = gguf.SpecialVocab(model_dir, load_merges=merges is None)
+    if merges is not None:
+        special.merges = merges
     if not special.merges:
         raise SourceError(
             f"{model_dir / 'tokenizer.json'}: a BPE tokenizer without merges; re-download the tokenizer files"
@@ -322,6 +325,21 @@ def _load_bpe(model_dir: Path, tok_json: Json, tok_config: Json, n_vocab: Any) -
         special_ids=_special_ids(special), add_special=_add_flags(special, tok_json, tok_config),
         chat_template=special.chat_template,
     )
+
+
+def _pair_merges(tok_json: Json) -> list[str] | None:
+    """tokenizer.json's merges stored as pairs (transformers >= 4.45), as gguf-py's SpecialVocab writes them.
+
+    SpecialVocab joins each pair one character at a time (a second for 150k merges, on every pack);
+    without spaces inside a token, which is what it would re-encode, the join is the same string.
+    None where SpecialVocab must read them itself (strings, merges.txt, spaces in a token).
+    """
+    merges = (tok_json.get("model") or {}).get("merges")
+    if not isinstance(merges, list) or not merges or not all(
+            isinstance(m, list) and len(m) == 2 and isinstance(m[0], str) and isinstance(m[1], str) and
+            " " not in m[0] and " " not in m[1] for m in merges):
+        return None
+    return [f"{a} {b}" for a, b in merges]
 
 
 def _special_ids(special: gguf.SpecialVocab) -> dict[str, int]:
