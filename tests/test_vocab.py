@@ -96,7 +96,7 @@ def tiny_spm_llama() -> Path:
 
     def build(tmp: Path) -> None:
         import sentencepiece as spm
-        from transformers import LlamaConfig, LlamaTokenizerFast
+        from transformers import LlamaTokenizerFast
 
         corpus = tmp / "corpus.txt"
         corpus.write_text(models.spm_corpus(4000), encoding="utf-8")
@@ -119,13 +119,14 @@ def tiny_spm_llama() -> Path:
         cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
         for f in ("corpus.txt", "sp.model", "sp.vocab"):
             (tmp / f).unlink()
-        config = LlamaConfig(
+        config = dict(  # config.json as transformers 4.57 wrote it (models._save_random writes it as it is)
+            models._LLAMA_LIKE, architectures=["LlamaForCausalLM"], model_type="llama",
             vocab_size=len(tok) + 5,  # padded embedding rows, as many checkpoints have
             hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=True,
+            num_key_value_heads=1, head_dim=32, max_position_embeddings=512, mlp_bias=False, pretraining_tp=1,
+            rms_norm_eps=1e-06, rope_scaling=None, rope_theta=10000.0, tie_word_embeddings=True,
             bos_token_id=1, eos_token_id=2,
         )
-        config.architectures = ["LlamaForCausalLM"]
         models._save_random(config, tmp, seed=2)
         im_end = tok.convert_tokens_to_ids("<|im_end|>")
         (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, im_end]}))
