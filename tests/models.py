@@ -583,30 +583,118 @@ def spm_corpus(n: int = 3000) -> str:
     return "\n".join(lines)
 
 
-def _gemma_tokenizer(out: Path) -> int:
-    """A real SentencePiece tokenizer laid out as Gemma's: <pad>/<eos>/<bos>/<unk> = 0..3, turn markers, no dummy prefix."""
-    import sentencepiece as spm
-    from transformers import GemmaTokenizerFast
+def _spm_merges(vocab: dict[str, int], scores: list[tuple[str, float]]) -> list[list[str]]:
+    """A SentencePiece BPE model's merges as transformers' converter (generate_merges, 4.57) derives them: every
+    split of a piece into two pieces, by the piece's score, highest first."""
+    merges = []
+    for piece, score in dict(scores).items():
+        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [[left, right] for left, right, _ in merges]
 
-    corpus = out / "corpus.txt"
-    corpus.write_text(spm_corpus(), encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(out / "sp"), vocab_size=1000, model_type="bpe",
+
+def _write_spm_tokenizer(out: Path, *, added: list[dict], normalizer, post_processor: dict, decoder: dict,
+                         config: dict, special_map: dict, chat_template: str, pre_tokenizer=None,
+                         tab_as_byte: bool = False) -> None:
+    """The files of a fast SentencePiece-BPE tokenizer (tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json, chat_template.jinja; added_tokens.json for ``added`` past the model's pieces) for
+    the out/tokenizer.model there, as transformers 4.57's converter and save_pretrained wrote them. Not through
+    transformers: 5.x's GemmaTokenizerFast(vocab_file=) and LlamaTokenizerFast(vocab_file=) no longer convert the
+    model (a 2.6 kB tokenizer.json, Phi-3's added ids off). ``tab_as_byte``: Gemma's extractor merges a tab as
+    <0x09>."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString((out / "tokenizer.model").read_bytes())
+    scores = [(p.piece, p.score) for p in proto.pieces]
+    vocab = {piece: i for i, (piece, _) in enumerate(scores)}
+    merge_vocab = dict(vocab, **({"\t": vocab["<0x09>"]} if tab_as_byte and "\t" not in vocab else {}))
+    _write_json(out / "tokenizer.json", {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer, "post_processor": post_processor, "decoder": decoder,
+        "model": {"type": "BPE", "dropout": None, "unk_token": proto.trainer_spec.unk_piece,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                  "byte_fallback": True, "ignore_merges": False, "vocab": vocab,
+                  "merges": _spm_merges(merge_vocab, scores)}})
+    decoder_cfg = {str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word",
+                                                   "special")} for a in added}
+    _write_json(out / "tokenizer_config.json", {"added_tokens_decoder": decoder_cfg, **config}, indent=2)
+    _write_json(out / "special_tokens_map.json", special_map, indent=2)
+    extra = {a["content"]: a["id"] for a in added if a["id"] >= len(vocab)}
+    if extra:
+        _write_json(out / "added_tokens.json", dict(sorted(extra.items())), indent=2)
+    (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+
+
+def _special_map_entry(content: str) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+
+_SPM_DECODER = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}]
+
+
+def _bos_template(bos: str, bos_id: int) -> dict:
+    return {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
+
+
+def train_spm(out: Path, corpus: str, **options) -> None:
+    """out/tokenizer.model: a SentencePiece model trained on ``corpus`` with ``options``, the training's own
+    paths (a temporary directory's name) left out of it so that the file depends on its recipe only."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "corpus.txt").write_text(corpus, encoding="utf-8")
+        spm.SentencePieceTrainer.train(input=str(Path(d) / "corpus.txt"), model_prefix=str(Path(d) / "sp"),
+                                       num_threads=1, minloglevel=2, **options)
+        proto = pb.ModelProto()
+        proto.ParseFromString((Path(d) / "sp.model").read_bytes())
+    proto.trainer_spec.ClearField("input")
+    proto.trainer_spec.ClearField("model_prefix")
+    (out / "tokenizer.model").write_bytes(proto.SerializeToString())
+
+
+def _gemma_tokenizer(out: Path) -> tuple[int, int]:
+    """A real SentencePiece tokenizer laid out as Gemma's: <pad>/<eos>/<bos>/<unk> = 0..3, turn markers, no dummy
+    prefix; its files as GemmaTokenizerFast wrote them in transformers 4.57. Returns (vocab size, <end_of_turn>)."""
+    train_spm(
+        out, spm_corpus(), vocab_size=1000, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
         pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
         user_defined_symbols=["<mask>", "[@BOS@]", "<start_of_turn>", "<end_of_turn>"],
         add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        split_digits=True, allow_whitespace_only_pieces=True, hard_vocab_limit=False, num_threads=1, minloglevel=2,
+        split_digits=True, allow_whitespace_only_pieces=True, hard_vocab_limit=False,
     )
-    (out / "sp.model").rename(out / "tokenizer.model")
-    for f in ("corpus.txt", "sp.vocab"):
-        (out / f).unlink()
-    tok = GemmaTokenizerFast(vocab_file=str(out / "tokenizer.model"))
-    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
-    tok.chat_template = GEMMA_CHAT_TEMPLATE
-    tok.save_pretrained(out)
-    added = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
-    return len(tok), next(a["id"] for a in added if a["content"] == "<end_of_turn>")
+    turns = ["<start_of_turn>", "<end_of_turn>"]
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[@BOS@]"] + turns
+    added = [_added_token(i, t, special=t not in ("<mask>", "[@BOS@]")) for i, t in enumerate(pieces)]
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString((out / "tokenizer.model").read_bytes())
+    assert [p.piece for p in proto.pieces[:8]] == pieces
+    _write_spm_tokenizer(
+        out, added=added, tab_as_byte=True,
+        normalizer={"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        pre_tokenizer={"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False},
+        post_processor=_bos_template("<bos>", 2), decoder={"type": "Sequence", "decoders": _SPM_DECODER},
+        config={"add_bos_token": True, "add_eos_token": False, "additional_special_tokens": turns,
+                "bos_token": "<bos>", "clean_up_tokenization_spaces": False, "eos_token": "<eos>",
+                "extra_special_tokens": {}, "model_max_length": 1000000000000000019884624838656,
+                "pad_token": "<pad>", "sp_model_kwargs": None, "spaces_between_special_tokens": False,
+                "tokenizer_class": "GemmaTokenizer", "unk_token": "<unk>", "use_default_system_prompt": False},
+        special_map={"additional_special_tokens": [_special_map_entry(t) for t in turns],
+                     **{k: _special_map_entry(f"<{k[:-6]}>") for k in ("bos_token", "eos_token", "pad_token",
+                                                                         "unk_token")}},
+        chat_template=GEMMA_CHAT_TEMPLATE,
+    )
+    return len(proto.pieces), pieces.index("<end_of_turn>")
 
 
 def tiny_gemma2() -> Path:
@@ -666,28 +754,60 @@ def tiny_gemma3() -> Path:
     return _atomic_build(CACHE / f"tiny-gemma3-v{FIXTURE_VERSION}.{GEMMA3_RECIPE}", build)
 
 
+# The tensors transformers 4.57 saved for Gemma3ForConditionalGeneration's SigLIP tower and projector at
+# tiny_gemma3_vision's sizes (hidden 32, MLP 64, one layer, 28-pixel images of 14-pixel patches, with the head).
+_SIGLIP = "vision_tower.vision_model."
+_SIGLIP_LAYER = [(f"{p}.{w}", shape) for p, shapes in [
+    ("layer_norm1", [(32,), (32,)]), ("layer_norm2", [(32,), (32,)]), ("mlp.fc1", [(64,), (64, 32)]),
+    ("mlp.fc2", [(32,), (32, 64)]), ("self_attn.k_proj", [(32,), (32, 32)]), ("self_attn.out_proj", [(32,), (32, 32)]),
+    ("self_attn.q_proj", [(32,), (32, 32)]), ("self_attn.v_proj", [(32,), (32, 32)])]
+    for w, shape in zip(("bias", "weight"), shapes)]
+GEMMA3_VISION_TENSORS = [
+    ("multi_modal_projector.mm_input_projection_weight", (32, 128)), ("multi_modal_projector.mm_soft_emb_norm.weight", (32,)),
+    (_SIGLIP + "embeddings.patch_embedding.bias", (32,)), (_SIGLIP + "embeddings.patch_embedding.weight", (32, 3, 14, 14)),
+    (_SIGLIP + "embeddings.position_embedding.weight", (4, 32)),
+    *[(_SIGLIP + "encoder.layers.0." + n, s) for n, s in _SIGLIP_LAYER],
+    (_SIGLIP + "head.attention.in_proj_bias", (96,)), (_SIGLIP + "head.attention.in_proj_weight", (96, 32)),
+    (_SIGLIP + "head.attention.out_proj.bias", (32,)), (_SIGLIP + "head.attention.out_proj.weight", (32, 32)),
+    (_SIGLIP + "head.layernorm.bias", (32,)), (_SIGLIP + "head.layernorm.weight", (32,)),
+    (_SIGLIP + "head.mlp.fc1.bias", (64,)), (_SIGLIP + "head.mlp.fc1.weight", (64, 32)),
+    (_SIGLIP + "head.mlp.fc2.bias", (32,)), (_SIGLIP + "head.mlp.fc2.weight", (32, 64)),
+    (_SIGLIP + "head.probe", (1, 1, 32)), (_SIGLIP + "post_layernorm.bias", (32,)),
+    (_SIGLIP + "post_layernorm.weight", (32,)),
+]
+
+
 def tiny_gemma3_vision() -> Path:
     """tiny_gemma3's language model (same weights) inside a Gemma3ForConditionalGeneration, with a tiny
-    random SigLIP vision tower and projector, saved as transformers saves the multimodal class."""
+    random SigLIP vision tower and projector, laid out as transformers 4.57 saved the multimodal class
+    (language_model.model.*, vision_tower.vision_model.*, multi_modal_projector.*; its config.json). Written
+    directly: 5.x saves the tower under other names (vision_tower.*) and its config in 5.x's form."""
 
     def build(tmp: Path) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+        from safetensors.torch import load_file, save_file
 
         text_dir = tiny_gemma3()
         for f in text_dir.iterdir():
-            if f.name not in ("config.json", "model.safetensors", ".complete"):
+            if f.name not in ("config.json", "model.safetensors", "generation_config.json", ".complete"):
                 shutil.copyfile(f, tmp / f.name)
-        text = AutoModelForCausalLM.from_pretrained(text_dir, dtype=torch.bfloat16)
-        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                    image_size=28, patch_size=14)
-        config = Gemma3Config(text_config=text.config.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
-                              boi_token_index=5, eoi_token_index=6, image_token_index=7)
-        config.architectures = ["Gemma3ForConditionalGeneration"]
-        torch.manual_seed(6)
-        model = Gemma3ForConditionalGeneration(config).to(torch.bfloat16)
-        model.model.language_model.load_state_dict(text.model.state_dict())
-        model.save_pretrained(tmp, safe_serialization=True)
+        tensors = {"language_model." + n: t for n, t in load_file(str(text_dir / "model.safetensors")).items()}
+        g = torch.Generator().manual_seed(6)
+        for name, shape in GEMMA3_VISION_TENSORS:
+            tensors[name] = (0.05 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        text = json.loads((text_dir / "config.json").read_text(encoding="utf-8"))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "transformers_version"):
+            text.pop(key)
+        _write_json(tmp / "config.json", {
+            "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 5, "eoi_token_index": 6,
+            "image_token_index": 7, "initializer_range": 0.02, "mm_tokens_per_image": 4, "model_type": "gemma3",
+            "text_config": text, "torch_dtype": "bfloat16", "transformers_version": "4.57.6",
+            "vision_config": {"attention_dropout": 0.0, "hidden_act": "gelu_pytorch_tanh", "hidden_size": 32,
+                              "image_size": 28, "intermediate_size": 64, "layer_norm_eps": 1e-06,
+                              "model_type": "siglip_vision_model", "num_attention_heads": 2, "num_channels": 3,
+                              "num_hidden_layers": 1, "patch_size": 14}}, indent=2)
+        _write_json(tmp / "generation_config.json", {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0})
 
     return _atomic_build(CACHE / f"tiny-gemma3-vision-v{FIXTURE_VERSION}.{GEMMA3_RECIPE}", build)
 
@@ -697,8 +817,6 @@ def _phi3_tokenizer(out: Path) -> None:
     (pieces, scores, types; Llama 2's normalizer), with Phi-3-mini-4k-instruct's added tokens and config."""
     import gguf
     from sentencepiece import sentencepiece_model_pb2 as pb
-    from tokenizers import AddedToken
-    from transformers import LlamaTokenizerFast
 
     reader = gguf.GGUFReader(vocab_dir() / "ggml-vocab-phi-3.gguf")
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
@@ -718,29 +836,29 @@ def _phi3_tokenizer(out: Path) -> None:
     norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces, norm.escape_whitespaces = "identity", True, False, True
     (out / "tokenizer.model").write_bytes(proto.SerializeToString())
 
-    # legacy=True: the tokenizer.json normalizer prepends "\u2581" as the hub's Phi-3 file does.
-    tok = LlamaTokenizerFast(vocab_file=str(out / "tokenizer.model"), legacy=True, add_prefix_space=True,
-                             add_bos_token=False,
-                             eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    added = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+    # The files of LlamaTokenizerFast(legacy=True, add_prefix_space=True) in transformers 4.57, and the hub's
+    # quirks: </s> is not flagged special (llama.cpp then makes it user-defined), the chat tokens strip right.
+    names = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
              "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
-    tok.add_tokens([AddedToken(t, rstrip=t != "<|endoftext|>", lstrip=False, normalized=False, special=True)
-                    for t in added], special_tokens=True)
-    assert tok.convert_tokens_to_ids("<|user|>") == 32010
-    tok.chat_template = PHI3_CHAT_TEMPLATE
-    tok.save_pretrained(out)
-    # As the hub's files have it: </s> is not flagged special (llama.cpp then makes it user-defined).
-    cfg = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
-    cfg["added_tokens_decoder"]["2"].update(special=False, rstrip=True)
-    cfg.pop("add_prefix_space", None)
-    cfg.update(tokenizer_class="LlamaTokenizer", legacy=False, model_max_length=4096, padding_side="left",
-               clean_up_tokenization_spaces=False)
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
-    tj = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
-    for a in tj["added_tokens"]:
-        if a["id"] == 2:
-            a.update(special=False, rstrip=True)
-    (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    added = [_added_token(0, "<unk>"), _added_token(1, "<s>"), dict(_added_token(2, "</s>", special=False), rstrip=True)]
+    added += [dict(_added_token(32000 + i, t), rstrip=t != "<|endoftext|>") for i, t in enumerate(names)]
+    _write_spm_tokenizer(
+        out, added=added,
+        normalizer={"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+        post_processor={"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+                        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                        "special_tokens": {}},
+        decoder={"type": "Sequence", "decoders": _SPM_DECODER + [{"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        config={"add_bos_token": False, "add_eos_token": False, "bos_token": "<s>", "clean_up_tokenization_spaces": False,
+                "eos_token": "<|endoftext|>", "extra_special_tokens": {}, "legacy": False, "model_max_length": 4096,
+                "pad_token": "<|endoftext|>", "sp_model_kwargs": {}, "spaces_between_special_tokens": False,
+                "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>", "use_default_system_prompt": False,
+                "padding_side": "left"},
+        special_map={"bos_token": _special_map_entry("<s>"), "eos_token": _special_map_entry("<|endoftext|>"),
+                     "pad_token": _special_map_entry("<|endoftext|>"), "unk_token": _special_map_entry("<unk>")},
+        chat_template=PHI3_CHAT_TEMPLATE,
+    )
 
 
 def _tiny_phi3(name: str, seed: int, **overrides) -> Path:

