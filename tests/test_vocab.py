@@ -95,40 +95,54 @@ def tiny_spm_llama() -> Path:
     """A random 1-layer Llama whose tokenizer is a real Llama-2-style SentencePiece BPE model."""
 
     def build(tmp: Path) -> None:
-        import sentencepiece as spm
-        from transformers import LlamaConfig, LlamaTokenizerFast
+        from sentencepiece import sentencepiece_model_pb2 as pb
 
-        corpus = tmp / "corpus.txt"
-        corpus.write_text(models.spm_corpus(4000), encoding="utf-8")
-        spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(tmp / "sp"), vocab_size=1000, model_type="bpe",
+        models.train_spm(
+            tmp, models.spm_corpus(4000), vocab_size=1000, model_type="bpe",
             byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
-            split_digits=True, allow_whitespace_only_pieces=True, hard_vocab_limit=False, num_threads=1,
-            minloglevel=2,
+            split_digits=True, allow_whitespace_only_pieces=True, hard_vocab_limit=False,
         )
-        # Llama 2's layout: tokenizer.model + a legacy tokenizer.json (prepend ▁, spaces to ▁).
-        tok = LlamaTokenizerFast(vocab_file=str(tmp / "sp.model"), legacy=True, add_prefix_space=True)
-        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-        tok.add_tokens(["<tool>", "\u2581hello\u2581world"])  # user-defined, one with SentencePiece spaces
-        tok.chat_template = CHATML
-        tok.save_pretrained(tmp)
-        cfg_path = tmp / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        cfg.pop("add_prefix_space", None)  # the hub's Llama 2 files do not carry it
-        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
-        for f in ("corpus.txt", "sp.model", "sp.vocab"):
-            (tmp / f).unlink()
-        config = LlamaConfig(
-            vocab_size=len(tok) + 5,  # padded embedding rows, as many checkpoints have
+        proto = pb.ModelProto()
+        proto.ParseFromString((tmp / "tokenizer.model").read_bytes())
+        n = len(proto.pieces)
+        # Llama 2's layout: tokenizer.model + a legacy tokenizer.json (prepend ▁, spaces to ▁), as
+        # LlamaTokenizerFast(legacy=True, add_prefix_space=True) of transformers 4.57 wrote it, with two special
+        # tokens and two user-defined ones (one with SentencePiece spaces).
+        im = ["<|im_start|>", "<|im_end|>"]
+        added = [models._added_token(i, t) for i, t in enumerate(["<unk>", "<s>", "</s>"] + im)]
+        added[3:] = [models._added_token(n + i, t) for i, t in enumerate(im)]
+        added += [dict(models._added_token(n + 2 + i, t, special=False), normalized=True)
+                  for i, t in enumerate(["<tool>", "\u2581hello\u2581world"])]
+        models._write_spm_tokenizer(
+            tmp, added=added,
+            normalizer={"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "\u2581"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+            post_processor=models._bos_template("<s>", 1),
+            decoder={"type": "Sequence", "decoders": models._SPM_DECODER + [
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            config={"add_bos_token": True, "add_eos_token": False, "additional_special_tokens": im,
+                    "bos_token": "<s>", "clean_up_tokenization_spaces": False, "eos_token": "</s>",
+                    "extra_special_tokens": {}, "legacy": True,
+                    "model_max_length": 1000000000000000019884624838656, "pad_token": None, "sp_model_kwargs": {},
+                    "spaces_between_special_tokens": False, "tokenizer_class": "LlamaTokenizer",
+                    "unk_token": "<unk>", "use_default_system_prompt": False},
+            special_map={"additional_special_tokens": [models._special_map_entry(t) for t in im],
+                         "bos_token": models._special_map_entry("<s>"), "eos_token": models._special_map_entry("</s>"),
+                         "unk_token": models._special_map_entry("<unk>")},
+            chat_template=CHATML,
+        )
+        config = dict(  # config.json as transformers 4.57 wrote it (models._save_random writes it as it is)
+            models._LLAMA_LIKE, architectures=["LlamaForCausalLM"], model_type="llama",
+            vocab_size=n + 4 + 5,  # padded embedding rows, as many checkpoints have
             hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=True,
+            num_key_value_heads=1, head_dim=32, max_position_embeddings=512, mlp_bias=False, pretraining_tp=1,
+            rms_norm_eps=1e-06, rope_scaling=None, rope_theta=10000.0, tie_word_embeddings=True,
             bos_token_id=1, eos_token_id=2,
         )
-        config.architectures = ["LlamaForCausalLM"]
         models._save_random(config, tmp, seed=2)
-        im_end = tok.convert_tokens_to_ids("<|im_end|>")
-        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, im_end]}))
+        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, n + 1]}))
 
     return models._atomic_build(models.CACHE / f"tiny-spm-llama-v{models.FIXTURE_VERSION}.{SPM_RECIPE}", build)
 
