@@ -160,6 +160,27 @@ def test_vocab_is_the_converter_s_gemma4_kind():
     assert types["<0x0A>"] == t.BYTE and types["\u2581the"] == t.NORMAL and set(vocab.scores) == {-1000.0}
 
 
+def test_a_gguf_source_s_spec_knows_the_same_layers(tmp_path):
+    """pack plan model.gguf: the layers, head dims and shared caches from the GGUF's keys as our converter writes
+    them (no vocabulary: gguf-py's reader takes ~50 s over Gemma 4's), and so the same KV as the checkpoint's."""
+    from packager import archs
+    from packager.spec.gguf import spec_from_gguf
+
+    cfg = dict(models.GEMMA4_TINY_CONFIG)
+    path = tmp_path / "keys.gguf"
+    w = gguf.GGUFWriter(path, "gemma4")
+    archs.write_hparams(archs.arch_for("Gemma4ForCausalLM"), cfg, w)
+    w.add_file_type(1)
+    archs.arch_for("Gemma4ForCausalLM").after_file_type(cfg, w)
+    w.add_vocab_size(cfg["vocab_size"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    spec, ckpt = spec_from_gguf(path)[0], load_spec(models.tiny_gemma4())
+    assert spec.layer_kinds == ckpt.layer_kinds and spec.sliding_window == 32
+    assert kv_bytes(spec, 4096, "f16", windowed=True) == kv_bytes(ckpt, 4096, "f16", windowed=True)
+
+
 # -- against llama.cpp's converter and quantizer ---------------------------------------------------------
 
 def test_f16_is_byte_identical_to_convert_hf_to_gguf(f16):
@@ -185,3 +206,130 @@ def test_quantized_equals_llama_quantize(quant, tmp_path):
     ours = tmp_path / f"gemma4-{quant}.gguf"
     convert(resolve(models.tiny_gemma4(), hash_files=False, quiet=True), get_quant(quant), ours, quiet=True)
     _assert_same(ours, ref, keys=False)
+
+
+_HF_LOGITS = """
+import json, sys
+import numpy as np, torch, transformers
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+with torch.no_grad():
+    np.save(sys.argv[3], model(torch.tensor([json.loads(sys.argv[2])])).logits[0].numpy())
+"""
+
+
+def _transformers_5() -> str:
+    """A Python whose transformers has Gemma 4: this one, else the transformers 5 venv beside it; skip without."""
+    transformers = pytest.importorskip("transformers")
+    if hasattr(transformers, "Gemma4ForCausalLM"):
+        return sys.executable
+    if T5_PYTHON.is_file():
+        return str(T5_PYTHON)
+    pytest.skip(f"transformers {transformers.__version__} has no Gemma 4, and no transformers 5 at {T5_PYTHON}")
+
+
+@pytest.mark.slow  # transformers 5's import and load in a second interpreter: ~40-80 s here
+def test_f16_logits_match_transformers(f16, tmp_path):
+    """llama.cpp's gemma4 (per-layer inputs, shared caches, both head dims, proportional RoPE through rope_freqs,
+    past the 32-token window) computes transformers 5's f32 logits of the checkpoint. ggml's GELU is a table
+    lookup, so single positions dip to ~0.9997; on average they agree to 1e-4."""
+    python = _transformers_5()
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(f16), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    prompt = ("<|turn>user\nThe quick brown fox jumps over the lazy dog while small language models run on phones, "
+              "12345. Gemma shares its caches.<turn|>\n<|turn>model\n")
+    ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    llm.eval(ids)
+    ours = np.array(llm.scores[: len(ids)])
+    llm.close()
+    # -P: the repository's kernels/ folder would shadow the hub's kernels package transformers imports
+    subprocess.run([python, "-P", "-c", _HF_LOGITS, str(models.tiny_gemma4()), json.dumps(ids), str(tmp_path / "hf.npy")],
+                   check=True, capture_output=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+    hf = np.load(tmp_path / "hf.npy")
+    cos = (ours * hf).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(hf, axis=-1)
+    assert len(ids) > 32  # past the sliding window
+    assert cos.min() > 0.999 and cos.mean() > 0.9999, cos
+    assert (ours.argmax(-1) == hf.argmax(-1)).mean() >= 0.9
+
+
+# -- the bundle: plan against llama.cpp's allocation, chat -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from packager.pack.options import PackOptions
+    from packager.pack.pipeline import pack_model
+
+    out = tmp_path_factory.mktemp("gemma4-dist")
+    return pack_model(str(models.tiny_gemma4()), PackOptions(quant="Q4_K_M", n_ctx=4096, output=out, quiet=True)).path
+
+
+@pytest.mark.parametrize(("n_ctx", "flash"), [(1024, None), (4096, None), (4096, True)])
+def test_plan_kv_equals_what_llama_cpp_allocates_at_load(bundle, n_ctx, flash):
+    """The full layers' cache over the context and the sliding layers' over the window, nothing for the shared
+    layers, against llama.cpp's two KV buffer lines (iswa: one cache of each kind) within 3%: with flash
+    attention off (edgepack's f16 default, V padded to the full layers' width) and on."""
+    import packager
+    from packager.plan.planner import memory, scheme
+
+    overrides = {} if flash is None else {"flash_attn": flash}
+    with models.logged_kv_buffers() as kv:
+        model = packager.load(bundle, n_ctx=n_ctx, **overrides)
+    model.close()
+    spec = load_spec(models.tiny_gemma4())
+    plan = memory(spec, scheme("gguf", "Q4_K_M"), n_ctx, "f16")
+    planned = (plan.kv_cache if flash is None else kv_bytes(spec, n_ctx, "f16", windowed=True, flash_attn=True))
+    assert len(kv) == 2, kv  # the non-SWA cache (layers 1, 3) and the SWA cache (layers 0, 2)
+    assert planned / (1 << 20) == pytest.approx(sum(kv), rel=0.03), (planned, kv)
+    assert plan.state == 0
+    print(f"n_ctx {n_ctx} flash {flash}: planned KV {planned / (1 << 20):.2f} MiB; llama.cpp {kv} MiB")
+
+
+def test_chat_through_load_twice_the_same_and_a_next_turn_as_a_fresh_load(bundle):
+    import packager
+
+    man = json.loads((bundle / "manifest.json").read_text())
+    assert man["format"] == "gguf" and [k["kv_source"] for k in man["spec"]["layers"]] == [None] * 4 + [2, 3]
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    with packager.load(bundle, n_threads=1, n_ctx=256) as m:
+        one = m.chat(question, max_tokens=8)
+        assert one and m.chat(question, max_tokens=8) == one  # the same again in the same session
+        turn = question + [{"role": "assistant", "content": one}, {"role": "user", "content": "And Spain?"}]
+        two = m.chat(turn, max_tokens=8)
+    with packager.load(bundle, n_threads=1, n_ctx=256) as m:
+        assert m.chat(turn, max_tokens=8) == two  # greedy: what the session reused gives a fresh load's reply
+        assert m.chat(question, max_tokens=8) == one
+
+
+# -- bad input through the CLI: one line, exit 2, nothing written -------------------------------------------
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "packager.cli", *args], capture_output=True, text=True, env=ENV)
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    # layers 0 and 1 swapped: layer 0's weights are a sliding layer's (head dim 32), not a full one's
+    ({"layer_types": ["full_attention", "sliding_attention", "sliding_attention", "full_attention",
+                      "sliding_attention", "full_attention"]}, "make layer 0 a full-attention layer of head dim 64"),
+    # no shared layers: layers 4 and 5 would need K and V of their own, which the weights do not have
+    ({"num_kv_shared_layers": 0}, "have no blk.4.attn_k.weight"),
+], ids=["kinds-swapped", "not-shared"])
+@pytest.mark.parametrize("command", ["plan", "model"])
+def test_layer_kinds_against_the_weights_refused_before_writing(command, change, says, tmp_path):
+    src, out = models.linked_variant(models.tiny_gemma4(), tmp_path / "gemma4", **change), tmp_path / "dist"
+    r = _cli(*(["plan", str(src)] if command == "plan" else ["model", str(src), "--output", str(out), "--quiet"]))
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and says in lines[0], r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["plan", "model"])
+def test_onnx_is_refused_in_one_line(command, tmp_path):
+    out = tmp_path / "dist"
+    args = (["plan", str(models.tiny_gemma4()), "--format", "onnx", "--target", "laptop"] if command == "plan" else
+            ["model", str(models.tiny_gemma4()), "--format", "onnx", "--output", str(out), "--quiet"])
+    r = _cli(*args)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "shared-KV layers" in lines[0] and "--format gguf" in lines[0], r.stderr
+    assert not out.exists()

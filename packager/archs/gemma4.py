@@ -207,6 +207,7 @@ def _skip(src: str) -> bool:
 
 GEMMA4 = Arch(ARCH, extra_hparams=_hparams, common_hparams=False, own_hparams=True, after_file_type=_after_file_type,
               extra_tensors=_rope_freqs, trim_embedding=True, qk_norm=True, skip=_skip,
+              swa_pattern=6,  # a GGUF source's spec reads the layers' list, which every gemma4 GGUF has
               # transformers' layer_scalar is a buffer without a .weight suffix; the converter adds it
               renames=((".layer_scalar", ".layer_scalar.weight"),))
 register(Family(("Gemma4ForCausalLM",), gguf=GEMMA4, onnx_refusal=ONNX_REFUSAL, layers=_layers, tensors=_tensors,
