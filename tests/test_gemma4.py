@@ -5,7 +5,8 @@ what it cannot be, refused.
 The fixture (tests/models.tiny_gemma4) is a random 6-layer Gemma 4 text model (sliding, full, x3; sliding heads
 of 32, full heads of 64; layers 4 and 5 read the caches of layers 2 and 3 and have a double-wide FFN; 16-wide
 per-layer inputs) with Gemma 4's real 262k vocabulary. Its config is transformers 5.25's save of
-Gemma4TextConfig written out, so the fixture builds on transformers 4.57 (no Gemma 4 class) too.
+Gemma4TextConfig written out, so the fixture builds on transformers 4.57 (no Gemma 4 class) too. The tests
+against llama.cpp's tools and the bundle's are slow (the 262k vocabulary: a pack takes about a minute here).
 """
 
 from __future__ import annotations
@@ -183,6 +184,7 @@ def test_a_gguf_source_s_spec_knows_the_same_layers(tmp_path):
 
 # -- against llama.cpp's converter and quantizer ---------------------------------------------------------
 
+@pytest.mark.slow  # the reference converter / a whole pack of the 262k-vocabulary fixture
 def test_f16_is_byte_identical_to_convert_hf_to_gguf(f16):
     """Every tensor (rope_freqs generated first, no attn_k/attn_v on the shared layers, the per-layer input
     tensors, layer_output_scale) and every key in its order, against convert_hf_to_gguf.py --outtype f16."""
@@ -198,6 +200,7 @@ def test_f16_is_byte_identical_to_convert_hf_to_gguf(f16):
     assert freqs.tolist() == np.array([1.0] * 8 + [1e30] * 24, dtype=np.float32).tolist()
 
 
+@pytest.mark.slow  # the reference converter / a whole pack of the 262k-vocabulary fixture
 @pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M"])
 def test_quantized_equals_llama_quantize(quant, tmp_path):
     """Types per tensor (per_layer_token_embd as token_embd, per_layer_model_proj kept, attn_v counted on the
@@ -263,6 +266,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return pack_model(str(models.tiny_gemma4()), PackOptions(quant="Q4_K_M", n_ctx=4096, output=out, quiet=True)).path
 
 
+@pytest.mark.slow  # the reference converter / a whole pack of the 262k-vocabulary fixture
 @pytest.mark.parametrize(("n_ctx", "flash"), [(1024, None), (4096, None), (4096, True)])
 def test_plan_kv_equals_what_llama_cpp_allocates_at_load(bundle, n_ctx, flash):
     """The full layers' cache over the context and the sliding layers' over the window, nothing for the shared
@@ -284,6 +288,7 @@ def test_plan_kv_equals_what_llama_cpp_allocates_at_load(bundle, n_ctx, flash):
     print(f"n_ctx {n_ctx} flash {flash}: planned KV {planned / (1 << 20):.2f} MiB; llama.cpp {kv} MiB")
 
 
+@pytest.mark.slow  # the reference converter / a whole pack of the 262k-vocabulary fixture
 def test_chat_through_load_twice_the_same_and_a_next_turn_as_a_fresh_load(bundle):
     import packager
 
