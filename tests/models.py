@@ -1127,3 +1127,39 @@ def tiny_gemma4() -> Path:
         (tmp / "LICENSE").write_text("Apache License 2.0 (test fixture)\n")
 
     return _atomic_build(CACHE / f"tiny-gemma4-v{FIXTURE_VERSION}.{GEMMA4_RECIPE}", build)
+
+
+def tiny_gemma4_vision() -> Path:
+    """tiny_gemma4's tensors as Gemma4ForConditionalGeneration stores them (model.language_model.*) beside a
+    one-layer vision tower, its embedder and an audio embedder (random, never read by the bundle), its config
+    the text config under text_config as transformers 5.25 nests it."""
+
+    def build(tmp: Path) -> None:
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        text_dir = tiny_gemma4()
+        for f in text_dir.iterdir():
+            if f.name not in ("config.json", "model.safetensors", ".complete"):
+                shutil.copyfile(f, tmp / f.name)
+        tensors = {n.replace("model.", "model.language_model.", 1): t
+                   for n, t in load_file(str(text_dir / "model.safetensors")).items()}
+        g = torch.Generator().manual_seed(44)
+        for name, shape in [("model.vision_tower.patch_embedder.input_proj.weight", (32, 768)),
+                            ("model.vision_tower.encoder.layers.0.self_attn.q_proj.linear.weight", (32, 32)),
+                            ("model.vision_tower.encoder.layers.0.input_layernorm.weight", (32,)),
+                            ("model.embed_vision.embedding_projection.weight", (64, 32)),
+                            ("model.audio_tower.layers.0.feed_forward.weight", (32, 32)),
+                            ("model.embed_audio.embedding_projection.weight", (64, 32))]:
+            tensors[name] = (0.05 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        inner = {k: v for k, v in GEMMA4_TINY_CONFIG.items() if k not in ("architectures", "transformers_version")}
+        cfg = {"architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4", "text_config": inner,
+               "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                 "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
+                                 "model_type": "gemma4_vision"},
+               "audio_config": None, "image_token_id": 258880, "audio_token_id": 258881,
+               "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "5.25.0"}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    return _atomic_build(CACHE / f"tiny-gemma4-vision-v{FIXTURE_VERSION}.{GEMMA4_RECIPE}", build)

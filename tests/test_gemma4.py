@@ -255,6 +255,24 @@ def test_f16_logits_match_transformers(f16, tmp_path):
     assert (ours.argmax(-1) == hf.argmax(-1)).mean() >= 0.9
 
 
+@pytest.mark.slow  # the reference converter, and a pack, of a second 262k-vocabulary checkpoint
+def test_conditional_generation_packs_its_language_model(f16, tmp_path):
+    """Gemma4ForConditionalGeneration (model.language_model.*, vision and audio towers and their embedders): the
+    GGUF is llama.cpp's converter's and holds the text-only checkpoint's very tensors; the pack says what it left
+    out, in one line."""
+    from packager.pack.options import PackOptions
+    from packager.pack.pipeline import pack_model
+
+    src = models.tiny_gemma4_vision()
+    ours = tmp_path / "vision-F16.gguf"
+    convert(resolve(src, hash_files=False, quiet=True), get_quant("F16"), ours, quiet=True)
+    _assert_same(ours, oracle.reference_gguf(src, "f16"))
+    assert _read_gguf(ours)[1] == _read_gguf(f16)[1]
+    result = pack_model(str(src), PackOptions(quant="Q8_0", output=tmp_path / "dist", quiet=True))
+    notes = [w for w in result.warnings if "vision and audio towers" in w]
+    assert len(notes) == 1 and "\n" not in notes[0]
+
+
 # -- the bundle: plan against llama.cpp's allocation, chat -----------------------------------------------
 
 @pytest.fixture(scope="module")
