@@ -138,6 +138,20 @@ def test_kv_counts_owned_caches_and_pads_v_without_flash_attention():
     assert kv_bytes(spec, cells, "q8_0", windowed=True) == int(2 * k * 34 / 32)  # quantized V: flash attention on
 
 
+def test_decode_reads_one_row_of_the_per_layer_inputs_table():
+    """A token reads its row of per_layer_token_embd (96 of its 262144 x 96 values) and the whole per-layer
+    projection, not the table: the roofline's bytes per token, where the table is ~27x the rest of the model."""
+    from packager.formats.gguf import gguf_layout
+    from packager.quants import tensor_bytes
+
+    spec = spec_from_config(models.GEMMA4_TINY_CONFIG)
+    layout = gguf_layout(spec, get_quant("Q8_0"))
+    table = tensor_bytes(QT.Q8_0, (262144, 96))  # llama.cpp's quantizer treats it as token_embd: Q8_0 here
+    proj = tensor_bytes(QT.F16, (96, 64)) + tensor_bytes(QT.F32, (16,))  # per_layer_model_proj is never quantized
+    assert layout.other >= table + proj
+    assert layout.per_token == sum(layout.per_layer) + layout.output + layout.embedding + table // 262144 + proj
+
+
 @pytest.mark.parametrize(("change", "match"), [
     ({"layer_types": ["sliding_attention", "full_attention", "full_attention", "sliding_attention",
                       "sliding_attention", "full_attention"]}, "sliding then full"),

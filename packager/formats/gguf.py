@@ -189,7 +189,7 @@ def gguf_layout(spec: ModelSpec, quant: QuantType, tensors: Sequence[Tensor] | N
     repack = repack_types(arch)
     per_layer = [0] * spec.n_layers
     repacked = [0] * spec.n_layers
-    embedding = output = other = largest = 0
+    embedding = output = other = largest = per_layer_inputs = 0
     counts: dict[str, int] = {}
     for name, shape in tensors:
         qt = types[name]
@@ -207,9 +207,14 @@ def gguf_layout(spec: ModelSpec, quant: QuantType, tensors: Sequence[Tensor] | N
             output += n
         else:
             other += n
+            if name == "per_layer_token_embd.weight":  # Gemma 4's per-layer inputs: a token reads its one row
+                per_layer_inputs += n // max(shape[0], 1)
+            elif name.startswith("per_layer_"):  # their projection from the hidden state: read every token
+                per_layer_inputs += n
     # Decoding a token reads every layer and the output matrix (the embedding itself when tied);
     # an untied embedding contributes one row.
-    per_token = sum(per_layer) + output + (embedding if tied else embedding // max(spec.vocab_size, 1))
+    per_token = (sum(per_layer) + output + (embedding if tied else embedding // max(spec.vocab_size, 1))
+                 + per_layer_inputs)
     return WeightLayout("gguf", tuple(per_layer), embedding, output, other, per_token, largest,
                         tuple(repacked), counts)
 
