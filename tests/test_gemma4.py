@@ -152,6 +152,27 @@ def test_decode_reads_one_row_of_the_per_layer_inputs_table():
     assert layout.per_token == sum(layout.per_layer) + layout.output + layout.embedding + table // 262144 + proj
 
 
+def test_decode_reads_the_shared_layers_sources_caches_again():
+    """Layers 4 and 5 allocate no cache but attend over layers 2's and 3's: a decode step reads those again, and
+    the plan's decode line counts them (half of all the KV read, on average over the context)."""
+    from packager.formats.base import shared_kv_reads
+    from packager.plan.planner import plan
+    from packager.plan.targets import load_target
+
+    spec = spec_from_config(models.GEMMA4_TINY_CONFIG)
+    assert shared_kv_reads(spec, 4096, "f16") == kv_bytes(spec, 4096, "f16", layers=[2, 3], windowed=True) > 0
+    assert shared_kv_reads(spec, 4096, "f16", layers=range(4)) == 0
+    assert shared_kv_reads(spec_from_config(dict(models.GEMMA4_TINY_CONFIG, num_kv_shared_layers=0)), 4096, "f16") == 0
+    # E2B-sized heads (8 KV heads of 256 and 512) and a long context, so the figure shows in the line's GB
+    wide = spec_from_config(dict(models.GEMMA4_TINY_CONFIG, num_attention_heads=8, num_key_value_heads=8,
+                                 head_dim=256, per_layer_config={str(i): {"head_dim": 512} for i in (1, 3, 5)},
+                                 max_position_embeddings=32768))
+    p = plan(wide, load_target("laptop"))
+    line = next(x for x in p.explain if x.startswith("decode:"))
+    own, reads = kv_bytes(wide, p.n_ctx, p.kv_type, windowed=True), shared_kv_reads(wide, p.n_ctx, p.kv_type)
+    assert reads > 0.1e9 and f"{(own + reads) / 2 / 1e9:.2f} GB half the KV cache" in line, (line, own, reads)
+
+
 @pytest.mark.parametrize(("change", "match"), [
     ({"layer_types": ["sliding_attention", "full_attention", "full_attention", "sliding_attention",
                       "sliding_attention", "full_attention"]}, "sliding then full"),

@@ -98,6 +98,16 @@ def kv_bytes(spec: ModelSpec, n_ctx: int, kv_type: str, n_layers: int | None = N
     return int(elems * KV_BYTES[kv_type])
 
 
+def shared_kv_reads(spec: ModelSpec, n_ctx: int, kv_type: str, layers: Iterable[int] | None = None) -> int:
+    """The KV that layers reading another layer's cache (Gemma 4's shared-KV layers) among ``layers`` (default:
+    all) read, at the full cache: their sources' caches once more each. They allocate nothing (kv_bytes skips
+    them), but a decode step reads it; 0 for every model without such layers (llama.cpp's windowed cache)."""
+    kinds = spec.layer_kinds
+    sources = [kinds[i].kv_source for i in (range(spec.n_layers) if layers is None else layers)
+               if kinds[i].kv_source is not None]
+    return sum(kv_bytes(spec, n_ctx, kv_type, layers=[j], windowed=True) for j in sources)
+
+
 STATE_BYTES = 4  # llama.cpp's recurrent state is F32 whatever --cache-type-k/v say (llama-model.cpp create_memory)
 
 
