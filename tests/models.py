@@ -1172,3 +1172,205 @@ def random_qwen35(name: str, config: dict, max_shard_bytes: int = 4 << 30) -> Pa
 
 
 BENCH_MODELS["qwen3.5-4b"] = lambda: random_qwen35("qwen3.5-4b", QWEN35_4B_CONFIG)
+
+
+# Gemma 4 E2B/E4B's shape in miniature (issue 27): transformers 5.25's save of
+# Gemma4TextConfig(vocab_size=262144, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+# num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64, sliding_window=32,
+# max_position_embeddings=4096, num_kv_shared_layers=2, hidden_size_per_layer_input=16,
+# vocab_size_per_layer_input=262144, use_double_wide_mlp=True, layer_types=[sliding, full] * 3).
+# Written as JSON so that the fixture needs no transformers 5 (4.57 has no Gemma 4): sliding layers of head
+# dim 32 and full layers of 64 (per_layer_config, as 5.25 saves global_head_dim), the last two layers
+# reading the cache of layers 2 and 3 (num_kv_shared_layers) with a double-wide FFN, per-layer inputs.
+GEMMA4_TINY_CONFIG = {
+    "architectures": ["Gemma4ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "attention_k_eq_v": False, "bos_token_id": 2, "enable_moe_block": False, "eos_token_id": 1,
+    "final_logit_softcapping": None, "head_dim": 32, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 64,
+    "hidden_size_per_layer_input": 16, "initializer_range": 0.02, "intermediate_size": 128,
+    "layer_types": ["sliding_attention", "full_attention"] * 3, "max_position_embeddings": 4096,
+    "model_type": "gemma4_text", "moe_intermediate_size": None, "num_attention_heads": 2, "num_experts": None,
+    "num_hidden_layers": 6, "num_key_value_heads": 1, "num_kv_shared_layers": 2, "pad_token_id": 0,
+    "per_layer_config": {"1": {"head_dim": 64}, "3": {"head_dim": 64}, "5": {"head_dim": 64}},
+    "rms_norm_eps": 1e-06,
+    "rope_parameters": {"full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0,
+                                           "rope_type": "proportional"},
+                        "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"}},
+    "sliding_window": 32, "tie_word_embeddings": True, "top_k_experts": None, "transformers_version": "5.25.0",
+    "use_bidirectional_attention": None, "use_cache": True, "use_double_wide_mlp": True, "vocab_size": 262144,
+    "vocab_size_per_layer_input": 262144,
+}
+GEMMA4_RECIPE = "1"
+# Gemma 4's turn format (its hub template, without tools, images or thinking).
+GEMMA4_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' + message['content'] "
+    "| trim + '<turn|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|turn>model\\n' }}{% endif %}"
+)
+
+
+def gemma4_tensor_shapes(cfg: dict, prefix: str = "model.") -> list[tuple[str, tuple[int, ...]]]:
+    """The state dict of Gemma4ForCausalLM (transformers 5.25, read on the meta device) for a config: the
+    shared-KV layers hold no k_proj, v_proj or k_norm; full layers have their own head dim; lm_head is tied."""
+    h, ff, v, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    nh, nkv, p = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size_per_layer_input"]
+    first_shared = n - cfg["num_kv_shared_layers"]
+    out = [(f"{prefix}embed_tokens.weight", (v, h))]
+    for i, kind in enumerate(cfg["layer_types"]):
+        hd = cfg["per_layer_config"][str(i)]["head_dim"] if kind == "full_attention" else cfg["head_dim"]
+        wide = ff * (2 if cfg["use_double_wide_mlp"] and i >= first_shared else 1)
+        a, q = f"{prefix}layers.{i}.", f"{prefix}layers.{i}.self_attn."
+        out += [(f"{a}layer_scalar", (1,)), (f"{q}q_proj.weight", (nh * hd, h)), (f"{q}q_norm.weight", (hd,))]
+        if i < first_shared:
+            out += [(f"{q}k_norm.weight", (hd,)), (f"{q}k_proj.weight", (nkv * hd, h)),
+                    (f"{q}v_proj.weight", (nkv * hd, h))]
+        out += [(f"{q}o_proj.weight", (h, nh * hd)), (f"{a}mlp.gate_proj.weight", (wide, h)),
+                (f"{a}mlp.up_proj.weight", (wide, h)), (f"{a}mlp.down_proj.weight", (h, wide))]
+        out += [(f"{a}{norm}.weight", (h,)) for norm in ("input_layernorm", "post_attention_layernorm",
+                                                         "pre_feedforward_layernorm", "post_feedforward_layernorm")]
+        out += [(f"{a}per_layer_input_gate.weight", (p, h)), (f"{a}per_layer_projection.weight", (h, p)),
+                (f"{a}post_per_layer_input_norm.weight", (h,))]
+    return out + [(f"{prefix}norm.weight", (h,)), (f"{prefix}embed_tokens_per_layer.weight", (cfg["vocab_size_per_layer_input"], n * p)),
+                  (f"{prefix}per_layer_model_projection.weight", (n * p, h)), (f"{prefix}per_layer_projection_norm.weight", (p,))]
+
+
+def _gguf_arrays(path: Path) -> dict[str, list]:
+    """A GGUF's array keys (strings decoded, numbers as ints), read directly: gguf-py's GGUFReader makes an object
+    per string and takes ~50 s over Gemma 4's 262k tokens and 515k merges."""
+    import struct
+
+    data = path.read_bytes()
+    (n_kv,) = struct.unpack_from("<Q", data, 16)
+    sizes = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+    pos, out = 24, {}
+
+    def string() -> str:
+        nonlocal pos
+        (n,) = struct.unpack_from("<Q", data, pos)
+        pos += 8 + n
+        return data[pos - n:pos].decode("utf-8")
+
+    for _ in range(n_kv):
+        key = string()
+        (vtype,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        if vtype == 8:
+            string()
+        elif vtype == 9:
+            sub, count = struct.unpack_from("<IQ", data, pos)
+            pos += 12
+            if sub == 8:
+                out[key] = [string() for _ in range(count)]
+            else:
+                out[key] = list(struct.unpack_from(f"<{count}{sizes[sub]}", data, pos))
+                pos += count * struct.calcsize(sizes[sub])
+        else:
+            pos += struct.calcsize(sizes[vtype])
+    return out
+
+
+def _gemma4_tokenizer(out: Path) -> None:
+    """Gemma 4's real vocabulary (llama.cpp's models/ggml-vocab-gemma-4.gguf: 262144 tokens, its merges) as the
+    hub's tokenizer.json has it: SentencePiece-style BPE (spaces as ▁, byte fallback, no byte-level map), the
+    control tokens as special added tokens and named in tokenizer_config.json."""
+    f = _gguf_arrays(vocab_dir() / "ggml-vocab-gemma-4.gguf")
+    tokens, types, merges = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"], f["tokenizer.ggml.merges"]
+    # USER_DEFINED (4) are the converter's "visible" tokens, CONTROL (3) to transformers like the others.
+    special = [i for i, t in enumerate(types) if t in (3, 4)]
+    tok = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i in special],
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[^\\n]+|[\\n]+"}, "behavior": "Isolated",
+                          "invert": False},
+        "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+            {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tokens)},
+                  "merges": [m.split(" ", 1) for m in merges]},
+    }
+    (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+    named = {"<bos>", "<eos>", "<unk>", "<pad>", "<mask>"}
+    extra = [tokens[i] for i in special if tokens[i] not in named]
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>",
+        "pad_token": "<pad>", "mask_token": "<mask>", "additional_special_tokens": extra,
+        "add_bos_token": True, "add_eos_token": False, "chat_template": GEMMA4_CHAT_TEMPLATE,
+        "model_max_length": 4096}, ensure_ascii=False), encoding="utf-8")
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 2, "eos_token_id": [1, 106],
+                                                            "pad_token_id": 0}))
+
+
+def _random_gemma4_weights(shapes: list[tuple[str, tuple[int, ...]]], seed: int) -> dict:
+    """bf16 weights that give a working (if meaningless) model: Gemma 4's norms are plain w (near 1), the layer
+    scalars near 1, matrices small."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in shapes:
+        if len(shape) == 1:
+            t = 1 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            t = 0.05 * torch.randn(shape, generator=g)
+        # No value in f16's subnormal range (the reference quantizes its F16 file, edgepack the bf16 itself).
+        t = torch.where(t.abs() < 2 ** -14, torch.copysign(torch.full_like(t, 2 ** -14), t), t)
+        out[name] = t.to(torch.bfloat16)
+    return out
+
+
+def tiny_gemma4() -> Path:
+    """A random 6-layer Gemma 4 text model (GEMMA4_TINY_CONFIG: sliding and full layers of two head dims, two
+    shared-KV layers, per-layer input embeddings, a double-wide FFN on the shared layers) with Gemma 4's real
+    262k vocabulary. Built without transformers."""
+
+    def build(tmp: Path) -> None:
+        from safetensors.torch import save_file
+
+        _gemma4_tokenizer(tmp)
+        cfg = dict(GEMMA4_TINY_CONFIG, torch_dtype="bfloat16")
+        save_file(_random_gemma4_weights(gemma4_tensor_shapes(cfg), seed=4), str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "LICENSE").write_text("Apache License 2.0 (test fixture)\n")
+
+    return _atomic_build(CACHE / f"tiny-gemma4-v{FIXTURE_VERSION}.{GEMMA4_RECIPE}", build)
+
+
+def tiny_gemma4_vision() -> Path:
+    """tiny_gemma4's tensors as Gemma4ForConditionalGeneration stores them (model.language_model.*) beside a
+    one-layer vision tower, its embedder and an audio embedder (random, never read by the bundle), its config
+    the text config under text_config as transformers 5.25 nests it."""
+
+    def build(tmp: Path) -> None:
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        text_dir = tiny_gemma4()
+        for f in text_dir.iterdir():
+            if f.name not in ("config.json", "model.safetensors", ".complete"):
+                shutil.copyfile(f, tmp / f.name)
+        tensors = {n.replace("model.", "model.language_model.", 1): t
+                   for n, t in load_file(str(text_dir / "model.safetensors")).items()}
+        g = torch.Generator().manual_seed(44)
+        for name, shape in [("model.vision_tower.patch_embedder.input_proj.weight", (32, 768)),
+                            ("model.vision_tower.encoder.layers.0.self_attn.q_proj.linear.weight", (32, 32)),
+                            ("model.vision_tower.encoder.layers.0.input_layernorm.weight", (32,)),
+                            ("model.embed_vision.embedding_projection.weight", (64, 32)),
+                            ("model.audio_tower.layers.0.feed_forward.weight", (32, 32)),
+                            ("model.embed_audio.embedding_projection.weight", (64, 32))]:
+            tensors[name] = (0.05 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        inner = {k: v for k, v in GEMMA4_TINY_CONFIG.items() if k not in ("architectures", "transformers_version")}
+        cfg = {"architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4", "text_config": inner,
+               "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                 "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
+                                 "model_type": "gemma4_vision"},
+               "audio_config": None, "image_token_id": 258880, "audio_token_id": 258881,
+               "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "5.25.0"}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    return _atomic_build(CACHE / f"tiny-gemma4-vision-v{FIXTURE_VERSION}.{GEMMA4_RECIPE}", build)

@@ -1,11 +1,11 @@
-"""Model families, one module each (llama, qwen2, qwen3, smollm3, gemma2, gemma3, phi3, lfm2, qwen35), registered
-in one table (registry.py) with what the GGUF converter, the ONNX converter, the spec and tensor naming need.
+"""Model families, one module each (llama, qwen2, qwen3, smollm3, gemma2, gemma3, gemma4, phi3, lfm2, qwen35),
+registered in one table (registry.py) with what the GGUF converter, the ONNX converter, the spec and tensor naming need.
 Tensor names are mapped by gguf-py's TensorNameMap, never by hand.
 
 Adding a family is one module here that calls ``register``, and its import below.
 """
 
-from packager.archs import gemma2, gemma3, lfm2, llama, phi3, qwen2, qwen3, qwen35, smollm3  # noqa: F401  (each registers its family)
+from packager.archs import gemma2, gemma3, gemma4, lfm2, llama, phi3, qwen2, qwen3, qwen35, smollm3  # noqa: F401  (each registers its family)
 from packager.archs.layers import LAYER_TYPES, LayerKind
 from packager.archs.common import (head_dim, layer_types, rope_parameters, sliding_layers, text_config, write_common_hparams,
                                    write_hparams, write_shape_hparams)

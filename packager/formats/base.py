@@ -65,22 +65,47 @@ def window_cells(spec: ModelSpec, n_ctx: int, n_ubatch: int = N_UBATCH) -> int:
     return min(padded_ctx(n_ctx), padded_ctx(spec.sliding_window + min(n_ubatch, n_ctx)))
 
 
+# KV types under which edgepack's llama.cpp runtime leaves flash attention off (runtime/llama.py: a quantized
+# V cache needs it on).
+NO_FLASH_KV = ("f16", "f32", "bf16")
+
+
 def kv_bytes(spec: ModelSpec, n_ctx: int, kv_type: str, n_layers: int | None = None, *,
-             layers: Iterable[int] | None = None, windowed: bool = False, padded: bool = True) -> int:
+             layers: Iterable[int] | None = None, windowed: bool = False, padded: bool = True,
+             flash_attn: bool | None = None) -> int:
     """K and V per layer, added up: the layer's kv heads x head dim x cells x bytes, twice.
 
     Every layer that owns a cache holds the whole context (padded, unless ``padded`` is False), unless
     ``windowed``: then a sliding layer holds :func:`window_cells`, as llama.cpp allocates it; state layers
     (and layers reading another's cache) hold none. ``layers`` (default: the first ``n_layers``, or all)
     picks which layers count (a GPU split holds the last ones).
+
+    Without flash attention (``flash_attn``; None: as edgepack's runtime sets it for ``kv_type``) llama.cpp
+    stores V transposed, and where layers' V widths differ (Gemma 4's sliding and full heads) every layer's V
+    is as wide as the widest (llama-kv-cache.cpp, n_embd_v_gqa_max); K never is.
     """
     if layers is None:
         layers = range(spec.n_layers if n_layers is None else n_layers)
     full, window = padded_ctx(n_ctx) if padded else n_ctx, window_cells(spec, n_ctx)
     kinds = spec.layer_kinds
-    elems = sum(kinds[i].kv_dim * (window if windowed and kinds[i].kind == "sliding" else full)
-                for i in layers if kinds[i].owns_kv)
-    return int(2 * elems * KV_BYTES[kv_type])
+    flash = kv_type not in NO_FLASH_KV if flash_attn is None else flash_attn
+    v_max = max(k.kv_dim for k in kinds)
+    elems = 0
+    for i in layers:
+        if kinds[i].owns_kv:
+            cells = window if windowed and kinds[i].kind == "sliding" else full
+            elems += (kinds[i].kv_dim + (kinds[i].kv_dim if flash else v_max)) * cells
+    return int(elems * KV_BYTES[kv_type])
+
+
+def shared_kv_reads(spec: ModelSpec, n_ctx: int, kv_type: str, layers: Iterable[int] | None = None) -> int:
+    """The KV that layers reading another layer's cache (Gemma 4's shared-KV layers) among ``layers`` (default:
+    all) read, at the full cache: their sources' caches once more each. They allocate nothing (kv_bytes skips
+    them), but a decode step reads it; 0 for every model without such layers (llama.cpp's windowed cache)."""
+    kinds = spec.layer_kinds
+    sources = [kinds[i].kv_source for i in (range(spec.n_layers) if layers is None else layers)
+               if kinds[i].kv_source is not None]
+    return sum(kv_bytes(spec, n_ctx, kv_type, layers=[j], windowed=True) for j in sources)
 
 
 STATE_BYTES = 4  # llama.cpp's recurrent state is F32 whatever --cache-type-k/v say (llama-model.cpp create_memory)

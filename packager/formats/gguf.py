@@ -104,16 +104,37 @@ def layer_kind_mismatch(found: Sequence[Tensor], spec: ModelSpec) -> str | None:
     """Where a hybrid config's layer kinds disagree with the weights (layer_types calls a layer a convolution
     while its weights are attention's, or the reverse): one sentence naming the first such layer; None when
     they agree or the model does not mix kinds. A layer holds a tensor its kind lacks (each kind's tensors are
-    gguf_tensors', so a family with its own list, Qwen3.5's, is judged by it)."""
+    gguf_tensors', so a family with its own list, Qwen3.5's, is judged by it); where the attention kinds differ
+    in head dim (Gemma 4's sliding and full layers) a layer's attention tensor of another kind's shape, and a
+    layer lacking the K/V its kind owns (Gemma 4's shared-KV layers have none), disagree too."""
     if not spec.layers:
         return None
-    implied = {name for name, _ in gguf_tensors(spec)}
+    implied = dict(gguf_tensors(spec))
     kinds = spec.layer_kinds
-    for name, _ in found:
+    head_dims = {k.head_dim for k in kinds if k.kind in ("full", "sliding")}
+
+    def kind_of(i: int) -> str:
+        k = kinds[i]
+        if k.kind not in ("full", "sliding"):
+            return f"a {k.kind} layer"
+        if k.kv_source is not None:
+            return f"a shared-KV layer (reading layer {k.kv_source}'s cache)"
+        return "an attention layer" if len(head_dims) < 2 else f"a {k.kind}-attention layer of head dim {k.head_dim}"
+
+    for name, shape in found:
         i = _layer(name)
         if 0 <= i < spec.n_layers and name not in implied:
-            kind = "an attention" if kinds[i].kind in ("full", "sliding") else f"a {kinds[i].kind}"
-            return f"config.json's layer_types make layer {i} {kind} layer, but its weights hold {name}"
+            return f"config.json's layer_types make layer {i} {kind_of(i)}, but its weights hold {name}"
+        # (attention tensors only: a wrong FFN width is not a kind's, first_mismatch names it)
+        if 0 <= i < spec.n_layers and len(head_dims) > 1 and ".attn_" in name and tuple(shape) != tuple(implied[name]):
+            return (f"config.json's layer_types make layer {i} {kind_of(i)}, but its weights hold {name} of shape "
+                    f"{tuple(shape)}, not {tuple(implied[name])}")
+    names = {name for name, _ in found}
+    for name in implied:  # a layer whose kind owns a cache, without its K or V (a shared-KV layer's weights)
+        i = _layer(name)
+        if 0 <= i < spec.n_layers and name.endswith(("attn_k.weight", "attn_v.weight")) and name not in names:
+            return (f"config.json's layer kinds (layer_types, num_kv_shared_layers) make layer {i} {kind_of(i)}, "
+                    f"but its weights have no {name}")
     return None
 
 
@@ -168,7 +189,7 @@ def gguf_layout(spec: ModelSpec, quant: QuantType, tensors: Sequence[Tensor] | N
     repack = repack_types(arch)
     per_layer = [0] * spec.n_layers
     repacked = [0] * spec.n_layers
-    embedding = output = other = largest = 0
+    embedding = output = other = largest = per_layer_inputs = 0
     counts: dict[str, int] = {}
     for name, shape in tensors:
         qt = types[name]
@@ -186,9 +207,14 @@ def gguf_layout(spec: ModelSpec, quant: QuantType, tensors: Sequence[Tensor] | N
             output += n
         else:
             other += n
+            if name == "per_layer_token_embd.weight":  # Gemma 4's per-layer inputs: a token reads its one row
+                per_layer_inputs += n // max(shape[0], 1)
+            elif name.startswith("per_layer_"):  # their projection from the hidden state: read every token
+                per_layer_inputs += n
     # Decoding a token reads every layer and the output matrix (the embedding itself when tied);
     # an untied embedding contributes one row.
-    per_token = sum(per_layer) + output + (embedding if tied else embedding // max(spec.vocab_size, 1))
+    per_token = (sum(per_layer) + output + (embedding if tied else embedding // max(spec.vocab_size, 1))
+                 + per_layer_inputs)
     return WeightLayout("gguf", tuple(per_layer), embedding, output, other, per_token, largest,
                         tuple(repacked), counts)
 

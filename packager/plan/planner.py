@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from packager.errors import DoesNotFit, UsageError
 from packager.formats import get_format
 from packager.formats.base import (KV_BYTES, STATE_BYTES, MiB, Format, Memory, Scheme, gb as _gb, kv_bytes,
-                                   padded_ctx, state_bytes, window_cells)
+                                   padded_ctx, shared_kv_reads, state_bytes, window_cells)
 from packager.formats.gguf import N_UBATCH, compute_bytes, overhead_bytes
 from packager.formats.onnx import WASM_F32_LIMIT
 from packager.formats.weights import Tensor, WeightLayout
@@ -407,11 +407,14 @@ def _finish(spec, target, o, form: Format, qname, layout, fit: _Fit, n_ctx, thre
     kv_type = form.kv_type_for(target.kv_cache_type)
     # Roofline: bytes read per token (weights + half the cache on average + the whole recurrent state, which
     # each state layer reads in full every token) over bandwidth.
-    kv_avg_cpu = ram.kv_cache / 2 + ram.state
+    # Gemma 4's shared-KV layers read their sources' caches too (nothing allocated, as much read).
+    n_cpu = spec.n_layers - min(fit.n_gpu_layers, spec.n_layers)
+    kv_avg_cpu = (ram.kv_cache + shared_kv_reads(spec, n_ctx, kv_type, range(n_cpu))) / 2 + ram.state
     fixed = spec.n_layers * target.decode_layer_overhead_us * 1e-6
     if fit.vram is not None:
         gpu_frac = min(fit.n_gpu_layers, spec.n_layers) / spec.n_layers
-        gpu_bytes = layout.per_token * gpu_frac + fit.vram.kv_cache / 2 + fit.vram.state
+        gpu_reads = shared_kv_reads(spec, n_ctx, kv_type, range(n_cpu, spec.n_layers))
+        gpu_bytes = layout.per_token * gpu_frac + (fit.vram.kv_cache + gpu_reads) / 2 + fit.vram.state
         cpu_bytes = layout.per_token * (1 - gpu_frac) + kv_avg_cpu
         decode = decode_tps(cpu_bytes, target.memory_bandwidth_gbps, gpu_bytes, target.vram_bandwidth_gbps, fixed)
         gflops = target.compute_gflops * (1 - gpu_frac) + target.gpu_compute_gflops * gpu_frac

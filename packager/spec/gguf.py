@@ -64,8 +64,20 @@ def _sliding(r: Layout, arch: str, n_layers: int, path: Path) -> dict:
 def _layers(r: Layout, arch: str, hidden: int, n_heads: int, n_kv: int, head_dim: int) -> tuple[LayerKind, ...]:
     """Each layer's kind where the GGUF mixes kinds, as llama.cpp tells them (its is_recr): a per-layer
     head_count_kv with zeros on LFM2's convolution layers, or Qwen3.5's recurrent_layers with its delta-net's
-    sizes (R: (conv_kernel - 1) x (inner + 2 x groups x state) floats, S: state x inner); () for a plain
-    transformer."""
+    sizes (R: (conv_kernel - 1) x (inner + 2 x groups x state) floats, S: state x inner), or Gemma 4's two head
+    dims and shared-KV layers; () for a plain transformer."""
+    swa_dim = _field(r, gguf.Keys.Attention.KEY_LENGTH_SWA.format(arch=arch))
+    pattern = _field(r, gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch))
+    if isinstance(swa_dim, int) and not isinstance(swa_dim, bool) and isinstance(pattern, list):
+        # Gemma 4: sliding layers of head dim key_length_swa, full ones of key_length; the last shared_kv_layers
+        # read llama.cpp's source layer's cache (n_layer_kv_from_start - 2 if sliding, - 1 if full) and hold none
+        shared = _field(r, gguf.Keys.Attention.SHARED_KV_LAYERS.format(arch=arch), 0)
+        heads = _field(r, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), n_kv)
+        heads = heads if isinstance(heads, list) and len(heads) == len(pattern) else [n_kv] * len(pattern)
+        first = len(pattern) - (shared if isinstance(shared, int) and 0 <= shared < len(pattern) else 0)
+        return tuple(LayerKind("sliding" if s else "full", int(n), swa_dim if s else head_dim,
+                               kv_source=None if i < first else first - (2 if s else 1))
+                     for i, (s, n) in enumerate(zip(pattern, heads)))
     recurrent = _field(r, f"{arch}.attention.recurrent_layers")
     if isinstance(recurrent, list):
         ssm = {k: _field(r, f"{arch}.ssm.{k}") for k in ("conv_kernel", "state_size", "group_count", "inner_size")}

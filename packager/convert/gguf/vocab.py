@@ -1,7 +1,6 @@
 """The tokenizer of an HF checkpoint as GGUF metadata (every ``tokenizer.*`` key).
 
-Two tokenizer models are supported, the two that the small models edgepack packs
-use:
+Three tokenizer models are supported, those of the small models edgepack packs:
 
 - ``gpt2``: byte-level BPE from ``tokenizer.json`` (Qwen2/2.5/3, Llama 3.x,
   SmolLM/SmolLM2, Phi-4-mini, ...). llama.cpp re-implements the pre-tokenizer
@@ -11,6 +10,10 @@ use:
   a guess: a wrong pre-tokenizer tokenizes plausibly and wrongly.
 - ``llama``: SentencePiece from ``tokenizer.model`` (Llama 2, Mistral 7B, Gemma,
   Phi-3), plus the added tokens that tokenizer_config.json / tokenizer.json declare.
+- ``gemma4``: Gemma 4's SentencePiece-style BPE from ``tokenizer.json`` (spaces as ▁,
+  byte fallback, no byte-level map), as llama.cpp's converter writes it (Gemma4Model.set_vocab):
+  every id's text, a score of -1000, the tokens transformers calls special as control
+  tokens, no ``tokenizer.ggml.pre`` (llama.cpp infers it from the model name).
 
 Special token ids, merges, the chat template and most add-BOS/EOS flags come from
 gguf-py's ``SpecialVocab``. The metadata is the same as llama.cpp's
@@ -20,6 +23,7 @@ convert_hf_to_gguf.py writes for the same files (tests/test_vocab.py compares th
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -178,8 +182,8 @@ _FLAG_WRITERS: dict[str, Callable[[gguf.GGUFWriter, bool], None]] = {
 class GGUFVocab:
     """Everything llama.cpp needs to tokenize like the source tokenizer."""
 
-    model: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
-    pre: str  # tokenizer.ggml.pre
+    model: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE), "llama" (SentencePiece) or "gemma4"
+    pre: str | None  # tokenizer.ggml.pre; None where the converter writes none (gemma4)
     tokens: list[str] = field(repr=False)
     token_types: list[int] = field(repr=False)
     scores: list[float] | None = field(default=None, repr=False)  # SentencePiece only
@@ -188,6 +192,9 @@ class GGUFVocab:
     add_special: dict[str, bool] = field(default_factory=dict)  # "bos", "eos", "sep"
     chat_template: str | list[dict[str, str]] | None = field(default=None, repr=False)
     add_space_prefix: bool | None = None  # SentencePiece: prefix the text with a space
+    # add_bos whatever the tokenizer files say (Gemma 4: its converter sets it last, so a flag the files give
+    # keeps its place in the key order and takes this value; without one, it comes last).
+    force_add_bos: bool | None = None
 
     @property
     def n_vocab(self) -> int:
@@ -196,7 +203,8 @@ class GGUFVocab:
     def write(self, writer: gguf.GGUFWriter) -> None:
         """Add every tokenizer.* key to ``writer`` (before its KV data is written)."""
         writer.add_tokenizer_model(self.model)
-        writer.add_tokenizer_pre(self.pre)
+        if self.pre is not None:
+            writer.add_tokenizer_pre(self.pre)
         writer.add_token_list(self.tokens)
         if self.scores is not None:
             writer.add_token_scores(self.scores)
@@ -206,11 +214,13 @@ class GGUFVocab:
         for kind, token_id in self.special_ids.items():
             _ID_WRITERS[kind](writer, token_id)
         for kind, value in self.add_special.items():
-            _FLAG_WRITERS[kind](writer, value)
+            _FLAG_WRITERS[kind](writer, self.force_add_bos if kind == "bos" and self.force_add_bos is not None else value)
         if self.chat_template is not None:
             writer.add_chat_template(self.chat_template)
         if self.add_space_prefix is not None:
             writer.add_add_space_prefix(self.add_space_prefix)
+        if self.force_add_bos is not None and "bos" not in self.add_special:
+            writer.add_add_bos_token(self.force_add_bos)
 
 
 def with_eos(vocab: GGUFVocab, eos_id: int, eog_ids: list[int]) -> GGUFVocab:
@@ -235,6 +245,8 @@ def load_vocab(model_dir: Path) -> GGUFVocab:
     spm_file = model_dir / "tokenizer.model"
     n_vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
 
+    if tok_json is not None and _model_type(config) in GEMMA4_MODEL_TYPES:
+        return _load_gemma4(model_dir, tok_json, tok_config)
     if tok_json is not None and _is_byte_level(tok_json):
         # tokenizer.json decides even when a tokenizer.model lies beside it: it is what HF runs.
         return _load_bpe(model_dir, tok_json, tok_config, n_vocab)
@@ -249,6 +261,12 @@ def load_vocab(model_dir: Path) -> GGUFVocab:
         f"{model_dir / 'tokenizer.json'}: a {kind} tokenizer without byte-level BPE or a tokenizer.model "
         "is not supported; add the model's tokenizer.model (SentencePiece) if it has one"
     )
+
+
+def _model_type(config: Json) -> str:
+    """config.json's model_type, or its language model's in a multimodal wrapper."""
+    inner = config.get("text_config")
+    return str((inner.get("model_type") if isinstance(inner, dict) else None) or config.get("model_type", ""))
 
 
 def _read_json(path: Path) -> Json | None:
@@ -464,3 +482,77 @@ def _spm_type(sp: Any, i: int) -> gguf.TokenType:
         return gguf.TokenType.BYTE
     return gguf.TokenType.NORMAL
 
+
+
+# -- Gemma 4 -----------------------------------------------------------------------
+
+GEMMA4_MODEL_TYPES = ("gemma4", "gemma4_text")
+# Tokens llama.cpp's converter writes USER_DEFINED although they are special, "so that the chat parser can read
+# them" (Gemma4Model.set_vocab): llama.cpp then prints them in a reply.
+GEMMA4_VISIBLE = ("<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
+                  "<tool_response|>", '<|"|>')
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# The special-token attributes of a transformers tokenizer (all_special_tokens' sources).
+_NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _token_text(value: Any) -> str | None:
+    # tokenizer_config.json spells a special token as its text or as an AddedToken dict.
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
+
+
+def _special_texts(model_dir: Path, tok_config: Json) -> set[str]:
+    """The texts transformers counts in all_special_tokens: the named ones and the extra/additional lists."""
+    texts: set[str] = set()
+    for source in (tok_config, _read_json(model_dir / "special_tokens_map.json") or {}):
+        for key in _NAMED_SPECIALS:
+            if (text := _token_text(source.get(key))) is not None:
+                texts.add(text)
+        for key in ("additional_special_tokens", "extra_special_tokens"):
+            extra = source.get(key) or []
+            texts.update(t for t in map(_token_text, extra if isinstance(extra, list) else extra.values()) if t)
+    return texts
+
+
+def _load_gemma4(model_dir: Path, tok_json: Json, tok_config: Json) -> GGUFVocab:
+    """Gemma 4's tokenizer.json as llama.cpp's converter writes it: LlamaHfVocab's list (the BPE vocabulary by
+    id, then added tokens past it), byte tokens BYTE, special tokens CONTROL (the visible ones USER_DEFINED),
+    the rest NORMAL, every score -1000; SpecialVocab's merges, ids, flags and template; add_bos forced on."""
+    model = tok_json.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or (tok_json.get("decoder") or {}).get("type") != "Sequence":
+        raise SourceError(f"{model_dir / 'tokenizer.json'}: not Gemma 4's BPE with byte fallback, which llama.cpp's "
+                          "gemma4 tokenizer runs; re-download the tokenizer files")
+    vocab: dict[str, int] = model.get("vocab") or {}
+    by_id = {i: text for text, i in vocab.items()}
+    if sorted(by_id) != list(range(len(by_id))):
+        raise SourceError(f"{model_dir / 'tokenizer.json'}: the vocabulary's ids are not 0..{len(by_id) - 1}; "
+                          "re-download the tokenizer files")
+    specials = _special_texts(model_dir, tok_config)
+    added = sorted(((int(a["id"]), a["content"]) for a in tok_json.get("added_tokens") or [] if int(a["id"]) >= len(by_id)))
+    by_id.update(added)
+    special_ids = {i for i, text in by_id.items() if text in specials}
+    tokens, types = [], []
+    for i in range(len(by_id)):
+        text = by_id.get(i)
+        if text is None:
+            raise SourceError(f"{model_dir / 'tokenizer.json'}: no token has id {i}; re-download the tokenizer files")
+        if text in GEMMA4_VISIBLE:
+            kind = gguf.TokenType.USER_DEFINED
+        elif i >= len(vocab):  # an added token past the vocabulary: LlamaHfVocab.added_tokens
+            kind = gguf.TokenType.CONTROL if i in special_ids else gguf.TokenType.USER_DEFINED
+        elif _BYTE_TOKEN.fullmatch(text):
+            kind = gguf.TokenType.BYTE
+        else:
+            kind = gguf.TokenType.CONTROL if i in special_ids else gguf.TokenType.NORMAL
+        tokens.append(text)
+        types.append(int(kind))
+    special = gguf.SpecialVocab(model_dir, load_merges=True)
+    if not special.merges:
+        raise SourceError(f"{model_dir / 'tokenizer.json'}: a BPE tokenizer without merges; re-download the "
+                          "tokenizer files")
+    return GGUFVocab(
+        model="gemma4", pre=None, tokens=tokens, token_types=types, scores=[-1000.0] * len(tokens),
+        merges=list(special.merges), special_ids=_special_ids(special),
+        add_special={k: v for k, v in special.add_special_token.items() if k in _FLAG_WRITERS},
+        chat_template=special.chat_template, add_space_prefix=False, force_add_bos=True,
+    )
