@@ -32,11 +32,8 @@ class Tensor:
     tensor_type: gguf.GGMLQuantizationType
     shape: tuple[int, ...]  # ggml's ne (columns first), as GGUFReader's
     n_bytes: int
+    n_elements: int
     data: np.ndarray  # numbers for F32/F16/ints, uint8 block rows otherwise, in numpy order
-
-    @property
-    def n_elements(self) -> int:
-        return int(np.prod(self.shape))
 
 
 def fields(path: Path, skip: tuple[str, ...] = ()) -> dict[str, object]:
@@ -58,5 +55,5 @@ def tensors(path: Path) -> dict[str, Tensor]:
         else:
             block, size = gguf.GGML_QUANT_SIZES[qtype]
             data = raw.reshape(*dims[:-1], dims[-1] // block * size)
-        out[t.name] = Tensor(t.name, qtype, t.shape, t.nbytes, data)
+        out[t.name] = Tensor(t.name, qtype, t.shape, t.nbytes, t.n_elements, data)
     return out

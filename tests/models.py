@@ -183,13 +183,20 @@ def _write_bpe_tokenizer(vocab_gguf: Path, out: Path, *, normalizer, pre_tokeniz
         (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
+def _f16_normal(t):
+    """``t`` (a torch tensor) with no value in f16's subnormal range: |x| < 2^-14 moved to ±2^-14. llama.cpp's
+    quantizer reads the reference's F16 file, where such a bf16 value is rounded, edgepack quantizes the bf16
+    itself, and a Q4_K block holding one can come out otherwise (closer to the bf16, not llama-quantize's bytes)."""
+    import torch
+
+    return torch.where(t.abs() < 2 ** -14, torch.copysign(torch.full_like(t, 2 ** -14), t), t)
+
+
 def _save_random(config: dict, out: Path, seed: int, norm_std: float = 0.0, dtype: str = "bfloat16",
                  f16_normal: bool = False) -> None:
     """Random bf16 (or ``dtype``) weights; with ``norm_std`` the 1-D ones (norms) are perturbed too, so that
     their conversion is tested, not assumed. With ``f16_normal``, no matrix value lies in f16's subnormal
-    range (|x| < 2^-14, ~0.1% of N(0, 0.05) draws, moved to ±2^-14): llama.cpp's quantizer reads the reference's
-    F16 file, where such a bf16 value is rounded, edgepack quantizes the bf16 itself, and a Q4_K block holding
-    one can come out otherwise (closer to the bf16, but not llama-quantize's bytes).
+    range (~0.1% of N(0, 0.05) draws; see _f16_normal).
 
     ``config`` is the config.json written, as it is (transformers 4.x's form, as the hub's checkpoints have it):
     transformers only sizes the tensors. Its save_pretrained would write a config.json of its own version's form
@@ -211,7 +218,7 @@ def _save_random(config: dict, out: Path, seed: int, norm_std: float = 0.0, dtyp
             if p.dim() >= 2:
                 p.normal_(0.0, 0.05)
                 if f16_normal:
-                    p.copy_(torch.where(p.abs() < 2 ** -14, torch.copysign(torch.full_like(p, 2 ** -14), p), p))
+                    p.copy_(_f16_normal(p))
             elif norm_std:
                 p.add_(torch.randn_like(p) * norm_std)
     model = model.to(getattr(torch, dtype))
@@ -1094,9 +1101,7 @@ def _random_qwen35_weights(shapes: list[tuple[str, tuple[int, ...]]], seed: int)
             t = 0.3 * torch.randn(shape, generator=g)
         else:
             t = 0.05 * torch.randn(shape, generator=g)
-        # No value in f16's subnormal range: llama.cpp's quantizer reads the reference's F16 file, where such
-        # a bf16 value is rounded, edgepack reads the bf16 itself; the 39M-value embedding would hold ~40k.
-        t = torch.where(t.abs() < 2 ** -14, torch.copysign(torch.full_like(t, 2 ** -14), t), t)
+        t = _f16_normal(t)  # the 39M-value embedding would hold ~40k such values
         out[name] = t.to(torch.bfloat16)
     return out
 
@@ -1292,8 +1297,7 @@ def _random_gemma4_weights(shapes: list[tuple[str, tuple[int, ...]]], seed: int)
             t = 1 + 0.1 * torch.randn(shape, generator=g)
         else:
             t = 0.05 * torch.randn(shape, generator=g)
-        # No value in f16's subnormal range (the reference quantizes its F16 file, edgepack the bf16 itself).
-        t = torch.where(t.abs() < 2 ** -14, torch.copysign(torch.full_like(t, 2 ** -14), t), t)
+        t = _f16_normal(t)
         out[name] = t.to(torch.bfloat16)
     return out
 

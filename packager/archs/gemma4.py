@@ -17,7 +17,7 @@ left out. ONNX: onnxruntime-genai has no graph for per-layer embeddings or share
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import gguf
 import numpy as np
@@ -97,18 +97,22 @@ def _check(cfg: Config) -> None:
                                            "not the proportional RoPE llama.cpp's gemma4 applies; pack another checkpoint")
 
 
+def layer_kinds(sliding: Sequence[bool], kv_heads: Sequence[int], swa_dim: int, full_dim: int,
+                first_shared: int) -> tuple[LayerKind, ...]:
+    """Each layer's kind and cache, from a config or a GGUF: sliding layers of head dim ``swa_dim``, full ones of
+    ``full_dim``; from ``first_shared`` on, a layer reads the cache of llama.cpp's source layer for its kind
+    (n_layer_kv_from_start - 2 if sliding, - 1 if full) and holds none."""
+    return tuple(LayerKind("sliding" if s else "full", int(n), swa_dim if s else full_dim,
+                           kv_source=None if i < first_shared else first_shared - (2 if s else 1))
+                 for i, (s, n) in enumerate(zip(sliding, kv_heads)))
+
+
 def _layers(cfg: Config) -> tuple[LayerKind, ...]:
-    """Each layer's kind and cache: sliding layers with head_dim, full ones with their own; a shared layer reads
-    the cache of llama.cpp's source layer for it and holds none."""
     _check(cfg)
     swa, full, n_kv, full_kv = _dims(cfg)
-    first = _first_shared(cfg)
-    out = []
-    for i, kind in enumerate(_kinds(cfg)):
-        source = None if i < first else first - (2 if kind == "sliding" else 1)
-        heads = n_kv if kind == "sliding" or full_kv is None else full_kv
-        out.append(LayerKind(kind, heads, swa if kind == "sliding" else full, kv_source=source))
-    return tuple(out)
+    kinds = _kinds(cfg)
+    heads = [n_kv if k == "sliding" or full_kv is None else full_kv for k in kinds]
+    return layer_kinds([k == "sliding" for k in kinds], heads, swa, full, _first_shared(cfg))
 
 
 def _ffn(cfg: Config) -> list[int]:

@@ -65,8 +65,8 @@ def window_cells(spec: ModelSpec, n_ctx: int, n_ubatch: int = N_UBATCH) -> int:
     return min(padded_ctx(n_ctx), padded_ctx(spec.sliding_window + min(n_ubatch, n_ctx)))
 
 
-# KV types under which edgepack's llama.cpp runtime leaves flash attention off (runtime/llama.py: a quantized
-# V cache needs it on).
+# KV types under which edgepack's llama.cpp runtime leaves flash attention off unless asked (runtime/llama.py
+# reads this; a quantized V cache needs it on), and so the plan's default.
 NO_FLASH_KV = ("f16", "f32", "bf16")
 
 

@@ -101,8 +101,8 @@ def _from_dir(path: Path) -> PlanInput:
 
 
 def _from_gguf(path: Path) -> PlanInput:
-    spec, quant = spec_from_gguf(path)
     reader = open_gguf(path)
+    spec, quant = spec_from_gguf(path, reader)
     tensors = tuple((t.name, tuple(reversed(t.shape))) for t in reader.tensors)
     types = {t.name: t.type for t in reader.tensors}
     return PlanInput(_gguf_name(path), spec, tensors, "GGUF metadata and tensor table", quant, types)

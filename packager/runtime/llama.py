@@ -29,6 +29,7 @@ import numpy as np
 from packager.bundle.manifest import Runtime
 from packager.bundle.verify import Bundle
 from packager.errors import BundleError, ChatTemplateError, ConversionError, UsageError, missing_backend
+from packager.formats.base import NO_FLASH_KV
 from packager.host import default_threads
 from packager.kernels.speculative import accept_greedy, sample_at, target_probs
 from packager.progress import quiet_llama_log
@@ -288,7 +289,7 @@ class LlamaModel(Model):
                               f"pack the bundle again")
         # llama.cpp quantizes the V cache only with flash attention on. Drafting needs it too: without
         # it, a batch's logits differ from one token's (runtime/speculative.py).
-        flash = bool(flash_attn) if flash_attn is not None else (draft is not None or kv_type not in ("f16", "f32", "bf16"))
+        flash = bool(flash_attn) if flash_attn is not None else (draft is not None or kv_type not in NO_FLASH_KV)
         if prompt_cache is not None:
             self.prompt_cache = PromptCache(prompt_cache, _cache_identity(llama_cpp, bundle, kv_type, flash))
         try:

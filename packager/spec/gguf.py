@@ -8,6 +8,7 @@ from pathlib import Path
 import gguf
 
 from packager.archs import FAMILIES, LayerKind
+from packager.archs.gemma4 import layer_kinds as gemma4_layers
 from packager.archs.layers import conv_layer
 from packager.errors import CorruptFileError
 from packager.quants import QUANTS
@@ -75,9 +76,7 @@ def _layers(r: Layout, arch: str, hidden: int, n_heads: int, n_kv: int, head_dim
         heads = _field(r, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), n_kv)
         heads = heads if isinstance(heads, list) and len(heads) == len(pattern) else [n_kv] * len(pattern)
         first = len(pattern) - (shared if isinstance(shared, int) and 0 <= shared < len(pattern) else 0)
-        return tuple(LayerKind("sliding" if s else "full", int(n), swa_dim if s else head_dim,
-                               kv_source=None if i < first else first - (2 if s else 1))
-                     for i, (s, n) in enumerate(zip(pattern, heads)))
+        return gemma4_layers(pattern, heads, swa_dim, head_dim, first)
     recurrent = _field(r, f"{arch}.attention.recurrent_layers")
     if isinstance(recurrent, list):
         ssm = {k: _field(r, f"{arch}.ssm.{k}") for k in ("conv_kernel", "state_size", "group_count", "inner_size")}
@@ -94,9 +93,10 @@ def _layers(r: Layout, arch: str, hidden: int, n_heads: int, n_kv: int, head_dim
                  for n in per_layer)
 
 
-def spec_from_gguf(path: Path) -> tuple[ModelSpec, str | None]:
-    """The model's spec and its quant name (None when the file type is one edgepack does not list)."""
-    r = open_gguf(path)
+def spec_from_gguf(path: Path, layout: Layout | None = None) -> tuple[ModelSpec, str | None]:
+    """The model's spec and its quant name (None when the file type is one edgepack does not list); ``layout``:
+    the file's open_gguf, where the caller has it."""
+    r = layout if layout is not None else open_gguf(path)
     arch = _field(r, gguf.Keys.General.ARCHITECTURE)
     if not isinstance(arch, str):
         raise CorruptFileError(f"{path}: no general.architecture; not a model GGUF")

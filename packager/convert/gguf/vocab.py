@@ -330,6 +330,16 @@ def _load_bpe(model_dir: Path, tok_json: Json, tok_config: Json, n_vocab: Any) -
     for a in added:
         text, kind = _added_type(a["content"], bool(a.get("special")))
         tokens[int(a["id"])], types[int(a["id"])] = text, int(kind)
+    special = _special_vocab(model_dir, tok_json)
+    return GGUFVocab(
+        model="gpt2", pre=pre, tokens=tokens, token_types=types, merges=list(special.merges),
+        special_ids=_special_ids(special), add_special=_add_flags(special, tok_json, tok_config),
+        chat_template=special.chat_template,
+    )
+
+
+def _special_vocab(model_dir: Path, tok_json: Json) -> gguf.SpecialVocab:
+    """gguf-py's SpecialVocab of a BPE tokenizer (ids, flags, template), with its merges, which it must have."""
     merges = _pair_merges(tok_json)
     special = gguf.SpecialVocab(model_dir, load_merges=merges is None)
     if merges is not None:
@@ -338,11 +348,7 @@ def _load_bpe(model_dir: Path, tok_json: Json, tok_config: Json, n_vocab: Any) -
         raise SourceError(
             f"{model_dir / 'tokenizer.json'}: a BPE tokenizer without merges; re-download the tokenizer files"
         )
-    return GGUFVocab(
-        model="gpt2", pre=pre, tokens=tokens, token_types=types, merges=list(special.merges),
-        special_ids=_special_ids(special), add_special=_add_flags(special, tok_json, tok_config),
-        chat_template=special.chat_template,
-    )
+    return special
 
 
 def _pair_merges(tok_json: Json) -> list[str] | None:
@@ -546,13 +552,7 @@ def _load_gemma4(model_dir: Path, tok_json: Json, tok_config: Json) -> GGUFVocab
             kind = gguf.TokenType.CONTROL if i in special_ids else gguf.TokenType.NORMAL
         tokens.append(text)
         types.append(int(kind))
-    merges = _pair_merges(tok_json)  # 515k of them: SpecialVocab's own join takes seconds
-    special = gguf.SpecialVocab(model_dir, load_merges=merges is None)
-    if merges is not None:
-        special.merges = merges
-    if not special.merges:
-        raise SourceError(f"{model_dir / 'tokenizer.json'}: a BPE tokenizer without merges; re-download the "
-                          "tokenizer files")
+    special = _special_vocab(model_dir, tok_json)
     return GGUFVocab(
         model="gemma4", pre=None, tokens=tokens, token_types=types, scores=[-1000.0] * len(tokens),
         merges=list(special.merges), special_ids=_special_ids(special),
