@@ -11,14 +11,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-# `python -m pytest` puts the repo root first on sys.path, where our kernels/ (packager.kernels once installed)
-# shadows the PyPI package `kernels` that transformers 5 requires and imports with its modeling code
-# ("cannot import name 'CUDAProperties' from 'kernels'"). The root goes last instead: benchmarks/ (which
-# tests import) still resolves from it, an installed `kernels` comes first.
-_ROOT = Path(__file__).resolve().parent.parent
-_at_root = [p for p in sys.path if Path(p or ".").resolve() == _ROOT]
-sys.path[:] = [p for p in sys.path if p not in _at_root] + _at_root
-
 import models  # noqa: E402
 
 # Started as a shell's background job (or under nohup), this process inherits SIGINT ignored, and
