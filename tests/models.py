@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -102,6 +103,29 @@ def _atomic_build(final: Path, build) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def onnx_export_python() -> Path:
+    """A Python for optimum-onnx's fallback, as the README tells a user on transformers 5 to keep it: a venv over
+    this environment's packages (torch, onnxruntime, edgepack's editable install) with the onnx-export extra's
+    pins on top (transformers < 4.58 among them). Built once per machine by pip, from the package registry;
+    the extra's pins are read off edgepack's installed metadata, so a change to them builds a new one."""
+    extra = 'extra == "onnx-export"'
+    reqs = sorted(r.split(";")[0].strip() for r in importlib.metadata.requires("edgepack") or []
+                  if extra in r and not r.startswith("edgepack"))
+    if not reqs:
+        raise RuntimeError("edgepack's metadata names no onnx-export extra: reinstall it (pip install -e .)")
+    tag = hashlib.sha256("\n".join([sys.version, *reqs]).encode()).hexdigest()[:12]
+    bin_dir, exe = ("Scripts", "python.exe") if os.name == "nt" else ("bin", "python")
+
+    def build(tmp: Path) -> None:
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(tmp)], check=True)
+        subprocess.run([str(tmp / bin_dir / exe), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        *reqs], check=True)
+
+    # Renamed after the build: a venv's python finds its prefix from where it is (only pip's scripts keep the
+    # temp path in their shebangs, and the tests run pip as python -m pip).
+    return _atomic_build(CACHE / f"venv-onnx-export-{tag}", build) / bin_dir / exe
 
 
 def llama_cpp_src() -> Path:

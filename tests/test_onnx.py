@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import models
 import numpy as np
 import pytest
 
@@ -438,7 +439,8 @@ def test_hqq_bundle_generates_and_records_its_algorithm(tiny_qwen2, tmp_path):
         assert text and m.generate("The quick brown fox", max_tokens=8) == text
 
 
-def test_optimum_fallback_hqq_keeps_onnxruntime_hqq_weights_on_the_fast_path(tiny_neox, tmp_path, monkeypatch):
+def test_optimum_fallback_hqq_keeps_onnxruntime_hqq_weights_on_the_fast_path(tiny_neox, onnx_export_python,
+                                                                            tmp_path, monkeypatch):
     """ONNX Runtime's HQQ writes f32 zero points (its CPU MatMulNBits' slow path); the fallback rewrites them
     as uint8 + a per-block correction: no f32 zero points are left, and the logits are ONNX Runtime's own."""
     import onnx
@@ -446,7 +448,9 @@ def test_optimum_fallback_hqq_keeps_onnxruntime_hqq_weights_on_the_fast_path(tin
 
     import packager.convert.onnx.optimum_export as oo
 
-    r = oo._optimum(oo._EXPORT, str(tiny_neox), str(tmp_path / "export"), oo.TASK)
+    # optimum's export in its own environment (what _optimum runs in the packing process's), the rest here
+    r = subprocess.run([str(onnx_export_python), "-c", oo._EXPORT, str(tiny_neox), str(tmp_path / "export"), oo.TASK],
+                       capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     opts = OnnxOptions(symmetric=False, algorithm="hqq", accuracy_level=0)
     logits = {}
@@ -549,40 +553,81 @@ def test_optimum_beside_a_transformers_it_does_not_take_is_refused_in_one_line(m
 # -- the optimum-onnx fallback (architectures the streaming converter lacks) -----------------------
 
 @pytest.fixture(scope="module")
-def tiny_neox(smollm2_hf, tmp_path_factory) -> Path:
-    """A random 2-layer GPT-NeoX (not in edgepack's ONNX converter; optimum exports it) with SmolLM2's tokenizer."""
-    pytest.importorskip("optimum.exporters.onnx")
+def onnx_export_python() -> Path:
+    """optimum-onnx's environment of its own (transformers < 4.58; models.onnx_export_python): pip builds it once
+    per machine from the package registry. Without one the fallback's tests skip, except on CI (CI=true)."""
+    try:
+        return models.onnx_export_python()
+    except (subprocess.CalledProcessError, OSError) as exc:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            raise
+        pytest.skip(f"no environment for optimum-onnx ({exc}): pip needs the package registry")
+
+
+_TINY_NEOX = """
+import sys
+
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+config = GPTNeoXConfig(vocab_size=49152, max_position_embeddings=512, hidden_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=256, bos_token_id=1, eos_token_id=2)
+config.architectures = ["GPTNeoXForCausalLM"]
+torch.manual_seed(0)
+model = GPTNeoXForCausalLM(config)
+with torch.no_grad():  # larger than the default init: logits that are not all noise-level
+    for p in model.parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, 0.05)
+model.to(torch.bfloat16).save_pretrained(sys.argv[1], safe_serialization=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_neox(smollm2_hf, onnx_export_python, tmp_path_factory) -> Path:
+    """A random 2-layer GPT-NeoX (not in edgepack's ONNX converter; optimum exports it) with SmolLM2's tokenizer,
+    saved by the transformers optimum-onnx runs on (a config in its own form)."""
     import shutil
 
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
     out = tmp_path_factory.mktemp("tiny-neox")
-    config = GPTNeoXConfig(vocab_size=49152, max_position_embeddings=512, hidden_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, intermediate_size=256, bos_token_id=1, eos_token_id=2)
-    config.architectures = ["GPTNeoXForCausalLM"]
-    torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(config)
-    with torch.no_grad():  # larger than the default init: logits that are not all noise-level
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.05)
-    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    r = subprocess.run([str(onnx_export_python), "-c", _TINY_NEOX, str(out)], capture_output=True, text=True,
+                       env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copyfile(smollm2_hf / name, out / name)
     return out
 
 
+def test_fallback_without_optimum_here_says_where_to_install_it(tiny_neox, tmp_path):
+    """Beside transformers 5 (the test environment) optimum-onnx is not installed: `pack model --format onnx` of an
+    architecture only the fallback exports says, in one line, that it wants an environment of its own."""
+    from packager.convert.onnx.optimum_export import optimum_installed
+
+    if optimum_installed():
+        pytest.skip("optimum-onnx is installed beside the suite's transformers")
+    out = tmp_path / "dist"
+    r = subprocess.run([sys.executable, "-m", "packager.cli", "model", str(tiny_neox), "--format", "onnx",
+                        "-o", str(out)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and "pip install 'edgepack[onnx-export]'" in line and "environment of its own" in line, line
+    assert not out.exists() or not any(out.iterdir())
+
+
 @pytest.mark.parametrize("algorithm", ["rtn", "hqq"])
-def test_optimum_fallback_bundle_generates_through_packager_load(algorithm, tiny_neox, tmp_path):
+def test_optimum_fallback_bundle_generates_through_packager_load(algorithm, tiny_neox, onnx_export_python, tmp_path):
     """optimum's export + MatMulNBitsQuantizer: every linear layer int4, and genai's KV-cached loop picks
-    the argmax of the bundle graph's own full forward pass (position_ids, unshared KV buffers)."""
+    the argmax of the bundle graph's own full forward pass (position_ids, unshared KV buffers). Packed by
+    `pack model` in optimum-onnx's environment, loaded here (transformers 5): as a user keeps the two."""
     import onnx
 
     import packager
 
-    bundle = pack_model(tiny_neox, PackOptions(format="onnx", onnx_algorithm=algorithm, output=tmp_path,
-                                               quiet=True)).path
+    r = subprocess.run([str(onnx_export_python), "-m", "packager.cli", "model", str(tiny_neox), "--format", "onnx",
+                        "--algorithm", algorithm, "-o", str(tmp_path)], capture_output=True, text=True, env=ENV,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (bundle,) = (p.parent for p in tmp_path.glob("*/manifest.json"))
     man = json.loads((bundle / "manifest.json").read_text())
     assert man["quant"] == ("INT4_B32_HQQ" if algorithm == "hqq" else "INT4_B32")
     assert man["onnx"]["algorithm"] == algorithm and man["onnx"]["exporter"].startswith("optimum-onnx 0.1")

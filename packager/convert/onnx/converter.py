@@ -72,8 +72,9 @@ def onnx_exporter(hf_name: str, model_type: str) -> str:
     check_family(hf_name)
     ours, hint = unsupported(hf_name, "onnx"), instead(hf_name, "onnx")
     if not optimum_installed():
-        raise UnknownArchitectureError(f"{ours}; the fallback for other architectures needs optimum-onnx: "
-                                       f"pip install 'edgepack[onnx-export]'{hint}")
+        raise UnknownArchitectureError(f"{ours}; the fallback for other architectures needs optimum-onnx, which "
+                                       f"pins transformers < 4.58: pip install 'edgepack[onnx-export]' in an "
+                                       f"environment of its own and pack from there{hint}")
     clash = optimum_transformers_clash()
     if clash:
         raise UnknownArchitectureError(f"{ours}; {clash}{hint}")
