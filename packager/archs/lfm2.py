@@ -10,6 +10,12 @@ The GGUF keys are llama.cpp's LFM2Model's (conversion/lfm2.py over TextModel's),
 them: a key written twice keeps its first position and its last value, so each is written once here, at the
 first position, with the final value. The per-layer head_count_kv (0 on convolution layers) is how llama.cpp
 tells the kinds apart (models/lfm2.cpp: is_recr = n_head_kv(il) == 0).
+
+The ONNX graph (convert/onnx: shortconv.py for the convolution layers) is edgepack's decoder with the
+convolution in the attention's place on those layers, run by onnxruntime-genai's LFM2 runner (model type
+"lfm2", 0.18 and later), which carries each convolution's state between steps; the attention layers
+normalize each head of q and k as Qwen3's do. LFM2's own names map onto the Llama-style ones the converter
+reads (ONNX_RENAMES).
 """
 
 from __future__ import annotations
@@ -20,12 +26,15 @@ import gguf
 
 from packager.archs.common import layer_types, rope_parameters
 from packager.archs.layers import LayerKind, conv_layer
-from packager.archs.registry import Arch, Config, Family, register
+from packager.archs.registry import Arch, Config, Family, OnnxArch, register
 from packager.errors import IncompleteConfigError, UnsupportedConfigError
 
 LFM2_KINDS = ("full_attention", "conv")
-ONNX_REFUSAL = ("LFM2's convolution layers carry a state between tokens, which onnxruntime-genai 0.11 cannot "
-                "hold; pack it with --format gguf")
+# (the converter's Llama-style name, LFM2's), as dotted paths matched whole (OnnxArch.renames)
+ONNX_RENAMES = (("input_layernorm", "operator_norm"), ("post_attention_layernorm", "ffn_norm"),
+                ("self_attn.o_proj", "self_attn.out_proj"), ("self_attn.q_norm", "self_attn.q_layernorm"),
+                ("self_attn.k_norm", "self_attn.k_layernorm"), ("mlp.gate_proj", "feed_forward.w1"),
+                ("mlp.up_proj", "feed_forward.w3"), ("mlp.down_proj", "feed_forward.w2"), ("norm", "embedding_norm"))
 
 
 def _kinds(cfg: Config) -> tuple[str, ...]:
@@ -128,5 +137,6 @@ LFM2 = Arch(gguf.MODEL_ARCH.LFM2, extra_hparams=_hparams, common_hparams=False, 
             after_file_type=_after_file_type, output_norm="token_embd_norm",
             # the depthwise kernel is stored (H, 1, L); llama.cpp's shortconv takes it (H, L)
             squeeze=("shortconv.conv.weight",))
-register(Family(("Lfm2ForCausalLM",), gguf=LFM2, layers=_layers, spec_fields=_spec_fields,
-                onnx_refusal=ONNX_REFUSAL))
+# RoPE: the default only, as on the GGUF side (transformers' other kinds are untested here).
+LFM2_ONNX = OnnxArch("lfm2", qk_norm=True, rope_types=("default",), renames=ONNX_RENAMES)
+register(Family(("Lfm2ForCausalLM",), gguf=LFM2, onnx=LFM2_ONNX, layers=_layers, spec_fields=_spec_fields))

@@ -89,6 +89,9 @@ class OnnxArch:
     # The graph's config-derived fields this family sets (formats.onnx.Dims: attn_scale, embed_scale,
     # activation, final_softcap); None: Llama's (1/sqrt(head_dim), no scale, SiLU, no cap).
     graph: Callable[[Config], dict[str, Any]] | None = None
+    # The checkpoint's names for the Llama-style ones the converter reads, as (ours, theirs) dotted paths
+    # matched whole (LFM2's ("mlp.gate_proj", "feed_forward.w1"), ("norm", "embedding_norm")); () for none.
+    renames: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from packager.archs import FAMILIES
 from packager.errors import UsageError
-from packager.formats.base import MiB, Format, Memory, gb, kv_bytes, part_too_small
+from packager.formats.base import MiB, Format, Memory, gb, kv_bytes, part_too_small, state_bytes
 from packager.formats.weights import Tensor, WeightLayout
 from packager.spec.model import ModelSpec
 
@@ -156,14 +156,22 @@ class Dims:
     embed_scale: float = 0.0  # the embedding rows multiplied by this after the gather (Gemma); 0: not
     activation: str = "silu"  # the MLP gate's: "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU)
     final_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0: none
+    # LFM2's short-convolution layers (no attention, no KV: a depthwise kernel of conv_kernel taps over
+    # B*x, gated by C, carrying its last conv_kernel - 1 inputs); empty: every layer attends.
+    conv_layers: tuple[bool, ...] = ()
+    conv_kernel: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("rope_layers", "sliding_layers"):
+        for name in ("rope_layers", "sliding_layers", "conv_layers"):
             flags = getattr(self, name)
             if flags and len(flags) != self.n_layers:
                 raise ValueError(f"{name} has {len(flags)} entries for {self.n_layers} layers")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
+
+    def conv(self, layer: int) -> bool:
+        """Whether the layer is a short convolution (holds a conv state, not a KV cache)."""
+        return bool(self.conv_layers) and self.conv_layers[layer]
 
     def rope(self, layer: int) -> bool:
         return not self.rope_layers or self.rope_layers[layer]
@@ -187,7 +195,17 @@ class Dims:
                    n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim, vocab=spec.vocab_size,
                    rms_eps=1e-6, rotary_dim=spec.head_dim, max_positions=spec.context_length,
                    attn_scale=spec.head_dim ** -0.5, qk_norm=bool(arch and arch.qk_norm),
-                   local_rope=bool(arch and arch.local_rope), sandwich_norms=bool(arch and arch.sandwich_norms))
+                   local_rope=bool(arch and arch.local_rope), sandwich_norms=bool(arch and arch.sandwich_norms),
+                   **conv_fields(spec))
+
+
+def conv_fields(spec: ModelSpec) -> dict[str, Any]:
+    """Dims' conv_layers and conv_kernel from the spec's layer kinds ({} where no layer is a convolution)."""
+    kinds = spec.layer_kinds
+    if not any(k.kind == "conv" for k in kinds):
+        return {}
+    return {"conv_layers": tuple(k.kind == "conv" for k in kinds),
+            "conv_kernel": max(k.conv_kernel for k in kinds)}
 
 
 @dataclass(frozen=True)
@@ -270,18 +288,14 @@ def declare(d: Dims, fmt: WeightFormat, *, has_bias: bool, tied: bool, int4_embe
     """Every initializer of the decoder graph, in file order (the converter writes these, the planner sums them)."""
     layout = Layout()
     f32 = DType.FLOAT
-    q_n, kv_n = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
     for i in range(d.n_layers):
         pre = f"model.layers.{i}"
         for norm in layer_norms(d):
             layout.add(f"{pre}.{norm}.weight", f32, (d.hidden,))
-        fmt.linear_inits(layout, f"{pre}.attn.qkv_proj", q_n + 2 * kv_n, d.hidden)
-        if has_bias:
-            layout.add(f"{pre}.attn.qkv_proj.bias", f32, (q_n + 2 * kv_n,))
-        if d.qk_norm:
-            for norm in ("q_norm", "k_norm"):
-                layout.add(f"{pre}.attn.{norm}.weight", f32, (d.head_dim,))
-        fmt.linear_inits(layout, f"{pre}.attn.o_proj", d.hidden, q_n)
+        if d.conv(i):
+            _conv_inits(layout, d, fmt, pre)
+        else:
+            _attention_inits(layout, d, fmt, pre, has_bias)
         # gate and up read the same input: one MatMulNBits over their stacked rows quantizes the
         # activations once and dispatches the thread pool once (benchmarks/onnx_speed.py).
         fmt.linear_inits(layout, f"{pre}.mlp.gate_up_proj", 2 * d.intermediate, d.hidden)
@@ -306,6 +320,25 @@ def declare(d: Dims, fmt: WeightFormat, *, has_bias: bool, tied: bool, int4_embe
     for cache in CACHES + (LOCAL_CACHES if d.local_rope else ()):
         layout.add(cache, f32, (d.max_positions, d.rotary_dim // 2))
     return Declared(layout, embed_base, embed_zp)
+
+
+def _attention_inits(layout: Layout, d: Dims, fmt: WeightFormat, pre: str, has_bias: bool) -> None:
+    q_n, kv_n = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
+    fmt.linear_inits(layout, f"{pre}.attn.qkv_proj", q_n + 2 * kv_n, d.hidden)
+    if has_bias:
+        layout.add(f"{pre}.attn.qkv_proj.bias", DType.FLOAT, (q_n + 2 * kv_n,))
+    if d.qk_norm:
+        for norm in ("q_norm", "k_norm"):
+            layout.add(f"{pre}.attn.{norm}.weight", DType.FLOAT, (d.head_dim,))
+    fmt.linear_inits(layout, f"{pre}.attn.o_proj", d.hidden, q_n)
+
+
+def _conv_inits(layout: Layout, d: Dims, fmt: WeightFormat, pre: str) -> None:
+    """A short-convolution layer's (LFM2's, by its Hugging Face names): in_proj to B, C and x (int4), the
+    depthwise kernel (H, 1, L) kept f32 as llama.cpp keeps it, out_proj (int4)."""
+    fmt.linear_inits(layout, f"{pre}.conv.in_proj", 3 * d.hidden, d.hidden)
+    layout.add(f"{pre}.conv.conv.weight", DType.FLOAT, (d.hidden, 1, d.conv_kernel))
+    fmt.linear_inits(layout, f"{pre}.conv.out_proj", d.hidden, d.hidden)
 
 
 def layer_norms(d: Dims) -> tuple[str, ...]:
@@ -371,9 +404,10 @@ def memory(spec: ModelSpec, layout: WeightLayout, n_ctx: int, kv_type: str = KV_
     """Everything in RAM, as onnxruntime-genai allocates it (``cpu_kernels``: the CPU execution
     provider, which packs the weights). Its KV cache is f32 whatever the target's llama.cpp type."""
     n_tokens = min(PROMPT_CHUNK, n_ctx) if n_tokens is None else n_tokens
-    # genai's shared past/present buffer: max_length (n_ctx) positions on every layer, sliding ones too.
+    # genai's shared past/present buffer: max_length (n_ctx) positions on every attention layer, sliding ones
+    # too; a convolution layer (LFM2) holds its f32 conv state instead, H x (L - 1) floats a sequence.
     return Memory(layout.total, kv_bytes(spec, n_ctx, KV_TYPE, padded=False), compute_bytes(spec, n_tokens),
-                  overhead_bytes(spec, layout.total, cpu=cpu_kernels))
+                  overhead_bytes(spec, layout.total, cpu=cpu_kernels), state=state_bytes(spec))
 
 
 def explain(spec: ModelSpec, layout: WeightLayout, n_ctx: int, ram: Memory) -> list[str]:

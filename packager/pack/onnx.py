@@ -27,7 +27,7 @@ from packager.convert.onnx.converter import (GPTQ_REFUSAL, OnnxOptions, check_co
                                              onnx_exporter)
 from packager.convert.onnx.optimum_export import convert_optimum, fallback_memory
 from packager.convert.onnx.wasm_graph import write_wasm_graph
-from packager.errors import UsageError
+from packager.errors import UnsupportedArchitectureError, UsageError
 from packager.formats.onnx import ALGORITHMS, BLOCK_SIZES, SCHEMES
 from packager.pack.card import LICENSE_NAMES, bundle_manifest, generation_defaults, model_card, with_quality
 from packager.pack.options import AutoJob, Candidate, PackJob, PackOptions, PackResult, ReadyFile, part_limit
@@ -142,6 +142,11 @@ def pack_onnx(job: PackJob) -> PackResult:
     exporter = onnx_exporter(spec.architecture, spec.model_type)
     if exporter == "edgepack":  # and a config the graph would compute otherwise (e.g. Gemma 3's attention softcap)
         check_config(src.path)
+    if tgt.distribution.channel == "web" and any(k.kind == "conv" for k in spec.layer_kinds):
+        # the page (data/web/app.js) feeds ONNX Runtime Web a KV cache on every layer and nothing else
+        raise UnsupportedArchitectureError(
+            f"{spec.architecture}'s convolution layers carry a state between tokens, which onnxruntime-genai holds "
+            f"but the web page's own decoding loop does not; pack it for another target than {tgt.name}")
     oo = onnx_options(opts, tgt)
     p = plan(spec, tgt, replace(job.overrides, quant=oo.quant_name, format="onnx"))  # sized as written
     final = job.final

@@ -73,7 +73,7 @@ def llama_decodes(lc: Any, model: Any, path: Path) -> None:
 def onnx_decodes(model_dir: Path, options: Any) -> None:
     """Run a one-token prompt and the token after it through ONNX Runtime over ``model_dir``'s graph
     (edgepack's or optimum-onnx's inputs: input_ids, attention_mask, position_ids,
-    past_key_values.N.key/value), in a session of ``options``; ConversionError, one line, where ONNX
+    past_key_values.N.key/value, LFM2's conv states past.N.conv), in a session of ``options``; ConversionError, one line, where ONNX
     Runtime rejects it or the logits are NaN.
 
     Unpacked (no prepacking), MatMulNBits dequantizes its whole weight to f32 at every call: for the
@@ -94,12 +94,13 @@ def onnx_decodes(model_dir: Path, options: Any) -> None:
         raise _refused(model_dir.name, "ONNX Runtime", f"the graph has no 'logits' output (outputs: {', '.join(names)})")
     past: dict[str, np.ndarray] = {}
     for i in inputs:
-        if i.name.startswith("past_key_values."):
-            # [batch, kv heads, past length, head dim]: one sequence, nothing cached yet
+        if i.name.startswith(("past_key_values.", "past.")):
+            # [batch, kv heads, past length, head dim]: one sequence, nothing cached yet; a conv state
+            # [batch, hidden, kernel - 1]: zeros, as genai starts it
             dims = [d if isinstance(d, int) else 0 for d in i.shape]
             dims[0] = 1
             past[i.name] = np.zeros(dims, dtype=_np_type(i, model_dir))
-    missing = [n for n in past if n.replace("past_key_values.", "present.", 1) not in names]
+    missing = [n for n in past if _present(n) not in names]
     if missing:
         raise _refused(model_dir.name, "ONNX Runtime", f"the graph has no present output for {missing[0]}")
     run = ort.RunOptions()
@@ -128,7 +129,12 @@ def onnx_decodes(model_dir: Path, options: Any) -> None:
         if np.isnan(row).any():
             raise _refused(model_dir.name, "ONNX Runtime", f"the logits of {step} are NaN")
         token = int(row.argmax())
-        past = {name: out[name.replace("past_key_values.", "present.", 1)] for name in past}
+        past = {name: out[_present(name)] for name in past}
+
+
+def _present(past: str) -> str:
+    """The output that carries a cache input on: past_key_values.N.key -> present.N.key, past.N.conv -> present.N.conv."""
+    return "present." + past.split(".", 1)[1]
 
 
 # Vocabulary rows the check's lm_head computes: a multiple of 4096, so that every slice of a weight

@@ -29,12 +29,14 @@ from packager.archs import (FAMILIES, OnnxArch, attention_layers, onnx_arch_for,
                             text_config)
 from packager.archs.registry import instead, unsupported
 from packager.convert.onnx.graph import GraphBuilder
+from packager.convert.onnx.shortconv import conv_slots
 from packager.convert.onnx.optimum_export import optimum_exports, optimum_installed, optimum_transformers_clash
 from packager.convert.onnx.output import DecoderShape, copy_tokenizer, eog_ids, genai_config, read_json
 from packager.convert.result import ConvertResult
 from packager.errors import (BackendMissingError, ConversionError, SourceError, UnknownArchitectureError,
                              UnsupportedArchitectureError, UsageError)
-from packager.formats.onnx import ALGORITHMS, CACHES, LOCAL_CACHES, Dims, WeightFormat, declare, layer_norms
+from packager.formats.onnx import (ALGORITHMS, CACHES, LOCAL_CACHES, Dims, WeightFormat, conv_fields, declare,
+                                   layer_norms)
 from packager.host import default_threads
 from packager.kernels.hqq import quantize_int4_hqq, split_zero_points
 from packager.kernels.int4 import check_block_size, quantize_int4
@@ -159,10 +161,10 @@ def _dims(cfg: dict[str, Any], arch: OnnxArch) -> Dims:
     return Dims(
         n_layers=spec.n_layers, hidden=spec.hidden_size, intermediate=spec.intermediate_size, n_heads=spec.n_heads,
         n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim, vocab=spec.vocab_size,
-        rms_eps=float(cfg.get("rms_norm_eps") or 1e-6), rotary_dim=int(spec.head_dim * fraction),
+        rms_eps=float(cfg.get("rms_norm_eps") or cfg.get("norm_eps") or 1e-6), rotary_dim=int(spec.head_dim * fraction),
         max_positions=spec.context_length, window=window, sliding_layers=sliding,
         qk_norm=arch.qk_norm, rope_layers=arch.rope_layers(cfg) if arch.rope_layers else (),
-        local_rope=arch.local_rope, sandwich_norms=arch.sandwich_norms, **graph,
+        local_rope=arch.local_rope, sandwich_norms=arch.sandwich_norms, **graph, **conv_fields(spec),
     )
 
 
@@ -236,9 +238,9 @@ def plan_slots(ckpt: Checkpoint, cfg: dict[str, Any], arch: OnnxArch, opts: Onnx
     spec = spec_from_config(cfg)
     fmt = opts.weight_format
     slots: dict[str, list[Slot]] = {}
-    q_n, kv_n = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
 
     def put(src: str, slot: Slot) -> None:
+        src = renamed(src, arch.renames)
         if src not in ckpt:
             raise SourceError(f"tensor {src!r} is missing from the checkpoint; it does not match its config "
                               f"({spec.architecture}) or is incomplete; re-download it")
@@ -253,19 +255,11 @@ def plan_slots(ckpt: Checkpoint, cfg: dict[str, Any], arch: OnnxArch, opts: Onnx
         pre, src, att = f"model.layers.{i}", f"{m}layers.{i}", f"{m}layers.{i}.self_attn"
         for name in layer_norms(d):
             put(f"{src}.{name}.weight", Slot("float", f"{pre}.{name}.weight", **norm))
-        qkv = f"{pre}.attn.qkv_proj"
-        if arch.fused_qkv:
-            put(f"{att}.qkv_proj.weight", Slot("linear", qkv))
+        if d.conv(i):  # LFM2's short convolution in the attention's place
+            for name, kind, target in conv_slots(src, pre):
+                put(name, Slot(kind, target))
         else:
-            for name, row in (("q_proj", 0), ("k_proj", q_n), ("v_proj", q_n + kv_n)):
-                put(f"{att}.{name}.weight", Slot("linear", qkv, row))
-        if has_bias:
-            for name, row in (("q_proj", 0), ("k_proj", q_n), ("v_proj", q_n + kv_n)):
-                put(f"{att}.{name}.bias", Slot("float", f"{qkv}.bias", row))
-        if d.qk_norm:
-            for name in ("q_norm", "k_norm"):
-                put(f"{att}.{name}.weight", Slot("float", f"{pre}.attn.{name}.weight", **norm))
-        put(f"{att}.o_proj.weight", Slot("linear", f"{pre}.attn.o_proj"))
+            _attention_slots(put, d, arch, pre, att, has_bias)
         gate_up = f"{pre}.mlp.gate_up_proj"
         if arch.fused_gate_up:
             put(f"{src}.mlp.gate_up_proj.weight", Slot("linear", gate_up))
@@ -284,6 +278,32 @@ def plan_slots(ckpt: Checkpoint, cfg: dict[str, Any], arch: OnnxArch, opts: Onnx
     if part_bytes and layout.size > part_bytes:  # a channel's part size: the data in several files
         layout = layout.split(part_bytes)
     return d, fmt, layout, slots, has_bias, decl.embed_base, decl.embed_zp
+
+
+def _attention_slots(put, d: Dims, arch: OnnxArch, pre: str, att: str, has_bias: bool) -> None:
+    """Where an attention layer's q/k/v (packed), their biases and norms, and o_proj go."""
+    q_n, kv_n = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
+    norm = dict(offset=arch.norm_offset)
+    qkv = f"{pre}.attn.qkv_proj"
+    if arch.fused_qkv:
+        put(f"{att}.qkv_proj.weight", Slot("linear", qkv))
+    else:
+        for name, row in (("q_proj", 0), ("k_proj", q_n), ("v_proj", q_n + kv_n)):
+            put(f"{att}.{name}.weight", Slot("linear", qkv, row))
+    if has_bias:
+        for name, row in (("q_proj", 0), ("k_proj", q_n), ("v_proj", q_n + kv_n)):
+            put(f"{att}.{name}.bias", Slot("float", f"{qkv}.bias", row))
+    if d.qk_norm:
+        for name in ("q_norm", "k_norm"):
+            put(f"{att}.{name}.weight", Slot("float", f"{pre}.attn.{name}.weight", **norm))
+    put(f"{att}.o_proj.weight", Slot("linear", f"{pre}.attn.o_proj"))
+
+
+def renamed(name: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """``name`` with each (ours, theirs) dotted path replaced where it stands whole (OnnxArch.renames)."""
+    for ours, theirs in renames:
+        name = f".{name}.".replace(f".{ours}.", f".{theirs}.", 1)[1:-1]
+    return name
 
 
 # Where a checkpoint keeps the decoder (its layers, norm and embedding) and the lm_head: a causal LM, or a
@@ -390,8 +410,12 @@ def write_weights(ckpt: Checkpoint, slots: dict[str, list[Slot]], writer: _Write
 
 
 def decoder_shape(d: Dims, arch: OnnxArch) -> DecoderShape:
+    conv = {}
+    if d.conv_layers:  # LFM2: which layers carry a conv state, and its length
+        conv = dict(layer_types=tuple("conv" if c else "full_attention" for c in d.conv_layers),
+                    conv_cache=d.conv_kernel - 1)
     return DecoderShape(arch.genai_type, d.max_positions, d.head_dim, d.hidden, d.n_heads, d.n_layers, d.n_kv_heads,
-                        d.vocab)
+                        d.vocab, **conv)
 
 
 def _onnx():

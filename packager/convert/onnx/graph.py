@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from packager.convert.onnx import shortconv
 from packager.formats.onnx import Dims, DType, Layout, WeightFormat
 
 if TYPE_CHECKING:
@@ -153,8 +154,27 @@ class GraphBuilder:
                qkv_bias: bool) -> tuple[str, str]:
         """One decoder layer: (the residual stream, the output still to add to it at the next norm)."""
         d, p, w = self.d, f"/model/layers.{i}", f"model.layers.{i}"
-        q_n, kv_n = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
         x, residual = self._norm(f"{w}.input_layernorm.weight", residual, pending, f"{p}/input_layernorm")
+        if d.conv(i):  # LFM2's short convolution mixes the tokens in the attention's place
+            attn = shortconv.short_conv(self, i, x)
+        else:
+            attn = self._attention(i, x, seqlens_k, total_len, qkv_bias)
+        if d.sandwich_norms:  # Gemma normalizes the attention's output before adding it to the residual
+            attn, _ = self._norm(f"{w}.post_attention_layernorm.weight", attn, None, f"{p}/post_attention_layernorm")
+            x, residual = self._norm(f"{w}.pre_feedforward_layernorm.weight", residual, attn,
+                                     f"{p}/pre_feedforward_layernorm")
+        else:
+            x, residual = self._norm(f"{w}.post_attention_layernorm.weight", residual, attn,
+                                     f"{p}/post_attention_layernorm")
+        out = self._mlp(i, x)
+        if d.sandwich_norms:  # and the MLP's
+            out, _ = self._norm(f"{w}.post_feedforward_layernorm.weight", out, None, f"{p}/post_feedforward_layernorm")
+        return residual, out
+
+    def _attention(self, i: int, x: str, seqlens_k: str, total_len: str, qkv_bias: bool) -> str:
+        """An attention layer's mixer: packed q/k/v, GroupQueryAttention over its KV cache, o_proj."""
+        d, p, w = self.d, f"/model/layers.{i}", f"model.layers.{i}"
+        q_n, kv_n = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
         qkv = self.linear(f"{w}.attn.qkv_proj", x, q_n + 2 * kv_n, d.hidden, f"{p}/attn/qkv_proj/MatMul",
                           bias=f"{w}.attn.qkv_proj.bias" if qkv_bias else None)
         qkv_inputs = self._qk_norm(i, qkv) if d.qk_norm else [qkv, "", ""]
@@ -171,17 +191,7 @@ class GraphBuilder:
             name=f"{p}/attn/GroupQueryAttention", domain=MS, **attrs))
         attn = self.linear(f"{w}.attn.o_proj", f"{p}/attn/GroupQueryAttention/output_0", d.hidden, q_n,
                            f"{p}/attn/o_proj/MatMul")
-        if d.sandwich_norms:  # Gemma normalizes the attention's output before adding it to the residual
-            attn, _ = self._norm(f"{w}.post_attention_layernorm.weight", attn, None, f"{p}/post_attention_layernorm")
-            x, residual = self._norm(f"{w}.pre_feedforward_layernorm.weight", residual, attn,
-                                     f"{p}/pre_feedforward_layernorm")
-        else:
-            x, residual = self._norm(f"{w}.post_attention_layernorm.weight", residual, attn,
-                                     f"{p}/post_attention_layernorm")
-        out = self._mlp(i, x)
-        if d.sandwich_norms:  # and the MLP's
-            out, _ = self._norm(f"{w}.post_feedforward_layernorm.weight", out, None, f"{p}/post_feedforward_layernorm")
-        return residual, out
+        return attn
 
     def _mlp(self, i: int, x: str) -> str:
         """down(act(gate(x)) * up(x)): SiLU (SwiGLU) or tanh-approximated GELU (Gemma's GeGLU)."""
@@ -245,6 +255,11 @@ class GraphBuilder:
                   helper.make_tensor_value_info("attention_mask", DType.INT64, ["batch_size", "total_sequence_length"])]
         outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", d.vocab])]
         for i in range(d.n_layers):
+            if d.conv(i):  # a convolution layer's state, not a KV cache
+                state = shortconv.state_shape(d.hidden, d.conv_kernel)
+                inputs.append(helper.make_tensor_value_info(shortconv.PAST.format(i), f32, state))
+                outputs.append(helper.make_tensor_value_info(shortconv.PRESENT.format(i), f32, state))
+                continue
             inputs += [kv(f"past_key_values.{i}.key", "past_sequence_length"),
                        kv(f"past_key_values.{i}.value", "past_sequence_length")]
             outputs += [kv(f"present.{i}.key", "total_sequence_length"),

@@ -52,6 +52,11 @@ class DecoderShape:
     # genai keeps past and present in one buffer of max_length (our graph); optimum's graphs
     # concatenate past and new keys themselves and need their own buffers.
     share_buffer: bool = True
+    # LFM2: each layer's kind as transformers' layer_types names it ("conv" / "full_attention") and the conv
+    # state's length (kernel - 1); genai's LFM2 runner binds a KV cache to the attention layers alone and a
+    # conv state (past.%d.conv -> present.%d.conv) to the others. Empty / 0 for a plain decoder.
+    layer_types: tuple[str, ...] = ()
+    conv_cache: int = 0
 
 
 def eog_ids(model_dir: Path) -> list[int] | None:
@@ -70,8 +75,13 @@ def genai_config(shape: DecoderShape, cfg: dict[str, Any], gen: dict[str, Any], 
         pad = eos[0] if isinstance(eos, list) else eos
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask",
               "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+    outputs = {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
     if shape.position_ids:
         inputs["position_ids"] = "position_ids"
+    conv = {}
+    if shape.conv_cache:
+        inputs["past_conv_names"], outputs["present_conv_names"] = "past.%d.conv", "present.%d.conv"
+        conv = {"layer_types": list(shape.layer_types), "conv_cache_size": shape.conv_cache}
     return {
         "model": {
             "bos_token_id": gen.get("bos_token_id", cfg.get("bos_token_id")),
@@ -82,11 +92,11 @@ def genai_config(shape: DecoderShape, cfg: dict[str, Any], gen: dict[str, Any], 
                 "head_size": shape.head_size,
                 "hidden_size": shape.hidden_size,
                 "inputs": inputs,
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
+                "outputs": outputs,
                 "num_attention_heads": shape.n_heads,
                 "num_hidden_layers": shape.n_layers,
                 "num_key_value_heads": shape.n_kv_heads,
+                **conv,
             },
             "eos_token_id": eos,
             "pad_token_id": pad,
