@@ -89,6 +89,9 @@ class OnnxArch:
     # The graph's config-derived fields this family sets (formats.onnx.Dims: attn_scale, embed_scale,
     # activation, final_softcap); None: Llama's (1/sqrt(head_dim), no scale, SiLU, no cap).
     graph: Callable[[Config], dict[str, Any]] | None = None
+    # The Dims fields a plan (a ModelSpec, no config) needs beyond the shape fields (Qwen3.5's delta-net layers
+    # and gated attention: what ``graph`` sets from the config); None: none.
+    spec_dims: Callable[[Any], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,12 @@ def llama_decodes(lc: Any, model: Any, path: Path) -> None:
             lc.llama_free(ctx)
 
 
+def _present(past: str) -> str:
+    """The output a past input's next value comes from (past_key_values.N.key -> present.N.key, past.N.conv ->
+    present.N.conv)."""
+    return "present." + past.split(".", 1)[1]
+
+
 def onnx_decodes(model_dir: Path, options: Any) -> None:
     """Run a one-token prompt and the token after it through ONNX Runtime over ``model_dir``'s graph
     (edgepack's or optimum-onnx's inputs: input_ids, attention_mask, position_ids,
@@ -94,12 +100,13 @@ def onnx_decodes(model_dir: Path, options: Any) -> None:
         raise _refused(model_dir.name, "ONNX Runtime", f"the graph has no 'logits' output (outputs: {', '.join(names)})")
     past: dict[str, np.ndarray] = {}
     for i in inputs:
-        if i.name.startswith("past_key_values."):
-            # [batch, kv heads, past length, head dim]: one sequence, nothing cached yet
+        if i.name.startswith(("past_key_values.", "past.")):
+            # [batch, kv heads, past length, head dim]: one sequence, nothing cached yet; a delta-net's conv and
+            # recurrent state (past.N.conv / past.N.recurrent, fixed sizes): zeros
             dims = [d if isinstance(d, int) else 0 for d in i.shape]
             dims[0] = 1
             past[i.name] = np.zeros(dims, dtype=_np_type(i, model_dir))
-    missing = [n for n in past if n.replace("past_key_values.", "present.", 1) not in names]
+    missing = [n for n in past if _present(n) not in names]
     if missing:
         raise _refused(model_dir.name, "ONNX Runtime", f"the graph has no present output for {missing[0]}")
     run = ort.RunOptions()
@@ -128,7 +135,7 @@ def onnx_decodes(model_dir: Path, options: Any) -> None:
         if np.isnan(row).any():
             raise _refused(model_dir.name, "ONNX Runtime", f"the logits of {step} are NaN")
         token = int(row.argmax())
-        past = {name: out[name.replace("past_key_values.", "present.", 1)] for name in past}
+        past = {name: out[_present(name)] for name in past}
 
 
 # Vocabulary rows the check's lm_head computes: a multiple of 4096, so that every slice of a weight

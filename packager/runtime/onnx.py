@@ -182,6 +182,10 @@ class OnnxModel(Model):
         self.bos_token_id = int(bos) if isinstance(bos, int) and bos >= 0 else None
         self.genai_type = str(genai_cfg["model"].get("type", "onnx"))
         self.n_layers = int(genai_cfg["model"].get("decoder", {}).get("num_hidden_layers") or 0)
+        # A graph with recurrent state (Qwen3.5's delta-net layers): genai cannot rewind it to a shorter prefix
+        # (RecurrentState::RewindTo needs a snapshot at that length), so each call reads its prompt afresh.
+        names = genai_cfg["model"].get("decoder", {}).get("inputs", {})
+        self._recurrent = "past_conv_names" in names or "past_recurrent_names" in names
         self.kv_type = runtime.kv_type or "f32"
         config = og.Config(str(self.model_dir))
         ep = execution_provider or runtime.execution_provider or "cpu"
@@ -247,7 +251,7 @@ class OnnxModel(Model):
         key = tuple(sorted(search.items()))
         kept = self._kept
         fresh = self._is_deterministic(opts) or (opts.temperature > 0 and opts.seed is not None)
-        if kept is not None and kept.key == key and not fresh:
+        if kept is not None and kept.key == key and not fresh and not self._recurrent:
             keep = min(common_prefix(kept.tokens, ids), len(ids) - 1)
             if keep > 0:
                 kept.gen.rewind_to(keep)

@@ -28,6 +28,7 @@ import numpy as np
 from packager.archs import (FAMILIES, OnnxArch, attention_layers, onnx_arch_for, rope_parameters, supported,
                             text_config)
 from packager.archs.registry import instead, unsupported
+from packager.convert.onnx import delta_net
 from packager.convert.onnx.graph import GraphBuilder
 from packager.convert.onnx.optimum_export import optimum_exports, optimum_installed, optimum_transformers_clash
 from packager.convert.onnx.output import DecoderShape, copy_tokenizer, eog_ids, genai_config, read_json
@@ -236,7 +237,6 @@ def plan_slots(ckpt: Checkpoint, cfg: dict[str, Any], arch: OnnxArch, opts: Onnx
     spec = spec_from_config(cfg)
     fmt = opts.weight_format
     slots: dict[str, list[Slot]] = {}
-    q_n, kv_n = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
 
     def put(src: str, slot: Slot) -> None:
         if src not in ckpt:
@@ -245,7 +245,7 @@ def plan_slots(ckpt: Checkpoint, cfg: dict[str, Any], arch: OnnxArch, opts: Onnx
         slots.setdefault(src, []).append(slot)
 
     m, head = tensor_names(ckpt)
-    has_bias = f"{m}layers.0.self_attn.q_proj.bias" in ckpt
+    has_bias = any(f"{m}layers.{i}.self_attn.q_proj.bias" in ckpt for i in range(d.n_layers))
     tied = spec.tied_embeddings or head not in ckpt
     decl = declare(d, fmt, has_bias=has_bias, tied=tied, int4_embeddings=opts.int4_embeddings)
     norm = dict(offset=arch.norm_offset)  # Gemma's (w - 1), on every norm
@@ -253,19 +253,10 @@ def plan_slots(ckpt: Checkpoint, cfg: dict[str, Any], arch: OnnxArch, opts: Onnx
         pre, src, att = f"model.layers.{i}", f"{m}layers.{i}", f"{m}layers.{i}.self_attn"
         for name in layer_norms(d):
             put(f"{src}.{name}.weight", Slot("float", f"{pre}.{name}.weight", **norm))
-        qkv = f"{pre}.attn.qkv_proj"
-        if arch.fused_qkv:
-            put(f"{att}.qkv_proj.weight", Slot("linear", qkv))
+        if d.is_linear(i):  # Qwen3.5's gated delta-net layer
+            delta_net.slots(put, Slot, d, src, pre)
         else:
-            for name, row in (("q_proj", 0), ("k_proj", q_n), ("v_proj", q_n + kv_n)):
-                put(f"{att}.{name}.weight", Slot("linear", qkv, row))
-        if has_bias:
-            for name, row in (("q_proj", 0), ("k_proj", q_n), ("v_proj", q_n + kv_n)):
-                put(f"{att}.{name}.bias", Slot("float", f"{qkv}.bias", row))
-        if d.qk_norm:
-            for name in ("q_norm", "k_norm"):
-                put(f"{att}.{name}.weight", Slot("float", f"{pre}.attn.{name}.weight", **norm))
-        put(f"{att}.o_proj.weight", Slot("linear", f"{pre}.attn.o_proj"))
+            _attention_slots(put, arch, d, att, pre, has_bias, norm)
         gate_up = f"{pre}.mlp.gate_up_proj"
         if arch.fused_gate_up:
             put(f"{src}.mlp.gate_up_proj.weight", Slot("linear", gate_up))
@@ -284,6 +275,24 @@ def plan_slots(ckpt: Checkpoint, cfg: dict[str, Any], arch: OnnxArch, opts: Onnx
     if part_bytes and layout.size > part_bytes:  # a channel's part size: the data in several files
         layout = layout.split(part_bytes)
     return d, fmt, layout, slots, has_bias, decl.embed_base, decl.embed_zp
+
+
+def _attention_slots(put, arch: OnnxArch, d: Dims, att: str, pre: str, has_bias: bool, norm: dict[str, float]) -> None:
+    """Where one attention layer's q/k/v (fused into qkv_proj), biases, q/k norms and o_proj go."""
+    q_n, kv_n = d.q_rows, d.n_kv_heads * d.head_dim  # q_proj's rows (Qwen3.5's: query and gate per head)
+    qkv = f"{pre}.attn.qkv_proj"
+    if arch.fused_qkv:
+        put(f"{att}.qkv_proj.weight", Slot("linear", qkv))
+    else:
+        for name, row in (("q_proj", 0), ("k_proj", q_n), ("v_proj", q_n + kv_n)):
+            put(f"{att}.{name}.weight", Slot("linear", qkv, row))
+    if has_bias:
+        for name, row in (("q_proj", 0), ("k_proj", q_n), ("v_proj", q_n + kv_n)):
+            put(f"{att}.{name}.bias", Slot("float", f"{qkv}.bias", row))
+    if d.qk_norm:
+        for name in ("q_norm", "k_norm"):
+            put(f"{att}.{name}.weight", Slot("float", f"{pre}.attn.{name}.weight", **norm))
+    put(f"{att}.o_proj.weight", Slot("linear", f"{pre}.attn.o_proj"))
 
 
 # Where a checkpoint keeps the decoder (its layers, norm and embedding) and the lm_head: a causal LM, or a
@@ -391,7 +400,7 @@ def write_weights(ckpt: Checkpoint, slots: dict[str, list[Slot]], writer: _Write
 
 def decoder_shape(d: Dims, arch: OnnxArch) -> DecoderShape:
     return DecoderShape(arch.genai_type, d.max_positions, d.head_dim, d.hidden, d.n_heads, d.n_layers, d.n_kv_heads,
-                        d.vocab)
+                        d.vocab, recurrent=any(d.linear_layers))
 
 
 def _onnx():

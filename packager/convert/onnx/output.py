@@ -52,6 +52,9 @@ class DecoderShape:
     # genai keeps past and present in one buffer of max_length (our graph); optimum's graphs
     # concatenate past and new keys themselves and need their own buffers.
     share_buffer: bool = True
+    # The graph carries gated delta-net state (Qwen3.5): past.N.conv / past.N.recurrent in, present.N.* out, as
+    # onnxruntime-genai 0.18 binds them (its RecurrentState finds the layers that have them).
+    recurrent: bool = False
 
 
 def eog_ids(model_dir: Path) -> list[int] | None:
@@ -72,6 +75,10 @@ def genai_config(shape: DecoderShape, cfg: dict[str, Any], gen: dict[str, Any], 
               "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
     if shape.position_ids:
         inputs["position_ids"] = "position_ids"
+    outputs = {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
+    if shape.recurrent:
+        inputs.update(past_conv_names="past.%d.conv", past_recurrent_names="past.%d.recurrent")
+        outputs.update(present_conv_names="present.%d.conv", present_recurrent_names="present.%d.recurrent")
     return {
         "model": {
             "bos_token_id": gen.get("bos_token_id", cfg.get("bos_token_id")),
@@ -82,8 +89,7 @@ def genai_config(shape: DecoderShape, cfg: dict[str, Any], gen: dict[str, Any], 
                 "head_size": shape.head_size,
                 "hidden_size": shape.hidden_size,
                 "inputs": inputs,
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
+                "outputs": outputs,
                 "num_attention_heads": shape.n_heads,
                 "num_hidden_layers": shape.n_layers,
                 "num_key_value_heads": shape.n_kv_heads,
