@@ -1,5 +1,6 @@
 """Qwen3.5 (issue 27): gated delta-net layers between gated attention layers, against llama.cpp's converter,
-its quantizer and transformers 5's logits; packed, loaded and chatted with; what it cannot be, refused.
+its quantizer and transformers 5's logits; packed, loaded and chatted with; what it cannot be, refused
+(the ONNX bundle: tests/test_qwen35_onnx.py).
 
 The fixture (tests/models.tiny_qwen35) is a random 8-layer Qwen3.5 text model: six linear-attention layers,
 two full-attention ones, 4 key heads to 8 value heads (so the V-head reorder runs), an explicit mrope section,
@@ -238,16 +239,4 @@ def test_layer_kinds_that_disagree_with_the_weights_are_refused(command, tmp_pat
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "make layer 0 an attention layer, but its weights hold blk.0." in lines[0], r.stderr
-    assert not out.exists()
-
-
-@pytest.mark.parametrize("command", ["plan", "model"])
-def test_onnx_refused_in_one_line_pointing_at_gguf(command, tmp_path):
-    out = tmp_path / "dist"
-    args = (["plan", str(models.tiny_qwen35()), "--format", "onnx"] if command == "plan" else
-            ["model", str(models.tiny_qwen35()), "--format", "onnx", "--output", str(out), "--quiet"])
-    r = subprocess.run([sys.executable, "-m", "packager.cli", *args], capture_output=True, text=True, env=ENV)
-    assert r.returncode == 2, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "recurrent state" in lines[0] and "--format gguf" in lines[0], r.stderr
     assert not out.exists()

@@ -11,7 +11,11 @@ singleton axis, and where a key head serves several value heads their V heads mo
 
 The attention layers' q_proj holds the query and its output gate together (2 x heads x head_dim rows),
 as llama.cpp's qwen35 reads attn_q. The linear layers carry a fixed state per sequence, not a KV cache.
-ONNX: onnxruntime-genai 0.11 (the version edgepack's onnx extra takes) holds no recurrent state.
+
+ONNX: edgepack's own graph (convert/onnx/delta_net.py) for onnxruntime-genai 0.18, which holds the delta-net
+layers' conv and recurrent states (ONNX Runtime 1.32's CausalConvWithState and LinearAttention, gated_delta,
+on the CPU); the attention layers are GroupQueryAttention with q/k norms (1 + w), partial rotary and the
+output gate; the MTP head is left out as for GGUF.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 
 from packager.archs.common import head_dim, layer_types, rope_parameters
 from packager.archs.layers import LayerKind
-from packager.archs.registry import Arch, Config, Family, register
+from packager.archs.registry import Arch, Config, Family, OnnxArch, register
 from packager.errors import IncompleteConfigError, UnsupportedArchitectureError
 
 ARCH = gguf.MODEL_ARCH.QWEN35
@@ -173,14 +177,72 @@ def _tensors(cfg: Config) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+def _onnx_check(cfg: Config) -> None:
+    # What edgepack's ONNX graph would compute otherwise than transformers: one line naming the field.
+    _linear(cfg)
+    kind = _rope(cfg).get("rope_type") or _rope(cfg).get("type") or "default"
+    if kind != "default":
+        raise UnsupportedArchitectureError(f"config.json: rope type {kind!r:.40} is not one edgepack's ONNX graph for "
+                                           "Qwen3.5 computes (none); pack another checkpoint")
+    if cfg.get("attention_bias"):
+        raise UnsupportedArchitectureError("config.json: attention_bias is true, which edgepack's ONNX graph for "
+                                           "Qwen3.5's gated attention does not take; pack it with --format gguf")
+    if (cfg.get("hidden_act") or "silu") != "silu":
+        raise UnsupportedArchitectureError(f"config.json: hidden_act is {cfg.get('hidden_act')!r:.40}, but edgepack's "
+                                           "ONNX graph for Qwen3.5 computes silu; pack another checkpoint")
+
+
+def _onnx_graph(cfg: Config) -> dict:
+    """The graph's Qwen3.5 fields (formats.onnx.Dims): which layers are delta-nets, their heads and kernel, the
+    gated query. Text positions give every M-RoPE section the same position: plain RoPE over the rotary dims."""
+    return dict(linear_layers=tuple(k == "linear_attention" for k in layer_kinds(cfg)), linear=_linear(cfg),
+                attn_gate=True)
+
+
+def _onnx_spec_dims(spec) -> dict:
+    """_onnx_graph's fields from a spec (a plan without the config): from the GGUF tensors a config's spec lists;
+    a manifest's spec (which keeps no tensors) from its layers' state sizes (s = Hv d^2, r = (K-1) d (2 Hk + Hv),
+    with the kernel of 4 every Qwen3.5 has) and, where several head layouts fit them, the one whose tensors add up
+    to the spec's parameter count."""
+    flags = tuple(k.kind == "linear" for k in spec.layer_kinds)
+    # The cos/sin caches' width: Qwen3_5TextConfig's partial_rotary_factor (0.25, every released checkpoint's),
+    # which a spec does not keep.
+    ours = dict(linear_layers=flags, attn_gate=True, rotary_dim=int(spec.head_dim * 0.25))
+    if True not in flags:
+        return ours
+    i = flags.index(True)
+    shapes = dict(spec.tensors)
+    if f"blk.{i}.ssm_a" in shapes:
+        hv, dv = shapes[f"blk.{i}.ssm_a"][0], shapes[f"blk.{i}.ssm_norm.weight"][0]
+        conv, kernel = shapes[f"blk.{i}.ssm_conv1d.weight"]
+        return dict(ours, linear=(int((conv - hv * dv) // (2 * dv)), hv, dv, dv, kernel))
+    kind, kernel, fits = spec.layer_kinds[i], 4, []
+    for d in (512, 256, 128, 64, 32, 16, 8):
+        hv, rest = divmod(kind.s_floats, d * d)
+        width, rest2 = divmod(kind.r_floats, (kernel - 1) * d)
+        if not rest and not rest2 and hv and width > hv and not (width - hv) % 2 and not hv % ((width - hv) // 2):
+            fits.append(((width - hv) // 2, hv, d, d, kernel))
+    cfg = {"hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size, "vocab_size": spec.vocab_size,
+           "num_attention_heads": spec.n_heads, "num_key_value_heads": spec.n_kv_heads, "head_dim": spec.head_dim,
+           "num_hidden_layers": spec.n_layers, "tie_word_embeddings": spec.tied_embeddings,
+           "layer_types": [KINDS[not f] for f in flags]}
+    for hk, hv, dk, dv, k in fits:
+        layer = dict(cfg, linear_num_key_heads=hk, linear_num_value_heads=hv, linear_key_head_dim=dk,
+                     linear_value_head_dim=dv, linear_conv_kernel_dim=k)
+        if len(fits) == 1 or sum(int(np.prod(s)) for _, s in _tensors(layer)) == spec.n_params:
+            return dict(ours, linear=(hk, hv, dk, dv, k))
+    raise IncompleteConfigError(f"{spec.architecture}: the spec's delta-net state sizes fit no head layout")
+
+
 QWEN35 = Arch(ARCH, extra_hparams=_hparams, common_hparams=False, renames=((".dt_bias", ".dt_proj.bias"),),
               skip=_skip, tensor_transform=_transform, squeeze=("ssm_conv1d.weight",))
-ONNX_REFUSAL = ("Qwen3.5's linear-attention layers carry a recurrent state between tokens, which onnxruntime-genai "
-                "0.11 cannot hold; pack it with --format gguf")
-register(Family(("Qwen3_5ForCausalLM",), gguf=QWEN35, onnx_refusal=ONNX_REFUSAL, tensors=_tensors, layers=_layers,
+# genai_config's model.type: onnxruntime-genai 0.18's builder's name for Qwen3.5's language model; its runtime finds
+# the delta-net layers' states (past.N.conv / past.N.recurrent) by the names genai_config.json binds.
+QWEN35_ONNX = OnnxArch("qwen3_5_text", qk_norm=True, rope_types=("default",), check=_onnx_check, norm_offset=1.0,
+                       graph=_onnx_graph, spec_dims=_onnx_spec_dims)
+register(Family(("Qwen3_5ForCausalLM",), gguf=QWEN35, onnx=QWEN35_ONNX, tensors=_tensors, layers=_layers,
                 note="Qwen3.5: the multi-token-prediction head (mtp.*), where the checkpoint has one, was left out, "
-                     "as convert_hf_to_gguf.py --no-mtp does; llama.cpp decodes without it"))
-register(Family(("Qwen3_5ForConditionalGeneration",), gguf=QWEN35, onnx_refusal=ONNX_REFUSAL, tensors=_tensors,
-                layers=_layers,
+                     "as convert_hf_to_gguf.py --no-mtp does; llama.cpp and onnxruntime-genai decode without it"))
+register(Family(("Qwen3_5ForConditionalGeneration",), gguf=QWEN35, onnx=QWEN35_ONNX, tensors=_tensors, layers=_layers,
                 note="Qwen3_5ForConditionalGeneration: the vision tower and the multi-token-prediction head (mtp.*) "
                      "were left out; the bundle is the language model (text in, text out)"))

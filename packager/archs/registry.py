@@ -92,6 +92,9 @@ class OnnxArch:
     # The checkpoint's names for the Llama-style ones the converter reads, as (ours, theirs) dotted paths
     # matched whole (LFM2's ("mlp.gate_proj", "feed_forward.w1"), ("norm", "embedding_norm")); () for none.
     renames: tuple[tuple[str, str], ...] = ()
+    # The Dims fields a plan (a ModelSpec, no config) needs beyond the shape fields (Qwen3.5's delta-net layers
+    # and gated attention: what ``graph`` sets from the config); None: none.
+    spec_dims: Callable[[Any], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

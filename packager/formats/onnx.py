@@ -160,9 +160,15 @@ class Dims:
     # B*x, gated by C, carrying its last conv_kernel - 1 inputs); empty: every layer attends.
     conv_layers: tuple[bool, ...] = ()
     conv_kernel: int = 0
+    # Hybrids (Qwen3.5): which layers are gated delta-net ("linear") layers, the others attending; empty: none.
+    linear_layers: tuple[bool, ...] = ()
+    # The delta-net's (key heads, value heads, key head dim, value head dim, conv kernel); () without one.
+    linear: tuple[int, ...] = ()
+    # q_proj holds each head's query and its output gate (2 x heads x head_dim rows, Qwen3.5's gated attention).
+    attn_gate: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("rope_layers", "sliding_layers", "conv_layers"):
+        for name in ("rope_layers", "sliding_layers", "conv_layers", "linear_layers"):
             flags = getattr(self, name)
             if flags and len(flags) != self.n_layers:
                 raise ValueError(f"{name} has {len(flags)} entries for {self.n_layers} layers")
@@ -175,6 +181,21 @@ class Dims:
 
     def rope(self, layer: int) -> bool:
         return not self.rope_layers or self.rope_layers[layer]
+
+    def is_linear(self, layer: int) -> bool:
+        """Whether the layer is a gated delta-net layer (a conv and a recurrent state, no KV cache)."""
+        return bool(self.linear_layers) and self.linear_layers[layer]
+
+    @property
+    def q_rows(self) -> int:
+        """q_proj's rows: the query's, and its gate's where the attention is gated."""
+        return self.n_heads * self.head_dim * (2 if self.attn_gate else 1)
+
+    @property
+    def conv_dim(self) -> int:
+        """The delta-net convolution's channels: q, k and v (2 x key heads x dk + value heads x dv)."""
+        hk, hv, dk, dv, _ = self.linear
+        return 2 * hk * dk + hv * dv
 
     def sliding(self, layer: int) -> bool:
         """Whether the layer attends to a window (its local_window_size is ``window``)."""
@@ -191,12 +212,15 @@ class Dims:
         """The shape a plan sizes (full rotary, the spec's context as the caches' length)."""
         family = FAMILIES.get(spec.architecture)
         arch = family.onnx if family is not None else None
-        return cls(n_layers=spec.n_layers, hidden=spec.hidden_size, intermediate=spec.intermediate_size,
-                   n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim, vocab=spec.vocab_size,
-                   rms_eps=1e-6, rotary_dim=spec.head_dim, max_positions=spec.context_length,
-                   attn_scale=spec.head_dim ** -0.5, qk_norm=bool(arch and arch.qk_norm),
-                   local_rope=bool(arch and arch.local_rope), sandwich_norms=bool(arch and arch.sandwich_norms),
-                   **conv_fields(spec))
+        fields = dict(n_layers=spec.n_layers, hidden=spec.hidden_size, intermediate=spec.intermediate_size,
+                      n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim, vocab=spec.vocab_size,
+                      rms_eps=1e-6, rotary_dim=spec.head_dim, max_positions=spec.context_length,
+                      attn_scale=spec.head_dim ** -0.5, qk_norm=bool(arch and arch.qk_norm),
+                      local_rope=bool(arch and arch.local_rope), sandwich_norms=bool(arch and arch.sandwich_norms),
+                      **conv_fields(spec))
+        if arch is not None and arch.spec_dims is not None:  # a hybrid's own fields (Qwen3.5's delta-net layers)
+            fields.update(arch.spec_dims(spec))
+        return cls(**fields)
 
 
 def conv_fields(spec: ModelSpec) -> dict[str, Any]:
@@ -294,6 +318,8 @@ def declare(d: Dims, fmt: WeightFormat, *, has_bias: bool, tied: bool, int4_embe
             layout.add(f"{pre}.{norm}.weight", f32, (d.hidden,))
         if d.conv(i):
             _conv_inits(layout, d, fmt, pre)
+        elif d.is_linear(i):
+            declare_delta_net(layout, d, fmt, pre)
         else:
             _attention_inits(layout, d, fmt, pre, has_bias)
         # gate and up read the same input: one MatMulNBits over their stacked rows quantizes the
@@ -323,14 +349,14 @@ def declare(d: Dims, fmt: WeightFormat, *, has_bias: bool, tied: bool, int4_embe
 
 
 def _attention_inits(layout: Layout, d: Dims, fmt: WeightFormat, pre: str, has_bias: bool) -> None:
-    q_n, kv_n = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
+    q_n, kv_n = d.q_rows, d.n_kv_heads * d.head_dim  # q_proj's rows (Qwen3.5's: query and gate per head)
     fmt.linear_inits(layout, f"{pre}.attn.qkv_proj", q_n + 2 * kv_n, d.hidden)
     if has_bias:
         layout.add(f"{pre}.attn.qkv_proj.bias", DType.FLOAT, (q_n + 2 * kv_n,))
     if d.qk_norm:
         for norm in ("q_norm", "k_norm"):
             layout.add(f"{pre}.attn.{norm}.weight", DType.FLOAT, (d.head_dim,))
-    fmt.linear_inits(layout, f"{pre}.attn.o_proj", d.hidden, q_n)
+    fmt.linear_inits(layout, f"{pre}.attn.o_proj", d.hidden, d.n_heads * d.head_dim)
 
 
 def _conv_inits(layout: Layout, d: Dims, fmt: WeightFormat, pre: str) -> None:
@@ -339,6 +365,22 @@ def _conv_inits(layout: Layout, d: Dims, fmt: WeightFormat, pre: str) -> None:
     fmt.linear_inits(layout, f"{pre}.conv.in_proj", 3 * d.hidden, d.hidden)
     layout.add(f"{pre}.conv.conv.weight", DType.FLOAT, (d.hidden, 1, d.conv_kernel))
     fmt.linear_inits(layout, f"{pre}.conv.out_proj", d.hidden, d.hidden)
+def declare_delta_net(layout: Layout, d: Dims, fmt: WeightFormat, pre: str) -> None:
+    """A gated delta-net layer's initializers (Qwen3.5's linear_attn): its q/k/v and z projections and
+    out_proj in the linear layers' format; b and a (2 x value heads rows, read by the decay and the update
+    rate, which exp() amplifies) in f32 as one matrix, as genai's builder keeps them dense; the depthwise
+    conv kernel (channels, 1, K), dt_bias, A_log and the gated norm's weight in f32."""
+    f32 = DType.FLOAT
+    hk, hv, dk, dv, kernel = d.linear
+    la = f"{pre}.linear_attn"
+    fmt.linear_inits(layout, f"{la}.in_proj_qkv", d.conv_dim, d.hidden)
+    fmt.linear_inits(layout, f"{la}.in_proj_z", hv * dv, d.hidden)
+    layout.add(f"{la}.in_proj_ba.weight", f32, (2 * hv, d.hidden))
+    layout.add(f"{la}.conv1d.weight", f32, (d.conv_dim, 1, kernel))
+    layout.add(f"{la}.dt_bias", f32, (hv,))
+    layout.add(f"{la}.A_log", f32, (hv,))
+    layout.add(f"{la}.norm.weight", f32, (dv,))
+    fmt.linear_inits(layout, f"{la}.out_proj", d.hidden, hv * dv)
 
 
 def layer_norms(d: Dims) -> tuple[str, ...]:
@@ -404,8 +446,10 @@ def memory(spec: ModelSpec, layout: WeightLayout, n_ctx: int, kv_type: str = KV_
     """Everything in RAM, as onnxruntime-genai allocates it (``cpu_kernels``: the CPU execution
     provider, which packs the weights). Its KV cache is f32 whatever the target's llama.cpp type."""
     n_tokens = min(PROMPT_CHUNK, n_ctx) if n_tokens is None else n_tokens
-    # genai's shared past/present buffer: max_length (n_ctx) positions on every attention layer, sliding ones
-    # too; a convolution layer (LFM2) holds its f32 conv state instead, H x (L - 1) floats a sequence.
+    # genai's shared past/present buffer: max_length (n_ctx) positions on every layer that attends, sliding ones
+    # too; a convolution layer (LFM2) holds its f32 conv state instead, H x (L - 1) floats a sequence, and a
+    # delta-net layer (Qwen3.5) its conv and recurrent state (genai 0.18's past.N.conv [B, channels, K-1] and
+    # past.N.recurrent [B, Hv, dk, dv]), F32: llama.cpp's R and S rows.
     return Memory(layout.total, kv_bytes(spec, n_ctx, KV_TYPE, padded=False), compute_bytes(spec, n_tokens),
                   overhead_bytes(spec, layout.total, cpu=cpu_kernels), state=state_bytes(spec))
 

@@ -142,10 +142,12 @@ def pack_onnx(job: PackJob) -> PackResult:
     exporter = onnx_exporter(spec.architecture, spec.model_type)
     if exporter == "edgepack":  # and a config the graph would compute otherwise (e.g. Gemma 3's attention softcap)
         check_config(src.path)
-    if tgt.distribution.channel == "web" and any(k.kind == "conv" for k in spec.layer_kinds):
+    states = {k.kind for k in spec.layer_kinds} & {"conv", "linear"}
+    if tgt.distribution.channel == "web" and states:
         # the page (data/web/app.js) feeds ONNX Runtime Web a KV cache on every layer and nothing else
+        what = "convolution" if states == {"conv"} else "linear-attention"
         raise UnsupportedArchitectureError(
-            f"{spec.architecture}'s convolution layers carry a state between tokens, which onnxruntime-genai holds "
+            f"{spec.architecture}'s {what} layers carry a state between tokens, which onnxruntime-genai holds "
             f"but the web page's own decoding loop does not; pack it for another target than {tgt.name}")
     oo = onnx_options(opts, tgt)
     p = plan(spec, tgt, replace(job.overrides, quant=oo.quant_name, format="onnx"))  # sized as written

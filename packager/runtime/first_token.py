@@ -70,6 +70,12 @@ def llama_decodes(lc: Any, model: Any, path: Path) -> None:
             lc.llama_free(ctx)
 
 
+def _present(past: str) -> str:
+    """The output a past input's next value comes from (past_key_values.N.key -> present.N.key, past.N.conv ->
+    present.N.conv)."""
+    return "present." + past.split(".", 1)[1]
+
+
 def onnx_decodes(model_dir: Path, options: Any) -> None:
     """Run a one-token prompt and the token after it through ONNX Runtime over ``model_dir``'s graph
     (edgepack's or optimum-onnx's inputs: input_ids, attention_mask, position_ids,
@@ -96,7 +102,8 @@ def onnx_decodes(model_dir: Path, options: Any) -> None:
     for i in inputs:
         if i.name.startswith(("past_key_values.", "past.")):
             # [batch, kv heads, past length, head dim]: one sequence, nothing cached yet; a conv state
-            # [batch, hidden, kernel - 1]: zeros, as genai starts it
+            # [batch, hidden, kernel - 1] or a delta-net's conv and recurrent state (fixed sizes): zeros, as
+            # genai starts them
             dims = [d if isinstance(d, int) else 0 for d in i.shape]
             dims[0] = 1
             past[i.name] = np.zeros(dims, dtype=_np_type(i, model_dir))
@@ -130,11 +137,6 @@ def onnx_decodes(model_dir: Path, options: Any) -> None:
             raise _refused(model_dir.name, "ONNX Runtime", f"the logits of {step} are NaN")
         token = int(row.argmax())
         past = {name: out[_present(name)] for name in past}
-
-
-def _present(past: str) -> str:
-    """The output that carries a cache input on: past_key_values.N.key -> present.N.key, past.N.conv -> present.N.conv."""
-    return "present." + past.split(".", 1)[1]
 
 
 # Vocabulary rows the check's lm_head computes: a multiple of 4096, so that every slice of a weight

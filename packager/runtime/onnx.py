@@ -182,9 +182,11 @@ class OnnxModel(Model):
         self.bos_token_id = int(bos) if isinstance(bos, int) and bos >= 0 else None
         self.genai_type = str(genai_cfg["model"].get("type", "onnx"))
         self.n_layers = int(genai_cfg["model"].get("decoder", {}).get("num_hidden_layers") or 0)
-        # LFM2's convolution layers carry a state genai cannot rewind (its LFM2 runner refuses rewind_to): a
-        # call never reuses the kept Generator, it reads its whole prompt in a new one.
-        self._rewinds = "past_conv_names" not in genai_cfg["model"].get("decoder", {}).get("inputs", {})
+        # A graph with a conv or recurrent state (LFM2's convolution layers, Qwen3.5's delta-net layers): genai
+        # cannot rewind it to a shorter prefix (its LFM2 runner refuses rewind_to; RecurrentState::RewindTo needs a
+        # snapshot at that length), so a call never reuses the kept Generator: it reads its prompt afresh.
+        names = genai_cfg["model"].get("decoder", {}).get("inputs", {})
+        self._rewinds = not ("past_conv_names" in names or "past_recurrent_names" in names)
         self.kv_type = runtime.kv_type or "f32"
         config = og.Config(str(self.model_dir))
         ep = execution_provider or runtime.execution_provider or "cpu"

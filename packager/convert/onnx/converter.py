@@ -28,6 +28,7 @@ import numpy as np
 from packager.archs import (FAMILIES, OnnxArch, attention_layers, onnx_arch_for, rope_parameters, supported,
                             text_config)
 from packager.archs.registry import instead, unsupported
+from packager.convert.onnx import delta_net
 from packager.convert.onnx.graph import GraphBuilder
 from packager.convert.onnx.shortconv import conv_slots
 from packager.convert.onnx.optimum_export import optimum_exports, optimum_installed, optimum_transformers_clash
@@ -247,7 +248,7 @@ def plan_slots(ckpt: Checkpoint, cfg: dict[str, Any], arch: OnnxArch, opts: Onnx
         slots.setdefault(src, []).append(slot)
 
     m, head = tensor_names(ckpt)
-    has_bias = f"{m}layers.0.self_attn.q_proj.bias" in ckpt
+    has_bias = any(f"{m}layers.{i}.self_attn.q_proj.bias" in ckpt for i in range(d.n_layers))
     tied = spec.tied_embeddings or head not in ckpt
     decl = declare(d, fmt, has_bias=has_bias, tied=tied, int4_embeddings=opts.int4_embeddings)
     norm = dict(offset=arch.norm_offset)  # Gemma's (w - 1), on every norm
@@ -258,8 +259,10 @@ def plan_slots(ckpt: Checkpoint, cfg: dict[str, Any], arch: OnnxArch, opts: Onnx
         if d.conv(i):  # LFM2's short convolution in the attention's place
             for name, kind, target in conv_slots(src, pre):
                 put(name, Slot(kind, target))
+        elif d.is_linear(i):  # Qwen3.5's gated delta-net layer
+            delta_net.slots(put, Slot, d, src, pre)
         else:
-            _attention_slots(put, d, arch, pre, att, has_bias)
+            _attention_slots(put, arch, d, att, pre, has_bias, norm)
         gate_up = f"{pre}.mlp.gate_up_proj"
         if arch.fused_gate_up:
             put(f"{src}.mlp.gate_up_proj.weight", Slot("linear", gate_up))
@@ -280,10 +283,9 @@ def plan_slots(ckpt: Checkpoint, cfg: dict[str, Any], arch: OnnxArch, opts: Onnx
     return d, fmt, layout, slots, has_bias, decl.embed_base, decl.embed_zp
 
 
-def _attention_slots(put, d: Dims, arch: OnnxArch, pre: str, att: str, has_bias: bool) -> None:
-    """Where an attention layer's q/k/v (packed), their biases and norms, and o_proj go."""
-    q_n, kv_n = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
-    norm = dict(offset=arch.norm_offset)
+def _attention_slots(put, arch: OnnxArch, d: Dims, att: str, pre: str, has_bias: bool, norm: dict[str, float]) -> None:
+    """Where one attention layer's q/k/v (fused into qkv_proj), biases, q/k norms and o_proj go."""
+    q_n, kv_n = d.q_rows, d.n_kv_heads * d.head_dim  # q_proj's rows (Qwen3.5's: query and gate per head)
     qkv = f"{pre}.attn.qkv_proj"
     if arch.fused_qkv:
         put(f"{att}.qkv_proj.weight", Slot("linear", qkv))
@@ -415,7 +417,7 @@ def decoder_shape(d: Dims, arch: OnnxArch) -> DecoderShape:
         conv = dict(layer_types=tuple("conv" if c else "full_attention" for c in d.conv_layers),
                     conv_cache=d.conv_kernel - 1)
     return DecoderShape(arch.genai_type, d.max_positions, d.head_dim, d.hidden, d.n_heads, d.n_layers, d.n_kv_heads,
-                        d.vocab, **conv)
+                        d.vocab, recurrent=any(d.linear_layers), **conv)
 
 
 def _onnx():

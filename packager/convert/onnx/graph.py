@@ -9,6 +9,9 @@ a final norm and lm_head. Gemma 3 adds to that: the embedding scaled by sqrt(hid
 norms a layer (the attention's and the MLP's outputs normalized before the residual add),
 GELU (tanh) for SiLU, a window on the sliding layers only, which rotate from their own
 cos/sin caches (another RoPE base), and the final logits soft-capped where the config says.
+Qwen3.5 (delta_net.py): gated delta-net layers in place of attention on most layers, their conv and
+recurrent states the graph's past.N.conv / past.N.recurrent inputs and present.N.* outputs; its attention
+layers' q_proj holds each head's query and output gate, the attention's output times sigmoid(gate).
 The graph's inputs and outputs carry the names genai_config.json
 declares (input_ids, attention_mask, past_key_values.N.key/value -> logits,
 present.N.key/value).
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from packager.convert.onnx import shortconv
+from packager.convert.onnx import delta_net
 from packager.formats.onnx import Dims, DType, Layout, WeightFormat
 
 if TYPE_CHECKING:
@@ -157,6 +161,8 @@ class GraphBuilder:
         x, residual = self._norm(f"{w}.input_layernorm.weight", residual, pending, f"{p}/input_layernorm")
         if d.conv(i):  # LFM2's short convolution mixes the tokens in the attention's place
             attn = shortconv.short_conv(self, i, x)
+        elif d.is_linear(i):  # Qwen3.5's gated delta-net: a conv and a recurrent state, no KV cache
+            attn = delta_net.layer(self, i, x)
         else:
             attn = self._attention(i, x, seqlens_k, total_len, qkv_bias)
         if d.sandwich_norms:  # Gemma normalizes the attention's output before adding it to the residual
@@ -172,12 +178,16 @@ class GraphBuilder:
         return residual, out
 
     def _attention(self, i: int, x: str, seqlens_k: str, total_len: str, qkv_bias: bool) -> str:
-        """An attention layer's mixer: packed q/k/v, GroupQueryAttention over its KV cache, o_proj."""
+        """One layer's attention over the normalized input: q/k/v, GroupQueryAttention, o_proj."""
         d, p, w = self.d, f"/model/layers.{i}", f"model.layers.{i}"
         q_n, kv_n = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
-        qkv = self.linear(f"{w}.attn.qkv_proj", x, q_n + 2 * kv_n, d.hidden, f"{p}/attn/qkv_proj/MatMul",
+        qkv = self.linear(f"{w}.attn.qkv_proj", x, d.q_rows + 2 * kv_n, d.hidden, f"{p}/attn/qkv_proj/MatMul",
                           bias=f"{w}.attn.qkv_proj.bias" if qkv_bias else None)
-        qkv_inputs = self._qk_norm(i, qkv) if d.qk_norm else [qkv, "", ""]
+        gate = None
+        if d.attn_gate:  # Qwen3.5: each head's query and output gate in q_proj
+            qkv_inputs, gate = self._gated_qk_norm(i, qkv)
+        else:
+            qkv_inputs = self._qk_norm(i, qkv) if d.qk_norm else [qkv, "", ""]
         rope = d.rope(i)  # a NoPE layer (SmolLM3) attends without positions: no rotation, no caches
         attrs = dict(num_heads=d.n_heads, kv_num_heads=d.n_kv_heads, scale=d.attn_scale, softcap=0.0,
                      do_rotary=int(rope), rotary_interleaved=0)
@@ -189,9 +199,10 @@ class GraphBuilder:
              *(d.caches(i) if rope else [])],
             [f"{p}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
             name=f"{p}/attn/GroupQueryAttention", domain=MS, **attrs))
-        attn = self.linear(f"{w}.attn.o_proj", f"{p}/attn/GroupQueryAttention/output_0", d.hidden, q_n,
-                           f"{p}/attn/o_proj/MatMul")
-        return attn
+        out = f"{p}/attn/GroupQueryAttention/output_0"
+        if gate is not None:
+            out = delta_net.output_gate(self, i, out, gate)
+        return self.linear(f"{w}.attn.o_proj", out, d.hidden, q_n, f"{p}/attn/o_proj/MatMul")
 
     def _mlp(self, i: int, x: str) -> str:
         """down(act(gate(x)) * up(x)): SiLU (SwiGLU) or tanh-approximated GELU (Gemma's GeGLU)."""
@@ -223,6 +234,24 @@ class GraphBuilder:
             (x,) = self.node("Reshape", [x, self.const_i64(f"{p}/{name}/rows", [0, 0, n])], f"{p}/{name}/Reshape/Rows")
             out.append(x)
         return [out[0], out[1], v]
+
+    def _gated_qk_norm(self, i: int, qkv: str) -> tuple[list[str], str]:
+        """Qwen3.5's gated attention: ([q, k, v] for GroupQueryAttention, each head of q and k RMS-normalized,
+        the output gate)."""
+        d, p = self.d, f"/model/layers.{i}/attn"
+        kv_n = d.n_kv_heads * d.head_dim
+        qg, k, v = self.node("Split", [qkv, self.const_i64(f"{p}/qkv/Split/sizes", [d.q_rows, kv_n, kv_n])],
+                             f"{p}/qkv/Split", n_out=3, axis=-1)
+        q, gate = delta_net.gated_query(self, i, qg)
+        heads = self.const_i64(f"{p}/k_norm/heads", [0, 0, -1, d.head_dim])
+        (k,) = self.node("Reshape", [k, heads], f"{p}/k_norm/Reshape")
+        out = []
+        for name, x, n in (("q_norm", q, d.n_heads * d.head_dim), ("k_norm", k, kv_n)):
+            (x,) = self.node("SimplifiedLayerNormalization", [x, f"model.layers.{i}.attn.{name}.weight"],
+                             f"{p}/{name}/SimplifiedLayerNormalization", axis=-1, epsilon=d.rms_eps, stash_type=1)
+            (x,) = self.node("Reshape", [x, self.const_i64(f"{p}/{name}/rows", [0, 0, n])], f"{p}/{name}/Reshape/Rows")
+            out.append(x)
+        return [out[0], out[1], v], gate
 
     def _gather_correction(self, base: str, h: str) -> str:
         """HQQ's per-block correction (kernels/hqq.py) added to the gathered embedding rows."""
@@ -259,6 +288,11 @@ class GraphBuilder:
                 state = shortconv.state_shape(d.hidden, d.conv_kernel)
                 inputs.append(helper.make_tensor_value_info(shortconv.PAST.format(i), f32, state))
                 outputs.append(helper.make_tensor_value_info(shortconv.PRESENT.format(i), f32, state))
+                continue
+            if d.is_linear(i):  # genai 0.18's past.N.conv / past.N.recurrent, in and out
+                state_in, state_out = delta_net.value_infos(self, i)
+                inputs += state_in
+                outputs += state_out
                 continue
             inputs += [kv(f"past_key_values.{i}.key", "past_sequence_length"),
                        kv(f"past_key_values.{i}.value", "past_sequence_length")]

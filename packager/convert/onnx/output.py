@@ -57,6 +57,9 @@ class DecoderShape:
     # conv state (past.%d.conv -> present.%d.conv) to the others. Empty / 0 for a plain decoder.
     layer_types: tuple[str, ...] = ()
     conv_cache: int = 0
+    # The graph carries gated delta-net state (Qwen3.5): past.N.conv / past.N.recurrent in, present.N.* out, as
+    # onnxruntime-genai 0.18 binds them (its RecurrentState finds the layers that have them).
+    recurrent: bool = False
 
 
 def eog_ids(model_dir: Path) -> list[int] | None:
@@ -82,6 +85,9 @@ def genai_config(shape: DecoderShape, cfg: dict[str, Any], gen: dict[str, Any], 
     if shape.conv_cache:
         inputs["past_conv_names"], outputs["present_conv_names"] = "past.%d.conv", "present.%d.conv"
         conv = {"layer_types": list(shape.layer_types), "conv_cache_size": shape.conv_cache}
+    if shape.recurrent:
+        inputs.update(past_conv_names="past.%d.conv", past_recurrent_names="past.%d.recurrent")
+        outputs.update(present_conv_names="present.%d.conv", present_recurrent_names="present.%d.recurrent")
     return {
         "model": {
             "bos_token_id": gen.get("bos_token_id", cfg.get("bos_token_id")),
