@@ -1239,7 +1239,7 @@ GEMMA4_TINY_CONFIG = {
     "use_bidirectional_attention": None, "use_cache": True, "use_double_wide_mlp": True, "vocab_size": 262144,
     "vocab_size_per_layer_input": 262144,
 }
-GEMMA4_RECIPE = "1"
+GEMMA4_RECIPE = "2"  # 2: tokenizer.json prepends <bos> (TemplateProcessing), as the hub's Gemma tokenizers do
 # Gemma 4's turn format (its hub template, without tools, images or thinking).
 GEMMA4_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -1288,7 +1288,7 @@ def _gemma4_tokenizer(out: Path) -> None:
         "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
         "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[^\\n]+|[\\n]+"}, "behavior": "Isolated",
                           "invert": False},
-        "post_processor": None,
+        "post_processor": _bos_template("<bos>", 2),  # transformers 5 adds <bos> from it, not add_bos_token
         "decoder": {"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
             {"type": "Fuse"}]},

@@ -152,6 +152,22 @@ def test_decode_reads_one_row_of_the_per_layer_inputs_table():
     assert layout.per_token == sum(layout.per_layer) + layout.output + layout.embedding + table // 262144 + proj
 
 
+def test_a_per_layer_table_over_4_gib_is_read_from_the_file_not_loaded():
+    """llama.cpp maps per_layer_token_embd and reads a row per token once it is over 4 GiB (a real E2B's at F16):
+    the plan's memory leaves it out then; at Q8_0 the same table is under 4 GiB and loaded, as any tensor."""
+    from packager.formats.gguf import LAZY_READ_BYTES, gguf_layout, memory
+    from packager.quants import tensor_bytes
+
+    spec = spec_from_config(dict(models.GEMMA4_TINY_CONFIG, hidden_size_per_layer_input=2048))
+    for quant, qt in (("F16", QT.F16), ("Q8_0", QT.Q8_0)):
+        layout = gguf_layout(spec, get_quant(quant))
+        table = tensor_bytes(qt, (262144, 6 * 2048))
+        lazy = table > LAZY_READ_BYTES
+        assert lazy == (quant == "F16")
+        assert layout.lazy == (table if lazy else 0) and layout.other >= table
+        assert memory(spec, layout, 4096, "f16").weights == layout.total - (table if lazy else 0)
+
+
 def test_decode_reads_the_shared_layers_sources_caches_again():
     """Layers 4 and 5 allocate no cache but attend over layers 2's and 3's: a decode step reads those again, and
     the plan's decode line counts them (half of all the KV read, on average over the context)."""

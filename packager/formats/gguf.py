@@ -40,6 +40,10 @@ from packager.spec.model import ModelSpec
 RUNTIME_BYTES = 42 * MiB
 LOAD_BYTES = 8 * MiB
 LOAD_BYTES_PER_TOKEN = 286  # per vocab entry
+# llama.cpp reads a tensor its loader marks TENSOR_READ_LAZY (Gemma 4's per_layer_token_embd) from the mapped
+# file, a row per token, instead of loading it, when it is over 4 GiB (llama-model-loader.cpp, lazy_read::add,
+# lazy_mode AUTO, the default where the device maps files): a real E2B's table at F16 (~4.7 GB), not at Q8_0.
+LAZY_READ_BYTES = 4 << 30
 
 QT = GGMLQuantizationType
 _BLK = re.compile(r"^blk\.(\d+)\.")
@@ -189,7 +193,7 @@ def gguf_layout(spec: ModelSpec, quant: QuantType, tensors: Sequence[Tensor] | N
     repack = repack_types(arch)
     per_layer = [0] * spec.n_layers
     repacked = [0] * spec.n_layers
-    embedding = output = other = largest = per_layer_inputs = 0
+    embedding = output = other = largest = per_layer_inputs = lazy = 0
     counts: dict[str, int] = {}
     for name, shape in tensors:
         qt = types[name]
@@ -209,6 +213,8 @@ def gguf_layout(spec: ModelSpec, quant: QuantType, tensors: Sequence[Tensor] | N
             other += n
             if name == "per_layer_token_embd.weight":  # Gemma 4's per-layer inputs: a token reads its one row
                 per_layer_inputs += n // max(shape[0], 1)
+                if n > LAZY_READ_BYTES:
+                    lazy += n
             elif name.startswith("per_layer_"):  # their projection from the hidden state: read every token
                 per_layer_inputs += n
     # Decoding a token reads every layer and the output matrix (the embedding itself when tied);
@@ -216,7 +222,7 @@ def gguf_layout(spec: ModelSpec, quant: QuantType, tensors: Sequence[Tensor] | N
     per_token = (sum(per_layer) + output + (embedding if tied else embedding // max(spec.vocab_size, 1))
                  + per_layer_inputs)
     return WeightLayout("gguf", tuple(per_layer), embedding, output, other, per_token, largest,
-                        tuple(repacked), counts)
+                        tuple(repacked), counts, lazy=lazy)
 
 
 def compute_bytes(spec: ModelSpec, n_tokens: int, n_kv: int, n_outputs: int = 1) -> int:
@@ -250,7 +256,7 @@ def memory(spec: ModelSpec, layout: WeightLayout, n_ctx: int, kv_type: str, n_kv
     """Everything in RAM (or unified memory), as llama.cpp allocates it."""
     n_kv = n_ctx if n_kv is None else n_kv
     n_tokens = min(N_UBATCH, n_ctx) if n_tokens is None else n_tokens
-    return Memory(layout.total, kv_bytes(spec, n_ctx, kv_type, windowed=True), compute_bytes(spec, n_tokens, n_kv),
+    return Memory(layout.loaded, kv_bytes(spec, n_ctx, kv_type, windowed=True), compute_bytes(spec, n_tokens, n_kv),
                   overhead_bytes(spec), layout.repacked, state_bytes(spec))
 
 

@@ -22,10 +22,16 @@ class WeightLayout:
     tensor_types: dict[str, int] | None = None  # ggml type name -> tensor count (GGUF)
     file_bytes: int = 0  # bytes of the model file(s) as written (alignment included), when known
     wasm_f32_bytes: int = 0  # the web page's WASM graph: int4 weights unpacked to f32 at load (ONNX)
+    lazy: int = 0  # bytes of ``total`` the runtime reads from the file row by row instead of loading (GGUF)
 
     @property
     def total(self) -> int:
         return sum(self.per_layer) + self.embedding + self.output + self.other
+
+    @property
+    def loaded(self) -> int:
+        """The weights held in memory once loaded: ``total`` less what is read lazily."""
+        return self.total - self.lazy
 
     @property
     def repacked(self) -> int:
