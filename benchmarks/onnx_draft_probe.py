@@ -10,7 +10,9 @@ kept the same argmax, and what a batch of k+1 costs against a single step.
 
 Measured (session 10, 2 threads, genai 0.11.4, onnxruntime 1.32): level 4 (int8 dot products,
 the default) up to 1.3 logits apart, level 0 (f32) ~6e-5 apart; no position bit-equal at either.
-So pack refuses `--format onnx --draft` (one line, exit 2) and says why.
+So pack refuses `--format onnx --draft` (one line, exit 2) and says why. Rerun on genai 0.18.0
+(same onnxruntime 1.32): the same largest differences to the last bit as results/onnx_draft_probe.jsonl's
+(1.0176 at level 4, one argmax of 45 flipped; 7.49e-5 at level 0), no position bit-equal.
 
     python benchmarks/onnx_draft_probe.py     # ~1 minute
 """

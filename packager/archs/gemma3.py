@@ -134,7 +134,7 @@ GEMMA3 = Arch(
     gguf.MODEL_ARCH.GEMMA3, norm_offset=1.0, extra_hparams=_gemma3_hparams, common_hparams=False,
     trim_embedding=True, swa_pattern=PATTERN, qk_norm=True,
 )
-# genai_config's model.type: onnxruntime-genai 0.11 drives "gemma3_text" as a plain decoder (its builder's
+# genai_config's model.type: onnxruntime-genai (0.11 and 0.18) drives "gemma3_text" as a plain decoder (its builder's
 # name for Gemma3ForCausalLM); its own KV buffer holds the whole context on every layer.
 GEMMA3_ONNX = OnnxArch("gemma3_text", qk_norm=True, rope_types=("default", "linear"), check=_onnx_check,
                        norm_offset=1.0, sandwich_norms=True, local_rope=True, rope=_onnx_rope, graph=_onnx_graph)

@@ -154,7 +154,9 @@ class OnnxModel(Model):
             raise UsageError(f"deterministic must be True or False, got {deterministic!r}")
         self.deterministic = deterministic
         if prompt_cache is not None:
-            # genai (0.11) has no call that saves or restores a Generator's KV state: said once, the load goes on.
+            # genai (0.18) has no call that saves a Generator's KV state or restores one into a new Generator
+            # (its snapshot_state() marks the in-memory state to rewind a recurrent layer to): said once, the load
+            # goes on.
             warnings.warn("prompt_cache: onnxruntime-genai cannot save a generator's state, so an ONNX bundle reads "
                           "its system prompt once per load (GGUF bundles restore it from disk)", PromptCacheWarning,
                           stacklevel=3)
