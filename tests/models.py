@@ -128,6 +128,32 @@ def onnx_export_python() -> Path:
     return _atomic_build(CACHE / f"venv-onnx-export-{tag}", build) / bin_dir / exe
 
 
+def onnx_graph(src: Path, out: Path, int4: bool = False) -> Path:
+    """edgepack's ONNX graph of the checkpoint ``src`` in ``out`` (f32 weights unless ``int4``)."""
+    from packager.convert.onnx.converter import OnnxOptions, convert
+    from packager.source.resolver import resolve
+
+    convert(resolve(src, hash_files=False, quiet=True), out, OnnxOptions(int4=int4), quiet=True)
+    return out
+
+
+def genai_steps(model_dir: Path, ids, prompt: int, max_length: int = 256):
+    """Last-token logits through onnxruntime-genai: ``prompt`` of ``ids`` in one call, then one token a call
+    (its KV buffer, and a hybrid's states, carried by genai between calls)."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=max_length)
+    gen = og.Generator(model, params)
+    rows = []
+    for chunk in [ids[:prompt], *ids[prompt:, None]]:
+        gen.append_tokens([int(t) for t in chunk])
+        rows.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1))
+    return np.stack(rows)
+
+
 def llama_cpp_src() -> Path:
     """llama.cpp's source tree as vendored in the installed llama-cpp-python's sdist."""
     env = os.environ.get("EDGEPACK_LLAMA_CPP_SRC")

@@ -375,16 +375,9 @@ def test_chat_through_load_past_the_window(bundle, deterministic):
 LONG_IDS = np.concatenate([[2], np.random.default_rng(0).integers(3, 699, 47)]).reshape(1, -1).astype(np.int64)
 
 
-def _onnx(src: Path, out: Path, int4: bool = False) -> Path:
-    from packager.convert.onnx.converter import OnnxOptions, convert
-
-    convert(resolve(src, hash_files=False, quiet=True), out, OnnxOptions(int4=int4), quiet=True)
-    return out
-
-
 @pytest.fixture(scope="module")
 def onnx_f32(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _onnx(models.tiny_gemma3(), tmp_path_factory.mktemp("gemma3-onnx") / "f32")
+    return models.onnx_graph(models.tiny_gemma3(), tmp_path_factory.mktemp("gemma3-onnx") / "f32")
 
 
 @pytest.fixture(scope="module")
@@ -400,21 +393,6 @@ def _ort(model_dir: Path) -> np.ndarray:
     return _ort_logits(model_dir, LONG_IDS)
 
 
-def _genai_steps(model_dir: Path, ids: np.ndarray, prompt: int) -> np.ndarray:
-    """Last-token logits through onnxruntime-genai: ``prompt`` tokens in one call, then one token a call."""
-    import onnxruntime_genai as og
-
-    model = og.Model(str(model_dir))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=256)
-    gen = og.Generator(model, params)
-    rows = []
-    for chunk in [ids[:prompt], *ids[prompt:, None]]:
-        gen.append_tokens([int(t) for t in chunk])
-        rows.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1))
-    return np.stack(rows)
-
-
 def test_onnx_f32_graph_computes_transformers_past_the_window(onnx_f32, hf_long):
     """Every position of a 48-token prompt, 32 of them past the sliding layers' 16-token window: the scaled
     embedding, the four (1 + w) norms and q/k norms, GELU, the query scale, both RoPE bases. Measured: 3e-6."""
@@ -426,7 +404,7 @@ def test_onnx_f32_graph_computes_transformers_past_the_window(onnx_f32, hf_long)
 def test_onnx_decodes_through_genai_past_the_window(prompt, onnx_f32, hf_long):
     """onnxruntime-genai driving the graph (genai_config's gemma3_text, its shared KV buffer): a prompt, then
     one token at a time past the window, each step's logits transformers' for that position."""
-    ours = _genai_steps(onnx_f32, LONG_IDS[0], prompt)
+    ours = models.genai_steps(onnx_f32, LONG_IDS[0], prompt)
     ref = hf_long[0, prompt - 1:]
     np.testing.assert_allclose(ours, ref, atol=2e-4 * np.abs(ref).max())
     cfg = json.loads((onnx_f32 / "genai_config.json").read_text())
@@ -472,7 +450,7 @@ def test_onnx_window_off_by_one_moves_the_logits(shift, onnx_f32, hf_long, tmp_p
 def test_onnx_conditional_generation_converts_to_the_same_graph(onnx_f32, tmp_path):
     """Gemma3ForConditionalGeneration's language_model.model.* tensors, its config under text_config: the
     very graph and weights of the text-only checkpoint (the vision tower is not read)."""
-    ours = _onnx(models.tiny_gemma3_vision(), tmp_path / "vision")
+    ours = models.onnx_graph(models.tiny_gemma3_vision(), tmp_path / "vision")
     for name in ("model.onnx", "model.onnx.data"):
         assert (ours / name).read_bytes() == (onnx_f32 / name).read_bytes(), name
     text, vision = (json.loads((d / "genai_config.json").read_text())["model"] for d in (onnx_f32, ours))
@@ -506,7 +484,7 @@ def test_onnx_config_variants_compute_as_transformers(change, tmp_path):
     from test_onnx import _hf_logits
 
     src = _variant(tmp_path, **change)
-    ours, ref = _ort(_onnx(src, tmp_path / "out")), _hf_logits(src, LONG_IDS)
+    ours, ref = _ort(models.onnx_graph(src, tmp_path / "out")), _hf_logits(src, LONG_IDS)
     np.testing.assert_allclose(ours, ref, atol=2e-4 * np.abs(ref).max())
     if "final_logit_softcapping" in change:
         assert np.abs(ref).max() < 1.5

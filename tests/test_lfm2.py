@@ -24,7 +24,6 @@ llama.cpp runs the two names alike (test_lfm2_pre_tokenizer_name_runs_as_llama_b
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -330,16 +329,9 @@ def test_layer_types_against_the_weights_refused_before_writing(layer, kind, say
 IDS = np.concatenate([[128000], np.random.default_rng(0).integers(10, 128000, 11)]).astype(np.int64)
 
 
-def _onnx(src: Path, out: Path, int4: bool = False) -> Path:
-    from packager.convert.onnx.converter import OnnxOptions, convert
-
-    convert(resolve(src, hash_files=False, quiet=True), out, OnnxOptions(int4=int4), quiet=True)
-    return out
-
-
 @pytest.fixture(scope="module")
 def onnx_f32(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _onnx(models.tiny_lfm2(), tmp_path_factory.mktemp("lfm2-onnx") / "f32")
+    return models.onnx_graph(models.tiny_lfm2(), tmp_path_factory.mktemp("lfm2-onnx") / "f32")
 
 
 @pytest.fixture(scope="module")
@@ -458,20 +450,12 @@ def test_onnx_graph_and_genai_config(onnx_f32):
 def test_onnx_decodes_through_genai_token_by_token(prompt, onnx_f32, hf_model):
     """onnxruntime-genai 0.18 driving the f32 graph (its LFM2 runner carries the conv states, its shared
     buffer the KV): each step's logits are transformers' for that position."""
-    import onnxruntime_genai as og
     import torch
 
-    model = og.Model(str(onnx_f32))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=64)
-    gen = og.Generator(model, params)
-    rows = []
-    for chunk in [IDS[:prompt], *IDS[prompt:, None]]:
-        gen.append_tokens([int(t) for t in chunk])
-        rows.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1))
+    rows = models.genai_steps(onnx_f32, IDS, prompt, max_length=64)
     with torch.no_grad():
         ref = hf_model(torch.tensor(IDS[None])).logits[0].numpy()[prompt - 1:]
-    np.testing.assert_allclose(np.stack(rows), ref, atol=2e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(rows, ref, atol=2e-4 * np.abs(ref).max())
 
 
 def test_onnx_plan_counts_state_not_kv_for_conv_layers():

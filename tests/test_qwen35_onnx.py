@@ -154,17 +154,10 @@ def test_onnx_states_matter(onnx_f32, hf):
 def test_onnx_decodes_through_genai(prompt, onnx_f32, hf):
     """onnxruntime-genai 0.18 driving the graph (its RecurrentState holding past.N.conv / past.N.recurrent, its KV
     buffer the attention layers'): a prompt, then one token a call, each step transformers' logits."""
-    og = _genai()
-    model = og.Model(str(onnx_f32))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=64)
-    gen = og.Generator(model, params)
-    rows = []
-    for chunk in [IDS[:prompt], *IDS[prompt:, None]]:
-        gen.append_tokens([int(t) for t in chunk])
-        rows.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1))
+    _genai()
+    rows = models.genai_steps(onnx_f32, IDS, prompt, max_length=64)
     ref = hf[prompt - 1:]
-    np.testing.assert_allclose(np.stack(rows), ref, atol=2e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(rows, ref, atol=2e-4 * np.abs(ref).max())
 
 
 def test_onnx_conditional_generation_converts_to_the_same_graph(onnx_f32, tmp_path):
