@@ -241,12 +241,22 @@ def test_onnx_int4_bundle_sized_as_planned(onnx_bundle):
 
 def test_onnx_int4_bundle_chats_through_load(onnx_bundle):
     """An int4 bundle chats through packager.load: the same question twice gets the same greedy answer, a second
-    turn (read afresh: genai cannot rewind a recurrent state) a fresh load's, and a sampled call after them runs."""
+    turn a fresh load's, and a sampled call after them runs. A call rewinds the kept Generator to the snapshot of
+    the previous prompt (genai rewinds a recurrent state only to a snapshot): the second turn reads its answer and
+    new message, not the question again."""
     import packager
 
     question = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. Why?"}]
     with packager.load(onnx_bundle, n_threads=1, n_ctx=256) as m, \
             packager.load(onnx_bundle, n_threads=1, n_ctx=256, deterministic=True) as fresh:
+        kept, real = [], m._generator
+
+        def spy(ids, opts):
+            out = real(ids, opts)
+            kept.append(out[1])
+            return out
+
+        m._generator = spy
         reply = m.chat(question, stream=True, max_tokens=10, temperature=0)
         one = "".join(reply)
         assert one and reply.n_prompt > 10
@@ -254,6 +264,8 @@ def test_onnx_int4_bundle_chats_through_load(onnx_bundle):
         turn = question + [{"role": "assistant", "content": one}, {"role": "user", "content": "And then?"}]
         two = m.chat(turn, max_tokens=10, temperature=0)
         assert two == fresh.chat(turn, max_tokens=10, temperature=0)
+        asked = len(m._chat_prompt(question)[0])
+        assert kept == [0, asked - 1, asked - 1], kept  # the question read once; then its last token again
         again = m.chat(question, max_tokens=10, temperature=0)
         assert again == one == fresh.chat(question, max_tokens=10, temperature=0)
         m.chat(turn, max_tokens=4, temperature=0.8)  # the kept generator is not rewound: a sampled call runs

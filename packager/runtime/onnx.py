@@ -139,6 +139,7 @@ class _Kept:
     gen: Any
     key: tuple[Any, ...]
     tokens: list[int] = field(default_factory=list)
+    snapshot: int = 0  # tokens read when a recurrent state was last snapshotted: the one length it rewinds to
 
 
 class OnnxModel(Model):
@@ -184,11 +185,14 @@ class OnnxModel(Model):
         self.bos_token_id = int(bos) if isinstance(bos, int) and bos >= 0 else None
         self.genai_type = str(genai_cfg["model"].get("type", "onnx"))
         self.n_layers = int(genai_cfg["model"].get("decoder", {}).get("num_hidden_layers") or 0)
-        # A graph with a conv or recurrent state (LFM2's convolution layers, Qwen3.5's delta-net layers): genai
-        # cannot rewind it to a shorter prefix (its LFM2 runner refuses rewind_to; RecurrentState::RewindTo needs a
-        # snapshot at that length), so a call never reuses the kept Generator: it reads its prompt afresh.
+        # How the kept Generator goes back to a prefix another call shares. "any": a KV cache, to any length.
+        # "snapshot": a recurrent state (Qwen3.5's delta-net layers), only to where snapshot_state() was taken
+        # (genai 0.18: "Recurrent states cannot be partially rewound"); each call snapshots its prompt (but the last
+        # token), so a chat's next turn reads its previous answer and new message, not the history. "none": LFM2's conv
+        # layers (genai 0.18's LFM2 runner refuses rewind_to): every call reads its prompt in a new Generator.
         names = genai_cfg["model"].get("decoder", {}).get("inputs", {})
-        self._rewinds = not ("past_conv_names" in names or "past_recurrent_names" in names)
+        self._rewind = ("snapshot" if "past_recurrent_names" in names else
+                        "none" if "past_conv_names" in names else "any")
         self.kv_type = runtime.kv_type or "f32"
         config = og.Config(str(self.model_dir))
         ep = execution_provider or runtime.execution_provider or "cpu"
@@ -254,8 +258,10 @@ class OnnxModel(Model):
         key = tuple(sorted(search.items()))
         kept = self._kept
         fresh = self._is_deterministic(opts) or (opts.temperature > 0 and opts.seed is not None)
-        if kept is not None and kept.key == key and not fresh and self._rewinds:
+        if kept is not None and kept.key == key and not fresh and self._rewind != "none":
             keep = min(common_prefix(kept.tokens, ids), len(ids) - 1)
+            if self._rewind == "snapshot":
+                keep = kept.snapshot if kept.snapshot <= keep else 0
             if keep > 0:
                 kept.gen.rewind_to(keep)
                 del kept.tokens[keep:]
@@ -276,9 +282,17 @@ class OnnxModel(Model):
         try:
             # The prompt, a chunk at a time: the graph returns every position's logits, so one pass over
             # a long prompt would hold prompt x vocabulary floats (a 4k prompt: 2.5 GB for Qwen's vocab).
-            for i in range(keep, len(ids), PROMPT_CHUNK):
-                gen.append_tokens(ids[i:i + PROMPT_CHUNK])
-                kept.tokens.extend(ids[i:i + PROMPT_CHUNK])
+            # A recurrent state is snapshotted before the prompt's last token: the next call, whatever it shares
+            # beyond that, rewinds there and reads at least that token again for its logits, as a KV cache does.
+            end = len(ids) - 1 if self._rewind == "snapshot" else len(ids)
+            for i in range(keep, end, PROMPT_CHUNK):
+                gen.append_tokens(ids[i:min(i + PROMPT_CHUNK, end)])
+                kept.tokens.extend(ids[i:min(i + PROMPT_CHUNK, end)])
+            if end < len(ids):
+                gen.snapshot_state()
+                kept.snapshot = len(kept.tokens)
+                gen.append_tokens(ids[end:])
+                kept.tokens.extend(ids[end:])
             stream = self._genai_tok.create_stream()
             n, token = 0, None
             while True:
