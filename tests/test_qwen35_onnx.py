@@ -241,9 +241,9 @@ def test_onnx_int4_bundle_sized_as_planned(onnx_bundle):
 
 def test_onnx_int4_bundle_chats_through_load(onnx_bundle):
     """An int4 bundle chats through packager.load: the same question twice gets the same greedy answer, a second
-    turn a fresh load's, and a sampled call after them runs. A call rewinds the kept Generator to the snapshot of
-    the previous prompt (genai rewinds a recurrent state only to a snapshot): the second turn reads its answer and
-    new message, not the question again."""
+    turn a fresh load's, and a sampled call after them runs. A call that extends the previous prompt rewinds the kept
+    Generator to its snapshot (genai rewinds a recurrent state only to a snapshot): the second turn reads the answer
+    and the new message, not the question again."""
     import packager
 
     question = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. Why?"}]
@@ -265,7 +265,7 @@ def test_onnx_int4_bundle_chats_through_load(onnx_bundle):
         two = m.chat(turn, max_tokens=10, temperature=0)
         assert two == fresh.chat(turn, max_tokens=10, temperature=0)
         asked = len(m._chat_prompt(question)[0])
-        assert kept == [0, asked - 1, asked - 1], kept  # the question read once; then its last token again
+        assert kept == [0, 0, asked], kept  # the same question afresh (its last token's logits); the turn after it
         again = m.chat(question, max_tokens=10, temperature=0)
         assert again == one == fresh.chat(question, max_tokens=10, temperature=0)
         m.chat(turn, max_tokens=4, temperature=0.8)  # the kept generator is not rewound: a sampled call runs

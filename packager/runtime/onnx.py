@@ -187,8 +187,8 @@ class OnnxModel(Model):
         self.n_layers = int(genai_cfg["model"].get("decoder", {}).get("num_hidden_layers") or 0)
         # How the kept Generator goes back to a prefix another call shares. "any": a KV cache, to any length.
         # "snapshot": a recurrent state (Qwen3.5's delta-net layers), only to where snapshot_state() was taken
-        # (genai 0.18: "Recurrent states cannot be partially rewound"); each call snapshots its prompt (but the last
-        # token), so a chat's next turn reads its previous answer and new message, not the history. "none": LFM2's conv
+        # (genai 0.18: "Recurrent states cannot be partially rewound"); each call snapshots its prompt, so a chat's
+        # next turn reads the previous answer and the new message, not the history. "none": LFM2's conv
         # layers (genai 0.18's LFM2 runner refuses rewind_to): every call reads its prompt in a new Generator.
         names = genai_cfg["model"].get("decoder", {}).get("inputs", {})
         self._rewind = ("snapshot" if "past_recurrent_names" in names else
@@ -282,17 +282,15 @@ class OnnxModel(Model):
         try:
             # The prompt, a chunk at a time: the graph returns every position's logits, so one pass over
             # a long prompt would hold prompt x vocabulary floats (a 4k prompt: 2.5 GB for Qwen's vocab).
-            # A recurrent state is snapshotted before the prompt's last token: the next call, whatever it shares
-            # beyond that, rewinds there and reads at least that token again for its logits, as a KV cache does.
-            end = len(ids) - 1 if self._rewind == "snapshot" else len(ids)
-            for i in range(keep, end, PROMPT_CHUNK):
-                gen.append_tokens(ids[i:min(i + PROMPT_CHUNK, end)])
-                kept.tokens.extend(ids[i:min(i + PROMPT_CHUNK, end)])
-            if end < len(ids):
+            for i in range(keep, len(ids), PROMPT_CHUNK):
+                gen.append_tokens(ids[i:i + PROMPT_CHUNK])
+                kept.tokens.extend(ids[i:i + PROMPT_CHUNK])
+            if self._rewind == "snapshot":
+                # The whole prompt, read as one: a snapshot before its last token would read that token apart,
+                # a single-token step whose int4 numerics differ from the prompt pass's (enough to flip a near-tie
+                # of a random model's greedy pick). A call that shares more than this prompt rewinds here.
                 gen.snapshot_state()
                 kept.snapshot = len(kept.tokens)
-                gen.append_tokens(ids[end:])
-                kept.tokens.extend(ids[end:])
             stream = self._genai_tok.create_stream()
             n, token = 0, None
             while True:
