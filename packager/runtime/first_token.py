@@ -79,8 +79,8 @@ def _present(past: str) -> str:
 def onnx_decodes(model_dir: Path, options: Any) -> None:
     """Run a one-token prompt and the token after it through ONNX Runtime over ``model_dir``'s graph
     (edgepack's or optimum-onnx's inputs: input_ids, attention_mask, position_ids,
-    past_key_values.N.key/value, LFM2's conv states past.N.conv), in a session of ``options``; ConversionError, one line, where ONNX
-    Runtime rejects it or the logits are NaN.
+    past_key_values.N.key/value, a hybrid's states past.N.conv / past.N.recurrent), in a session of
+    ``options``; ConversionError, one line, where ONNX Runtime rejects it or the logits are NaN.
 
     Unpacked (no prepacking), MatMulNBits dequantizes its whole weight to f32 at every call: for the
     lm_head that is vocabulary x hidden x 4 bytes (1.2 GB for Qwen2.5-3B). So the check's graph is
