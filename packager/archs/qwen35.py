@@ -193,21 +193,21 @@ def _onnx_check(cfg: Config) -> None:
 
 
 def _onnx_graph(cfg: Config) -> dict:
-    """The graph's Qwen3.5 fields (formats.onnx.Dims): which layers are delta-nets, their heads and kernel, the
-    gated query. Text positions give every M-RoPE section the same position: plain RoPE over the rotary dims."""
-    return dict(linear_layers=tuple(k == "linear_attention" for k in layer_kinds(cfg)), linear=_linear(cfg),
-                attn_gate=True)
+    """The graph's Qwen3.5 fields (formats.onnx.Dims) beyond which layers are delta-nets (the layer kinds say that):
+    their heads and kernel, the gated query. Text positions give every M-RoPE section the same position: plain
+    RoPE over the rotary dims."""
+    return dict(linear=_linear(cfg), attn_gate=True)
 
 
 def _onnx_spec_dims(spec) -> dict:
-    """_onnx_graph's fields from a spec (a plan without the config): from the GGUF tensors a config's spec lists;
-    a manifest's spec (which keeps no tensors) from its layers' state sizes (s = Hv d^2, r = (K-1) d (2 Hk + Hv),
+    """_onnx_graph's fields from a spec (a plan without the config): the delta-net heads from the GGUF tensors a
+    config's spec lists; a manifest's spec (which keeps no tensors) from its layers' state sizes (s = Hv d^2, r = (K-1) d (2 Hk + Hv),
     with the kernel of 4 every Qwen3.5 has) and, where several head layouts fit them, the one whose tensors add up
     to the spec's parameter count."""
     flags = tuple(k.kind == "linear" for k in spec.layer_kinds)
     # The cos/sin caches' width: Qwen3_5TextConfig's partial_rotary_factor (0.25, every released checkpoint's),
     # which a spec does not keep.
-    ours = dict(linear_layers=flags, attn_gate=True, rotary_dim=int(spec.head_dim * 0.25))
+    ours = dict(attn_gate=True, rotary_dim=int(spec.head_dim * 0.25))
     if True not in flags:
         return ours
     i = flags.index(True)

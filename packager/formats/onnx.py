@@ -217,19 +217,23 @@ class Dims:
                       rms_eps=1e-6, rotary_dim=spec.head_dim, max_positions=spec.context_length,
                       attn_scale=spec.head_dim ** -0.5, qk_norm=bool(arch and arch.qk_norm),
                       local_rope=bool(arch and arch.local_rope), sandwich_norms=bool(arch and arch.sandwich_norms),
-                      **conv_fields(spec))
-        if arch is not None and arch.spec_dims is not None:  # a hybrid's own fields (Qwen3.5's delta-net layers)
+                      **state_layer_fields(spec))
+        if arch is not None and arch.spec_dims is not None:  # a hybrid's own fields (Qwen3.5's delta-net heads)
             fields.update(arch.spec_dims(spec))
         return cls(**fields)
 
 
-def conv_fields(spec: ModelSpec) -> dict[str, Any]:
-    """Dims' conv_layers and conv_kernel from the spec's layer kinds ({} where no layer is a convolution)."""
-    kinds = spec.layer_kinds
-    if not any(k.kind == "conv" for k in kinds):
-        return {}
-    return {"conv_layers": tuple(k.kind == "conv" for k in kinds),
-            "conv_kernel": max(k.conv_kernel for k in kinds)}
+def state_layer_fields(spec: ModelSpec) -> dict[str, Any]:
+    """Dims' flags of the layers that hold a state, not a KV cache, from the spec's layer kinds: conv_layers and
+    conv_kernel (LFM2's short convolutions), linear_layers (Qwen3.5's delta-nets); {} where every layer attends."""
+    kinds = [k.kind for k in spec.layer_kinds]
+    fields: dict[str, Any] = {}
+    if "conv" in kinds:
+        fields.update(conv_layers=tuple(k == "conv" for k in kinds),
+                      conv_kernel=max(k.conv_kernel for k in spec.layer_kinds))
+    if "linear" in kinds:
+        fields["linear_layers"] = tuple(k == "linear" for k in kinds)
+    return fields
 
 
 @dataclass(frozen=True)
@@ -365,6 +369,8 @@ def _conv_inits(layout: Layout, d: Dims, fmt: WeightFormat, pre: str) -> None:
     fmt.linear_inits(layout, f"{pre}.conv.in_proj", 3 * d.hidden, d.hidden)
     layout.add(f"{pre}.conv.conv.weight", DType.FLOAT, (d.hidden, 1, d.conv_kernel))
     fmt.linear_inits(layout, f"{pre}.conv.out_proj", d.hidden, d.hidden)
+
+
 def declare_delta_net(layout: Layout, d: Dims, fmt: WeightFormat, pre: str) -> None:
     """A gated delta-net layer's initializers (Qwen3.5's linear_attn): its q/k/v and z projections and
     out_proj in the linear layers' format; b and a (2 x value heads rows, read by the decay and the update

@@ -36,8 +36,8 @@ from packager.convert.onnx.output import DecoderShape, copy_tokenizer, eog_ids, 
 from packager.convert.result import ConvertResult
 from packager.errors import (BackendMissingError, ConversionError, SourceError, UnknownArchitectureError,
                              UnsupportedArchitectureError, UsageError)
-from packager.formats.onnx import (ALGORITHMS, CACHES, LOCAL_CACHES, Dims, WeightFormat, conv_fields, declare,
-                                   layer_norms)
+from packager.formats.onnx import (ALGORITHMS, CACHES, LOCAL_CACHES, Dims, WeightFormat, declare,
+                                   layer_norms, state_layer_fields)
 from packager.host import default_threads
 from packager.kernels.hqq import quantize_int4_hqq, split_zero_points
 from packager.kernels.int4 import check_block_size, quantize_int4
@@ -165,7 +165,7 @@ def _dims(cfg: dict[str, Any], arch: OnnxArch) -> Dims:
         rms_eps=float(cfg.get("rms_norm_eps") or cfg.get("norm_eps") or 1e-6), rotary_dim=int(spec.head_dim * fraction),
         max_positions=spec.context_length, window=window, sliding_layers=sliding,
         qk_norm=arch.qk_norm, rope_layers=arch.rope_layers(cfg) if arch.rope_layers else (),
-        local_rope=arch.local_rope, sandwich_norms=arch.sandwich_norms, **graph, **conv_fields(spec),
+        local_rope=arch.local_rope, sandwich_norms=arch.sandwich_norms, **graph, **state_layer_fields(spec),
     )
 
 

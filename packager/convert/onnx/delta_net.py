@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
+from packager.convert.onnx.output import PAST_CONV, PAST_RECURRENT, PRESENT_CONV, PRESENT_RECURRENT
 from packager.formats.onnx import Dims, DType
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ L2_EPS = 1e-6  # transformers' l2norm (modeling_qwen3_5.l2norm), as the FLA kern
 
 def state_names(i: int) -> tuple[str, str, str, str]:
     """(past conv, past recurrent, present conv, present recurrent) of layer ``i``: genai 0.18's names."""
-    return f"past.{i}.conv", f"past.{i}.recurrent", f"present.{i}.conv", f"present.{i}.recurrent"
+    return PAST_CONV % i, PAST_RECURRENT % i, PRESENT_CONV % i, PRESENT_RECURRENT % i
 
 
 def state_shapes(d: Dims) -> tuple[list, list]:

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from packager.convert.onnx import shortconv
-from packager.convert.onnx import delta_net
+from packager.convert.onnx import delta_net, shortconv
+from packager.convert.onnx.output import PAST_CONV, PRESENT_CONV
 from packager.formats.onnx import Dims, DType, Layout, WeightFormat
 
 if TYPE_CHECKING:
@@ -183,11 +183,7 @@ class GraphBuilder:
         q_n, kv_n = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
         qkv = self.linear(f"{w}.attn.qkv_proj", x, d.q_rows + 2 * kv_n, d.hidden, f"{p}/attn/qkv_proj/MatMul",
                           bias=f"{w}.attn.qkv_proj.bias" if qkv_bias else None)
-        gate = None
-        if d.attn_gate:  # Qwen3.5: each head's query and output gate in q_proj
-            qkv_inputs, gate = self._gated_qk_norm(i, qkv)
-        else:
-            qkv_inputs = self._qk_norm(i, qkv) if d.qk_norm else [qkv, "", ""]
+        qkv_inputs, gate = self._qk_norm(i, qkv) if d.qk_norm or d.attn_gate else ([qkv, "", ""], None)
         rope = d.rope(i)  # a NoPE layer (SmolLM3) attends without positions: no rotation, no caches
         attrs = dict(num_heads=d.n_heads, kv_num_heads=d.n_kv_heads, scale=d.attn_scale, softcap=0.0,
                      do_rotary=int(rope), rotary_interleaved=0)
@@ -218,35 +214,22 @@ class GraphBuilder:
         (act,) = self.node("Mul", [act, up], f"{p}/Mul")
         return self.linear(f"model.layers.{i}.mlp.down_proj", act, d.hidden, d.intermediate, f"{p}/down_proj/MatMul")
 
-    def _qk_norm(self, i: int, qkv: str) -> list[str]:
+    def _qk_norm(self, i: int, qkv: str) -> tuple[list[str], str | None]:
         """q, k and v apart, each head of q and k RMS-normalized (Qwen3's q_norm/k_norm), for
-        GroupQueryAttention to rotate after: transformers normalizes before RoPE."""
+        GroupQueryAttention to rotate after: transformers normalizes before RoPE. A gated query (Qwen3.5's
+        q_proj: each head's query, then its output gate) gives its gate too; else None."""
         d, p = self.d, f"/model/layers.{i}/attn"
         q_n, kv_n = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
-        q, k, v = self.node("Split", [qkv, self.const_i64(f"{p}/qkv/Split/sizes", [q_n, kv_n, kv_n])],
+        q, k, v = self.node("Split", [qkv, self.const_i64(f"{p}/qkv/Split/sizes", [d.q_rows, kv_n, kv_n])],
                             f"{p}/qkv/Split", n_out=3, axis=-1)
         heads = self.const_i64(f"{p}/qk_norm/heads", [0, 0, -1, d.head_dim])  # [b, s, heads, head_dim]
+        gate = None
+        if d.attn_gate:
+            q, gate = delta_net.gated_query(self, i, q)  # the query comes out in heads already
         out = []
         for name, x, n in (("q_norm", q, q_n), ("k_norm", k, kv_n)):
-            (x,) = self.node("Reshape", [x, heads], f"{p}/{name}/Reshape")
-            (x,) = self.node("SimplifiedLayerNormalization", [x, f"model.layers.{i}.attn.{name}.weight"],
-                             f"{p}/{name}/SimplifiedLayerNormalization", axis=-1, epsilon=d.rms_eps, stash_type=1)
-            (x,) = self.node("Reshape", [x, self.const_i64(f"{p}/{name}/rows", [0, 0, n])], f"{p}/{name}/Reshape/Rows")
-            out.append(x)
-        return [out[0], out[1], v]
-
-    def _gated_qk_norm(self, i: int, qkv: str) -> tuple[list[str], str]:
-        """Qwen3.5's gated attention: ([q, k, v] for GroupQueryAttention, each head of q and k RMS-normalized,
-        the output gate)."""
-        d, p = self.d, f"/model/layers.{i}/attn"
-        kv_n = d.n_kv_heads * d.head_dim
-        qg, k, v = self.node("Split", [qkv, self.const_i64(f"{p}/qkv/Split/sizes", [d.q_rows, kv_n, kv_n])],
-                             f"{p}/qkv/Split", n_out=3, axis=-1)
-        q, gate = delta_net.gated_query(self, i, qg)
-        heads = self.const_i64(f"{p}/k_norm/heads", [0, 0, -1, d.head_dim])
-        (k,) = self.node("Reshape", [k, heads], f"{p}/k_norm/Reshape")
-        out = []
-        for name, x, n in (("q_norm", q, d.n_heads * d.head_dim), ("k_norm", k, kv_n)):
+            if not (name == "q_norm" and gate is not None):
+                (x,) = self.node("Reshape", [x, heads], f"{p}/{name}/Reshape")
             (x,) = self.node("SimplifiedLayerNormalization", [x, f"model.layers.{i}.attn.{name}.weight"],
                              f"{p}/{name}/SimplifiedLayerNormalization", axis=-1, epsilon=d.rms_eps, stash_type=1)
             (x,) = self.node("Reshape", [x, self.const_i64(f"{p}/{name}/rows", [0, 0, n])], f"{p}/{name}/Reshape/Rows")
@@ -286,8 +269,8 @@ class GraphBuilder:
         for i in range(d.n_layers):
             if d.conv(i):  # a convolution layer's state, not a KV cache
                 state = shortconv.state_shape(d.hidden, d.conv_kernel)
-                inputs.append(helper.make_tensor_value_info(shortconv.PAST.format(i), f32, state))
-                outputs.append(helper.make_tensor_value_info(shortconv.PRESENT.format(i), f32, state))
+                inputs.append(helper.make_tensor_value_info(PAST_CONV % i, f32, state))
+                outputs.append(helper.make_tensor_value_info(PRESENT_CONV % i, f32, state))
                 continue
             if d.is_linear(i):  # genai 0.18's past.N.conv / past.N.recurrent, in and out
                 state_in, state_out = delta_net.value_infos(self, i)

@@ -16,6 +16,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
 
+# The state inputs and outputs of a hybrid's layers, as onnxruntime-genai 0.18 binds them (genai_config.json's
+# past_conv_names / past_recurrent_names and present_*): a convolution's (LFM2's, and Qwen3.5's delta-net's) and a
+# delta-net's recurrent state. The graph names layer i's by ``% i``.
+PAST_CONV, PRESENT_CONV = "past.%d.conv", "present.%d.conv"
+PAST_RECURRENT, PRESENT_RECURRENT = "past.%d.recurrent", "present.%d.recurrent"
+
+
 def copy_tokenizer(src_dir: Path, out_dir: Path) -> list[Path]:
     """Copy the tokenizer files onnxruntime-genai reads into ``out_dir``; tokenizer.json is required."""
     copied = []
@@ -82,12 +89,12 @@ def genai_config(shape: DecoderShape, cfg: dict[str, Any], gen: dict[str, Any], 
     if shape.position_ids:
         inputs["position_ids"] = "position_ids"
     conv = {}
+    if shape.conv_cache or shape.recurrent:
+        inputs["past_conv_names"], outputs["present_conv_names"] = PAST_CONV, PRESENT_CONV
     if shape.conv_cache:
-        inputs["past_conv_names"], outputs["present_conv_names"] = "past.%d.conv", "present.%d.conv"
         conv = {"layer_types": list(shape.layer_types), "conv_cache_size": shape.conv_cache}
     if shape.recurrent:
-        inputs.update(past_conv_names="past.%d.conv", past_recurrent_names="past.%d.recurrent")
-        outputs.update(present_conv_names="present.%d.conv", present_recurrent_names="present.%d.recurrent")
+        inputs["past_recurrent_names"], outputs["present_recurrent_names"] = PAST_RECURRENT, PRESENT_RECURRENT
     return {
         "model": {
             "bos_token_id": gen.get("bos_token_id", cfg.get("bos_token_id")),

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from packager.convert.onnx.output import PAST_CONV, PRESENT_CONV
+
 if TYPE_CHECKING:
     from packager.convert.onnx.graph import GraphBuilder
 
 MS = "com.microsoft"
-PAST, PRESENT = "past.{}.conv", "present.{}.conv"  # genai_config.json: past.%d.conv, present.%d.conv
 
 
 def conv_slots(src: str, pre: str) -> list[tuple[str, str, str]]:
@@ -35,8 +36,8 @@ def short_conv(g: GraphBuilder, i: int, x: str) -> str:
     b, c, xs = g.node("Split", [bcx], f"{p}/Split", n_out=3, axis=-1, num_outputs=3)
     (bx,) = g.node("Mul", [b, xs], f"{p}/Mul_1")
     (bx,) = g.node("Transpose", [bx], f"{p}/Transpose_1", perm=[0, 2, 1])  # [batch, hidden, seq]: channels first
-    y, _ = g.node("CausalConvWithState", [bx, f"{w}.conv.weight", "", PAST.format(i)], f"{p}/CausalConvWithState",
-                  domain=MS, outputs=[f"{p}/CausalConvWithState/output_0", PRESENT.format(i)], ndim=1,
+    y, _ = g.node("CausalConvWithState", [bx, f"{w}.conv.weight", "", PAST_CONV % i], f"{p}/CausalConvWithState",
+                  domain=MS, outputs=[f"{p}/CausalConvWithState/output_0", PRESENT_CONV % i], ndim=1,
                   activation="none")
     (y,) = g.node("Transpose", [y], f"{p}/Transpose_2", perm=[0, 2, 1])
     (y,) = g.node("Mul", [c, y], f"{p}/Mul_2")
